@@ -1,0 +1,1 @@
+"""Patch feature extraction (encoders, tile datasets, Zarr stores). Depends only on ``wsi``."""

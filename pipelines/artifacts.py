@@ -1,0 +1,87 @@
+"""Run-directory paths and atomic writes: a crash never leaves a file that looks finished."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_npy(path: Path, array: np.ndarray) -> Path:
+    return atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return write_bytes(path, buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each artifact of a run lives (see DESIGN.md)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "run.yaml"
+
+    def state(self, stage: str, slide_id: str) -> Path:
+        return self.root / "state" / stage / f"{slide_id}.json"
+
+    def tissue_qc(self, slide_id: str) -> Path:
+        return self.root / "tissue" / f"{slide_id}.png"
+
+    def tissue_mask(self, slide_id: str) -> Path:
+        return self.root / "tissue" / f"{slide_id}.mask.png"
+
+    def tissue_meta(self, slide_id: str) -> Path:
+        return self.root / "tissue" / f"{slide_id}.json"
+
+    def tile_coords(self, slide_id: str) -> Path:
+        return self.root / "tiles" / f"{slide_id}.coords.npy"
+
+    def tile_meta(self, slide_id: str) -> Path:
+        return self.root / "tiles" / f"{slide_id}.json"
+
+    def tile_overlay(self, slide_id: str) -> Path:
+        return self.root / "tiles" / f"{slide_id}.png"

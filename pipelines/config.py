@@ -1,0 +1,91 @@
+"""The run config: one YAML validated by pydantic, each stage's section owned by its package.
+
+Unknown keys are rejected and every error names the field (``tissue.sthresh: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wsi.tiling import TilingConfig
+from wsi.tissue import TissueConfig
+
+
+class SlidesConfig(BaseModel):
+    """How slides are opened."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["auto", "openslide", "tiffslide"] = Field(
+        "auto", description="slide reader: auto (OpenSlide when it recognises the file, else tiffslide), openslide or tiffslide")
+    default_mpp: float | None = Field(
+        None, gt=0, description="µm/px for slides with no mpp in the CSV, properties or TIFF tags (a warning is logged); "
+                                "null: such slides fail with a clear error")
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs besides slides.csv. Written back resolved to ``OUT/run.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slides: SlidesConfig = Field(default_factory=SlidesConfig)
+    tissue: TissueConfig = Field(default_factory=TissueConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and each bad field."""
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Read and validate a run config (defaults when ``path`` is None)."""
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(part) for part in err["loc"]) or "(top level)"
+            message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {field}: {message}")
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (every field, defaults included)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def commented_template(model: type[BaseModel] = RunConfig, indent: int = 0) -> str:
+    """A YAML template of ``model`` with each field's description as a comment above it."""
+    pad = "  " * indent
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            doc = (annotation.__doc__ or "").strip().splitlines()[0]
+            lines.append(f"{pad}# {doc}")
+            lines.append(f"{pad}{name}:")
+            lines.append(commented_template(annotation, indent + 1))
+            continue
+        if field.description:
+            lines.append(f"{pad}# {field.description}")
+        value = yaml.safe_dump({name: field.get_default(call_default_factory=True)}, default_flow_style=True).strip()
+        # fields a preset fills are left commented out, so choosing a preset is not silently overridden
+        commented = name in getattr(model, "preset_fields", ())
+        lines.append(f"{pad}{'# ' if commented else ''}{value[1:-1]}")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""slides.csv: the cohort a run works on.
+
+Columns: ``slide_path`` (required; relative paths resolve against the CSV's folder), optional
+``slide_id``, ``label``, ``case_id`` (defaults to the slide id; keeps a patient's slides in one
+split), ``split`` (train/val/test) and ``mpp`` (overrides the slide's own). Problems with the CSV
+itself are collected and raised together, each naming its line and column; a slide file that is
+missing is not a CSV error: that slide fails at run time with the line named, the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("slide_path",)
+OPTIONAL = ("slide_id", "label", "case_id", "split", "mpp")
+SPLITS = ("train", "val", "test")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ManifestError(ValueError):
+    """slides.csv cannot be used; ``problems`` lists each as "line N, column C: what"."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + ("\n  ".join([""] + problems) if len(problems) > 1 else problems[0]))
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    """One row of slides.csv, resolved."""
+
+    slide_id: str
+    slide_path: Path
+    line: int
+    label: str | None = None
+    case_id: str | None = None
+    split: str | None = None
+    mpp: float | None = None
+
+    def where(self) -> str:
+        """"line N, column slide_path" — for errors about the slide file."""
+        return f"line {self.line}, column slide_path"
+
+
+def sanitize_slide_id(raw: str) -> str:
+    """A file-name-safe id: letters, digits, ``. _ -`` only; never empty, never starting with a dot."""
+    cleaned = _UNSAFE.sub("_", raw.strip()).strip("_")
+    cleaned = cleaned.lstrip(".")
+    return cleaned or "slide"
+
+
+def _default_id(path_text: str) -> str:
+    name = Path(path_text.replace("\\", "/")).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def read_manifest(path: str | Path) -> list[SlideEntry]:
+    """Parse and validate slides.csv. Raises :class:`ManifestError` listing every problem found."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(path, ["file not found"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestError(path, [f"line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                                   "save the CSV as UTF-8"]) from None
+    if not text.strip():
+        raise ManifestError(path, ["the file is empty; expected a header row with at least `slide_path`"])
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in next(reader)]
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise ManifestError(path, [f"line 1: missing required column `{c}` (header is {header})" for c in missing])
+    duplicated = sorted({h for h in header if header.count(h) > 1})
+    if duplicated:
+        raise ManifestError(path, [f"line 1: column `{c}` appears more than once" for c in duplicated])
+    unknown = [h for h in header if h not in REQUIRED + OPTIONAL]
+    if unknown:
+        log.warning("%s: ignoring unknown column(s) %s (known: %s)", path, unknown, list(REQUIRED + OPTIONAL))
+
+    problems: list[str] = []
+    entries: list[SlideEntry] = []
+    seen: dict[str, int] = {}
+    base = path.parent
+    for index, row in enumerate(reader, start=2):
+        line = reader.line_num if reader.line_num else index
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        if len(row) != len(header):
+            problems.append(f"line {line}: {len(row)} fields, but the header has {len(header)}")
+            continue
+        values = {h: cell.strip() for h, cell in zip(header, row)}
+        slide_path = values.get("slide_path", "")
+        if not slide_path:
+            problems.append(f"line {line}, column slide_path: empty")
+            continue
+        raw_id = values.get("slide_id") or _default_id(slide_path)
+        slide_id = sanitize_slide_id(raw_id)
+        if slide_id in seen:
+            hint = "" if values.get("slide_id") else " (ids come from file names; add a `slide_id` column)"
+            problems.append(f"line {line}, column slide_id: duplicate id {slide_id!r}, already used on line {seen[slide_id]}{hint}")
+            continue
+        seen[slide_id] = line
+        mpp = None
+        if values.get("mpp"):
+            try:
+                mpp = float(values["mpp"])
+                if not (mpp > 0 and mpp < 1000):
+                    raise ValueError
+            except ValueError:
+                problems.append(f"line {line}, column mpp: {values['mpp']!r} is not a positive number of µm per pixel")
+                continue
+        split = values.get("split") or None
+        if split is not None and split not in SPLITS:
+            problems.append(f"line {line}, column split: {split!r} is not one of {list(SPLITS)}")
+            continue
+        resolved = Path(slide_path).expanduser()
+        if not resolved.is_absolute():
+            resolved = base / resolved
+        entries.append(SlideEntry(slide_id=slide_id, slide_path=resolved, line=line,
+                                  label=values.get("label") or None, case_id=values.get("case_id") or slide_id,
+                                  split=split, mpp=mpp))
+    if problems:
+        raise ManifestError(path, problems)
+    if not entries:
+        raise ManifestError(path, ["no slides: the file has a header but no rows"])
+    return entries

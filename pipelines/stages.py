@@ -1,0 +1,103 @@
+"""Per-slide stages: plain functions from a slide entry and the config to artifacts on disk.
+
+Each writes its data files first and its metadata JSON last, all atomically, and returns that
+metadata. A stage knows nothing of state, retries or scheduling; the runner does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from pipelines import __version__
+from pipelines.artifacts import RunPaths, atomic_write, write_json, write_npy, write_png
+from pipelines.config import RunConfig
+from pipelines.manifest import SlideEntry
+from wsi.slide import open_slide
+from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
+from wsi.tissue import TissueMask, load_mask_png, mask_slide, qc_image, save_mask_png
+
+log = logging.getLogger(__name__)
+
+
+def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
+    """Mask the tissue; write the QC thumbnail, the mask PNG and the slide's geometry and mpp."""
+    with open_slide(entry.slide_path, slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=entry.mpp,
+                    default_mpp=cfg.slides.default_mpp) as slide:
+        tissue, overview = mask_slide(slide, cfg.tissue)
+        meta = {
+            "slide_id": entry.slide_id,
+            "slide_path": str(entry.slide_path),
+            "backend": slide.backend,
+            "dimensions": list(slide.dimensions),
+            "level_dimensions": [list(d) for d in slide.level_dimensions],
+            "level_downsamples": list(slide.level_downsamples),
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+            "objective_power": slide.objective_power,
+            "warnings": list(slide.warnings),
+        }
+    meta.update({
+        "mask_shape": list(tissue.mask.shape),
+        "mask_downsample": list(tissue.downsample),
+        "tissue_fraction": tissue.tissue_fraction,
+        "n_regions": tissue.n_regions,
+        "n_holes": tissue.n_holes,
+        "params": cfg.tissue.model_dump(mode="json"),
+        "version": __version__,
+    })
+    if tissue.n_regions == 0:
+        message = "no tissue found: every tile stage downstream gets zero tiles"
+        meta["warnings"].append(message)
+        log.warning("%s: %s", entry.slide_id, message)
+    write_png(paths.tissue_qc(entry.slide_id), qc_image(overview, tissue, cfg.tissue.qc_max_size))
+    atomic_write(paths.tissue_mask(entry.slide_id), lambda f: save_mask_png(tissue.mask, f))
+    write_json(paths.tissue_meta(entry.slide_id), meta)
+    return meta
+
+
+def load_tissue(paths: RunPaths, slide_id: str) -> tuple[TissueMask, dict]:
+    """The tissue stage's mask and metadata for ``slide_id``."""
+    meta = json.loads(paths.tissue_meta(slide_id).read_text())
+    mask = load_mask_png(paths.tissue_mask(slide_id))
+    return TissueMask(mask, tuple(meta["mask_downsample"]), meta["n_regions"], meta["n_holes"]), meta
+
+
+def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
+    """Tile grid at the target resolution from the tissue mask; no pixels are read."""
+    tissue, slide_meta = load_tissue(paths, entry.slide_id)
+    grid = tile_grid(tuple(slide_meta["dimensions"]), slide_meta["mpp"], tuple(slide_meta["level_downsamples"]),
+                     tissue, cfg.tiling)
+    meta = {"slide_id": entry.slide_id, **grid.metadata(), "slide_mpp": slide_meta["mpp"],
+            "dimensions": slide_meta["dimensions"], "params": cfg.tiling.model_dump(mode="json"),
+            "version": __version__, "warnings": []}
+    if len(grid.coords) == 0:
+        message = "no tiles: no part of the tissue mask reaches min_tissue_fraction" if tissue.n_regions else "no tiles: no tissue"
+        meta["warnings"].append(message)
+        log.warning("%s: %s", entry.slide_id, message)
+    qc = np.asarray(Image.open(paths.tissue_qc(entry.slide_id)).convert("RGB"))
+    write_png(paths.tile_overlay(entry.slide_id), grid_overlay(qc, grid, tuple(slide_meta["dimensions"])))
+    write_npy(paths.tile_coords(entry.slide_id), grid.coords)
+    write_json(paths.tile_meta(entry.slide_id), meta)
+    return meta
+
+
+def load_tiles(paths: RunPaths, slide_id: str) -> TileGrid:
+    """The tiles stage's grid for ``slide_id`` (coords N×2 level-0 x, y and the read plan)."""
+    meta = json.loads(paths.tile_meta(slide_id).read_text())
+    coords = np.load(paths.tile_coords(slide_id), allow_pickle=False)
+    plan = ReadPlan(**{k: meta[k] for k in ReadPlan.__dataclass_fields__})
+    return TileGrid(coords, np.full(len(coords), np.nan, np.float32), plan)
+
+
+StageFn = Callable[[SlideEntry, RunConfig, RunPaths], dict]
+
+# Per-slide stages in run order; each depends on the one before it.
+SLIDE_STAGES: dict[str, StageFn] = {
+    "tissue": tissue_stage,
+    "tiles": tiles_stage,
+}

@@ -1,0 +1,169 @@
+"""Slide reader backends behind one small protocol: OpenSlide (default) and tiffslide.
+
+Every backend returns RGB ``uint8`` arrays, white outside the slide, so callers never see
+OpenSlide's transparent RGBA or tiffslide's black padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from wsi.errors import SlideError
+
+
+@runtime_checkable
+class SlideReader(Protocol):
+    """What the pipeline needs from a slide file. Locations are level-0 (x, y); sizes are (w, h) at ``level``."""
+
+    backend: str
+    level_count: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    properties: dict[str, str]
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
+
+    def associated_image_names(self) -> list[str]: ...
+
+    def associated_image(self, name: str) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite (non-premultiplied) RGBA onto white: transparent pixels outside the slide become white."""
+    if rgba.shape[-1] == 3:
+        return rgba
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    return np.rint(rgb).astype(np.uint8)
+
+
+class OpenSlideReader:
+    """OpenSlide backend (Aperio, Hamamatsu, MIRAX, generic tiled TIFF, DICOM, ...)."""
+
+    backend = "openslide"
+
+    def __init__(self, path: Path):
+        import openslide
+
+        self._slide = openslide.OpenSlide(str(path))
+        self.level_count = self._slide.level_count
+        self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.properties = {k: str(v) for k, v in self._slide.properties.items()}
+        self.properties.setdefault("wsi.vendor", self.properties.get("openslide.vendor", ""))
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        rgba = np.asarray(self._slide.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1]))))
+        return rgba_to_rgb_on_white(rgba)
+
+    def associated_image_names(self) -> list[str]:
+        return sorted(self._slide.associated_images.keys())
+
+    def associated_image(self, name: str) -> np.ndarray:
+        return rgba_to_rgb_on_white(np.asarray(self._slide.associated_images[name].convert("RGBA")))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class TiffSlideReader:
+    """tiffslide backend: pure Python on tifffile; also reads OME-TIFF SubIFD pyramids OpenSlide ignores."""
+
+    backend = "tiffslide"
+
+    def __init__(self, path: Path):
+        import tiffslide
+
+        self._slide = tiffslide.TiffSlide(str(path))
+        self.level_count = self._slide.level_count
+        self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        # tiffslide names its computed properties "tiffslide.*"; expose the OpenSlide names too
+        self.properties = {k: str(v) for k, v in self._slide.properties.items() if v is not None}
+        for key in ("mpp-x", "mpp-y", "objective-power", "vendor"):
+            if f"tiffslide.{key}" in self.properties:
+                self.properties.setdefault(f"openslide.{key}", self.properties[f"tiffslide.{key}"])
+        self.properties.setdefault("wsi.vendor", self.properties.get("tiffslide.vendor", ""))
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        region = np.asarray(self._slide.read_region((x, y), int(level), (w, h), as_array=True))
+        region = rgba_to_rgb_on_white(region[..., :4] if region.shape[-1] == 4 else region[..., :3]).copy()
+        # tiffslide pads outside the image with zeros: make that white, like OpenSlide's transparency
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        x_l, y_l = int(x // ds), int(y // ds)
+        if x_l < 0 or y_l < 0 or x_l + w > lw or y_l + h > lh:
+            inside = np.zeros((h, w), bool)
+            inside[max(0, -y_l) : max(0, lh - y_l), max(0, -x_l) : max(0, lw - x_l)] = True
+            region[~inside] = 255
+        return region
+
+    def associated_image_names(self) -> list[str]:
+        return sorted(self._slide.associated_images.keys())
+
+    def associated_image(self, name: str) -> np.ndarray:
+        return np.asarray(self._slide.associated_images[name].convert("RGB"))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+BACKENDS: dict[str, Callable[[Path], SlideReader]] = {
+    "openslide": OpenSlideReader,
+    "tiffslide": TiffSlideReader,
+}
+
+
+def _prefers_tiffslide(path: Path) -> bool:
+    """OME-TIFFs keep their pyramid in SubIFDs, which OpenSlide does not see (one level only)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.is_ome and tif.pages[0].subifds)
+    except Exception:  # not a TIFF at all: let OpenSlide decide
+        return False
+
+
+def open_reader(path: Path, backend: str = "auto") -> SlideReader:
+    """Open ``path`` with ``backend`` ("auto", "openslide", "tiffslide").
+
+    "auto" uses OpenSlide when it recognises the file (and the file is not an OME-TIFF with a
+    SubIFD pyramid), tiffslide otherwise. Errors name the file and every backend's reason.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(path, "file not found")
+    if not path.is_file():
+        raise SlideError(path, "not a regular file")
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise SlideError(path, f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or 'auto'")
+        try:
+            return BACKENDS[backend](path)
+        except Exception as exc:
+            raise SlideError(path, f"{backend} cannot open it: {exc}") from exc
+    import openslide
+
+    order = ["openslide", "tiffslide"]
+    try:
+        recognised = openslide.OpenSlide.detect_format(str(path)) is not None
+    except Exception:
+        recognised = False
+    if not recognised or _prefers_tiffslide(path):
+        order.reverse()
+    reasons = []
+    for name in order:
+        try:
+            return BACKENDS[name](path)
+        except Exception as exc:
+            reasons.append(f"{name}: {type(exc).__name__}: {exc}".strip())
+    raise SlideError(path, "not a readable slide (" + "; ".join(reasons) + ")")

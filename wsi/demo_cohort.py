@@ -1,0 +1,250 @@
+"""A small demo cohort of real pyramidal slides, made offline from tissue textures that packages ship.
+
+Each slide has irregular tissue islands (H&E texture from ``wsidicom-data``) on glass, holes
+inside the tissue, a thin green pen stroke and debris specks on the glass; positive slides carry
+planted "tumour" regions with a visibly different texture (scikit-image's immunohistochemistry
+image). Ground truth (tissue mask without holes, tumour mask) is written beside every slide.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from skimage.transform import rescale
+
+from wsi.tiff_writer import level_shapes, write_pyramid
+
+GLASS = np.array([244, 242, 245], np.float32)
+PEN = np.array([30, 125, 60], np.float32)
+DEBRIS = np.array([95, 60, 45], np.float32)
+# label codes of the layout map
+BACKGROUND, TISSUE, TUMOUR, PEN_MARK, DEBRIS_SPECK = 0, 1, 2, 3, 4
+
+
+@lru_cache(maxsize=1)
+def _base_textures() -> tuple[np.ndarray, np.ndarray]:
+    """(normal H&E texture, tumour IHC texture), each mirrored 2×2 so it tiles without seams."""
+    from skimage import data
+
+    he_file = resources.files("wsidicom_data") / "data" / "test_tile.png"
+    with resources.as_file(he_file) as path:
+        he = np.asarray(Image.open(path).convert("RGB"))
+    ihc = data.immunohistochemistry()
+
+    def mirror(t: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+        t = t.astype(np.float32)
+        # unstained gaps (near-white) get a pale stain tone, so the ground-truth tissue is all stained
+        whiteness = np.clip((t.min(axis=2, keepdims=True) - 170.0) / 60.0, 0.0, 1.0)
+        t = (1 - whiteness) * t + whiteness * np.array(fill, np.float32)
+        top = np.concatenate([t, t[:, ::-1]], axis=1)
+        return np.concatenate([top, top[::-1]], axis=0)
+
+    return mirror(he, (226, 178, 214)), mirror(ihc, (214, 190, 160))
+
+
+@dataclass
+class SlideLayout:
+    """Label map of one synthetic slide at ``downsample`` level-0 pixels per layout pixel."""
+
+    labels: np.ndarray  # uint8 codes BACKGROUND..DEBRIS_SPECK
+    downsample: int
+    height: int  # level-0
+    width: int
+
+    @property
+    def tissue_mask(self) -> np.ndarray:
+        return np.isin(self.labels, (TISSUE, TUMOUR))
+
+    @property
+    def tumour_mask(self) -> np.ndarray:
+        return self.labels == TUMOUR
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return field / (field.std() + 1e-9)
+
+
+def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float, angle: float) -> np.ndarray:
+    """Normalised elliptical distance (1 on the boundary) over the layout grid."""
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = (c * dx + s * dy) / rx, (-s * dx + c * dy) / ry
+    return np.sqrt(u * u + v * v)
+
+
+def make_layout(rng: np.random.Generator, height: int, width: int, positive: bool) -> SlideLayout:
+    """Draw tissue islands, holes, tumour, pen and debris for one slide."""
+    ds = 8
+    while width / ds > 1536:
+        ds *= 2
+    shape = (int(np.ceil(height / ds)), int(np.ceil(width / ds)))
+    h, w = shape
+    unit = min(h, w)
+    noise = _smooth_noise(rng, shape, sigma=unit * 0.05)
+    tissue = np.zeros(shape, bool)
+    for _ in range(int(rng.integers(2, 4))):
+        cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.2, 0.8) * w
+        ry, rx = rng.uniform(0.15, 0.25) * unit, rng.uniform(0.18, 0.3) * unit
+        tissue |= _ellipse(shape, cy, cx, ry, rx, rng.uniform(0, np.pi)) + 0.2 * noise < 1.0
+    margin = int(0.06 * unit)
+    tissue[:margin] = tissue[-margin:] = False
+    tissue[:, :margin] = tissue[:, -margin:] = False
+    tissue = ndimage.binary_opening(tissue, iterations=2)
+
+    labels = np.where(tissue, TISSUE, BACKGROUND).astype(np.uint8)
+    depth = ndimage.distance_transform_edt(tissue)
+    for _ in range(int(rng.integers(1, 4))):  # holes well inside the tissue
+        r = rng.uniform(0.06, 0.08) * unit
+        candidates = np.argwhere((depth > 2.2 * r) & (labels == TISSUE))
+        if len(candidates) == 0:
+            break
+        cy, cx = candidates[rng.integers(len(candidates))]
+        hole = _ellipse(shape, cy, cx, r, r * rng.uniform(0.8, 1.4), rng.uniform(0, np.pi)) < 1.0
+        labels[hole] = BACKGROUND
+        depth[ndimage.binary_dilation(hole, iterations=int(2 * r))] = 0
+    if positive:
+        depth = ndimage.distance_transform_edt(labels == TISSUE)
+        for _ in range(int(rng.integers(1, 3))):
+            r = rng.uniform(0.08, 0.12) * unit
+            candidates = np.argwhere(depth > 0.6 * r)
+            if len(candidates) == 0:
+                candidates = np.argwhere(labels == TISSUE)
+            cy, cx = candidates[rng.integers(len(candidates))]
+            blob = _ellipse(shape, cy, cx, r, r * rng.uniform(0.7, 1.3), rng.uniform(0, np.pi)) + 0.15 * noise < 1.0
+            labels[blob & (labels == TISSUE)] = TUMOUR
+
+    near_tissue = ndimage.binary_dilation(tissue, iterations=max(2, int(0.03 * unit)))
+    t = np.linspace(0, 1, 400)  # a thin pen stroke along one side of the glass
+    ys = (0.15 + 0.7 * t) * h
+    xs = (0.06 + 0.03 * np.sin(6 * t + rng.uniform(0, 6))) * w
+    pen = np.zeros(shape, bool)
+    pen[np.clip(ys.astype(int), 0, h - 1), np.clip(xs.astype(int), 0, w - 1)] = True
+    pen = ndimage.binary_dilation(pen, iterations=max(1, int(12 / ds)))  # ~3 layout px (24 level-0 px) wide
+    labels[pen & ~near_tissue] = PEN_MARK
+    for _ in range(12):  # debris specks smaller than any tissue threshold
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        speck = _ellipse(shape, cy, cx, max(1.0, 0.004 * unit), max(1.0, 0.006 * unit), rng.uniform(0, np.pi)) < 1.0
+        labels[speck & ~near_tissue & (labels == BACKGROUND)] = DEBRIS_SPECK
+    return SlideLayout(labels, ds, height, width)
+
+
+class SlideRenderer:
+    """Renders any region of any level of a layout: texture lookup, so memory ∝ the region."""
+
+    def __init__(self, layout: SlideLayout, downsamples: tuple[int, ...], rng: np.random.Generator):
+        self.layout = layout
+        self.shapes = level_shapes(layout.height, layout.width, downsamples)
+        he, ihc = _base_textures()
+        stain = rng.normal(1.0, 0.04, size=3).astype(np.float32)  # per-slide stain variation
+        self.offset = rng.integers(0, 4096, size=2)
+        self.textures = []
+        for d in downsamples:
+            scaled = [np.clip(t * stain if d == 1 else rescale(t, 1 / d, channel_axis=2, anti_aliasing=True, preserve_range=True) * stain, 0, 255)
+                      for t in (he, ihc)]
+            self.textures.append(scaled)
+        self.noise_rng = np.random.default_rng(int(rng.integers(2**31)))
+
+    def __call__(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        lh, lw = self.shapes[level]
+        scale_y, scale_x = self.layout.height / lh, self.layout.width / lw
+        ys = np.arange(y0, y0 + h)
+        xs = np.arange(x0, x0 + w)
+        ly = np.minimum(((ys + 0.5) * scale_y / self.layout.downsample).astype(int), self.layout.labels.shape[0] - 1)
+        lx = np.minimum(((xs + 0.5) * scale_x / self.layout.downsample).astype(int), self.layout.labels.shape[1] - 1)
+        labels = self.layout.labels[ly[:, None], lx[None, :]]
+        out = np.empty((h, w, 3), np.float32)
+        out[:] = GLASS
+        out += self.noise_rng.normal(0, 1.2, size=(h, w, 1)).astype(np.float32)
+        for code, texture in ((TISSUE, self.textures[level][0]), (TUMOUR, self.textures[level][1])):
+            where = labels == code
+            if where.any():
+                th, tw = texture.shape[:2]
+                patch = texture[((ys + self.offset[0]) % th)[:, None], ((xs + self.offset[1]) % tw)[None, :]]
+                out[where] = patch[where]
+        out[labels == PEN_MARK] = 0.2 * out[labels == PEN_MARK] + 0.8 * PEN
+        out[labels == DEBRIS_SPECK] = DEBRIS
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _label_image(text: str) -> np.ndarray:
+    image = Image.new("RGB", (300, 300), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((20, 20, 280, 280), outline=(0, 0, 0), width=4)
+    draw.text((40, 130), text, fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, seed: int, flavour: str = "aperio",
+                     mpp: float | None = 0.25, magnification: float | None = 40.0,
+                     downsamples: tuple[int, ...] = (1, 4, 16)) -> SlideLayout:
+    """Write one demo slide plus its ground truth (``<stem>.tissue.png``, ``<stem>.tumour.png``, ``<stem>.truth.json``)."""
+    rng = np.random.default_rng(seed)
+    layout = make_layout(rng, height, width, positive)
+    renderer = SlideRenderer(layout, downsamples, rng)
+    thumb = renderer(len(downsamples) - 1, 0, 0, *renderer.shapes[-1])
+    label = _label_image(path.stem)
+    macro = np.concatenate([np.asarray(Image.fromarray(label).resize((thumb.shape[0], thumb.shape[0]))), thumb], axis=1)
+    write_pyramid(path, height, width, renderer, downsamples=downsamples, flavour=flavour, mpp=mpp,
+                  magnification=magnification, thumbnail=thumb, label=label, macro=macro)
+    stem = path.with_suffix("")
+    Image.fromarray((layout.tissue_mask * 255).astype(np.uint8)).save(f"{stem}.tissue.png")
+    Image.fromarray((layout.tumour_mask * 255).astype(np.uint8)).save(f"{stem}.tumour.png")
+    truth = {"downsample": layout.downsample, "width": width, "height": height, "positive": positive,
+             "mpp": mpp, "tissue_fraction": float(layout.tissue_mask.mean()),
+             "tumour_fraction_of_tissue": float(layout.tumour_mask.sum() / max(1, layout.tissue_mask.sum()))}
+    Path(f"{stem}.truth.json").write_text(json.dumps(truth, indent=2))
+    return layout
+
+
+def load_truth(slide_path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(tissue mask, tumour mask, metadata) saved beside a demo slide; masks at ``meta['downsample']``."""
+    stem = Path(slide_path).with_suffix("")
+    tissue = np.asarray(Image.open(f"{stem}.tissue.png")) > 0
+    tumour = np.asarray(Image.open(f"{stem}.tumour.png")) > 0
+    return tissue, tumour, json.loads(Path(f"{stem}.truth.json").read_text())
+
+
+def make_demo_cohort(out_dir: Path, *, n_slides: int = 12, size: int = 8192, seed: int = 0,
+                     progress=None) -> Path:
+    """Write ``n_slides`` slides (every fourth a generic 20× TIFF, the rest 40× Aperio SVS) and ``slides.csv``.
+
+    ``size`` is the level-0 width of a 40× slide; 20× slides cover the same area at half the pixels.
+    Half the slides (alternating) are tumour-positive. Returns the path of ``slides.csv``.
+    """
+    if n_slides < 1:
+        raise ValueError("n_slides must be at least 1")
+    if size < 1024:
+        raise ValueError("size must be at least 1024 pixels")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_slides):
+        positive = i % 2 == 1
+        generic = i % 4 == 2
+        height = size * 3 // 4
+        name = f"demo_{i:03d}" + (".tif" if generic else ".svs")
+        if generic:
+            write_demo_slide(out_dir / name, height=height // 2, width=size // 2, positive=positive, seed=seed * 1000 + i,
+                             flavour="generic", mpp=0.5, magnification=None)
+        else:
+            write_demo_slide(out_dir / name, height=height, width=size, positive=positive, seed=seed * 1000 + i)
+        rows.append({"slide_id": f"demo_{i:03d}", "slide_path": name, "label": "tumor" if positive else "normal",
+                     "case_id": f"patient_{i:03d}"})
+        if progress is not None:
+            progress(i + 1, n_slides)
+    csv_path = out_dir / "slides.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return csv_path

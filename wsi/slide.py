@@ -1,0 +1,209 @@
+"""A slide opened for the pipeline: a backend reader plus its resolved mpp, id and helpers.
+
+mpp resolution chain (first that gives a value wins): the ``mpp`` passed in (the CSV's ``mpp``
+column) → slide properties (``openslide.mpp-x``) → TIFF resolution tags → ``default_mpp`` (with a
+warning) → a :class:`SlideError` naming the slide.
+
+Level rounding: locations are always level-0 pixels. Pyramid levels are stored with rounded
+sizes, so a level's true downsample can be e.g. 16.02 instead of 16; we use the backend's
+reported downsample. At level-aligned locations (x and y multiples of the level's downsample)
+OpenSlide and tiffslide return identical pixels; elsewhere on levels > 0 OpenSlide resamples
+while tiffslide floors the location to the level's pixel grid. The tiler only emits level-aligned
+locations, so both backends read the same tiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wsi.backends import SlideReader, open_reader
+from wsi.errors import SlideError
+
+log = logging.getLogger(__name__)
+
+PLAUSIBLE_MPP = (0.05, 100.0)
+
+
+def _tiff_tag_mpp(path: Path) -> float | None:
+    """µm per pixel from TIFF XResolution/ResolutionUnit of the first page, or None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            res, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+            if res is None or unit is None:
+                return None
+            num, den = res.value
+            px_per_unit = num / den if den else 0.0
+            microns_per_unit = {2: 25_400.0, 3: 10_000.0}.get(int(unit.value))
+    except (tifffile.TiffFileError, OSError, ValueError):
+        return None
+    if not microns_per_unit or px_per_unit <= 0:
+        return None
+    return microns_per_unit / px_per_unit
+
+
+def _property_mpp(properties: dict[str, str]) -> float | None:
+    for key in ("openslide.mpp-x", "aperio.MPP"):
+        value = properties.get(key)
+        if value not in (None, "", "None"):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+    return None
+
+
+@dataclass
+class Slide:
+    """One open slide. Use as a context manager, or call :meth:`close`."""
+
+    slide_id: str
+    path: Path
+    reader: SlideReader
+    mpp: float
+    mpp_source: str  # "csv", "properties", "tiff-tags" or "default"
+    objective_power: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    @property
+    def backend(self) -> str:
+        return self.reader.backend
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0."""
+        return self.reader.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return self.reader.level_count
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self.reader.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self.reader.level_downsamples
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of ``size`` (w, h) pixels at ``level``, from level-0 ``location`` (x, y)."""
+        try:
+            return self.reader.read_region(location, level, size)
+        except Exception as exc:
+            raise SlideError(self.slide_id, f"cannot read region {location} level {level} size {size} "
+                                            f"({self.backend}): {type(exc).__name__}: {exc}") from exc
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The lowest-resolution level whose downsample does not exceed ``downsample`` (1 % slack)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.01:
+                best = level
+        return best
+
+    def read_downsampled(self, downsample: float, block: int = 1024) -> np.ndarray:
+        """The whole slide at ``downsample`` (level-0 px per output px), read block by block.
+
+        Reads from the best level at or below that downsample and box-filters each output block,
+        so memory is bounded by the output plus one block, never a full high-resolution level.
+        """
+        if downsample < 1:
+            raise ValueError(f"downsample must be ≥ 1, got {downsample}")
+        width0, height0 = self.dimensions
+        out_w, out_h = max(1, round(width0 / downsample)), max(1, round(height0 / downsample))
+        level = self.best_level_for_downsample(downsample)
+        lw, lh = self.level_dimensions[level]
+        scale_x, scale_y = lw / out_w, lh / out_h  # level px per output px
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        lds = self.level_downsamples[level]
+        for oy in range(0, out_h, block):
+            for ox in range(0, out_w, block):
+                bw, bh = min(block, out_w - ox), min(block, out_h - oy)
+                x0, y0 = ox * scale_x, oy * scale_y
+                x1, y1 = min(lw, (ox + bw) * scale_x), min(lh, (oy + bh) * scale_y)
+                ix0, iy0 = int(math.floor(x0)), int(math.floor(y0))
+                iw, ih = max(1, int(math.ceil(x1)) - ix0), max(1, int(math.ceil(y1)) - iy0)
+                region = self.read_region((round(ix0 * lds), round(iy0 * lds)), level, (iw, ih))
+                if (iw, ih) == (bw, bh) and x0 == ix0 and y0 == iy0:
+                    out[oy : oy + bh, ox : ox + bw] = region
+                    continue
+                box = (x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0)
+                resized = Image.fromarray(region).resize((bw, bh), Image.Resampling.BOX, box=box)
+                out[oy : oy + bh, ox : ox + bw] = np.asarray(resized)
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """RGB thumbnail whose longer side is at most ``max_size``."""
+        width0, height0 = self.dimensions
+        return self.read_downsampled(max(1.0, max(width0, height0) / max_size))
+
+    def associated_image_names(self) -> list[str]:
+        return self.reader.associated_image_names()
+
+    def associated_image(self, name: str) -> np.ndarray:
+        names = self.associated_image_names()
+        if name not in names:
+            raise SlideError(self.slide_id, f"no associated image {name!r}; it has {names}")
+        return self.reader.associated_image(name)
+
+
+def open_slide(path: str | Path, *, slide_id: str | None = None, backend: str = "auto", mpp: float | None = None,
+               default_mpp: float | None = None) -> Slide:
+    """Open a slide and resolve its mpp (see the module docstring for the chain)."""
+    path = Path(path)
+    slide_id = slide_id or path.stem
+    try:
+        reader = open_reader(path, backend)
+    except SlideError as exc:
+        raise SlideError(slide_id, f"{exc.reason} [{path}]") from exc
+    if reader.level_count < 1 or min(reader.level_dimensions[0]) < 1:
+        reader.close()
+        raise SlideError(slide_id, f"slide has no image data [{path}]")
+    notes: list[str] = []
+    props = reader.properties
+    found = [(mpp, "csv"), (_property_mpp(props), "properties"), (None, "tiff-tags")]
+    resolved, source = None, ""
+    for value, where in found:
+        if where == "tiff-tags":
+            value = _tiff_tag_mpp(path)
+        if value is not None and PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:
+            resolved, source = float(value), where
+            break
+        if value is not None:
+            notes.append(f"ignored implausible mpp {value:g} from {where}")
+    if resolved is None and default_mpp is not None:
+        resolved, source = float(default_mpp), "default"
+        notes.append(f"no mpp in the CSV, slide properties or TIFF tags: using the configured default {default_mpp:g} µm/px")
+    if resolved is None:
+        reader.close()
+        raise SlideError(slide_id, f"no mpp found (CSV `mpp` column, slide properties, TIFF resolution tags); "
+                                   f"add an `mpp` value for this slide or set `slides.default_mpp` [{path}]")
+    for note in notes:
+        log.warning("%s: %s", slide_id, note)
+    power = props.get("openslide.objective-power") or props.get("aperio.AppMag")
+    try:
+        objective = float(power) if power not in (None, "", "None") else None
+    except ValueError:
+        objective = None
+    return Slide(slide_id, path, reader, resolved, source, objective, notes)

@@ -1,0 +1,161 @@
+"""Tile grids at a target resolution (mpp or magnification), not at a pyramid level.
+
+A tile is ``patch_size`` pixels at ``target_mpp``. It is read from the lowest-resolution level
+that is not coarser than the target (never upsampled when the scan allows), ``read_size`` pixels
+square at that level, and resized to ``patch_size`` by the reader of the tiles. When a level is
+within ``mpp_tolerance`` of the target it is read as is (``read_size == patch_size``), and the
+mpp actually delivered is recorded. Coordinates are level-0 (x, y) of each tile's top-left corner
+and are multiples of the read level's downsample (level-aligned), so OpenSlide and tiffslide read
+identical pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from wsi.tissue import TissueMask
+from wsi.units import MicronsPerPixel, magnification_to_mpp
+
+log = logging.getLogger(__name__)
+
+
+class TilingConfig(BaseModel):
+    """Where tiles go: target resolution, tile size in target pixels, overlap, tissue threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_mpp: float | None = Field(0.5, gt=0, description="µm per pixel of the tiles (0.5 ≈ 20×); "
+                                                            "ignored when target_magnification is set")
+    target_magnification: float | None = Field(None, gt=0, description="objective magnification of the tiles "
+                                                                        "(20 → 0.5 µm/px); overrides target_mpp")
+    patch_size: int = Field(256, ge=16, description="tile side in pixels at the target resolution")
+    overlap: int = Field(0, ge=0, description="overlap between neighbouring tiles in target pixels (stride = patch_size - overlap)")
+    min_tissue_fraction: float = Field(0.25, ge=0, le=1, description="keep a tile when at least this fraction of it "
+                                                                     "is tissue in the mask (0: any tissue)")
+    mpp_tolerance: float = Field(0.05, ge=0, lt=0.5, description="a level within this relative mpp difference of "
+                                                                 "the target is read without resizing")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.target_mpp is None and self.target_magnification is None:
+            raise ValueError("set target_mpp or target_magnification")
+        if self.overlap >= self.patch_size:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than patch_size ({self.patch_size})")
+        return self
+
+    @property
+    def mpp(self) -> MicronsPerPixel:
+        if self.target_magnification is not None:
+            return magnification_to_mpp(self.target_magnification)
+        return MicronsPerPixel(float(self.target_mpp))
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How one tile is read: ``read_size`` px at ``read_level`` covering ``level0_size`` level-0 px."""
+
+    target_mpp: float
+    patch_size: int
+    read_level: int
+    read_downsample: float
+    read_size: int
+    level0_size: int
+    level0_stride: int
+    read_mpp: float  # µm/px of the pixels as read
+    delivered_mpp: float  # µm/px of the tiles after resizing to patch_size
+    upsampled: bool
+
+
+def plan_read(slide_mpp: float, level_downsamples: tuple[float, ...], cfg: TilingConfig) -> ReadPlan:
+    """Choose the read level and sizes for tiles of ``cfg`` on a slide scanned at ``slide_mpp``."""
+    target = float(cfg.mpp)
+    factor = target / slide_mpp  # level-0 px per target px
+    level = 0
+    for index, ds in enumerate(level_downsamples):
+        if ds <= factor * (1 + cfg.mpp_tolerance):
+            level = index
+    ds = level_downsamples[level]
+    if abs(ds - factor) <= cfg.mpp_tolerance * factor:
+        read_size = cfg.patch_size
+    else:
+        read_size = max(1, round(cfg.patch_size * factor / ds))
+    stride_target = cfg.patch_size - cfg.overlap
+    level_stride = max(1, round(stride_target * read_size / cfg.patch_size))
+    aligned = ds if float(ds).is_integer() else 1.0
+    level0_size = int(round(read_size * ds))
+    level0_stride = int(round(level_stride * ds / aligned) * aligned)
+    upsampled = factor < 1 - cfg.mpp_tolerance
+    if upsampled:
+        log.warning("target %.3f µm/px is finer than the scan (%.3f µm/px): tiles will be upsampled", target, slide_mpp)
+    return ReadPlan(target, cfg.patch_size, level, ds, read_size, level0_size, max(1, level0_stride),
+                    slide_mpp * ds, slide_mpp * ds * read_size / cfg.patch_size, upsampled)
+
+
+@dataclass
+class TileGrid:
+    """Tiles of one slide: level-0 top-left ``coords`` (N×2, x, y) and their tissue fraction."""
+
+    coords: np.ndarray  # int64 (N, 2)
+    tissue_fraction: np.ndarray  # float32 (N,)
+    plan: ReadPlan
+
+    def metadata(self) -> dict:
+        return {"n_tiles": int(len(self.coords)), **asdict(self.plan)}
+
+
+def tissue_fractions(mask: TissueMask, xs: np.ndarray, ys: np.ndarray, size: int) -> np.ndarray:
+    """Fraction of tissue under each (x, y, size) level-0 square, from the mask's integral image."""
+    integral = np.zeros((mask.mask.shape[0] + 1, mask.mask.shape[1] + 1), np.int64)
+    integral[1:, 1:] = mask.mask.astype(np.int64).cumsum(0).cumsum(1)
+    dx, dy = mask.downsample
+    h, w = mask.mask.shape
+    c0 = np.clip(np.rint(xs / dx).astype(np.int64), 0, w - 1)
+    c1 = np.clip(np.maximum(c0 + 1, np.rint((xs + size) / dx).astype(np.int64)), 1, w)
+    r0 = np.clip(np.rint(ys / dy).astype(np.int64), 0, h - 1)
+    r1 = np.clip(np.maximum(r0 + 1, np.rint((ys + size) / dy).astype(np.int64)), 1, h)
+    total = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
+    return (total / ((r1 - r0) * (c1 - c0))).astype(np.float32)
+
+
+def tile_grid(dimensions: tuple[int, int], slide_mpp: float, level_downsamples: tuple[float, ...],
+              mask: TissueMask, cfg: TilingConfig) -> TileGrid:
+    """All full tiles inside the slide whose tissue fraction reaches ``cfg.min_tissue_fraction``."""
+    plan = plan_read(slide_mpp, level_downsamples, cfg)
+    width0, height0 = dimensions
+    xs = np.arange(0, width0 - plan.level0_size + 1, plan.level0_stride, dtype=np.int64)
+    ys = np.arange(0, height0 - plan.level0_size + 1, plan.level0_stride, dtype=np.int64)
+    gx, gy = np.meshgrid(xs, ys)
+    gx, gy = gx.ravel(), gy.ravel()
+    fraction = tissue_fractions(mask, gx, gy, plan.level0_size) if gx.size else np.zeros(0, np.float32)
+    keep = (fraction >= cfg.min_tissue_fraction) & (fraction > 0)
+    coords = np.stack([gx[keep], gy[keep]], axis=1).astype(np.int64).reshape(-1, 2)
+    return TileGrid(coords, fraction[keep], plan)
+
+
+def grid_overlay(overview: np.ndarray, grid: TileGrid, dimensions: tuple[int, int]) -> np.ndarray:
+    """The overview with each kept tile outlined, for checking the grid by eye."""
+    out = overview.copy()
+    sy, sx = overview.shape[0] / dimensions[1], overview.shape[1] / dimensions[0]
+    size = grid.plan.level0_size
+    for x, y in grid.coords:
+        c0, c1 = int(x * sx), min(out.shape[1] - 1, int(math.ceil((x + size) * sx)) - 1)
+        r0, r1 = int(y * sy), min(out.shape[0] - 1, int(math.ceil((y + size) * sy)) - 1)
+        out[r0, c0:c1 + 1] = out[r1, c0:c1 + 1] = (30, 30, 220)
+        out[r0:r1 + 1, c0] = out[r0:r1 + 1, c1] = (30, 30, 220)
+    return out
+
+
+def read_tile(slide, x: int, y: int, plan: ReadPlan) -> np.ndarray:
+    """One tile as RGB (patch_size, patch_size, 3): read at the plan's level, resized if needed."""
+    region = slide.read_region((int(x), int(y)), plan.read_level, (plan.read_size, plan.read_size))
+    if plan.read_size == plan.patch_size:
+        return region
+    from PIL import Image
+
+    resample = Image.Resampling.BOX if plan.read_size > plan.patch_size else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(region).resize((plan.patch_size, plan.patch_size), resample))
