@@ -93,6 +93,7 @@ def run(
     """Run the pipeline's stages for every slide of SLIDES_CSV into OUT. Exit code 0 only if all succeed."""
     _setup_logging(verbose)
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
 
     from pipelines.config import ConfigError, load_config
@@ -105,7 +106,7 @@ def run(
         cfg = load_config(config)
         n_slides = len(read_manifest(slides_csv))
     except (ConfigError, ManifestError) as exc:
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("slides × stages", total=n_slides * len(SLIDE_STAGES))
@@ -115,6 +116,7 @@ def run(
 
 
 def _print_summary(console, report) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     stages = list(dict.fromkeys(o.stage for o in report.outcomes))
@@ -132,7 +134,7 @@ def _print_summary(console, report) -> None:
         table.add_row(slide_id, *(cells.get(s, "") for s in stages))
     console.print(table)
     for o in report.failed:
-        console.print(f"[red]{o.slide_id}[/red] {o.stage}: {o.reason}", highlight=False)
+        console.print(f"[red]{escape(o.slide_id)}[/red] {o.stage}: {escape(o.reason)}", highlight=False)
     n_slides = len(rows)
     n_ok = sum(all(c.startswith("[green]") for c in cells.values()) for cells in rows.values())
     console.print(f"{n_ok}/{n_slides} slides complete; artifacts in {report.out}", highlight=False)

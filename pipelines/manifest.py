@@ -51,9 +51,9 @@ class SlideEntry:
 
 
 def sanitize_slide_id(raw: str) -> str:
-    """A file-name-safe id: letters, digits, ``. _ -`` only; never empty, never starting with a dot."""
-    cleaned = _UNSAFE.sub("_", raw.strip()).strip("_")
-    cleaned = cleaned.lstrip(".")
+    """A file-name-safe id: letters, digits, ``. _ -`` only; path parts like ``..`` dropped; never empty or hidden."""
+    parts = [p for p in re.split(r"[/\\]+", raw.strip()) if p not in ("", ".", "..")]
+    cleaned = _UNSAFE.sub("_", "_".join(parts)).strip("_.")
     return cleaned or "slide"
 
 

@@ -1,0 +1,151 @@
+"""The installed ``wsi-pipeline`` command end to end, on good slides mixed with every kind of bad one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import corrupt_jpeg_tiles, write_glass_slide
+from pipelines.config import RunConfig
+
+CLI = [sys.executable, "-m", "pipelines.cli"]
+
+
+def wsi(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def mixed_cohort(cohort, tmp_path_factory) -> Path:
+    """Two good demo slides plus one of each failure the issue lists, and a CSV naming them all."""
+    folder = tmp_path_factory.mktemp("mixed")
+    for name in ("demo_000.svs", "demo_002.tif"):
+        shutil.copy(cohort / name, folder / name)
+    (folder / "notes.svs").write_text("not a slide\n")
+    truncated = folder / "truncated.svs"
+    shutil.copy(cohort / "demo_001.svs", truncated)
+    with open(truncated, "r+b") as f:
+        f.truncate(truncated.stat().st_size // 3)
+    shutil.copy(cohort / "demo_003.svs", folder / "corrupt.svs")
+    corrupt_jpeg_tiles(folder / "corrupt.svs", level=-1)  # the level the tissue mask reads
+    write_glass_slide(folder / "nompp.tif", flavour="generic", mpp=None)
+    write_glass_slide(folder / "glass.svs")
+    rows = ["slide_path,slide_id,label", "demo_000.svs,good_svs,normal", "missing.svs,missing,tumor",
+            "notes.svs,not_a_slide,normal", "truncated.svs,truncated,tumor", "corrupt.svs,corrupt_jpeg,tumor",
+            "nompp.tif,no_mpp,normal", "glass.svs,no_tissue,normal", "demo_002.tif,good_tif,normal"]
+    (folder / "slides.csv").write_text("\n".join(rows) + "\n")
+    (folder / "run.yaml").write_text("tissue:\n  preset: bwh_biopsy\n  area_reference_mpp: 0.25\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mixed_run(mixed_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = wsi("run", mixed_cohort / "slides.csv", "--config", mixed_cohort / "run.yaml", "--out", out)
+    return result, out
+
+
+def _state(out: Path, stage: str, slide_id: str) -> dict:
+    return json.loads((out / "state" / stage / f"{slide_id}.json").read_text())
+
+
+def test_good_slides_complete_despite_bad_ones(mixed_run):
+    result, out = mixed_run
+    assert result.returncode == 1, result.stdout + result.stderr  # incomplete run
+    assert "3/8 slides complete" in result.stdout + result.stderr  # good_svs, good_tif, no_tissue
+    for slide_id in ("good_svs", "good_tif"):
+        assert _state(out, "tissue", slide_id)["status"] == "done"
+        assert _state(out, "tiles", slide_id)["status"] == "done"
+        coords = np.load(out / "tiles" / f"{slide_id}.coords.npy")
+        meta = json.loads((out / "tiles" / f"{slide_id}.json").read_text())
+        assert coords.ndim == 2 and coords.shape[1] == 2 and len(coords) == meta["n_tiles"] > 10
+        assert meta["target_mpp"] == 0.5 and meta["patch_size"] == 256
+        assert Image.open(out / "tissue" / f"{slide_id}.png").size[0] > 100
+    assert json.loads((out / "tiles" / "good_tif.json").read_text())["read_size"] == 256  # 20× slide
+    assert json.loads((out / "tiles" / "good_svs.json").read_text())["read_size"] == 512  # 40× slide
+    assert yaml.safe_load((out / "run.yaml").read_text())["tissue"]["preset"] == "bwh_biopsy"
+    RunConfig.model_validate(yaml.safe_load((out / "run.yaml").read_text()))
+    assert not list(out.rglob("*.tmp")), "no temporary files left behind"
+
+
+@pytest.mark.parametrize("slide_id, reason", [
+    ("missing", "file not found ["),
+    ("not_a_slide", "not a readable slide"),
+    ("truncated", "truncated"),
+    ("corrupt_jpeg", "cannot read region"),
+    ("no_mpp", "no mpp found"),
+])
+def test_each_bad_slide_is_reported_with_its_reason(mixed_run, slide_id, reason):
+    result, out = mixed_run
+    state = _state(out, "tissue", slide_id)
+    assert state["status"] == "failed"
+    if slide_id != "truncated":  # the truncation point decides whether opening or reading fails
+        assert reason in state["error"]
+    line = {"missing": 3, "not_a_slide": 4, "truncated": 5, "corrupt_jpeg": 6, "no_mpp": 7}[slide_id]
+    assert f"(slides.csv line {line}, column slide_path)" in state["error"]
+    assert state["traceback"].startswith("Traceback")
+    assert _state(out, "tiles", slide_id)["status"] == "skipped"
+    assert slide_id in result.stderr + result.stdout
+    assert not (out / "tiles" / f"{slide_id}.json").exists()
+
+
+def test_slide_without_tissue_gives_empty_tiles_and_a_warning(mixed_run):
+    _, out = mixed_run
+    assert _state(out, "tiles", "no_tissue")["status"] == "done"
+    assert np.load(out / "tiles" / "no_tissue.coords.npy").shape == (0, 2)
+    assert any("no tissue" in w for w in _state(out, "tissue", "no_tissue")["warnings"])
+
+
+def test_csv_errors_stop_before_any_work(tmp_path):
+    (tmp_path / "slides.csv").write_bytes(b"slide_path,slide_id\na.svs,x\nb.svs,x\n")
+    result = wsi("run", tmp_path / "slides.csv", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert "line 3, column slide_id: duplicate id 'x'" in result.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "bad.yaml").write_text("tiling:\n  patch: 3\n")
+    result = wsi("run", tmp_path / "slides.csv", "--config", tmp_path / "bad.yaml")
+    assert result.returncode == 2 and "tiling.patch: unknown field" in result.stderr
+
+
+def test_init_writes_a_config_that_loads(tmp_path):
+    result = wsi("init", tmp_path / "run.yaml")
+    assert result.returncode == 0
+    assert RunConfig.model_validate(yaml.safe_load((tmp_path / "run.yaml").read_text())) == RunConfig()
+    assert wsi("init", tmp_path / "run.yaml").returncode == 2  # refuses to overwrite
+    assert wsi("init", tmp_path / "run.yaml", "--force").returncode == 0
+
+
+def test_demo_then_run_on_the_demo_cohort(tmp_path):
+    result = wsi("demo", tmp_path / "demo", "--n-slides", 2, "--size", 4096, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "demo").glob("demo_*.svs")) == ["demo_000.svs", "demo_001.svs"]
+    run = wsi("run", tmp_path / "demo" / "slides.csv", "--config", tmp_path / "demo" / "run.yaml", "--out", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert "2/2 slides complete" in run.stdout + run.stderr
+    for slide_id in ("demo_000", "demo_001"):
+        assert (tmp_path / "out" / "tissue" / f"{slide_id}.png").exists()
+        assert len(np.load(tmp_path / "out" / "tiles" / f"{slide_id}.coords.npy")) > 0
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    start = time.perf_counter()
+    assert wsi("--help").returncode == 0
+    assert time.perf_counter() - start < 5
+    probe = subprocess.run([sys.executable, "-c", "import sys, pipelines.cli, pipelines.run; print('torch' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert probe.stdout.strip() == "False"
+
+
+def test_readme_commands_are_what_ci_runs():
+    root = Path(__file__).parents[1]
+    ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci in (root / "README.md").read_text()

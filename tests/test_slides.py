@@ -1,0 +1,130 @@
+"""Slide access: both backends on real SVS/TIFF files, white outside the slide, mpp chain, errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import write_glass_slide
+from wsi.backends import open_reader, rgba_to_rgb_on_white
+from wsi.errors import SlideError
+from wsi.slide import _tiff_tag_mpp, open_slide
+
+
+@pytest.mark.parametrize("name", ["demo_001.svs", "demo_002.tif"])
+def test_openslide_and_tiffslide_agree_at_level_0(cohort, name):
+    with open_slide(cohort / name, backend="openslide") as a, open_slide(cohort / name, backend="tiffslide") as b:
+        assert a.dimensions == b.dimensions
+        assert a.level_count == b.level_count == 3
+        w, h = a.dimensions
+        for x, y in [(0, 0), (1000, 777), (w // 2 + 13, h // 3 + 5), (w - 300, h - 200)]:
+            ra = a.read_region((x, y), 0, (300, 300))
+            rb = b.read_region((x, y), 0, (300, 300))
+            assert ra.shape == rb.shape == (300, 300, 3)
+            assert ra.dtype == np.uint8
+            np.testing.assert_array_equal(ra, rb)
+
+
+def test_backends_agree_at_level_aligned_locations_on_lower_levels(cohort):
+    with open_slide(cohort / "demo_003.svs", backend="openslide") as a, \
+            open_slide(cohort / "demo_003.svs", backend="tiffslide") as b:
+        assert a.level_downsamples[1] == 4.0
+        for x, y in [(0, 0), (4 * 301, 4 * 157)]:  # multiples of the level's downsample
+            np.testing.assert_array_equal(a.read_region((x, y), 1, (200, 150)), b.read_region((x, y), 1, (200, 150)))
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_outside_the_slide_is_white_not_black_or_transparent(cohort, backend):
+    with open_slide(cohort / "demo_000.svs", backend=backend) as slide:
+        w, h = slide.dimensions
+        region = slide.read_region((w - 100, h - 50), 0, (300, 200))
+        assert region.shape == (200, 300, 3)
+        assert (region[60:, :] == 255).all()  # below the slide
+        assert (region[:, 110:] == 255).all()  # right of the slide
+        assert region[:50, :100].mean() < 252  # the glass inside is not pure white
+        before = slide.read_region((-64, -64), 0, (128, 128))
+        assert (before[:64, :] == 255).all() and (before[:, :64] == 255).all()
+
+
+def test_rgba_compositing_onto_white():
+    rgba = np.array([[[200, 100, 50, 255], [0, 0, 0, 0], [100, 100, 100, 128]]], np.uint8)
+    rgb = rgba_to_rgb_on_white(rgba)
+    assert rgb[0, 0].tolist() == [200, 100, 50]
+    assert rgb[0, 1].tolist() == [255, 255, 255]
+    assert rgb[0, 2].tolist() == [177, 177, 177]  # 100·128/255 + 255·127/255
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_metadata_mpp_power_and_associated_images(cohort, backend):
+    with open_slide(cohort / "demo_000.svs", backend=backend) as svs:
+        assert svs.backend == backend
+        assert svs.mpp == pytest.approx(0.25) and svs.mpp_source == "properties"
+        assert svs.objective_power == 40
+        assert {"label", "macro", "thumbnail"} <= set(svs.associated_image_names())
+        label = svs.associated_image("label")
+        assert label.ndim == 3 and label.shape[2] == 3
+        with pytest.raises(SlideError, match="no associated image"):
+            svs.associated_image("barcode")
+    with open_slide(cohort / "demo_002.tif", backend=backend) as tif:
+        assert tif.mpp == pytest.approx(0.5)
+        assert tif.objective_power is None
+
+
+def test_auto_backend_picks_openslide_for_recognised_files(cohort):
+    assert open_reader(cohort / "demo_000.svs").backend == "openslide"
+
+
+def test_mpp_chain_csv_override_then_default_then_error(cohort, tmp_path, caplog):
+    with open_slide(cohort / "demo_000.svs", mpp=0.2627) as slide:
+        assert slide.mpp == 0.2627 and slide.mpp_source == "csv"
+    no_mpp = write_glass_slide(tmp_path / "nompp.tif", flavour="generic", mpp=None)
+    with pytest.raises(SlideError) as err:
+        open_slide(no_mpp, slide_id="case-7")
+    assert err.value.slide == "case-7" and "no mpp" in err.value.reason and "default_mpp" in err.value.reason
+    with open_slide(no_mpp, default_mpp=0.5) as slide:
+        assert slide.mpp == 0.5 and slide.mpp_source == "default"
+        assert any("default" in w for w in slide.warnings)
+    assert "default" in caplog.text
+
+
+def test_tiff_resolution_tags_in_cm_and_inch(tmp_path):
+    data = np.zeros((64, 64, 3), np.uint8)
+    tifffile.imwrite(tmp_path / "cm.tif", data, resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    tifffile.imwrite(tmp_path / "inch.tif", data, resolution=(50800, 50800), resolutionunit="INCH")
+    tifffile.imwrite(tmp_path / "none.tif", data)
+    assert _tiff_tag_mpp(tmp_path / "cm.tif") == pytest.approx(0.5)
+    assert _tiff_tag_mpp(tmp_path / "inch.tif") == pytest.approx(0.5)
+    assert _tiff_tag_mpp(tmp_path / "none.tif") is None
+
+
+def test_read_downsampled_matches_levels_and_box_filter(cohort):
+    with open_slide(cohort / "demo_001.svs") as slide:
+        level2 = slide.read_region((0, 0), 2, slide.level_dimensions[2])
+        np.testing.assert_array_equal(slide.read_downsampled(16.0, block=100), level2)
+        w, h = slide.dimensions
+        over = slide.read_downsampled(32.0, block=70)  # not a level: box-filtered from level 2
+        assert over.shape == (round(h / 32), round(w / 32), 3)
+        expected = level2.reshape(level2.shape[0] // 2, 2, level2.shape[1] // 2, 2, 3).mean(axis=(1, 3))
+        assert np.abs(over.astype(float) - expected).mean() < 2.0
+        thumb = slide.thumbnail(500)
+        assert max(thumb.shape[:2]) <= 500 and thumb.shape[1] > thumb.shape[0]
+
+
+def test_missing_not_a_slide_and_truncated_files_raise_slide_errors(cohort, tmp_path):
+    with pytest.raises(SlideError, match="file not found"):
+        open_slide(tmp_path / "nope.svs")
+    fake = tmp_path / "notes.svs"
+    fake.write_text("this is a text file, not a slide\n")
+    with pytest.raises(SlideError, match="not a readable slide") as err:
+        open_slide(fake, slide_id="notes")
+    assert err.value.slide == "notes"
+    truncated = tmp_path / "truncated.svs"
+    shutil.copy(cohort / "demo_000.svs", truncated)
+    with open(truncated, "r+b") as f:
+        f.truncate(truncated.stat().st_size // 3)
+    with pytest.raises(SlideError):
+        with open_slide(truncated) as slide:  # opening or reading must fail, naming the slide
+            slide.read_downsampled(16.0)

@@ -1,0 +1,96 @@
+"""Tissue masks against the demo slides' ground truth, and CLAM's region/hole filtering rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+from scipy import ndimage
+
+from conftest import write_glass_slide
+from wsi.demo_cohort import load_truth
+from wsi.slide import open_slide
+from wsi.tissue import PRESETS, TissueConfig, _filter_regions, mask_slide, qc_image, saturation
+
+
+def _truth_at(mask_shape, truth: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(truth).resize(mask_shape[::-1], Image.Resampling.NEAREST))
+
+
+@pytest.mark.parametrize("name", ["demo_000.svs", "demo_001.svs", "demo_002.tif", "demo_003.svs"])
+def test_mask_matches_ground_truth_and_excludes_holes_and_artefacts(cohort, demo_cfg, name):
+    with open_slide(cohort / name) as slide:
+        tissue, overview = mask_slide(slide, demo_cfg.tissue)
+    truth, _, _ = load_truth(cohort / name)
+    gt = _truth_at(tissue.mask.shape, truth)
+    iou = (gt & tissue.mask).sum() / (gt | tissue.mask).sum()
+    assert iou >= 0.9, f"IoU {iou:.3f}"
+    holes = ndimage.binary_erosion(ndimage.binary_fill_holes(gt) & ~gt, iterations=2)  # 2 px off the rim
+    if holes.sum() > 50:
+        assert tissue.mask[holes].mean() < 0.05, "holes must stay out of the mask"
+        assert tissue.n_holes >= 1
+    # pen stroke and debris lie on the glass ≥ 11 mask px away from tissue; closing may fill narrow inlets nearer
+    far_from_tissue = ~ndimage.binary_dilation(gt, iterations=8)
+    assert tissue.mask[far_from_tissue].mean() < 0.002
+    assert overview.shape[:2] == tissue.mask.shape
+    qc = qc_image(overview, tissue, max_size=300)
+    assert max(qc.shape[:2]) == min(300, max(tissue.mask.shape)) and (qc == (0, 200, 0)).all(axis=2).any()
+
+
+def test_clam_default_thresholds_drop_biopsy_sized_tissue(cohort):
+    """a_t = 100 level-0 patches (CLAM's default) is larger than every demo island: nothing kept."""
+    with open_slide(cohort / "demo_000.svs") as slide:
+        tissue, _ = mask_slide(slide, TissueConfig())
+    assert tissue.n_regions == 0 and not tissue.mask.any()
+
+
+def test_slide_without_tissue_gives_an_empty_mask(tmp_path, demo_cfg):
+    with open_slide(write_glass_slide(tmp_path / "glass.svs")) as slide:
+        tissue, _ = mask_slide(slide, demo_cfg.tissue)
+    assert tissue.n_regions == 0 and tissue.tissue_fraction == 0.0
+    with open_slide(tmp_path / "glass.svs") as slide:
+        otsu, _ = mask_slide(slide, TissueConfig(preset="bwh_biopsy", use_otsu=True))
+    assert otsu.tissue_fraction < 0.6  # Otsu splits noise, but the area filter still removes specks
+
+
+def test_region_and_hole_filtering_rules():
+    binary = np.zeros((200, 200), bool)
+    binary[10:110, 10:110] = True  # big region, area 10000 minus holes
+    binary[30:50, 30:50] = False  # big hole (400 px)
+    binary[70:73, 70:73] = False  # small hole (9 px): filled
+    binary[80:92, 30:42] = False  # medium hole (144 px)
+    binary[150:155, 150:155] = True  # small region (25 px): dropped
+    mask, n_regions, n_holes = _filter_regions(binary, min_tissue_px=100, min_hole_px=50, max_n_holes=8)
+    assert n_regions == 1 and n_holes == 2
+    assert not mask[40, 40] and not mask[85, 35]
+    assert mask[71, 71]  # small hole filled
+    assert not mask[152, 152]
+    mask1, _, n1 = _filter_regions(binary, min_tissue_px=100, min_hole_px=50, max_n_holes=1)
+    assert n1 == 1 and not mask1[40, 40] and mask1[85, 35]  # only the largest hole kept
+
+
+def test_region_area_excludes_its_holes():
+    binary = np.zeros((100, 100), bool)
+    binary[10:60, 10:60] = True  # 2500 px
+    binary[15:55, 15:55] = False  # hole of 1600 → tissue area 900
+    assert _filter_regions(binary, 1000, 10, 8)[1] == 0
+    assert _filter_regions(binary, 800, 10, 8)[1] == 1
+
+
+def test_saturation_matches_opencv_definition():
+    rgb = np.array([[[255, 0, 0], [200, 200, 200], [100, 50, 25], [0, 0, 0]]], np.uint8)
+    assert saturation(rgb).tolist() == [[255, 0, 191, 0]]
+
+
+def test_presets_fill_unset_fields_and_explicit_values_win():
+    tcga = TissueConfig(preset="tcga")
+    assert (tcga.a_t, tcga.a_h, tcga.sthresh) == (16, 4, 8)
+    custom = TissueConfig(preset="bwh_biopsy", sthresh=20)
+    assert custom.sthresh == 20 and custom.mthresh == PRESETS["bwh_biopsy"]["mthresh"]
+    with pytest.raises(ValidationError, match="extra"):
+        TissueConfig(sthres=3)
+    with pytest.raises(ValidationError, match="odd"):
+        TissueConfig(mthresh=6)
+    with pytest.raises(ValidationError):
+        TissueConfig(preset="tcga-ish")
