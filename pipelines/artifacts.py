@@ -85,3 +85,16 @@ class RunPaths:
 
     def tile_overlay(self, slide_id: str) -> Path:
         return self.root / "tiles" / f"{slide_id}.png"
+
+    @property
+    def qc_table(self) -> Path:
+        return self.root / "qc" / "slides.csv"
+
+    @property
+    def manifest(self) -> Path:
+        """The run's copy of slides.csv as resolved (absolute paths, sanitised ids)."""
+        return self.root / "slides.csv"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"

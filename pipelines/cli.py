@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -29,6 +29,8 @@ def _setup_logging(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+    for noisy in ("distributed", "tornado", "bokeh"):  # Dask's own chatter only with -v
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _version(value: bool) -> None:
@@ -86,11 +88,18 @@ def init(
 @app.command()
 def run(
     slides_csv: Annotated[Path, typer.Argument(help="slides.csv: slide_path, optional slide_id, label, case_id, split, mpp")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("wsi_run"),
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="run config YAML (see `wsi-pipeline init`)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory (rerunning into it resumes)")] = Path("wsi_run"),
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="run config YAML (see `wsi-pipeline init`)")] = None,
+    until: Annotated[Optional[str], typer.Option(help="run up to and including this stage")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(help="only these slide ids (repeatable); cohort stages are not run")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(help="rerun this stage and its dependants even if done (repeatable)")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="existing Dask scheduler, tcp://HOST:PORT (overrides runner.scheduler)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="local cluster worker processes (overrides runner.n_workers)")] = None,
+    retries: Annotated[Optional[int], typer.Option(min=0, help="retries per failed task (overrides runner.retries)")] = None,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help="take over the run directory's lock even if it looks live")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
-    """Run the pipeline's stages for every slide of SLIDES_CSV into OUT. Exit code 0 only if all succeed."""
+    """Run (or resume) every stage for every slide of SLIDES_CSV into OUT. Exit code 0 only when all is done."""
     _setup_logging(verbose)
     from rich.console import Console
     from rich.markup import escape
@@ -98,46 +107,86 @@ def run(
 
     from pipelines.config import ConfigError, load_config
     from pipelines.manifest import ManifestError, read_manifest
-    from pipelines.run import run_cohort
-    from pipelines.stages import SLIDE_STAGES
+    from pipelines.runner import run_cohort
+    from pipelines.state import LockError
 
     console = Console(stderr=True)
     try:
         cfg = load_config(config)
-        n_slides = len(read_manifest(slides_csv))
-    except (ConfigError, ManifestError) as exc:
+        overrides = {k: v for k, v in {"scheduler": scheduler, "n_workers": workers, "retries": retries}.items() if v is not None}
+        cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update=overrides)})
+        entries = read_manifest(slides_csv)
+        with Progress(console=console, transient=True) as progress:
+            bar = progress.add_task("tasks", total=None)
+            report = run_cohort(
+                entries, out, cfg, until=until, only=only, force=force, break_lock=break_lock,
+                on_plan=lambda tasks: progress.update(bar, total=len(tasks)),
+                on_start=lambda link: console.print(f"Dask dashboard: {link}", highlight=False),
+                on_settled=lambda task: progress.advance(bar))
+    except (ConfigError, ManifestError, LockError, ValueError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("slides × stages", total=n_slides * len(SLIDE_STAGES))
-        report = run_cohort(slides_csv, out, cfg, on_progress=lambda _: progress.advance(task))
-    _print_summary(console, report)
+    _print_report(console, report)
     raise typer.Exit(0 if report.complete else 1)
 
 
-def _print_summary(console, report) -> None:
+def _print_report(console, report) -> None:
+    from rich.markup import escape
+
+    counts: dict[str, int] = {}
+    for task in report.tasks.values():
+        counts[task.status] = counts.get(task.status, 0) + 1
+    for task in report.failed:
+        console.print(f"[red]failed[/red] {escape(task.id)}: {escape(task.reason)}", highlight=False)
+    for note in report.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    console.print(f"{len(report.tasks)} tasks: {summary}; run directory {report.out}", highlight=False)
+    console.print(f"see `wsi-pipeline status {report.out}`", highlight=False)
+
+
+@app.command()
+def status(
+    out: Annotated[Path, typer.Argument(help="run directory")] = Path("wsi_run"),
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show every slide × stage of a run: done, failed (with the error), stale, interrupted or pending."""
+    import json
+
+    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    stages = list(dict.fromkeys(o.stage for o in report.outcomes))
-    table = Table(title=f"run {report.out}")
+    from pipelines.status import is_complete, run_status
+
+    try:
+        report = run_status(out)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        raise typer.Exit(0 if is_complete(report) else 1)
+    colours = {"done": "green", "failed": "red", "stale": "yellow", "interrupted": "yellow", "running": "cyan",
+               "skipped": "magenta", "pending": "white"}
+    slide_stages = [s for s in report["stages"] if s not in report["cohort"]]
+    table = Table(title=f"{report['out']}")
     table.add_column("slide")
-    for stage in stages:
+    for stage in slide_stages:
         table.add_column(stage)
-    rows: dict[str, dict[str, str]] = {}
-    for o in report.outcomes:
-        cell = {"done": "[green]done[/green]", "failed": "[red]failed[/red]", "skipped": "[yellow]skipped[/yellow]"}[o.status]
-        if o.stage == "tiles" and o.status == "done":
-            cell = f"[green]{o.meta.get('n_tiles', 0)} tiles[/green]"
-        rows.setdefault(o.slide_id, {})[o.stage] = cell
-    for slide_id, cells in rows.items():
-        table.add_row(slide_id, *(cells.get(s, "") for s in stages))
+    table.add_column("first error", overflow="fold")
+    for slide_id, row in report["slides"].items():
+        cells = [f"[{colours[row[s]['status']]}]{row[s]['status']}[/]" if s in row else "" for s in slide_stages]
+        error = next((row[s]["error"] for s in slide_stages if s in row and row[s]["error"]), "")
+        table.add_row(escape(slide_id), *cells, escape(error))
+    console = Console()
     console.print(table)
-    for o in report.failed:
-        console.print(f"[red]{escape(o.slide_id)}[/red] {o.stage}: {escape(o.reason)}", highlight=False)
-    n_slides = len(rows)
-    n_ok = sum(all(c.startswith("[green]") for c in cells.values()) for cells in rows.values())
-    console.print(f"{n_ok}/{n_slides} slides complete; artifacts in {report.out}", highlight=False)
+    for stage, cell in report["cohort"].items():
+        console.print(f"cohort stage {stage}: [{colours[cell['status']]}]{cell['status']}[/] {escape(cell['error'])}")
+    if report["locked_by"]:
+        holder = report["locked_by"]
+        console.print(f"a run is in progress: pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}")
+    raise typer.Exit(0 if is_complete(report) else 1)
 
 
 def main() -> None:

@@ -25,6 +25,23 @@ class SlidesConfig(BaseModel):
     default_mpp: float | None = Field(
         None, gt=0, description="µm/px for slides with no mpp in the CSV, properties or TIFF tags (a warning is logged); "
                                 "null: such slides fail with a clear error")
+    fingerprint: Literal["stat", "content"] = Field(
+        "stat", description="how a slide file is recognised as unchanged: stat (size + mtime, instant) or content "
+                            "(sha256 of the file; survives copies and touch, costs a full read)")
+
+
+class RunnerConfig(BaseModel):
+    """Where and how tasks run. Changing these never invalidates finished work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheduler: str | None = Field(
+        None, description="address of an existing Dask scheduler (tcp://HOST:PORT), e.g. one started by dask-jobqueue; "
+                          "null: start a local cluster on 127.0.0.1 sized to this machine")
+    n_workers: int | None = Field(None, ge=1, description="local cluster worker processes (null: one per CPU core)")
+    threads_per_worker: int = Field(1, ge=1, description="threads per local worker process")
+    memory_limit: str = Field("auto", description="memory limit per local worker (Dask syntax, e.g. '4GiB'; auto: RAM / workers)")
+    retries: int = Field(1, ge=0, description="times a failed task is retried before it is marked failed")
 
 
 class RunConfig(BaseModel):
@@ -33,6 +50,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     slides: SlidesConfig = Field(default_factory=SlidesConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
 

@@ -139,3 +139,14 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
     if not entries:
         raise ManifestError(path, ["no slides: the file has a header but no rows"])
     return entries
+
+
+def manifest_csv(entries: list[SlideEntry]) -> str:
+    """The resolved manifest as CSV text (absolute paths, sanitised ids), as a run stores it."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(REQUIRED + OPTIONAL)
+    for e in entries:
+        writer.writerow([str(e.slide_path), e.slide_id, e.label or "", e.case_id or "", e.split or "",
+                         "" if e.mpp is None else repr(e.mpp)])
+    return buffer.getvalue()

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
 from pipelines import __version__
-from pipelines.artifacts import RunPaths, atomic_write, write_json, write_npy, write_png
+from pipelines.artifacts import RunPaths, atomic_write, write_json, write_npy, write_png, write_text
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
 from wsi.slide import open_slide
@@ -94,10 +97,68 @@ def load_tiles(paths: RunPaths, slide_id: str) -> TileGrid:
     return TileGrid(coords, np.full(len(coords), np.nan, np.float32), plan)
 
 
-StageFn = Callable[[SlideEntry, RunConfig, RunPaths], dict]
+def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
+    """Cohort QC table ``qc/slides.csv``: per slide its mpp and source, tissue, tiles and read plan."""
+    import csv
+    import io
 
-# Per-slide stages in run order; each depends on the one before it.
-SLIDE_STAGES: dict[str, StageFn] = {
-    "tissue": tissue_stage,
-    "tiles": tiles_stage,
-}
+    columns = ["slide_id", "label", "case_id", "backend", "width", "height", "mpp", "mpp_source", "tissue_fraction",
+               "n_regions", "n_holes", "n_tiles", "read_level", "read_size", "level0_size", "delivered_mpp", "warnings"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for entry in entries:
+        tissue = json.loads(paths.tissue_meta(entry.slide_id).read_text())
+        tiles = json.loads(paths.tile_meta(entry.slide_id).read_text())
+        writer.writerow({
+            "slide_id": entry.slide_id, "label": entry.label or "", "case_id": entry.case_id or "",
+            "backend": tissue["backend"], "width": tissue["dimensions"][0], "height": tissue["dimensions"][1],
+            "mpp": tissue["mpp"], "mpp_source": tissue["mpp_source"], "tissue_fraction": round(tissue["tissue_fraction"], 4),
+            "n_regions": tissue["n_regions"], "n_holes": tissue["n_holes"], "n_tiles": tiles["n_tiles"],
+            "read_level": tiles["read_level"], "read_size": tiles["read_size"], "level0_size": tiles["level0_size"],
+            "delivered_mpp": round(tiles["delivered_mpp"], 4), "warnings": "; ".join(tissue["warnings"] + tiles["warnings"]),
+        })
+    write_text(paths.qc_table, buffer.getvalue())
+    return {"n_slides": len(entries), "slides": [e.slide_id for e in entries]}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage declaration: what it runs, on what, after what, which config it reads, what it writes."""
+
+    name: str
+    fn: Callable
+    scope: Literal["slide", "cohort"]
+    after: tuple[str, ...] = ()
+    config: tuple[str, ...] = ()  # dotted RunConfig fields (or whole sections) whose values enter the fingerprint
+    reads_slide: bool = False  # the slide file itself is an input
+    artifacts: Callable[[RunPaths, str], list[Path]] = lambda paths, key: []
+    resources: dict[str, float] = field(default_factory=dict)  # Dask resources, e.g. {"GPU": 1}
+
+
+# All stages in run order. A slide stage runs per slide after the stages in ``after`` (same slide);
+# a cohort stage runs once, on the slides whose ``after`` stages are done.
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("tissue", tissue_stage, "slide", config=("slides.backend", "slides.default_mpp", "tissue"), reads_slide=True,
+          artifacts=lambda p, k: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_meta(k)]),
+    Stage("tiles", tiles_stage, "slide", after=("tissue",), config=("tiling",),
+          artifacts=lambda p, k: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
+    Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k: [p.qc_table]),
+]}
+
+
+def upstream(stage: str) -> list[str]:
+    """Every stage ``stage`` depends on, transitively, in run order."""
+    needed: set[str] = set()
+    todo = list(STAGES[stage].after)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(STAGES[name].after)
+    return [s for s in STAGES if s in needed]
+
+
+def downstream(stage: str) -> list[str]:
+    """``stage`` and every stage that depends on it, transitively, in run order."""
+    return [s for s in STAGES if s == stage or stage in upstream(s)]

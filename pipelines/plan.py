@@ -1,0 +1,97 @@
+"""Which tasks a run consists of, their dependencies and fingerprints, and which are already up to date.
+
+Used by the runner (what to submit) and by ``status`` (what is done, stale or pending), so both
+agree by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.artifacts import RunPaths
+from pipelines.config import RunConfig
+from pipelines.manifest import SlideEntry
+from pipelines.stages import STAGES, downstream, upstream
+from pipelines.state import COHORT, file_fingerprint, fingerprint, read_state
+
+
+@dataclass
+class Task:
+    stage: str
+    key: str  # slide id, or COHORT
+    deps: list[str] = field(default_factory=list)  # task ids
+    fingerprint: str | None = None  # None for cohort tasks until their slides are known
+    forced: bool = False
+    status: str = "pending"  # pending → up-to-date | done | failed | skipped
+    reason: str = ""
+    attempts: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}/{self.key}"
+
+    @property
+    def cohort(self) -> bool:
+        return self.key == COHORT
+
+
+def config_values(cfg: RunConfig, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The values of dotted config fields (``"tissue"`` or ``"slides.backend"``) as plain data."""
+    values = {}
+    for dotted in fields:
+        obj: Any = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        values[dotted] = obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj
+    return values
+
+
+def is_up_to_date(paths: RunPaths, task: Task) -> bool:
+    """Done, same fingerprint, artifacts present, not forced."""
+    if task.forced or task.fingerprint is None:
+        return False
+    state = read_state(paths, task.stage, task.key)
+    if not state or state.get("status") != "done" or state.get("fingerprint") != task.fingerprint:
+        return False
+    return all(p.exists() for p in STAGES[task.stage].artifacts(paths, task.key))
+
+
+def cohort_fingerprint(cfg: RunConfig, task: Task, slide_fps: list[tuple[str, str]]) -> str:
+    stage = STAGES[task.stage]
+    return fingerprint(stage.name, config_values(cfg, stage.config), sorted(slide_fps))
+
+
+def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, until: str | None = None,
+               only: list[str] | None = None, force: list[str] | None = None) -> dict[str, Task]:
+    """All tasks of a run in dependency order, with fingerprints; cohort tasks depend on every slide's task."""
+    for name in [until, *(force or [])]:
+        if name is not None and name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
+    selected = list(STAGES) if until is None else [*upstream(until), until]
+    forced = {s for name in (force or []) for s in downstream(name)}
+    if only:
+        known = {e.slide_id for e in entries}
+        unknown = [s for s in only if s not in known]
+        if unknown:
+            raise ValueError(f"--only: no slide with id {', '.join(unknown)} in the manifest")
+        entries = [e for e in entries if e.slide_id in set(only)]
+        selected = [s for s in selected if STAGES[s].scope == "slide"]  # cohort stages need the whole cohort
+    tasks: dict[str, Task] = {}
+    for name in selected:
+        stage = STAGES[name]
+        params = config_values(cfg, stage.config)
+        if stage.scope == "cohort":
+            deps = [f"{dep}/{e.slide_id}" for dep in stage.after for e in entries if f"{dep}/{e.slide_id}" in tasks]
+            task = Task(name, COHORT, deps, None, name in forced)
+            tasks[task.id] = task
+            continue
+        for entry in entries:
+            inputs: list[Any] = []
+            if stage.reads_slide:
+                inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint), "mpp": entry.mpp})
+            deps = [f"{dep}/{entry.slide_id}" for dep in stage.after]
+            inputs.extend(tasks[d].fingerprint for d in deps)
+            task = Task(name, entry.slide_id, deps, fingerprint(name, params, inputs), name in forced)
+            tasks[task.id] = task
+    return tasks

@@ -1,0 +1,238 @@
+"""The Dask runner: submits the plan's tasks, retries failures, skips the dependants of failed tasks.
+
+Only this module knows about Dask. Tasks run ``run_task`` on a worker, which calls the plain stage
+function and records the task's state on the shared run directory. The client keeps the
+dependency bookkeeping itself (submit when dependencies are done), so a failed slide never
+blocks the others and a cohort stage starts as soon as every slide has settled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.artifacts import RunPaths, write_text
+from pipelines.config import RunConfig, dump_config
+from pipelines.manifest import SlideEntry, manifest_csv
+from pipelines.plan import Task, build_plan, cohort_fingerprint, is_up_to_date
+from pipelines.stages import STAGES
+from pipelines.state import COHORT, RunLock, now, read_state, write_state
+from wsi.errors import SlideError
+
+log = logging.getLogger(__name__)
+
+
+def failure_reason(exc: BaseException, entry: SlideEntry | None) -> str:
+    """One line saying what went wrong, naming the slides.csv line for slide-file problems."""
+    if isinstance(exc, SlideError) and entry is not None:
+        return f"{exc.reason} (slides.csv {entry.where()})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fingerprint: str, attempt: int) -> dict:
+    """Run one task where Dask put it; record running → done/failed. Never raises for a stage error."""
+    paths = RunPaths(Path(root))
+    stage = STAGES[stage_name]
+    started, t0 = now(), time.perf_counter()
+    write_state(paths, stage_name, key, status="running", fingerprint=fingerprint, attempts=attempt, started=started)
+    try:
+        meta = stage.fn(payload, cfg, paths)
+    except Exception as exc:  # recorded with its traceback; the runner decides on retries
+        reason = failure_reason(exc, payload if isinstance(payload, SlideEntry) else None)
+        write_state(paths, stage_name, key, status="failed", fingerprint=fingerprint, attempts=attempt, started=started,
+                    finished=now(), duration_s=round(time.perf_counter() - t0, 4), error=reason,
+                    traceback=traceback.format_exc())
+        return {"status": "failed", "reason": reason}
+    duration = round(time.perf_counter() - t0, 4)
+    write_state(paths, stage_name, key, status="done", fingerprint=fingerprint, attempts=attempt, started=started,
+                finished=now(), duration_s=duration, warnings=meta.get("warnings", []))
+    return {"status": "done", "duration_s": duration, "meta": _summary(meta)}
+
+
+def _summary(meta: dict) -> dict:
+    """The small part of a stage's metadata the client shows (keeps results cheap to ship)."""
+    return {k: meta[k] for k in ("n_tiles", "n_slides") if k in meta}
+
+
+@dataclass
+class RunReport:
+    out: Path
+    tasks: dict[str, Task]
+    notes: list[str]
+    dashboard: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return all(t.status in ("done", "up-to-date") for t in self.tasks.values())
+
+    @property
+    def failed(self) -> list[Task]:
+        return [t for t in self.tasks.values() if t.status == "failed"]
+
+
+@contextmanager
+def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
+    """A client on ``runner.scheduler``, or on a local cluster bound to 127.0.0.1 sized to this machine."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    if cfg.runner.scheduler:
+        with Client(cfg.runner.scheduler, timeout="30s") as client:
+            yield client
+        return
+    n_workers = cfg.runner.n_workers or max(1, min(os.cpu_count() or 1, n_tasks))
+    # workers that extract features start DataLoader processes, which daemonic processes cannot
+    with dask.config.set({"distributed.worker.daemon": False}):
+        with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.runner.threads_per_worker, processes=True,
+                          host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=cfg.runner.memory_limit,
+                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            yield client
+
+
+class _Scheduler:
+    """Client-side bookkeeping: what is ready, what to retry, what to skip."""
+
+    def __init__(self, tasks: dict[str, Task], entries: dict[str, SlideEntry], cfg: RunConfig, paths: RunPaths,
+                 on_settled: Callable[[Task], None]):
+        self.tasks, self.entries, self.cfg, self.paths = tasks, entries, cfg, paths
+        self.on_settled = on_settled
+        self.dependants: dict[str, list[str]] = {tid: [] for tid in tasks}
+        for task in tasks.values():
+            for dep in task.deps:
+                self.dependants[dep].append(task.id)
+
+    def payload(self, task: Task):
+        if not task.cohort:
+            return self.entries[task.key]
+        return [self.entries[self.tasks[d].key] for d in task.deps if self.tasks[d].status in ("done", "up-to-date")]
+
+    def ready(self, task: Task) -> bool:
+        return task.status == "pending" and all(self.tasks[d].status not in ("pending", "running") for d in task.deps)
+
+    def prepare(self, task: Task) -> bool:
+        """Settle a ready task without running it (up to date, or blocked); True when it must run."""
+        done_deps = [self.tasks[d] for d in task.deps if self.tasks[d].status in ("done", "up-to-date")]
+        if task.cohort:
+            if not done_deps:
+                return self.settle(task, "skipped", "no slide finished its upstream stages")
+            task.fingerprint = cohort_fingerprint(self.cfg, task, [(d.key, d.fingerprint) for d in done_deps])
+            left_out = len(task.deps) - len(done_deps)
+            if left_out:
+                task.reason = f"on {len(done_deps)}/{len(task.deps)} slides ({left_out} failed or skipped upstream)"
+        elif len(done_deps) < len(task.deps):
+            failed = [d for d in task.deps if self.tasks[d].status != "done" and self.tasks[d].status != "up-to-date"]
+            write_state(self.paths, task.stage, task.key, status="skipped", fingerprint=task.fingerprint,
+                        finished=now(), error=f"{', '.join(failed)} did not finish")
+            return self.settle(task, "skipped", f"{', '.join(failed)} did not finish")
+        if is_up_to_date(self.paths, task):
+            return self.settle(task, "up-to-date", task.reason)
+        return True
+
+    def settle(self, task: Task, status: str, reason: str = "") -> bool:
+        task.status, task.reason = status, reason
+        self.on_settled(task)
+        return False
+
+    def next_ready(self, settled: Task) -> list[Task]:
+        return [self.tasks[t] for t in self.dependants[settled.id] if self.ready(self.tasks[t])]
+
+
+def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths,
+            on_settled: Callable[[Task], None] = lambda t: None, on_start: Callable[[str], None] = lambda d: None) -> str | None:
+    """Run the plan. Returns the dashboard link when a cluster was used."""
+    sched = _Scheduler(tasks, {e.slide_id: e for e in entries}, cfg, paths, on_settled)
+    frontier = [t for t in tasks.values() if sched.ready(t)]
+    to_run: list[Task] = []
+
+    def expand(candidates: list[Task]) -> None:
+        """Settle what need not run; collect what must; follow settled tasks to their dependants."""
+        while candidates:
+            task = candidates.pop(0)
+            if not sched.ready(task):
+                continue
+            if sched.prepare(task):
+                task.status = "running"
+                to_run.append(task)
+            else:
+                candidates.extend(sched.next_ready(task))
+
+    expand(frontier)
+    if not to_run:
+        return None  # everything up to date: no cluster needed
+    from distributed import as_completed
+
+    with dask_client(cfg, len(tasks)) as client:
+        dashboard = client.dashboard_link
+        on_start(dashboard)
+        available = {r for w in client.scheduler_info().get("workers", {}).values() for r in (w.get("resources") or {})}
+        futures = as_completed()
+        owner = {}
+
+        def submit(task: Task) -> None:
+            task.attempts += 1
+            stage = STAGES[task.stage]
+            resources = {k: v for k, v in stage.resources.items() if k in available} or None
+            future = client.submit(run_task, task.stage, task.key, sched.payload(task), cfg, str(paths.root),
+                                   task.fingerprint, task.attempts, key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}",
+                                   pure=False, resources=resources)
+            owner[future.key] = task
+            futures.add(future)
+
+        for task in to_run:
+            submit(task)
+        to_run.clear()
+        for future in futures:
+            task = owner.pop(future.key)
+            try:
+                outcome = future.result()
+            except Exception as exc:  # the worker died or the task could not run at all
+                reason = f"{type(exc).__name__}: {exc}"
+                state = read_state(paths, task.stage, task.key) or {}
+                write_state(paths, task.stage, task.key, status="failed", fingerprint=task.fingerprint,
+                            attempts=task.attempts, started=state.get("started"), finished=now(), error=reason,
+                            traceback="".join(traceback.format_exception(exc)))
+                outcome = {"status": "failed", "reason": reason}
+            future.release()
+            if outcome["status"] == "failed" and task.attempts <= cfg.runner.retries:
+                log.info("%s failed (attempt %d): %s; retrying", task.id, task.attempts, outcome["reason"])
+                submit(task)
+                continue
+            sched.settle(task, outcome["status"], outcome.get("reason", task.reason))
+            expand(sched.next_ready(task))
+            for ready in to_run:
+                submit(ready)
+            to_run.clear()
+    return dashboard
+
+
+def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: str | None = None,
+               only: list[str] | None = None, force: list[str] | None = None, break_lock: bool = False,
+               on_settled: Callable[[Task], None] = lambda t: None, on_start: Callable[[str], None] = lambda d: None,
+               on_plan: Callable[[dict[str, Task]], None] = lambda tasks: None) -> RunReport:
+    """Lock ``out``, record config and manifest, build the plan and execute it."""
+    paths = RunPaths(Path(out))
+    notes: list[str] = []
+    tasks = build_plan(entries, cfg, paths, until=until, only=only, force=force)
+    with RunLock(paths.lock) as lock:
+        notes += lock.acquire(break_lock=break_lock, command="wsi-pipeline run")
+        for note in notes:
+            log.warning("%s", note)
+        write_text(paths.config, dump_config(cfg))
+        write_text(paths.manifest, manifest_csv(entries))
+        on_plan(tasks)
+        dashboard = execute(tasks, entries, cfg, paths, on_settled, on_start)
+    if only:
+        notes.append("cohort stages were not run: --only selects a subset of slides")
+    for task in tasks.values():
+        if task.cohort and task.reason and task.status in ("done", "up-to-date"):
+            notes.append(f"{task.stage} ran {task.reason}")
+    return RunReport(paths.root, tasks, notes, dashboard)
+
+
+__all__ = ["COHORT", "RunReport", "execute", "failure_reason", "run_cohort", "run_task"]

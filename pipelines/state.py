@@ -1,0 +1,151 @@
+"""Task state files, fingerprints and the run-directory lock.
+
+A task (stage × slide, or stage × cohort) is up to date only when its state file says ``done``,
+its recorded fingerprint equals the one computed now, and its artifacts exist. The fingerprint
+hashes the stage name, the config fields the stage uses, its inputs' fingerprints (the slide
+file, upstream tasks) and the package version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipelines import __version__
+from pipelines.artifacts import RunPaths, write_json
+
+COHORT = "_cohort"  # state-file name of cohort tasks; sanitised slide ids never start with "_"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def fingerprint(stage: str, params: Any, inputs: list[Any]) -> str:
+    """sha256 over stage name, its parameters, its inputs' fingerprints and the package version."""
+    blob = json.dumps({"stage": stage, "params": params, "inputs": inputs, "version": __version__},
+                      sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def file_fingerprint(path: Path, mode: str = "stat") -> dict:
+    """Identity of an input file: size + mtime (``stat``) or additionally its sha256 (``content``)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return {"path": str(path), "missing": True}
+    fp: dict[str, Any] = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if mode == "content":
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        fp = {"size": st.st_size, "sha256": digest.hexdigest()}  # content only: moving the file keeps it
+    return fp
+
+
+def read_state(paths: RunPaths, stage: str, key: str) -> dict | None:
+    """The state of a task, or None when it never ran (or its file is unreadable)."""
+    try:
+        return json.loads(paths.state(stage, key).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(paths: RunPaths, stage: str, key: str, **fields: Any) -> dict:
+    state = {"stage": stage, "slide_id": key, "host": socket.gethostname(), "pid": os.getpid(),
+             "version": __version__, **fields}
+    write_json(paths.state(stage, key), state)
+    return state
+
+
+class LockError(RuntimeError):
+    """The run directory is in use by another run."""
+
+
+@dataclass
+class RunLock:
+    """An O_EXCL lock file ``OUT/.lock`` naming host, pid and start time.
+
+    A lock left by a dead process on this host (pid gone, or reused by a process that started
+    later) is stale and is taken over with a warning. A lock from another host cannot be checked:
+    it is refused unless ``break_lock``.
+    """
+
+    path: Path
+    held: bool = False
+
+    def acquire(self, break_lock: bool = False, command: str = "") -> list[str]:
+        notes: list[str] = []
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": now(), "process_start": _process_start(os.getpid()),
+              "command": command}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                stale = self._is_stale(holder)
+                if stale or break_lock:
+                    why = "stale" if stale else "broken with --break-lock"
+                    notes.append(f"removed {why} lock of pid {holder.get('pid')} on {holder.get('host')} "
+                                 f"(started {holder.get('started')})")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise LockError(
+                    f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
+                    f"{holder.get('started')} ({holder.get('command', '')}). Wait for it to finish; if that run is "
+                    f"dead (e.g. on another machine), rerun with --break-lock.") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return notes
+        raise LockError(f"could not take the lock {self.path}: it keeps reappearing")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            # an empty or half-written lock: the writer died between open and write, or is writing now
+            age = time.time() - self.path.stat().st_mtime if self.path.exists() else 0
+            return {"pid": None, "host": socket.gethostname() if age > 10 else None, "started": "unknown"}
+
+    @staticmethod
+    def _is_stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False
+        pid = holder.get("pid")
+        if pid is None:
+            return True
+        start = _process_start(int(pid))
+        if start is None:
+            return True  # no such process
+        recorded = holder.get("process_start")
+        return recorded is not None and abs(start - recorded) > 1.0  # pid reused by a newer process
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _process_start(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None

@@ -1,0 +1,53 @@
+"""``wsi-pipeline status``: every slide × stage of a run directory, from its state files.
+
+A task shows ``done`` only when it is up to date (same fingerprint as the run's config and slide
+files now would give, artifacts present); ``stale`` when it finished under other parameters or
+inputs; ``interrupted`` when a run died while it was running; ``pending`` when it never ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.artifacts import RunPaths
+from pipelines.config import load_config
+from pipelines.manifest import read_manifest
+from pipelines.plan import build_plan, cohort_fingerprint, is_up_to_date
+from pipelines.state import COHORT, RunLock, read_state
+
+
+def run_status(out: Path) -> dict:
+    """``{"slides": {slide_id: {stage: {"status", "error"}}}, "cohort": {...}, "stages": [...], "locked_by": ...}``."""
+    paths = RunPaths(Path(out))
+    if not paths.manifest.exists() or not paths.config.exists():
+        raise FileNotFoundError(f"{out} is not a run directory (no slides.csv / run.yaml): run `wsi-pipeline run` first")
+    cfg = load_config(paths.config)
+    entries = read_manifest(paths.manifest)
+    tasks = build_plan(entries, cfg, paths)
+    lock = RunLock(paths.lock)
+    holder = lock._holder() if paths.lock.exists() else None
+    live = holder is not None and not lock._is_stale(holder)
+    report: dict = {"out": str(paths.root), "stages": list(dict.fromkeys(t.stage for t in tasks.values())),
+                    "slides": {e.slide_id: {} for e in entries}, "cohort": {},
+                    "locked_by": holder if live else None}
+    for task in tasks.values():
+        state = read_state(paths, task.stage, task.key)
+        if task.key == COHORT and state and state.get("status") == "done":
+            slides = [(t.key, t.fingerprint) for t in tasks.values() if t.id in task.deps and is_up_to_date(paths, t)]
+            task.fingerprint = cohort_fingerprint(cfg, task, slides)
+        status = (state or {}).get("status", "pending")
+        if status == "done" and not is_up_to_date(paths, task):
+            status = "stale"
+        elif status == "running" and not live:
+            status = "interrupted"
+        cell = {"status": status, "error": ((state or {}).get("error") or "").splitlines()[0] if state and state.get("error") else ""}
+        if state and state.get("attempts"):
+            cell["attempts"] = state["attempts"]
+        target = report["cohort"] if task.key == COHORT else report["slides"][task.key]
+        target[task.stage] = cell
+    return report
+
+
+def is_complete(report: dict) -> bool:
+    cells = [c for row in report["slides"].values() for c in row.values()] + list(report["cohort"].values())
+    return all(c["status"] == "done" for c in cells)
