@@ -110,7 +110,7 @@ def run(
     from pipelines.runner import run_cohort
     from pipelines.state import LockError
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         cfg = load_config(config)
         overrides = {k: v for k, v in {"scheduler": scheduler, "n_workers": workers, "retries": retries}.items() if v is not None}

@@ -1,0 +1,246 @@
+"""The Dask runner with real processes: SIGKILL and resume, an external scheduler losing a worker,
+run-directory locks, fingerprints that rerun exactly what a change affects, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import corrupt_jpeg_tiles
+
+CLI = [sys.executable, "-m", "pipelines.cli"]
+RUN_YAML = "tissue:\n  preset: bwh_biopsy\n  area_reference_mpp: 0.25\nrunner:\n  n_workers: 2\n"
+
+
+def wsi(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def many_slides_csv(cohort: Path, folder: Path, n_rows: int) -> Path:
+    """``n_rows`` slides (the four demo files under distinct ids) plus a run config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["demo_000.svs", "demo_001.svs", "demo_002.tif", "demo_003.svs"]
+    rows = ["slide_path,slide_id,label"] + [f"{cohort / names[i % 4]},s{i:03d},{'tumor' if i % 2 else 'normal'}"
+                                            for i in range(n_rows)]
+    (folder / "slides.csv").write_text("\n".join(rows) + "\n")
+    (folder / "run.yaml").write_text(RUN_YAML)
+    return folder / "slides.csv"
+
+
+def states(out: Path, stage: str) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "state" / stage).glob("*.json"))}
+
+
+def artifact_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for folder in ("tissue", "tiles", "qc")
+            for p in sorted((out / folder).rglob("*")) if p.is_file()}
+
+
+def assert_no_half_written_artifacts(out: Path) -> None:
+    import numpy as np
+
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") and not p.name.startswith(".")]
+    for meta in (out / "tiles").glob("*.json"):
+        json.loads(meta.read_text())  # complete JSON
+        coords = np.load(out / "tiles" / meta.name.replace(".json", ".coords.npy"))  # data written before its metadata
+        assert coords.shape[1] == 2
+    for meta in (out / "tissue").glob("*.json"):
+        json.loads(meta.read_text())
+        assert (out / "tissue" / meta.name.replace(".json", ".mask.png")).exists()
+
+
+def test_sigkill_mid_run_resumes_only_unfinished_work_with_identical_results(cohort, tmp_path):
+    csv = many_slides_csv(cohort, tmp_path / "in", 48)
+    reference = tmp_path / "reference"
+    assert wsi("run", csv, "--config", tmp_path / "in" / "run.yaml", "--out", reference).returncode == 0
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*CLI, "run", str(csv), "--config", str(tmp_path / "in" / "run.yaml"), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = [s for s in states(out, "tiles").values() if s.get("status") == "done"] if (out / "state").exists() else []
+        if len(done) >= 6:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its local cluster, like a power cut
+    proc.wait()
+    done_before = {k: v for k, v in states(out, "tiles").items() if v["status"] == "done"}
+    assert 6 <= len(done_before) < 48, "the kill must land mid-run"
+    assert (out / ".lock").exists()  # left behind by the killed run: stale
+    assert_no_half_written_artifacts(out)
+
+    status = wsi("status", out, "--json")
+    report = json.loads(status.stdout)
+    assert status.returncode == 1 and report["locked_by"] is None
+    assert {c["tiles"]["status"] for c in report["slides"].values()} >= {"done", "pending"}
+
+    resumed = wsi("run", csv, "--config", tmp_path / "in" / "run.yaml", "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "removed stale lock" in resumed.stderr
+    after = states(out, "tiles")
+    for slide_id, state in done_before.items():
+        assert after[slide_id] == state, f"{slide_id} was finished before the kill and must not rerun"
+    assert all(s["status"] == "done" for s in after.values()) and len(after) == 48
+    assert artifact_bytes(out) == artifact_bytes(reference)
+    assert not (out / ".lock").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_external_scheduler_survives_losing_a_worker(cohort, tmp_path):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or "dask"
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        for _ in range(2):
+            procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
+                                           "--dashboard-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+        from distributed import Client
+
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=60)
+        csv = many_slides_csv(cohort, tmp_path / "in", 40)
+        out = tmp_path / "out"
+        run = subprocess.Popen([*CLI, "run", str(csv), "--config", str(tmp_path / "in" / "run.yaml"), "--out", str(out),
+                                "--scheduler", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(states(out, "tissue") if (out / "state").exists() else {}) < 4:
+            time.sleep(0.02)
+        os.killpg(procs[1].pid, signal.SIGKILL)  # nanny and worker: the worker is gone for good
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr
+        assert len([s for s in states(out, "tiles").values() if s["status"] == "done"]) == 40
+        assert states(out, "qc")["_cohort"]["status"] == "done"
+        assert "Dask dashboard" in stderr
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture()
+def small_run(cohort, tmp_path):
+    csv = many_slides_csv(cohort, tmp_path / "in", 4)
+    out = tmp_path / "out"
+    result = wsi("run", csv, "--config", tmp_path / "in" / "run.yaml", "--out", out)
+    assert result.returncode == 0, result.stderr
+    return csv, tmp_path / "in" / "run.yaml", out
+
+
+def test_changing_a_tiling_parameter_reruns_tiles_but_not_tissue(small_run):
+    csv, config, out = small_run
+    tissue_before, tiles_before = states(out, "tissue"), states(out, "tiles")
+    qc_before = states(out, "qc")["_cohort"]
+    config.write_text(RUN_YAML + "tiling:\n  patch_size: 224\n")
+    status = json.loads(wsi("status", out, "--json").stdout)  # status reads the run's own run.yaml: still done
+    assert status["slides"]["s000"]["tiles"]["status"] == "done"
+    result = wsi("run", csv, "--config", config, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert states(out, "tissue") == tissue_before
+    tiles_after = states(out, "tiles")
+    assert all(tiles_after[k]["started"] != tiles_before[k]["started"] for k in tiles_before)
+    assert all(tiles_after[k]["fingerprint"] != tiles_before[k]["fingerprint"] for k in tiles_before)
+    assert states(out, "qc")["_cohort"]["started"] != qc_before["started"]
+    assert json.loads((out / "tiles" / "s000.json").read_text())["patch_size"] == 224
+    assert "4 up-to-date" in result.stderr  # the tissue tasks
+
+
+def test_until_only_and_force(small_run):
+    csv, config, out = small_run
+    before = states(out, "tissue")
+    result = wsi("run", csv, "--config", config, "--out", out, "--only", "s001", "--force", "tissue")
+    assert result.returncode == 0, result.stderr
+    after = states(out, "tissue")
+    assert after["s001"]["started"] != before["s001"]["started"]
+    assert all(after[k] == before[k] for k in before if k != "s001")
+    assert "cohort stages were not run" in result.stderr
+    fresh = out.parent / "fresh"
+    result = wsi("run", csv, "--config", config, "--out", fresh, "--until", "tissue")
+    assert result.returncode == 0
+    assert len(states(fresh, "tissue")) == 4 and not (fresh / "state" / "tiles").exists()
+    assert wsi("run", csv, "--config", config, "--out", fresh, "--until", "tilez").returncode == 2
+    assert wsi("run", csv, "--config", config, "--out", fresh, "--only", "nobody").returncode == 2
+
+
+def test_slide_file_change_reruns_that_slide(small_run, tmp_path):
+    csv, config, out = small_run
+    before = states(out, "tissue")
+    path = Path(json.loads((out / "tissue" / "s000.json").read_text())["slide_path"])
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: size+mtime fingerprint changes
+    try:
+        assert wsi("run", csv, "--config", config, "--out", out).returncode == 0
+    finally:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = states(out, "tissue")
+    assert after["s000"]["started"] != before["s000"]["started"]
+    assert all(after[k] == before[k] for k in ("s001", "s002", "s003"))  # other files untouched
+
+
+def test_corrupt_slide_is_retried_then_reported_by_status(cohort, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(cohort / "demo_003.svs", folder / "bad.svs")
+    corrupt_jpeg_tiles(folder / "bad.svs", level=-1)
+    (folder / "slides.csv").write_text(f"slide_path,slide_id\n{cohort / 'demo_000.svs'},good\nbad.svs,bad\n"
+                                       f"{cohort / 'demo_002.tif'},good2\n")
+    (folder / "run.yaml").write_text(RUN_YAML + "  retries: 2\n")
+    out = tmp_path / "out"
+    result = wsi("run", folder / "slides.csv", "--config", folder / "run.yaml", "--out", out)
+    assert result.returncode == 1
+    assert "failed tissue/bad" in result.stderr and "Corrupt JPEG" in result.stderr
+    assert "qc ran on 2/3 slides" in result.stderr
+    bad = states(out, "tissue")["bad"]
+    assert bad["status"] == "failed" and bad["attempts"] == 3
+    status = wsi("status", out, "--json")
+    report = json.loads(status.stdout)
+    assert status.returncode == 1
+    assert report["slides"]["bad"]["tissue"]["status"] == "failed"
+    assert "cannot read region" in report["slides"]["bad"]["tissue"]["error"]
+    assert report["slides"]["bad"]["tiles"]["status"] == "skipped"
+    assert report["slides"]["good"]["tiles"]["status"] == "done"
+    table = wsi("status", out)
+    assert "bad" in table.stdout and "failed" in table.stdout and "cannot read region" in table.stdout
+
+
+def test_concurrent_run_is_refused_and_stale_locks_are_recovered(small_run):
+    csv, config, out = small_run
+    import psutil
+
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": "now", "process_start": psutil.Process().create_time()}
+    lock = out / ".lock"
+    lock.write_text(json.dumps(me))  # a live process on this host holds it
+    refused = wsi("run", csv, "--config", config, "--out", out)
+    assert refused.returncode == 2 and f"in use by pid {os.getpid()}" in refused.stderr
+    assert json.loads(wsi("status", out, "--json").stdout)["locked_by"]["pid"] == os.getpid()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({**me, "pid": dead.pid, "process_start": 1.0}))
+    recovered = wsi("run", csv, "--config", config, "--out", out)
+    assert recovered.returncode == 0 and "removed stale lock" in recovered.stderr
+    assert not lock.exists()
+
+    lock.write_text(json.dumps({**me, "host": "some-other-node"}))  # cannot be checked from here
+    assert wsi("run", csv, "--config", config, "--out", out).returncode == 2
+    broken = wsi("run", csv, "--config", config, "--out", out, "--break-lock")
+    assert broken.returncode == 0 and "--break-lock" in broken.stderr
