@@ -171,7 +171,7 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
         dashboard = client.dashboard_link
         on_start(dashboard)
         available = {r for w in client.scheduler_info().get("workers", {}).values() for r in (w.get("resources") or {})}
-        futures = as_completed()
+        futures = as_completed(with_results=True, raise_errors=False)  # results stream back as tasks finish
         owner = {}
 
         def submit(task: Task) -> None:
@@ -187,16 +187,14 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
         for task in to_run:
             submit(task)
         to_run.clear()
-        for future in futures:
+        for future, outcome in futures:
             task = owner.pop(future.key)
-            try:
-                outcome = future.result()
-            except Exception as exc:  # the worker died or the task could not run at all
-                reason = f"{type(exc).__name__}: {exc}"
+            if isinstance(outcome, BaseException):  # the worker died or the task could not run at all
+                reason = f"{type(outcome).__name__}: {outcome}"
                 state = read_state(paths, task.stage, task.key) or {}
                 write_state(paths, task.stage, task.key, status="failed", fingerprint=task.fingerprint,
                             attempts=task.attempts, started=state.get("started"), finished=now(), error=reason,
-                            traceback="".join(traceback.format_exception(exc)))
+                            traceback="".join(traceback.format_exception(outcome)))
                 outcome = {"status": "failed", "reason": reason}
             future.release()
             if outcome["status"] == "failed" and task.attempts <= cfg.runner.retries:
