@@ -29,6 +29,8 @@ def _setup_logging(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+    import distributed  # noqa: F401  (configures its loggers on import; quieten them after)
+
     for noisy in ("distributed", "tornado", "bokeh"):  # Dask's own chatter only with -v
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 

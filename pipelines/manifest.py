@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,7 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
     problems: list[str] = []
     entries: list[SlideEntry] = []
     seen: dict[str, int] = {}
-    base = path.parent
+    base = path.parent.absolute()  # absolute: the run stores these paths and must find them from anywhere
     for index, row in enumerate(reader, start=2):
         line = reader.line_num if reader.line_num else index
         if not any(cell.strip() for cell in row):
@@ -131,6 +132,7 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         resolved = Path(slide_path).expanduser()
         if not resolved.is_absolute():
             resolved = base / resolved
+        resolved = Path(os.path.normpath(resolved))
         entries.append(SlideEntry(slide_id=slide_id, slide_path=resolved, line=line,
                                   label=values.get("label") or None, case_id=values.get("case_id") or slide_id,
                                   split=split, mpp=mpp))

@@ -124,16 +124,23 @@ def test_init_writes_a_config_that_loads(tmp_path):
     assert wsi("init", tmp_path / "run.yaml", "--force").returncode == 0
 
 
-def test_demo_then_run_on_the_demo_cohort(tmp_path):
-    result = wsi("demo", tmp_path / "demo", "--n-slides", 2, "--size", 4096, cwd=tmp_path)
+def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
+    result = wsi("demo", "demo", "--n-slides", 2, "--size", 4096, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "demo").glob("demo_*.svs")) == ["demo_000.svs", "demo_001.svs"]
-    run = wsi("run", tmp_path / "demo" / "slides.csv", "--config", tmp_path / "demo" / "run.yaml", "--out", tmp_path / "out")
+    run = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "5 tasks: 5 done" in run.stderr
     for slide_id in ("demo_000", "demo_001"):
-        assert (tmp_path / "out" / "tissue" / f"{slide_id}.png").exists()
-        assert len(np.load(tmp_path / "out" / "tiles" / f"{slide_id}.coords.npy")) > 0
+        assert (tmp_path / "runs" / "demo" / "tissue" / f"{slide_id}.png").exists()
+        assert len(np.load(tmp_path / "runs" / "demo" / "tiles" / f"{slide_id}.coords.npy")) > 0
+    status = wsi("status", "runs/demo", "--json", cwd=tmp_path)  # from the run's own copy of the manifest
+    assert status.returncode == 0, status.stdout
+    assert {c["status"] for row in json.loads(status.stdout)["slides"].values() for c in row.values()} == {"done"}
+    elsewhere = wsi("status", tmp_path / "runs" / "demo", "--json", cwd=tmp_path / "demo")
+    assert elsewhere.returncode == 0
+    again = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
+    assert "5 up-to-date" in again.stderr
 
 
 def test_help_is_fast_and_does_not_import_torch():
