@@ -21,6 +21,12 @@ tiling:
   target_mpp: 0.5
   patch_size: 256
   min_tissue_fraction: 0.25
+# A ViT-S/16 teacher with random weights keeps the demo offline and fast; for real work use e.g.
+# `model: uni` with `pretrained: true` (hub access) or `weights: /path/to/uni.safetensors`.
+features:
+  teacher:
+    model: vit_small
+    precision: bf16
 """
 
 
@@ -189,6 +195,48 @@ def status(
         holder = report["locked_by"]
         console.print(f"a run is in progress: pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}")
     raise typer.Exit(0 if is_complete(report) else 1)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="run directory")],
+    format: Annotated[str, typer.Option("--format", help="h5: CLAM/TRIDENT-layout HDF5 (h5_files/<slide>.h5)")] = "h5",
+    encoder: Annotated[Optional[str], typer.Option(help="encoder folder under OUT/features (default: the run's teacher)")] = None,
+    dest: Annotated[Optional[Path], typer.Option(help="destination (default: OUT/export/<encoder>)")] = None,
+    pt: Annotated[bool, typer.Option("--pt", help="also write CLAM's pt_files/<slide>.pt feature bags")] = False,
+    slides: Annotated[Optional[list[str]], typer.Option("--slide", help="only these slide ids (repeatable)")] = None,
+) -> None:
+    """Export a run's feature stores for other MIL tools (CLAM, TRIDENT)."""
+    from pipelines.config import load_config
+    from pipelines.interop import export_run
+
+    if format != "h5":
+        typer.echo(f"error: unknown format {format!r}; supported: h5", err=True)
+        raise typer.Exit(2)
+    label = encoder or load_config(out / "run.yaml").features.teacher.label
+    target = dest or out / "export" / label
+    written, missing = export_run(out, label, target, pt=pt, slides=slides)
+    typer.echo(f"exported {written} slides to {target}")
+    if missing:
+        typer.echo(f"no finished feature store for: {', '.join(missing)}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("import-features")
+def import_features(
+    h5_dir: Annotated[Path, typer.Argument(help="folder of CLAM/TRIDENT .h5 feature files (or its h5_files/)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory to import into")],
+    encoder: Annotated[str, typer.Option(help="encoder name to file them under (OUT/features/<encoder>/)")],
+) -> None:
+    """Import existing CLAM/TRIDENT HDF5 features as this toolkit's Zarr feature stores."""
+    from pipelines.interop import import_dir
+
+    try:
+        count = import_dir(h5_dir, out, encoder)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"imported {count} slides into {out / 'features' / encoder}")
 
 
 def main() -> None:

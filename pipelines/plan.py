@@ -47,19 +47,19 @@ def config_values(cfg: RunConfig, fields: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
-def is_up_to_date(paths: RunPaths, task: Task) -> bool:
+def is_up_to_date(paths: RunPaths, task: Task, cfg: RunConfig) -> bool:
     """Done, same fingerprint, artifacts present, not forced."""
     if task.forced or task.fingerprint is None:
         return False
     state = read_state(paths, task.stage, task.key)
     if not state or state.get("status") != "done" or state.get("fingerprint") != task.fingerprint:
         return False
-    return all(p.exists() for p in STAGES[task.stage].artifacts(paths, task.key))
+    return all(p.exists() for p in STAGES[task.stage].artifacts(paths, task.key, cfg))
 
 
 def cohort_fingerprint(cfg: RunConfig, task: Task, slide_fps: list[tuple[str, str]]) -> str:
     stage = STAGES[task.stage]
-    return fingerprint(stage.name, config_values(cfg, stage.config), sorted(slide_fps))
+    return fingerprint(stage.name, config_values(cfg, stage.config), [*sorted(slide_fps), *stage.extra_inputs(cfg)])
 
 
 def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, until: str | None = None,
@@ -92,6 +92,7 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
                 inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint), "mpp": entry.mpp})
             deps = [f"{dep}/{entry.slide_id}" for dep in stage.after]
             inputs.extend(tasks[d].fingerprint for d in deps)
+            inputs.extend(stage.extra_inputs(cfg))
             task = Task(name, entry.slide_id, deps, fingerprint(name, params, inputs), name in forced)
             tasks[task.id] = task
     return tasks

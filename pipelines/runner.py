@@ -21,7 +21,7 @@ from pipelines.artifacts import RunPaths, write_text
 from pipelines.config import RunConfig, dump_config
 from pipelines.manifest import SlideEntry, manifest_csv
 from pipelines.plan import Task, build_plan, cohort_fingerprint, is_up_to_date
-from pipelines.stages import STAGES
+from pipelines.stages import STAGES, TASK_FINGERPRINT
 from pipelines.state import COHORT, RunLock, now, read_state, write_state
 from wsi.errors import SlideError
 
@@ -41,6 +41,7 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
     stage = STAGES[stage_name]
     started, t0 = now(), time.perf_counter()
     write_state(paths, stage_name, key, status="running", fingerprint=fingerprint, attempts=attempt, started=started)
+    token = TASK_FINGERPRINT.set(fingerprint)
     try:
         meta = stage.fn(payload, cfg, paths)
     except Exception as exc:  # recorded with its traceback; the runner decides on retries
@@ -49,6 +50,8 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
                     finished=now(), duration_s=round(time.perf_counter() - t0, 4), error=reason,
                     traceback=traceback.format_exc())
         return {"status": "failed", "reason": reason}
+    finally:
+        TASK_FINGERPRINT.reset(token)
     duration = round(time.perf_counter() - t0, 4)
     write_state(paths, stage_name, key, status="done", fingerprint=fingerprint, attempts=attempt, started=started,
                 finished=now(), duration_s=duration, warnings=meta.get("warnings", []))
@@ -130,7 +133,7 @@ class _Scheduler:
             write_state(self.paths, task.stage, task.key, status="skipped", fingerprint=task.fingerprint,
                         finished=now(), error=f"{', '.join(failed)} did not finish")
             return self.settle(task, "skipped", f"{', '.join(failed)} did not finish")
-        if is_up_to_date(self.paths, task):
+        if is_up_to_date(self.paths, task, self.cfg):
             return self.settle(task, "up-to-date", task.reason)
         return True
 

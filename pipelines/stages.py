@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from features.store import store_path
 from pipelines import __version__
 from pipelines.artifacts import RunPaths, atomic_write, write_json, write_npy, write_png, write_text
 from pipelines.config import RunConfig
@@ -97,6 +100,32 @@ def load_tiles(paths: RunPaths, slide_id: str) -> TileGrid:
     return TileGrid(coords, np.full(len(coords), np.nan, np.float32), plan)
 
 
+# The fingerprint of the task being run, for stages that record it inside their artifacts.
+TASK_FINGERPRINT: ContextVar[str | None] = ContextVar("TASK_FINGERPRINT", default=None)
+
+
+@lru_cache(maxsize=2)
+def _cached_encoder(spec_json: str):
+    """One encoder per worker process and spec: built once, reused for every slide."""
+    from features.encoders import EncoderConfig, create_encoder
+
+    return create_encoder(EncoderConfig.model_validate_json(spec_json))
+
+
+def features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
+    """Teacher features for every tile into ``features/<encoder>/<slide_id>.zarr``."""
+    from features.extract import TileDataset, encoder_attrs, extract_slide
+
+    grid = load_tiles(paths, entry.slide_id)
+    slide_meta = json.loads(paths.tissue_meta(entry.slide_id).read_text())
+    encoder = _cached_encoder(cfg.features.teacher.model_dump_json())
+    dataset = TileDataset(slide_meta["slide_path"], grid.coords, grid.plan, backend=cfg.slides.backend,
+                          mpp=slide_meta["mpp"], slide_id=entry.slide_id)
+    out = store_path(paths.root, cfg.features.teacher.label, entry.slide_id)
+    stats = extract_slide(dataset, encoder, out, cfg.features, encoder_attrs(encoder, grid.plan, TASK_FINGERPRINT.get()))
+    return {**stats, "encoder": cfg.features.teacher.label, "dim": encoder.dim, "warnings": []}
+
+
 def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
     """Cohort QC table ``qc/slides.csv``: per slide its mpp and source, tissue, tiles and read plan."""
     import csv
@@ -132,19 +161,29 @@ class Stage:
     after: tuple[str, ...] = ()
     config: tuple[str, ...] = ()  # dotted RunConfig fields (or whole sections) whose values enter the fingerprint
     reads_slide: bool = False  # the slide file itself is an input
-    artifacts: Callable[[RunPaths, str], list[Path]] = lambda paths, key: []
+    artifacts: Callable[[RunPaths, str, RunConfig], list[Path]] = lambda paths, key, cfg: []
     resources: dict[str, float] = field(default_factory=dict)  # Dask resources, e.g. {"GPU": 1}
+    extra_inputs: Callable[[RunConfig], list] = lambda cfg: []  # more input fingerprints (e.g. weight files)
 
 
 # All stages in run order. A slide stage runs per slide after the stages in ``after`` (same slide);
 # a cohort stage runs once, on the slides whose ``after`` stages are done.
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("tissue", tissue_stage, "slide", config=("slides.backend", "slides.default_mpp", "tissue"), reads_slide=True,
-          artifacts=lambda p, k: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_meta(k)]),
+          artifacts=lambda p, k, c: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_meta(k)]),
     Stage("tiles", tiles_stage, "slide", after=("tissue",), config=("tiling",),
-          artifacts=lambda p, k: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
-    Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k: [p.qc_table]),
+          artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
+    Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher", "features.dtype"),
+          artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, extra_inputs=lambda cfg: _weights_inputs(cfg)),
+    Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
 ]}
+
+
+def _weights_inputs(cfg: RunConfig) -> list:
+    from pipelines.state import file_fingerprint
+
+    weights = cfg.features.teacher.weights
+    return [file_fingerprint(Path(weights), "content")] if weights else []
 
 
 def upstream(stage: str) -> list[str]:

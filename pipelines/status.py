@@ -33,10 +33,10 @@ def run_status(out: Path) -> dict:
     for task in tasks.values():
         state = read_state(paths, task.stage, task.key)
         if task.key == COHORT and state and state.get("status") == "done":
-            slides = [(t.key, t.fingerprint) for t in tasks.values() if t.id in task.deps and is_up_to_date(paths, t)]
+            slides = [(t.key, t.fingerprint) for t in tasks.values() if t.id in task.deps and is_up_to_date(paths, t, cfg)]
             task.fingerprint = cohort_fingerprint(cfg, task, slides)
         status = (state or {}).get("status", "pending")
-        if status == "done" and not is_up_to_date(paths, task):
+        if status == "done" and not is_up_to_date(paths, task, cfg):
             status = "stale"
         elif status == "running" and not live:
             status = "interrupted"

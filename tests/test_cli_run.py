@@ -43,7 +43,8 @@ def mixed_cohort(cohort, tmp_path_factory) -> Path:
             "notes.svs,not_a_slide,normal", "truncated.svs,truncated,tumor", "corrupt.svs,corrupt_jpeg,tumor",
             "nompp.tif,no_mpp,normal", "glass.svs,no_tissue,normal", "demo_002.tif,good_tif,normal"]
     (folder / "slides.csv").write_text("\n".join(rows) + "\n")
-    (folder / "run.yaml").write_text("tissue:\n  preset: bwh_biopsy\n  area_reference_mpp: 0.25\n")
+    (folder / "run.yaml").write_text("tissue:\n  preset: bwh_biopsy\n  area_reference_mpp: 0.25\n"
+                                     "features:\n  teacher:\n    model: vit_tiny\n")
     return folder
 
 
@@ -61,7 +62,7 @@ def _state(out: Path, stage: str, slide_id: str) -> dict:
 def test_good_slides_complete_despite_bad_ones(mixed_run):
     result, out = mixed_run
     assert result.returncode == 1, result.stdout + result.stderr  # incomplete run
-    assert "5 failed" in result.stderr and "5 skipped" in result.stderr  # tissue failed, tiles skipped
+    assert "5 failed" in result.stderr and "10 skipped" in result.stderr  # tissue failed; tiles, features skipped
     for slide_id in ("good_svs", "good_tif"):
         assert _state(out, "tissue", slide_id)["status"] == "done"
         assert _state(out, "tiles", slide_id)["status"] == "done"
@@ -130,7 +131,7 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     assert sorted(p.name for p in (tmp_path / "demo").glob("demo_*.svs")) == ["demo_000.svs", "demo_001.svs"]
     run = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "5 tasks: 5 done" in run.stderr
+    assert "7 tasks: 7 done" in run.stderr
     for slide_id in ("demo_000", "demo_001"):
         assert (tmp_path / "runs" / "demo" / "tissue" / f"{slide_id}.png").exists()
         assert len(np.load(tmp_path / "runs" / "demo" / "tiles" / f"{slide_id}.coords.npy")) > 0
@@ -140,7 +141,7 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     elsewhere = wsi("status", tmp_path / "runs" / "demo", "--json", cwd=tmp_path / "demo")
     assert elsewhere.returncode == 0
     again = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
-    assert "5 up-to-date" in again.stderr
+    assert "7 up-to-date" in again.stderr
 
 
 def test_help_is_fast_and_does_not_import_torch():

@@ -119,7 +119,12 @@ def test_docs_list_every_config_field():
     from pipelines.config import config_reference_markdown
 
     docs = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
-    for section, model in RunConfig.model_fields.items():
-        for name in model.annotation.model_fields:
-            assert f"`{section}.{name}`" in docs, f"docs/configuration.md misses {section}.{name}"
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            yield f"{prefix}{name}"
+            if isinstance(field.annotation, type) and hasattr(field.annotation, "model_fields"):
+                yield from walk(field.annotation, f"{prefix}{name}.")
+
+    for dotted in walk(RunConfig, ""):
+        assert f"`{dotted}`" in docs, f"docs/configuration.md misses {dotted}"
     assert docs == config_reference_markdown(), "regenerate: python -m pipelines.config > docs/configuration.md"

@@ -22,7 +22,11 @@ RUN_YAML = "tissue:\n  preset: bwh_biopsy\n  area_reference_mpp: 0.25\nrunner:\n
 
 
 def wsi(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    """The CLI; runs stop after the qc stage (these tests are about the runner, not feature extraction)."""
+    args = [*map(str, args)]
+    if args[0] == "run" and "--until" not in args:
+        args += ["--until", "qc"]
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def many_slides_csv(cohort: Path, folder: Path, n_rows: int) -> Path:
@@ -64,8 +68,8 @@ def test_sigkill_mid_run_resumes_only_unfinished_work_with_identical_results(coh
     assert wsi("run", csv, "--config", tmp_path / "in" / "run.yaml", "--out", reference).returncode == 0
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*CLI, "run", str(csv), "--config", str(tmp_path / "in" / "run.yaml"), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([*CLI, "run", str(csv), "--config", str(tmp_path / "in" / "run.yaml"), "--out", str(out),
+                             "--until", "qc"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         done = [s for s in states(out, "tiles").values() if s.get("status") == "done"] if (out / "state").exists() else []
@@ -120,7 +124,7 @@ def test_external_scheduler_survives_losing_a_worker(cohort, tmp_path):
         csv = many_slides_csv(cohort, tmp_path / "in", 40)
         out = tmp_path / "out"
         run = subprocess.Popen([*CLI, "run", str(csv), "--config", str(tmp_path / "in" / "run.yaml"), "--out", str(out),
-                                "--scheduler", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--scheduler", address, "--until", "qc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while time.time() < deadline and len(states(out, "tissue") if (out / "state").exists() else {}) < 4:
             time.sleep(0.02)

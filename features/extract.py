@@ -1,0 +1,110 @@
+"""Streaming feature extraction: tiles → DataLoader workers → batched inference → Zarr chunks.
+
+Reading and JPEG decoding happen in DataLoader worker processes (one slide handle each, opened
+lazily in the worker, since OpenSlide handles cannot cross processes) and overlap model compute
+in the main process. Features are appended to the store chunk by chunk, so memory stays flat
+however many tiles a slide has.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from features.encoders import Encoder, EncoderConfig
+from features.store import write_store
+from wsi.tiling import ReadPlan, read_tile
+
+
+class ExtractionConfig(BaseModel):
+    """Feature extraction: the teacher encoder and how tiles are batched, loaded and stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: EncoderConfig = Field(default_factory=lambda: EncoderConfig(model="vit_base"),
+                                   description="the (large) encoder whose features the features stage extracts")
+    batch_size: int = Field(32, ge=1, description="tiles per forward pass")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes reading and decoding tiles (0: in the main process)")
+    prefetch_factor: int = Field(4, ge=1, description="batches each loader worker keeps ready")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads for the model (null: torch's default; "
+                                                            "Dask workers default to 1 per worker process)")
+    dtype: str = Field("float16", pattern="^(float16|float32)$", description="dtype of stored features")
+    chunk_rows: int = Field(1024, ge=16, description="feature rows per Zarr chunk")
+
+
+class TileDataset:
+    """Tiles of one slide at a read plan; opens its slide once per process, lazily."""
+
+    def __init__(self, slide_path: Path, coords: np.ndarray, plan: ReadPlan, *, backend: str = "auto",
+                 mpp: float | None = None, slide_id: str | None = None):
+        self.slide_path, self.coords, self.plan = Path(slide_path), np.asarray(coords), plan
+        self.backend, self.mpp, self.slide_id = backend, mpp, slide_id
+        self._slide, self._pid = None, None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def _open(self):
+        if self._slide is None or self._pid != os.getpid():
+            from wsi.slide import open_slide
+
+            self._slide = open_slide(self.slide_path, slide_id=self.slide_id, backend=self.backend, mpp=self.mpp)
+            self._pid = os.getpid()
+        return self._slide
+
+    def __getitem__(self, index: int):
+        import torch
+
+        x, y = self.coords[index]
+        return torch.from_numpy(np.array(read_tile(self._open(), int(x), int(y), self.plan))), index  # writable copy
+
+    def __getstate__(self):  # DataLoader workers get a fresh copy without the parent's handle
+        state = dict(self.__dict__)
+        state["_slide"], state["_pid"] = None, None
+        return state
+
+
+def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):
+    import torch
+
+    workers = cfg.num_workers if len(dataset) > cfg.batch_size else 0  # tiny slides: no process start-up
+    kwargs = dict(prefetch_factor=cfg.prefetch_factor, persistent_workers=False) if workers else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=device.type == "cuda", **kwargs)
+
+
+def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: ExtractionConfig, attrs: dict) -> dict:
+    """Run every tile of ``dataset`` through ``encoder`` into the store at ``out``; returns timing metadata."""
+    import torch
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    start = time.perf_counter()
+    model_seconds = 0.0
+    with write_store(out, dim=encoder.dim, coords=dataset.coords, dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
+                     attrs=attrs) as writer:
+        if len(dataset):
+            expected = 0
+            for tiles, index in make_loader(dataset, cfg, encoder.device):
+                if int(index[0]) != expected:
+                    raise RuntimeError(f"tiles arrived out of order ({int(index[0])} != {expected})")
+                t0 = time.perf_counter()
+                feats = encoder(tiles)
+                writer.append(feats.cpu().numpy())
+                model_seconds += time.perf_counter() - t0
+                expected += len(index)
+    seconds = time.perf_counter() - start
+    return {"n_tiles": len(dataset), "seconds": round(seconds, 3), "model_seconds": round(model_seconds, 3),
+            "patches_per_s": round(len(dataset) / seconds, 2) if seconds and len(dataset) else 0.0}
+
+
+def encoder_attrs(encoder: Encoder, plan: ReadPlan, fingerprint: str | None = None) -> dict:
+    """What a store records about how its features were made."""
+    cfg: EncoderConfig = encoder.config
+    return {"encoder": cfg.model_dump(mode="json"), "encoder_label": cfg.label, "input_size": encoder.input_size,
+            "patch_size": plan.patch_size, "target_mpp": plan.target_mpp, "read_level": plan.read_level,
+            "read_size": plan.read_size, "level0_size": plan.level0_size, "fingerprint": fingerprint}

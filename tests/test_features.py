@@ -1,0 +1,171 @@
+"""Feature extraction: encoder registry and weights, streaming into Zarr, interop export/import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from features.encoders import EncoderConfig, WeightsError, create_encoder, load_state_dict
+from features.export import export_h5, import_clam_h5
+from features.extract import ExtractionConfig, TileDataset, encoder_attrs, extract_slide
+from features.store import FeatureStore, open_store, store_path
+from wsi.slide import open_slide
+from wsi.tiling import TilingConfig, read_tile, tile_grid
+from wsi.tissue import mask_slide
+
+
+@pytest.fixture(scope="module")
+def vit_tiny():
+    return create_encoder(EncoderConfig(model="vit_tiny"))
+
+
+@pytest.fixture(scope="module")
+def slide_tiles(cohort):
+    from pipelines.config import RunConfig
+
+    cfg = RunConfig.model_validate({"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}})
+    path = cohort / "demo_001.svs"
+    with open_slide(path) as slide:
+        tissue, _ = mask_slide(slide, cfg.tissue)
+        grid = tile_grid(slide.dimensions, slide.mpp, slide.level_downsamples, tissue, TilingConfig(target_mpp=1.0, patch_size=128))
+        return path, grid, slide.mpp
+
+
+def test_registry_presets_dims_and_pooling():
+    assert create_encoder(EncoderConfig(model="resnet18")).dim == 512
+    trunc = create_encoder(EncoderConfig(model="resnet50_trunc", input_size=64))
+    assert trunc.dim == 1024  # CLAM's ResNet-50 truncated after layer3
+    mean_pool = create_encoder(EncoderConfig(model="vit_tiny", pool="mean"))
+    cls_pool = create_encoder(EncoderConfig(model="vit_tiny"))
+    x = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8)
+    torch.manual_seed(0)
+    assert mean_pool.dim == cls_pool.dim == 192
+    assert mean_pool.model.global_pool == "avg" and cls_pool.model.global_pool == "token"
+    assert mean_pool(x).shape == (2, 192)
+    with pytest.raises(ValueError, match="cls token"):
+        create_encoder(EncoderConfig(model="resnet18", pool="cls"))
+    with pytest.raises(ValueError, match="cannot build"):
+        create_encoder(EncoderConfig(model="no_such_model_v9"))
+    assert EncoderConfig(model="hf-hub:MahmoodLab/UNI").label == "MahmoodLab_UNI"
+
+
+def test_local_safetensors_weights_are_loaded_and_pickles_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    source = create_encoder(EncoderConfig(model="resnet18"))
+    state = {k: v.clone() + 0.01 for k, v in source.model.state_dict().items() if v.is_floating_point()}
+    save_file(state, tmp_path / "r18.safetensors")
+    loaded = create_encoder(EncoderConfig(model="resnet18", weights=tmp_path / "r18.safetensors"))
+    some_key = next(iter(state))
+    assert torch.equal(loaded.model.state_dict()[some_key], state[some_key])
+
+    torch.save({"state_dict": source.model.state_dict()}, tmp_path / "ok.pth")  # tensors only: allowed
+    assert create_encoder(EncoderConfig(model="resnet18", weights=tmp_path / "ok.pth")).dim == 512
+
+    torch.save(source.model, tmp_path / "evil.pth")  # a whole pickled module: loading it would run arbitrary code
+    with pytest.raises(WeightsError, match="refused: not loadable with torch.load\\(weights_only=True\\)"):
+        load_state_dict(tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="does not fit"):
+        create_encoder(EncoderConfig(model="vit_tiny", weights=tmp_path / "r18.safetensors"))
+    with pytest.raises(WeightsError, match="not found"):
+        load_state_dict(tmp_path / "missing.safetensors")
+
+
+def test_pipeline_features_equal_a_direct_forward_pass(slide_tiles, vit_tiny, tmp_path):
+    path, grid, mpp = slide_tiles
+    assert grid.plan.read_level == 1 and len(grid.coords) > 40
+    dataset = TileDataset(path, grid.coords, grid.plan, mpp=mpp)
+    cfg = ExtractionConfig(batch_size=16, num_workers=2, chunk_rows=32)
+    out = tmp_path / "store.zarr"
+    stats = extract_slide(dataset, vit_tiny, out, cfg, encoder_attrs(vit_tiny, grid.plan, "fp-123"))
+    assert stats["n_tiles"] == len(grid.coords)
+    store = FeatureStore.open(out)
+    features, coords = store.load()
+    np.testing.assert_array_equal(coords, grid.coords)
+    with open_slide(path, backend="tiffslide") as slide:  # read independently, other backend
+        tiles = torch.from_numpy(np.stack([read_tile(slide, x, y, grid.plan) for x, y in grid.coords[:20]]))
+    direct = vit_tiny(tiles).numpy()
+    np.testing.assert_allclose(features[:20], direct, atol=2e-3 * np.abs(direct).max(), rtol=1e-2)
+    attrs = store.attrs
+    assert attrs["dim"] == 192 and attrs["dtype"] == "float16" and attrs["fingerprint"] == "fp-123"
+    assert attrs["patch_size"] == 128 and attrs["target_mpp"] == 1.0 and attrs["read_level"] == 1
+    assert attrs["encoder"]["model"] == "vit_tiny" and store.features.dtype == np.float16
+    assert store.features.chunks[0] == 32
+    chunks = list(store.iter_chunks())
+    assert sum(len(f) for f, _ in chunks) == len(grid.coords) and len(chunks) == -(-len(grid.coords) // 32)
+
+
+def test_zero_tiles_give_an_empty_valid_store_and_failures_leave_nothing(slide_tiles, vit_tiny, tmp_path):
+    path, grid, mpp = slide_tiles
+    empty = TileDataset(path, np.zeros((0, 2), np.int64), grid.plan, mpp=mpp)
+    extract_slide(empty, vit_tiny, tmp_path / "empty.zarr", ExtractionConfig(), encoder_attrs(vit_tiny, grid.plan))
+    store = FeatureStore.open(tmp_path / "empty.zarr")
+    assert len(store) == 0 and store.features.shape == (0, 192) and store.coords.shape == (0, 2)
+    assert store.load()[0].shape == (0, 192)
+
+    outside = TileDataset(tmp_path / "gone.svs", grid.coords[:3], grid.plan, mpp=mpp)
+    with pytest.raises(Exception, match="file not found"):
+        extract_slide(outside, vit_tiny, tmp_path / "broken.zarr", ExtractionConfig(num_workers=0), {})
+    assert not (tmp_path / "broken.zarr").exists()
+    assert not list(tmp_path.glob(".broken.zarr*"))
+
+
+def test_h5_export_in_clam_layout_and_import_round_trip(slide_tiles, vit_tiny, tmp_path):
+    path, grid, mpp = slide_tiles
+    out = tmp_path / "s.zarr"
+    extract_slide(TileDataset(path, grid.coords[:10], grid.plan, mpp=mpp), vit_tiny, out, ExtractionConfig(num_workers=0),
+                  encoder_attrs(vit_tiny, grid.plan))
+    store = FeatureStore.open(out)
+    h5_file, pt_file = export_h5(store, tmp_path / "export", "slide_a", pt=True)
+    assert h5_file == tmp_path / "export" / "h5_files" / "slide_a.h5"
+    with h5py.File(h5_file, "r") as f:
+        assert f["features"].shape == (10, 192) and f["features"].dtype == np.float32
+        assert f["coords"].shape == (10, 2)
+        np.testing.assert_array_equal(f["coords"][:], grid.coords[:10])
+        attrs = dict(f["coords"].attrs)
+        assert attrs["patch_level"] == 1 and attrs["patch_size"] == grid.plan.read_size
+        assert attrs["patch_size_level0"] == grid.plan.level0_size
+    bag = torch.load(pt_file, weights_only=True)
+    assert bag.shape == (10, 192)
+    np.testing.assert_allclose(bag.numpy(), store.load()[0])
+
+    n = import_clam_h5(h5_file, tmp_path / "imported.zarr", encoder_label="vit_tiny")
+    back = FeatureStore.open(tmp_path / "imported.zarr")
+    assert n == 10 and back.attrs["read_level"] == 1
+    np.testing.assert_allclose(back.load()[0], store.load()[0], atol=1e-3)
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f.create_dataset("feats", data=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="no `features` dataset"):
+        import_clam_h5(tmp_path / "bad.h5", tmp_path / "x.zarr", encoder_label="x")
+
+
+def test_features_stage_in_the_pipeline_and_export_command(cohort, tmp_path):
+    (tmp_path / "slides.csv").write_text(f"slide_path,slide_id\n{cohort / 'demo_002.tif'},tif\n")
+    (tmp_path / "run.yaml").write_text("tissue: {preset: bwh_biopsy, area_reference_mpp: 0.25}\n"
+                                       "features: {teacher: {model: resnet18}, num_workers: 0}\n")
+    out = tmp_path / "out"
+    cli = [sys.executable, "-m", "pipelines.cli"]
+    run = subprocess.run([*cli, "run", tmp_path / "slides.csv", "--config", tmp_path / "run.yaml", "--out", out],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    store = open_store(out, "resnet18", "tif")
+    assert store.features.shape[1] == 512 and len(store) == len(np.load(out / "tiles" / "tif.coords.npy"))
+    state = json.loads((out / "state" / "features" / "tif.json").read_text())
+    assert store.attrs["fingerprint"] == state["fingerprint"]
+    assert store_path(out, "resnet18", "tif") == out / "features" / "resnet18" / "tif.zarr"
+    export = subprocess.run([*cli, "export", out, "--format", "h5", "--pt"], capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr
+    with h5py.File(out / "export" / "resnet18" / "h5_files" / "tif.h5", "r") as f:
+        assert f["features"].shape == (len(store), 512)
+    assert (out / "export" / "resnet18" / "pt_files" / "tif.pt").exists()
+    imported = subprocess.run([*cli, "import-features", out / "export" / "resnet18", "--out", tmp_path / "other",
+                               "--encoder", "clam_r18"], capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    back = open_store(tmp_path / "other", "clam_r18", "tif")
+    np.testing.assert_allclose(back.load()[0], store.load()[0], atol=1e-3)
