@@ -20,6 +20,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are shared like any written file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -28,7 +29,45 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (survives a power cut, not just a crash)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def sweep_temporaries(root: Path) -> list[Path]:
+    """Remove what interrupted writers left: ``.<name>.*.tmp`` files and dirs, ``.<name>.old-*`` dirs.
+
+    Only call this while holding the run's lock: then no writer can be using them.
+    """
+    import shutil
+
+    removed = []
+    for path in sorted(Path(root).rglob(".*")):
+        if not (path.name.endswith(".tmp") or ".old-" in path.name) or not path.exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def write_bytes(path: Path, data: bytes) -> Path:
@@ -72,7 +111,7 @@ class RunPaths:
         return self.root / "tissue" / f"{slide_id}.png"
 
     def tissue_mask(self, slide_id: str) -> Path:
-        return self.root / "tissue" / f"{slide_id}.mask.png"
+        return self.root / "tissue" / "masks" / f"{slide_id}.png"  # own folder: no id can collide with a QC name
 
     def tissue_meta(self, slide_id: str) -> Path:
         return self.root / "tissue" / f"{slide_id}.json"
@@ -92,8 +131,8 @@ class RunPaths:
 
     @property
     def manifest(self) -> Path:
-        """The run's copy of slides.csv as resolved (absolute paths, sanitised ids)."""
-        return self.root / "slides.csv"
+        """The run's copy of slides.csv as resolved (absolute paths, sanitised ids); never the user's file."""
+        return self.root / "manifest.csv"
 
     @property
     def lock(self) -> Path:

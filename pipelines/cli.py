@@ -115,7 +115,7 @@ def run(
 
     from pipelines.config import ConfigError, load_config
     from pipelines.manifest import ManifestError, read_manifest
-    from pipelines.runner import run_cohort
+    from pipelines.runner import ClusterError, run_cohort
     from pipelines.state import LockError
 
     console = Console(stderr=True, soft_wrap=True)
@@ -131,7 +131,7 @@ def run(
                 on_plan=lambda tasks: progress.update(bar, total=len(tasks)),
                 on_start=lambda link: console.print(f"Dask dashboard: {link}", highlight=False),
                 on_settled=lambda task: progress.advance(bar))
-    except (ConfigError, ManifestError, LockError, ValueError) as exc:
+    except (ConfigError, ManifestError, LockError, ClusterError, ValueError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     _print_report(console, report)

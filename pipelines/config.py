@@ -43,6 +43,7 @@ class RunnerConfig(BaseModel):
     threads_per_worker: int = Field(1, ge=1, description="threads per local worker process")
     memory_limit: str = Field("auto", description="memory limit per local worker (Dask syntax, e.g. '4GiB'; auto: RAM / workers)")
     retries: int = Field(1, ge=0, description="times a failed task is retried before it is marked failed")
+    worker_wait_s: float = Field(300, gt=0, description="with an existing scheduler: how long to wait for its first worker")
 
 
 class RunConfig(BaseModel):

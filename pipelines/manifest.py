@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsi.units import PLAUSIBLE_MPP
+
 log = logging.getLogger(__name__)
 
 REQUIRED = ("slide_path",)
@@ -97,8 +99,9 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
     entries: list[SlideEntry] = []
     seen: dict[str, int] = {}
     base = path.parent.absolute()  # absolute: the run stores these paths and must find them from anywhere
-    for index, row in enumerate(reader, start=2):
-        line = reader.line_num if reader.line_num else index
+    start = reader.line_num + 1  # where the next record starts (a quoted field may span lines)
+    for row in reader:
+        line, start = start, reader.line_num + 1
         if not any(cell.strip() for cell in row):
             continue  # blank line
         if len(row) != len(header):
@@ -120,10 +123,11 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         if values.get("mpp"):
             try:
                 mpp = float(values["mpp"])
-                if not (mpp > 0 and mpp < 1000):
+                if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
                     raise ValueError
             except ValueError:
-                problems.append(f"line {line}, column mpp: {values['mpp']!r} is not a positive number of µm per pixel")
+                problems.append(f"line {line}, column mpp: {values['mpp']!r} is not a number of µm per pixel between "
+                                f"{PLAUSIBLE_MPP[0]} and {PLAUSIBLE_MPP[1]}")
                 continue
         split = values.get("split") or None
         if split is not None and split not in SPLITS:

@@ -57,9 +57,11 @@ def is_up_to_date(paths: RunPaths, task: Task, cfg: RunConfig) -> bool:
     return all(p.exists() for p in STAGES[task.stage].artifacts(paths, task.key, cfg))
 
 
-def cohort_fingerprint(cfg: RunConfig, task: Task, slide_fps: list[tuple[str, str]]) -> str:
+def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry, str]]) -> str:
+    """Over the included slides' upstream fingerprints and their manifest fields (labels, cases, splits)."""
     stage = STAGES[task.stage]
-    return fingerprint(stage.name, config_values(cfg, stage.config), [*sorted(slide_fps), *stage.extra_inputs(cfg)])
+    rows = sorted((e.slide_id, fp, e.label, e.case_id, e.split) for e, fp in slides)
+    return fingerprint(stage.name, config_values(cfg, stage.config), [*rows, *stage.extra_inputs(cfg)])
 
 
 def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, until: str | None = None,

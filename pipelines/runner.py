@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.artifacts import RunPaths, write_text
+from pipelines.artifacts import RunPaths, sweep_temporaries, write_text
 from pipelines.config import RunConfig, dump_config
 from pipelines.manifest import SlideEntry, manifest_csv
 from pipelines.plan import Task, build_plan, cohort_fingerprint, is_up_to_date
@@ -29,10 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def failure_reason(exc: BaseException, entry: SlideEntry | None) -> str:
-    """One line saying what went wrong, naming the slides.csv line for slide-file problems."""
-    if isinstance(exc, SlideError) and entry is not None:
+    """One line saying what went wrong and which slides.csv line the slide came from."""
+    if entry is None:
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, SlideError):
         return f"{exc.reason} (slides.csv {entry.where()})"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc} (slides.csv line {entry.line})"
 
 
 def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fingerprint: str, attempt: int) -> dict:
@@ -63,6 +65,10 @@ def _summary(meta: dict) -> dict:
     return {k: meta[k] for k in ("n_tiles", "n_slides") if k in meta}
 
 
+class ClusterError(RuntimeError):
+    """The Dask cluster cannot run anything (no workers, unreachable scheduler)."""
+
+
 @dataclass
 class RunReport:
     out: Path
@@ -86,7 +92,16 @@ def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
     from distributed import Client, LocalCluster
 
     if cfg.runner.scheduler:
-        with Client(cfg.runner.scheduler, timeout="30s") as client:
+        try:
+            client = Client(cfg.runner.scheduler, timeout="30s")
+        except OSError as exc:
+            raise ClusterError(f"cannot reach the Dask scheduler at {cfg.runner.scheduler}: {exc}") from None
+        with client:
+            try:
+                client.wait_for_workers(1, timeout=cfg.runner.worker_wait_s)
+            except TimeoutError:
+                raise ClusterError(f"the scheduler at {cfg.runner.scheduler} has no workers after "
+                                   f"{cfg.runner.worker_wait_s:g} s (runner.worker_wait_s); start or scale workers") from None
             yield client
         return
     n_workers = cfg.runner.n_workers or max(1, min(os.cpu_count() or 1, n_tasks))
@@ -123,8 +138,10 @@ class _Scheduler:
         done_deps = [self.tasks[d] for d in task.deps if self.tasks[d].status in ("done", "up-to-date")]
         if task.cohort:
             if not done_deps:
-                return self.settle(task, "skipped", "no slide finished its upstream stages")
-            task.fingerprint = cohort_fingerprint(self.cfg, task, [(d.key, d.fingerprint) for d in done_deps])
+                reason = "no slide finished its upstream stages"
+                write_state(self.paths, task.stage, task.key, status="skipped", finished=now(), error=reason)
+                return self.settle(task, "skipped", reason)
+            task.fingerprint = cohort_fingerprint(self.cfg, task, [(self.entries[d.key], d.fingerprint) for d in done_deps])
             left_out = len(task.deps) - len(done_deps)
             if left_out:
                 task.reason = f"on {len(done_deps)}/{len(task.deps)} slides ({left_out} failed or skipped upstream)"
@@ -217,11 +234,14 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
                on_settled: Callable[[Task], None] = lambda t: None, on_start: Callable[[str], None] = lambda d: None,
                on_plan: Callable[[dict[str, Task]], None] = lambda tasks: None) -> RunReport:
     """Lock ``out``, record config and manifest, build the plan and execute it."""
-    paths = RunPaths(Path(out))
+    paths = RunPaths(Path(out).absolute())  # workers may run elsewhere: never send them a relative path
     notes: list[str] = []
     tasks = build_plan(entries, cfg, paths, until=until, only=only, force=force)
     with RunLock(paths.lock) as lock:
         notes += lock.acquire(break_lock=break_lock, command="wsi-pipeline run")
+        swept = sweep_temporaries(paths.root)
+        if swept:
+            notes.append(f"removed {len(swept)} temporary file(s) left by an interrupted run")
         for note in notes:
             log.warning("%s", note)
         write_text(paths.config, dump_config(cfg))
@@ -236,4 +256,4 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
     return RunReport(paths.root, tasks, notes, dashboard)
 
 
-__all__ = ["COHORT", "RunReport", "execute", "failure_reason", "run_cohort", "run_task"]
+__all__ = ["ClusterError", "COHORT", "RunReport", "execute", "failure_reason", "run_cohort", "run_task"]

@@ -81,45 +81,72 @@ class RunLock:
 
     path: Path
     held: bool = False
+    me: dict | None = None
 
     def acquire(self, break_lock: bool = False, command: str = "") -> list[str]:
+        """Take the lock or raise :class:`LockError`; returns notes about stale locks taken over.
+
+        Check-and-take runs under an ``flock`` on a guard file, so two runs on this host that find
+        the same stale lock cannot both take it over.
+        """
+        import fcntl
+
         notes: list[str] = []
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": now(), "process_start": _process_start(os.getpid()),
-              "command": command}
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": now(),
+                   "process_start": _process_start(os.getpid()), "command": command}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        with open(self.path.with_name(self.path.name + ".guard"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                stale = self._is_stale(holder)
-                if stale or break_lock:
+                fd = self._create()
+                if fd is None and not self.path.exists():  # released between our two looks
+                    fd = self._create()
+                if fd is None:
+                    holder = self._holder()
+                    stale = self._is_stale(holder)
+                    if not (stale or break_lock):
+                        raise LockError(
+                            f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
+                            f"{holder.get('started')} ({holder.get('command', '')}). Wait for it to finish; if that run "
+                            f"is dead (e.g. on another machine), rerun with --break-lock.")
                     why = "stale" if stale else "broken with --break-lock"
                     notes.append(f"removed {why} lock of pid {holder.get('pid')} on {holder.get('host')} "
                                  f"(started {holder.get('started')})")
                     self.path.unlink(missing_ok=True)
-                    continue
-                raise LockError(
-                    f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
-                    f"{holder.get('started')} ({holder.get('command', '')}). Wait for it to finish; if that run is "
-                    f"dead (e.g. on another machine), rerun with --break-lock.") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return notes
-        raise LockError(f"could not take the lock {self.path}: it keeps reappearing")
+                    fd = self._create()
+                    if fd is None:
+                        raise LockError(f"could not take the lock {self.path}: another run took it just now")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.me, f)
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
+        self.held = True
+        return notes
+
+    def _create(self) -> int | None:
+        try:
+            return os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return None
 
     def release(self) -> None:
+        """Remove the lock only if it is still ours (``--break-lock`` may have handed it to another run)."""
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if self._holder() == self.me:
+                self.path.unlink(missing_ok=True)
             self.held = False
 
     def _holder(self) -> dict:
         try:
             return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"pid": None, "host": None, "started": "unknown"}
         except (OSError, ValueError):
-            # an empty or half-written lock: the writer died between open and write, or is writing now
-            age = time.time() - self.path.stat().st_mtime if self.path.exists() else 0
+            # an empty or half-written lock: its writer died between open and write, or is writing now
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except OSError:
+                age = 0.0
             return {"pid": None, "host": socket.gethostname() if age > 10 else None, "started": "unknown"}
 
     @staticmethod

@@ -18,22 +18,23 @@ from pipelines.state import COHORT, RunLock, read_state
 
 def run_status(out: Path) -> dict:
     """``{"slides": {slide_id: {stage: {"status", "error"}}}, "cohort": {...}, "stages": [...], "locked_by": ...}``."""
-    paths = RunPaths(Path(out))
+    paths = RunPaths(Path(out).absolute())
     if not paths.manifest.exists() or not paths.config.exists():
         raise FileNotFoundError(f"{out} is not a run directory (no slides.csv / run.yaml): run `wsi-pipeline run` first")
     cfg = load_config(paths.config)
     entries = read_manifest(paths.manifest)
     tasks = build_plan(entries, cfg, paths)
+    by_id = {e.slide_id: e for e in entries}
     lock = RunLock(paths.lock)
     holder = lock._holder() if paths.lock.exists() else None
-    live = holder is not None and not lock._is_stale(holder)
+    live = holder is not None and holder.get("pid") is not None and not lock._is_stale(holder)
     report: dict = {"out": str(paths.root), "stages": list(dict.fromkeys(t.stage for t in tasks.values())),
                     "slides": {e.slide_id: {} for e in entries}, "cohort": {},
                     "locked_by": holder if live else None}
     for task in tasks.values():
         state = read_state(paths, task.stage, task.key)
         if task.key == COHORT and state and state.get("status") == "done":
-            slides = [(t.key, t.fingerprint) for t in tasks.values() if t.id in task.deps and is_up_to_date(paths, t, cfg)]
+            slides = [(by_id[t.key], t.fingerprint) for t in tasks.values() if t.id in task.deps and is_up_to_date(paths, t, cfg)]
             task.fingerprint = cohort_fingerprint(cfg, task, slides)
         status = (state or {}).get("status", "pending")
         if status == "done" and not is_up_to_date(paths, task, cfg):

@@ -30,10 +30,10 @@ def test_reads_all_columns_and_resolves_relative_paths(tmp_path):
 
 
 def test_quoted_multiline_fields_keep_true_line_numbers(tmp_path):
-    path = _csv(tmp_path, 'slide_path,label\n"a.svs","multi\nline"\nb.svs,x\nb2.svs,y,extra\n')
+    path = _csv(tmp_path, 'slide_path,label\n"a.svs","multi\nline"\nb.svs,x\nb2.svs,y,extra\n"c.svs","two\nlines",z\n')
     with pytest.raises(ManifestError) as err:
         read_manifest(path)
-    assert err.value.problems == ["line 5: 3 fields, but the header has 2"]
+    assert err.value.problems == ["line 5: 3 fields, but the header has 2", "line 6: 3 fields, but the header has 2"]
 
 
 def test_bom_and_blank_lines_are_fine(tmp_path):
@@ -48,8 +48,9 @@ def test_bom_and_blank_lines_are_fine(tmp_path):
         ("path,label\na.svs,x\n", "line 1: missing required column `slide_path`"),
         ("slide_path,slide_id\na.svs,S\nb.svs,S\n", "line 3, column slide_id: duplicate id 'S', already used on line 2"),
         ("slide_path\nx/a.svs\ny/a.svs\n", "add a `slide_id` column"),
-        ("slide_path,mpp\na.svs,fast\n", "line 2, column mpp: 'fast' is not a positive number"),
+        ("slide_path,mpp\na.svs,fast\n", "line 2, column mpp: 'fast' is not a number of µm per pixel"),
         ("slide_path,mpp\na.svs,-0.5\n", "line 2, column mpp"),
+        ("slide_path,mpp\na.svs,500\n", "between 0.05 and 100"),
         ("slide_path,split\na.svs,holdout\n", "line 2, column split: 'holdout'"),
         ("slide_path,label\n,x\n", "line 2, column slide_path: empty"),
         ("slide_path\n", "no slides"),

@@ -105,3 +105,33 @@ def test_empty_mask_gives_no_tiles():
     empty = TissueMask(np.zeros((100, 100), bool), (16.0, 16.0), 0, 0)
     grid = tile_grid((1600, 1600), 0.25, APERIO, empty, TilingConfig())
     assert grid.coords.shape == (0, 2) and grid.metadata()["n_tiles"] == 0
+
+
+def test_tissue_fraction_weights_partial_mask_pixels():
+    mask = np.zeros((3, 3), bool)
+    mask[:, 0] = True  # coarse mask: 1000 level-0 px per mask pixel
+    tissue = TissueMask(mask, (1000.0, 1000.0), 1, 0)
+    fractions = tissue_fractions(tissue, np.array([512, 744, 0]), np.array([0, 0, 2600]), 512)
+    np.testing.assert_allclose(fractions, [488 / 512 * 1.0, 256 / 512, 1.0], atol=1e-6)
+
+
+def test_rounded_level_downsample_uses_the_documented_rule(tmp_path):
+    from wsi.tiff_writer import write_pyramid
+
+    def texture(level, y0, x0, h, w):
+        yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w]
+        return np.stack([(xx * 7) % 251, (yy * 5) % 241, (xx + yy) % 239], axis=2).astype(np.uint8)
+
+    path = write_pyramid(tmp_path / "odd.svs", 3077, 4099, texture, quality=95)
+    with open_slide(path, backend="tiffslide") as slide:
+        ds = slide.level_downsamples[1]
+        assert not float(ds).is_integer()  # 4099 / 1024 = 4.0029...
+        everything = TissueMask(np.ones((10, 10), bool), (slide.dimensions[0] / 10, slide.dimensions[1] / 10), 1, 0)
+        grid = tile_grid(slide.dimensions, 0.25, slide.level_downsamples, everything,
+                         TilingConfig(target_mpp=1.0, patch_size=128, mpp_tolerance=0.05))
+        assert grid.plan.read_level == 1 and grid.plan.read_size == 128
+        level = slide.read_region((0, 0), 1, slide.level_dimensions[1])
+        for x, y in grid.coords[::37]:
+            xl, yl = int(x // ds), int(y // ds)
+            assert xl % grid.plan.level_stride == 0 and yl % grid.plan.level_stride == 0
+            np.testing.assert_array_equal(read_tile(slide, x, y, grid.plan), level[yl:yl + 128, xl:xl + 128])

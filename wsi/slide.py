@@ -5,11 +5,11 @@ column) → slide properties (``openslide.mpp-x``) → TIFF resolution tags → 
 warning) → a :class:`SlideError` naming the slide.
 
 Level rounding: locations are always level-0 pixels. Pyramid levels are stored with rounded
-sizes, so a level's true downsample can be e.g. 16.02 instead of 16; we use the backend's
-reported downsample. At level-aligned locations (x and y multiples of the level's downsample)
-OpenSlide and tiffslide return identical pixels; elsewhere on levels > 0 OpenSlide resamples
-while tiffslide floors the location to the level's pixel grid. The tiler only emits level-aligned
-locations, so both backends read the same tiles.
+sizes, so a level's true downsample can be e.g. 4.0029 instead of 4; we use the backend's
+reported downsample. At level-aligned locations (multiples of an integer downsample) OpenSlide
+and tiffslide return identical pixels; elsewhere on levels > 0 OpenSlide resamples at the
+sub-pixel position while tiffslide floors the location to the level's pixel grid (see
+``wsi.tiling`` for the rule the tiler applies).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from PIL import Image
 
 from wsi.backends import SlideReader, open_reader
 from wsi.errors import SlideError
+from wsi.units import PLAUSIBLE_MPP
 
 log = logging.getLogger(__name__)
 
-PLAUSIBLE_MPP = (0.05, 100.0)
 
 
 def _tiff_tag_mpp(path: Path) -> float | None:
@@ -181,6 +181,9 @@ def open_slide(path: str | Path, *, slide_id: str | None = None, backend: str = 
         reader.close()
         raise SlideError(slide_id, f"slide has no image data [{path}]")
     notes: list[str] = []
+    if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        reader.close()
+        raise SlideError(slide_id, f"mpp {mpp:g} given for this slide is outside {PLAUSIBLE_MPP[0]}–{PLAUSIBLE_MPP[1]} µm/px")
     props = reader.properties
     found = [(mpp, "csv"), (_property_mpp(props), "properties"), (None, "tiff-tags")]
     resolved, source = None, ""

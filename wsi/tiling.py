@@ -4,9 +4,14 @@ A tile is ``patch_size`` pixels at ``target_mpp``. It is read from the lowest-re
 that is not coarser than the target (never upsampled when the scan allows), ``read_size`` pixels
 square at that level, and resized to ``patch_size`` by the reader of the tiles. When a level is
 within ``mpp_tolerance`` of the target it is read as is (``read_size == patch_size``), and the
-mpp actually delivered is recorded. Coordinates are level-0 (x, y) of each tile's top-left corner
-and are multiples of the read level's downsample (level-aligned), so OpenSlide and tiffslide read
-identical pixels.
+mpp actually delivered is recorded.
+
+Coordinates are level-0 (x, y) of each tile's top-left corner. The grid is laid out in pixels of
+the read level (stride ``level_stride``) and mapped to level 0 as ``x0 = ceil(x_level · ds)``. With
+an integer downsample (4, 16, ...) that is exact and level-aligned, and OpenSlide and tiffslide
+read identical pixels. With a rounded downsample such as 4.0021 (a level whose size did not divide
+evenly), tiffslide reads exactly level pixel ``x_level`` (it floors ``x0 / ds``), while OpenSlide
+resamples at ``x0 / ds = x_level + ε`` (ε < 1/ds px): the two then differ by that sub-pixel shift.
 """
 
 from __future__ import annotations
@@ -65,7 +70,8 @@ class ReadPlan:
     read_downsample: float
     read_size: int
     level0_size: int
-    level0_stride: int
+    level0_stride: int  # nominal; exact for integer downsamples
+    level_stride: int  # grid step in pixels of the read level
     read_mpp: float  # µm/px of the pixels as read
     delivered_mpp: float  # µm/px of the tiles after resizing to patch_size
     upsampled: bool
@@ -86,13 +92,12 @@ def plan_read(slide_mpp: float, level_downsamples: tuple[float, ...], cfg: Tilin
         read_size = max(1, round(cfg.patch_size * factor / ds))
     stride_target = cfg.patch_size - cfg.overlap
     level_stride = max(1, round(stride_target * read_size / cfg.patch_size))
-    aligned = ds if float(ds).is_integer() else 1.0
     level0_size = int(round(read_size * ds))
-    level0_stride = int(round(level_stride * ds / aligned) * aligned)
+    level0_stride = int(round(level_stride * ds))
     upsampled = factor < 1 - cfg.mpp_tolerance
     if upsampled:
         log.warning("target %.3f µm/px is finer than the scan (%.3f µm/px): tiles will be upsampled", target, slide_mpp)
-    return ReadPlan(target, cfg.patch_size, level, ds, read_size, level0_size, max(1, level0_stride),
+    return ReadPlan(target, cfg.patch_size, level, ds, read_size, level0_size, max(1, level0_stride), level_stride,
                     slide_mpp * ds, slide_mpp * ds * read_size / cfg.patch_size, upsampled)
 
 
@@ -108,18 +113,33 @@ class TileGrid:
         return {"n_tiles": int(len(self.coords)), **asdict(self.plan)}
 
 
+def _area_below(integral: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Exact tissue area in [0, rows) × [0, cols) (fractional mask pixels): bilinear in the integral image."""
+    h, w = integral.shape[0] - 1, integral.shape[1] - 1
+    r = np.clip(rows, 0, h)
+    c = np.clip(cols, 0, w)
+    r0 = np.minimum(np.floor(r).astype(np.int64), max(h - 1, 0))
+    c0 = np.minimum(np.floor(c).astype(np.int64), max(w - 1, 0))
+    fr, fc = r - r0, c - c0
+    i00, i01 = integral[r0, c0], integral[r0, c0 + 1]
+    i10, i11 = integral[r0 + 1, c0], integral[r0 + 1, c0 + 1]
+    return i00 * (1 - fr) * (1 - fc) + i10 * fr * (1 - fc) + i01 * (1 - fr) * fc + i11 * fr * fc
+
+
 def tissue_fractions(mask: TissueMask, xs: np.ndarray, ys: np.ndarray, size: int) -> np.ndarray:
-    """Fraction of tissue under each (x, y, size) level-0 square, from the mask's integral image."""
-    integral = np.zeros((mask.mask.shape[0] + 1, mask.mask.shape[1] + 1), np.int64)
-    integral[1:, 1:] = mask.mask.astype(np.int64).cumsum(0).cumsum(1)
-    dx, dy = mask.downsample
+    """Exact fraction of tissue under each level-0 square (x, y, size), partial mask pixels weighted by overlap."""
     h, w = mask.mask.shape
-    c0 = np.clip(np.rint(xs / dx).astype(np.int64), 0, w - 1)
-    c1 = np.clip(np.maximum(c0 + 1, np.rint((xs + size) / dx).astype(np.int64)), 1, w)
-    r0 = np.clip(np.rint(ys / dy).astype(np.int64), 0, h - 1)
-    r1 = np.clip(np.maximum(r0 + 1, np.rint((ys + size) / dy).astype(np.int64)), 1, h)
-    total = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
-    return (total / ((r1 - r0) * (c1 - c0))).astype(np.float32)
+    if h == 0 or w == 0 or len(xs) == 0:
+        return np.zeros(len(xs), np.float32)
+    integral = np.zeros((h + 1, w + 1), np.float64)
+    integral[1:, 1:] = mask.mask.astype(np.float64).cumsum(0).cumsum(1)
+    dx, dy = mask.downsample
+    c0, c1 = np.clip(xs / dx, 0, w), np.clip((xs + size) / dx, 0, w)
+    r0, r1 = np.clip(ys / dy, 0, h), np.clip((ys + size) / dy, 0, h)
+    total = (_area_below(integral, r1, c1) - _area_below(integral, r0, c1)
+             - _area_below(integral, r1, c0) + _area_below(integral, r0, c0))
+    area = np.maximum((r1 - r0) * (c1 - c0), 1e-12)
+    return np.clip(total / area, 0.0, 1.0).astype(np.float32)
 
 
 def tile_grid(dimensions: tuple[int, int], slide_mpp: float, level_downsamples: tuple[float, ...],
@@ -127,11 +147,16 @@ def tile_grid(dimensions: tuple[int, int], slide_mpp: float, level_downsamples: 
     """All full tiles inside the slide whose tissue fraction reaches ``cfg.min_tissue_fraction``."""
     plan = plan_read(slide_mpp, level_downsamples, cfg)
     width0, height0 = dimensions
-    xs = np.arange(0, width0 - plan.level0_size + 1, plan.level0_stride, dtype=np.int64)
-    ys = np.arange(0, height0 - plan.level0_size + 1, plan.level0_stride, dtype=np.int64)
-    gx, gy = np.meshgrid(xs, ys)
+    ds = plan.read_downsample
+
+    def axis(extent0: int) -> np.ndarray:
+        level_px = np.arange(0, int(extent0 / ds) + 1, plan.level_stride, dtype=np.int64)
+        level0 = np.ceil(level_px * ds - 1e-9).astype(np.int64)  # see the module docstring for this rule
+        return level0[level0 + plan.level0_size <= extent0]
+
+    gx, gy = np.meshgrid(axis(width0), axis(height0))
     gx, gy = gx.ravel(), gy.ravel()
-    fraction = tissue_fractions(mask, gx, gy, plan.level0_size) if gx.size else np.zeros(0, np.float32)
+    fraction = tissue_fractions(mask, gx, gy, plan.level0_size)
     keep = (fraction >= cfg.min_tissue_fraction) & (fraction > 0)
     coords = np.stack([gx[keep], gy[keep]], axis=1).astype(np.int64).reshape(-1, 2)
     return TileGrid(coords, fraction[keep], plan)

@@ -6,6 +6,9 @@ from typing import NewType
 
 Microns = NewType("Microns", float)
 MicronsPerPixel = NewType("MicronsPerPixel", float)
+# µm/px outside this range is a typo or a unit mix-up (nm, mm, pixels per cm), never a real scan
+PLAUSIBLE_MPP = (0.05, 100.0)
+
 Level0Pixels = NewType("Level0Pixels", int)  # a length in pixels of pyramid level 0
 TargetPixels = NewType("TargetPixels", int)  # a length in pixels at the tiling's target resolution
 
