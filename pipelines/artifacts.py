@@ -135,5 +135,9 @@ class RunPaths:
         return self.root / "manifest.csv"
 
     @property
+    def hash_cache(self) -> Path:
+        return self.root / "state" / "_hashes.json"
+
+    @property
     def lock(self) -> Path:
         return self.root / ".lock"

@@ -13,7 +13,7 @@ from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
 from pipelines.stages import STAGES, downstream, upstream
-from pipelines.state import COHORT, file_fingerprint, fingerprint, read_state
+from pipelines.state import COHORT, HashCache, file_fingerprint, fingerprint, read_state
 
 
 @dataclass
@@ -65,8 +65,13 @@ def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry
 
 
 def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, until: str | None = None,
-               only: list[str] | None = None, force: list[str] | None = None) -> dict[str, Task]:
-    """All tasks of a run in dependency order, with fingerprints; cohort tasks depend on every slide's task."""
+               only: list[str] | None = None, force: list[str] | None = None,
+               hashes: HashCache | None = None) -> dict[str, Task]:
+    """All tasks of a run in dependency order, with fingerprints; cohort tasks depend on every slide's task.
+
+    ``hashes`` caches slide sha256s (``slides.fingerprint: content``) across runs and ``status``.
+    """
+    hashes = hashes if hashes is not None else HashCache(paths.hash_cache)
     for name in [until, *(force or [])]:
         if name is not None and name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
@@ -91,7 +96,7 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
         for entry in entries:
             inputs: list[Any] = []
             if stage.reads_slide:
-                inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint), "mpp": entry.mpp})
+                inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint, hashes), "mpp": entry.mpp})
             deps = [f"{dep}/{entry.slide_id}" for dep in stage.after]
             inputs.extend(tasks[d].fingerprint for d in deps)
             inputs.extend(stage.extra_inputs(cfg))

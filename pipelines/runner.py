@@ -22,7 +22,7 @@ from pipelines.config import RunConfig, dump_config
 from pipelines.manifest import SlideEntry, manifest_csv
 from pipelines.plan import Task, build_plan, cohort_fingerprint, is_up_to_date
 from pipelines.stages import STAGES, TASK_FINGERPRINT
-from pipelines.state import COHORT, RunLock, now, read_state, write_state
+from pipelines.state import COHORT, HashCache, RunLock, now, read_state, write_state
 from wsi.errors import SlideError
 
 log = logging.getLogger(__name__)
@@ -236,9 +236,11 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
     """Lock ``out``, record config and manifest, build the plan and execute it."""
     paths = RunPaths(Path(out).absolute())  # workers may run elsewhere: never send them a relative path
     notes: list[str] = []
-    tasks = build_plan(entries, cfg, paths, until=until, only=only, force=force)
+    hashes = HashCache(paths.hash_cache)
+    tasks = build_plan(entries, cfg, paths, until=until, only=only, force=force, hashes=hashes)
     with RunLock(paths.lock) as lock:
         notes += lock.acquire(break_lock=break_lock, command="wsi-pipeline run")
+        hashes.save()
         swept = sweep_temporaries(paths.root)
         if swept:
             notes.append(f"removed {len(swept)} temporary file(s) left by an interrupted run")

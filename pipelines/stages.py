@@ -183,7 +183,7 @@ def _weights_inputs(cfg: RunConfig) -> list:
     from pipelines.state import file_fingerprint
 
     weights = cfg.features.teacher.weights
-    return [file_fingerprint(Path(weights), "content")] if weights else []
+    return [file_fingerprint(Path(weights))] if weights else []
 
 
 def upstream(stage: str) -> list[str]:

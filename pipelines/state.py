@@ -35,20 +35,47 @@ def fingerprint(stage: str, params: Any, inputs: list[Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def file_fingerprint(path: Path, mode: str = "stat") -> dict:
-    """Identity of an input file: size + mtime (``stat``) or additionally its sha256 (``content``)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return {"path": str(path), "missing": True}
-    fp: dict[str, Any] = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if mode == "content":
+class HashCache:
+    """sha256 of files keyed by (path, size, mtime), so ``content`` fingerprints hash each file once."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        self.changed = False
+        if path is not None:
+            try:
+                self.entries = json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def sha256(self, path: Path, st: os.stat_result) -> str:
+        key = str(path)
+        hit = self.entries.get(key)
+        if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            return hit["sha256"]
         digest = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        fp = {"size": st.st_size, "sha256": digest.hexdigest()}  # content only: moving the file keeps it
-    return fp
+        self.entries[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest.hexdigest()}
+        self.changed = True
+        return digest.hexdigest()
+
+    def save(self) -> None:
+        if self.path is not None and self.changed:
+            write_json(self.path, self.entries)
+            self.changed = False
+
+
+def file_fingerprint(path: Path, mode: str = "stat", cache: HashCache | None = None) -> dict:
+    """Identity of an input file: size + mtime (``stat``) or its size + sha256 (``content``)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return {"path": str(path), "missing": True}
+    if mode == "content":  # content only: moving or touching the file keeps it
+        return {"size": st.st_size, "sha256": (cache or HashCache()).sha256(path, st)}
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def read_state(paths: RunPaths, stage: str, key: str) -> dict | None:

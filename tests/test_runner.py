@@ -250,3 +250,23 @@ def test_concurrent_run_is_refused_and_stale_locks_are_recovered(small_run):
     assert wsi("run", csv, "--config", config, "--out", out).returncode == 2
     broken = wsi("run", csv, "--config", config, "--out", out, "--break-lock")
     assert broken.returncode == 0 and "--break-lock" in broken.stderr
+
+
+def test_content_fingerprints_survive_touch_and_are_cached(cohort, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(cohort / "demo_002.tif", folder / "a.tif")
+    (folder / "slides.csv").write_text("slide_path\na.tif\n")
+    (folder / "run.yaml").write_text(RUN_YAML + "slides:\n  fingerprint: content\n")
+    out = tmp_path / "out"
+    assert wsi("run", folder / "slides.csv", "--config", folder / "run.yaml", "--out", out).returncode == 0
+    cache = json.loads((out / "state" / "_hashes.json").read_text())
+    assert len(cache) == 1 and len(next(iter(cache.values()))["sha256"]) == 64
+    os.utime(folder / "a.tif")  # new mtime, same bytes
+    again = wsi("run", folder / "slides.csv", "--config", folder / "run.yaml", "--out", out)
+    assert again.returncode == 0 and "3 up-to-date" in again.stderr
+    with open(folder / "a.tif", "r+b") as f:  # same size and mtime would fool `stat`; content changes
+        f.seek(-10, 2)
+        f.write(b"0123456789")
+    changed = wsi("run", folder / "slides.csv", "--config", folder / "run.yaml", "--out", out)
+    assert "3 up-to-date" not in changed.stderr
