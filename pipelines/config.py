@@ -22,7 +22,8 @@ class SlidesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["auto", "openslide", "tiffslide"] = Field(
-        "auto", description="slide reader: auto (OpenSlide when it recognises the file, else tiffslide), openslide or tiffslide")
+        "auto", description="slide reader: auto (tiffslide for Aperio SVS / generic TIFF / OME-TIFF, OpenSlide for other "
+                           "vendor formats), openslide or tiffslide")
     default_mpp: float | None = Field(
         None, gt=0, description="µm/px for slides with no mpp in the CSV, properties or TIFF tags (a warning is logged); "
                                 "null: such slides fail with a clear error")

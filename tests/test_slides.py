@@ -73,8 +73,13 @@ def test_metadata_mpp_power_and_associated_images(cohort, backend):
         assert tif.objective_power is None
 
 
-def test_auto_backend_picks_openslide_for_recognised_files(cohort):
-    assert open_reader(cohort / "demo_000.svs").backend == "openslide"
+def test_auto_backend_picks_tiffslide_for_aperio_and_generic_tiff(cohort):
+    assert open_reader(cohort / "demo_000.svs").backend == "tiffslide"
+    assert open_reader(cohort / "demo_002.tif").backend == "tiffslide"
+    assert open_reader(cohort / "demo_000.svs", "openslide").backend == "openslide"
+    opaque = np.full((2, 2, 4), 255, np.uint8)
+    opaque[..., :3] = 17
+    assert rgba_to_rgb_on_white(opaque).tolist() == [[[17] * 3] * 2] * 2
 
 
 def test_mpp_chain_csv_override_then_default_then_error(cohort, tmp_path, caplog):

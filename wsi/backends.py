@@ -38,6 +38,8 @@ def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     """Composite (non-premultiplied) RGBA onto white: transparent pixels outside the slide become white."""
     if rgba.shape[-1] == 3:
         return rgba
+    if rgba[..., 3].min() == 255:  # fully opaque (any region inside the scan): no arithmetic needed
+        return rgba[..., :3]
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0
     rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
     return np.rint(rgb).astype(np.uint8)
@@ -122,8 +124,15 @@ BACKENDS: dict[str, Callable[[Path], SlideReader]] = {
 }
 
 
-def _prefers_tiffslide(path: Path) -> bool:
-    """OME-TIFFs keep their pyramid in SubIFDs, which OpenSlide does not see (one level only)."""
+# Formats tiffslide reads with the same pixels as OpenSlide (tested) and ~3.5× faster tile reads
+# (benchmarks/bench_features.py): auto prefers it for them.
+TIFFSLIDE_FORMATS = {"aperio", "generic-tiff"}
+
+
+def _prefers_tiffslide(path: Path, vendor: str | None) -> bool:
+    """Aperio / generic TIFF (faster reads), and OME-TIFFs, whose SubIFD pyramids OpenSlide does not see."""
+    if vendor in TIFFSLIDE_FORMATS:
+        return True
     import tifffile
 
     try:
@@ -136,8 +145,9 @@ def _prefers_tiffslide(path: Path) -> bool:
 def open_reader(path: Path, backend: str = "auto") -> SlideReader:
     """Open ``path`` with ``backend`` ("auto", "openslide", "tiffslide").
 
-    "auto" uses OpenSlide when it recognises the file (and the file is not an OME-TIFF with a
-    SubIFD pyramid), tiffslide otherwise. Errors name the file and every backend's reason.
+    "auto" uses tiffslide for Aperio SVS and generic tiled TIFF (identical pixels, faster reads) and
+    for OME-TIFFs with SubIFD pyramids, OpenSlide for every other format it recognises, and tries
+    the other backend when the first cannot open the file. Errors name the file and every reason.
     """
     path = Path(path)
     if not path.exists():
@@ -155,10 +165,10 @@ def open_reader(path: Path, backend: str = "auto") -> SlideReader:
 
     order = ["openslide", "tiffslide"]
     try:
-        recognised = openslide.OpenSlide.detect_format(str(path)) is not None
+        vendor = openslide.OpenSlide.detect_format(str(path))
     except Exception:
-        recognised = False
-    if not recognised or _prefers_tiffslide(path):
+        vendor = None
+    if vendor is None or _prefers_tiffslide(path, vendor):
         order.reverse()
     reasons = []
     for name in order:
