@@ -71,15 +71,7 @@ class Encoder:
 
     def preprocess(self, tiles):
         """uint8 (B, H, W, 3) tensor → normalised float (B, 3, S, S) on the device."""
-        import torch
-        import torch.nn.functional as F
-
-        x = tiles.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return to_model_input(tiles, self.input_size, self.mean, self.std, self.device)
 
     def __call__(self, tiles):
         """Features (B, dim) float32 for a uint8 (B, H, W, 3) batch of tiles."""
@@ -93,6 +85,19 @@ class Encoder:
             else:
                 out = self.model(x)
             return out.float()
+
+
+def to_model_input(tiles, size: int, mean, std, device):
+    """uint8 (B, H, W, 3) tiles → float (B, 3, size, size), antialiased resize, normalised, on ``device``."""
+    import torch
+    import torch.nn.functional as F
+
+    x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
 
 
 class WeightsError(ValueError):
@@ -165,10 +170,9 @@ def pick_device(device: str):
     return torch.device(device)
 
 
-def create_encoder(cfg: EncoderConfig) -> Encoder:
-    """Build the encoder a config describes, in eval mode on its device."""
+def build_backbone(cfg: EncoderConfig):
+    """The timm model a config names, with its weights (pretrained or local), and timm's data config."""
     import timm
-    import torch
 
     spec = resolve(cfg)
     try:
@@ -183,11 +187,14 @@ def create_encoder(cfg: EncoderConfig) -> Encoder:
         if missing or unexpected:
             raise WeightsError(f"{cfg.weights}: does not fit {cfg.model}: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
                                f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
-    if spec.get("truncate_resnet"):
-        model = _TruncatedResNet.build(model)
-    else:
-        model = _pooled(model, spec.get("pool"))
-    device = pick_device(cfg.device)
+    return model, data_cfg, spec
+
+
+def wrap_encoder(model, cfg: EncoderConfig, data_cfg: dict, device=None) -> Encoder:
+    """Freeze ``model`` (returning one vector per image), measure its dimension, attach preprocessing."""
+    import torch
+
+    device = device or pick_device(cfg.device)
     model = model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -198,3 +205,13 @@ def create_encoder(cfg: EncoderConfig) -> Encoder:
     mean = tuple(cfg.mean or data_cfg["mean"])
     std = tuple(cfg.std or data_cfg["std"])
     return Encoder(model, dim, input_size, mean, std, device, dtype, cfg)
+
+
+def create_encoder(cfg: EncoderConfig) -> Encoder:
+    """Build the encoder a config describes, in eval mode on its device."""
+    model, data_cfg, spec = build_backbone(cfg)
+    if spec.get("truncate_resnet"):
+        model = _TruncatedResNet.build(model)
+    else:
+        model = _pooled(model, spec.get("pool"))
+    return wrap_encoder(model, cfg, data_cfg)

@@ -126,6 +126,11 @@ class RunPaths:
         return self.root / "tiles" / f"{slide_id}.png"
 
     @property
+    def student_dir(self) -> Path:
+        """The distilled student: student.safetensors, student.json (card), checkpoint/."""
+        return self.root / "models" / "student"
+
+    @property
     def qc_table(self) -> Path:
         return self.root / "qc" / "slides.csv"
 

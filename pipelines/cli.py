@@ -27,6 +27,13 @@ features:
   teacher:
     model: vit_small
     precision: bf16
+# EFCM stage 1, kept short for the demo: a ViT-Ti student with a TransScan projector.
+distill:
+  student:
+    model: vit_tiny
+  epochs: 4
+  tiles_per_epoch: 256
+  max_val_tiles: 128
 """
 
 

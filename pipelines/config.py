@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from distill.trainer import DistillConfig
 from features.extract import ExtractionConfig
 from wsi.tiling import TilingConfig
 from wsi.tissue import PRESETS, TissueConfig
@@ -57,6 +58,7 @@ class RunConfig(BaseModel):
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     features: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 class ConfigError(ValueError):

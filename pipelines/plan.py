@@ -64,12 +64,34 @@ def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry
     return fingerprint(stage.name, config_values(cfg, stage.config), [*rows, *stage.extra_inputs(cfg)])
 
 
+def slide_fingerprint(cfg: RunConfig, task: Task, entry: SlideEntry, dep_fps: list[str],
+                      hashes: HashCache | None = None) -> str:
+    """Over the stage's config fields, the slide file (stages that read it), upstream fingerprints and extras."""
+    stage = STAGES[task.stage]
+    inputs: list[Any] = []
+    if stage.reads_slide:
+        inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint, hashes), "mpp": entry.mpp})
+    inputs.extend(dep_fps)
+    inputs.extend(stage.extra_inputs(cfg))
+    return fingerprint(stage.name, config_values(cfg, stage.config), inputs)
+
+
+def resolve_fingerprint(cfg: RunConfig, task: Task, tasks: dict[str, Task], entries: dict[str, SlideEntry],
+                        hashes: HashCache | None = None) -> str | None:
+    """A slide task's fingerprint once every dependency has one (cohort dependencies get theirs at run time)."""
+    dep_fps = [tasks[d].fingerprint for d in task.deps]
+    if task.cohort or any(fp is None for fp in dep_fps):
+        return None
+    return slide_fingerprint(cfg, task, entries[task.key], dep_fps, hashes)
+
+
 def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, until: str | None = None,
                only: list[str] | None = None, force: list[str] | None = None,
                hashes: HashCache | None = None) -> dict[str, Task]:
-    """All tasks of a run in dependency order, with fingerprints; cohort tasks depend on every slide's task.
+    """All tasks of a run in dependency order, with fingerprints where they can be known before running.
 
-    ``hashes`` caches slide sha256s (``slides.fingerprint: content``) across runs and ``status``.
+    A cohort task depends on its ``after`` stage for every slide; a slide stage after a cohort stage
+    depends on that cohort task. ``hashes`` caches slide sha256s (``slides.fingerprint: content``).
     """
     hashes = hashes if hashes is not None else HashCache(paths.hash_cache)
     for name in [until, *(force or [])]:
@@ -83,23 +105,21 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
         if unknown:
             raise ValueError(f"--only: no slide with id {', '.join(unknown)} in the manifest")
         entries = [e for e in entries if e.slide_id in set(only)]
-        selected = [s for s in selected if STAGES[s].scope == "slide"]  # cohort stages need the whole cohort
+        # cohort stages need the whole cohort, and so do the slide stages that come after one
+        selected = [s for s in selected if STAGES[s].scope == "slide"
+                    and not any(STAGES[u].scope == "cohort" for u in upstream(s))]
+    by_id = {e.slide_id: e for e in entries}
     tasks: dict[str, Task] = {}
     for name in selected:
         stage = STAGES[name]
-        params = config_values(cfg, stage.config)
         if stage.scope == "cohort":
             deps = [f"{dep}/{e.slide_id}" for dep in stage.after for e in entries if f"{dep}/{e.slide_id}" in tasks]
             task = Task(name, COHORT, deps, None, name in forced)
             tasks[task.id] = task
             continue
         for entry in entries:
-            inputs: list[Any] = []
-            if stage.reads_slide:
-                inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint, hashes), "mpp": entry.mpp})
-            deps = [f"{dep}/{entry.slide_id}" for dep in stage.after]
-            inputs.extend(tasks[d].fingerprint for d in deps)
-            inputs.extend(stage.extra_inputs(cfg))
-            task = Task(name, entry.slide_id, deps, fingerprint(name, params, inputs), name in forced)
+            deps = [f"{dep}/{COHORT}" if STAGES[dep].scope == "cohort" else f"{dep}/{entry.slide_id}" for dep in stage.after]
+            task = Task(name, entry.slide_id, deps, None, name in forced)
+            task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id, hashes)
             tasks[task.id] = task
     return tasks

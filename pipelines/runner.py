@@ -20,7 +20,7 @@ from pathlib import Path
 from pipelines.artifacts import RunPaths, sweep_temporaries, write_text
 from pipelines.config import RunConfig, dump_config
 from pipelines.manifest import SlideEntry, manifest_csv
-from pipelines.plan import Task, build_plan, cohort_fingerprint, is_up_to_date
+from pipelines.plan import Task, build_plan, cohort_fingerprint, is_up_to_date, resolve_fingerprint
 from pipelines.stages import STAGES, TASK_FINGERPRINT
 from pipelines.state import COHORT, HashCache, RunLock, now, read_state, write_state
 from wsi.errors import SlideError
@@ -150,6 +150,8 @@ class _Scheduler:
             write_state(self.paths, task.stage, task.key, status="skipped", fingerprint=task.fingerprint,
                         finished=now(), error=f"{', '.join(failed)} did not finish")
             return self.settle(task, "skipped", f"{', '.join(failed)} did not finish")
+        elif task.fingerprint is None:  # it comes after a cohort task, whose fingerprint is known only now
+            task.fingerprint = resolve_fingerprint(self.cfg, task, self.tasks, self.entries)
         if is_up_to_date(self.paths, task, self.cfg):
             return self.settle(task, "up-to-date", task.reason)
         return True

@@ -112,18 +112,76 @@ def _cached_encoder(spec_json: str):
     return create_encoder(EncoderConfig.model_validate_json(spec_json))
 
 
-def features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
-    """Teacher features for every tile into ``features/<encoder>/<slide_id>.zarr``."""
+def _extract(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder, label: str, extra_attrs: dict) -> dict:
+    """Every tile of one slide through ``encoder`` into ``features/<label>/<slide_id>.zarr``."""
     from features.extract import TileDataset, encoder_attrs, extract_slide
 
     grid = load_tiles(paths, entry.slide_id)
     slide_meta = json.loads(paths.tissue_meta(entry.slide_id).read_text())
-    encoder = _cached_encoder(cfg.features.teacher.model_dump_json())
     dataset = TileDataset(slide_meta["slide_path"], grid.coords, grid.plan, backend=cfg.slides.backend,
                           mpp=slide_meta["mpp"], slide_id=entry.slide_id)
-    out = store_path(paths.root, cfg.features.teacher.label, entry.slide_id)
-    stats = extract_slide(dataset, encoder, out, cfg.features, encoder_attrs(encoder, grid.plan, TASK_FINGERPRINT.get()))
-    return {**stats, "encoder": cfg.features.teacher.label, "dim": encoder.dim, "warnings": []}
+    attrs = {**encoder_attrs(encoder, grid.plan, TASK_FINGERPRINT.get()), **extra_attrs, "encoder_label": label}
+    stats = extract_slide(dataset, encoder, store_path(paths.root, label, entry.slide_id), cfg.features, attrs)
+    return {**stats, "encoder": label, "dim": encoder.dim, "warnings": []}
+
+
+def features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
+    """Teacher features for every tile into ``features/<teacher>/<slide_id>.zarr``."""
+    encoder = _cached_encoder(cfg.features.teacher.model_dump_json())
+    return _extract(entry, cfg, paths, encoder, cfg.features.teacher.label, {})
+
+
+def student_label(cfg: RunConfig) -> str:
+    """Feature folder of the distilled student's (teacher-space) features."""
+    return f"student_{cfg.distill.student.label}"
+
+
+@lru_cache(maxsize=2)
+def _cached_student(model_dir: str, version: tuple, precision: str):
+    """The distilled student, loaded once per worker process and model file version (size, mtime)."""
+    from distill.model import load_student
+
+    return load_student(Path(model_dir), precision=precision)
+
+
+def student_features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
+    """The distilled student's teacher-space features into ``features/student_<name>/<slide_id>.zarr``."""
+    weights = paths.student_dir / "student.safetensors"
+    st = weights.stat()
+    encoder, card = _cached_student(str(paths.student_dir), (st.st_size, st.st_mtime_ns), cfg.distill.student.precision)
+    extra = {"distilled_from": card["teacher"].get("label", ""), "student_card": str(paths.student_dir / "student.json")}
+    return _extract(entry, cfg, paths, encoder, student_label(cfg), extra)
+
+
+def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
+    """EFCM stage 1: distil the student from the teacher's stored features (labels unused)."""
+    from distill.trainer import SlideTiles, train
+    from features.store import open_store
+
+    dcfg = cfg.distill
+    use = [e for e in entries if not (dcfg.exclude_test and e.split == "test")]
+    if not use:
+        raise ValueError("no slides to distil on (all are in the test split)")
+    teacher = cfg.features.teacher.label
+    rng = np.random.default_rng(dcfg.seed)
+    per_slide = -(-(dcfg.max_train_tiles + dcfg.max_val_tiles) // len(use))  # bounded memory: sample before loading
+    slides, dim = [], None
+    for entry in use:
+        store = open_store(paths.root, teacher, entry.slide_id)
+        if len(store) == 0:
+            continue
+        rows = np.sort(rng.choice(len(store), min(per_slide, len(store)), replace=False))
+        meta = json.loads(paths.tissue_meta(entry.slide_id).read_text())
+        slides.append(SlideTiles(entry.slide_id, Path(meta["slide_path"]), meta["mpp"], load_tiles(paths, entry.slide_id).plan,
+                                 store.coords[rows], np.asarray(store.features.oindex[rows, :], dtype=np.float16)))
+        dim = store.attrs["dim"]
+    if not slides:
+        raise ValueError("no teacher features to distil from (every slide has zero tiles)")
+    card = train(slides, dim, dcfg, paths.student_dir, fingerprint=TASK_FINGERPRINT.get() or "",
+                 teacher={"label": teacher, "dim": dim, "spec": cfg.features.teacher.model_dump(mode="json")})
+    best = card["metrics"]["best"]
+    return {"n_slides": len(slides), "val_cosine": best.get("cosine"), "val_r2": best.get("r2"),
+            "initial_cosine": card["metrics"]["initial"].get("cosine"), "warnings": []}
 
 
 def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
@@ -176,6 +234,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher", "features.dtype"),
           artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, extra_inputs=lambda cfg: _weights_inputs(cfg)),
     Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
+    Stage("distill", distill_stage, "cohort", after=("features",), config=("distill", "features.teacher", "features.dtype"),
+          artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
+          resources={"GPU": 1}),
+    Stage("student_features", student_features_stage, "slide", after=("tiles", "distill"), config=("features.dtype",),
+          artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}),
 ]}
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipelines.artifacts import RunPaths
 from pipelines.config import load_config
 from pipelines.manifest import read_manifest
-from pipelines.plan import build_plan, cohort_fingerprint, is_up_to_date
+from pipelines.plan import build_plan, cohort_fingerprint, is_up_to_date, resolve_fingerprint
 from pipelines.state import COHORT, RunLock, read_state
 
 
@@ -31,11 +31,13 @@ def run_status(out: Path) -> dict:
     report: dict = {"out": str(paths.root), "stages": list(dict.fromkeys(t.stage for t in tasks.values())),
                     "slides": {e.slide_id: {} for e in entries}, "cohort": {},
                     "locked_by": holder if live else None}
-    for task in tasks.values():
+    for task in tasks.values():  # in stage order, so fingerprints after cohort tasks can be resolved
         state = read_state(paths, task.stage, task.key)
         if task.key == COHORT and state and state.get("status") == "done":
             slides = [(by_id[t.key], t.fingerprint) for t in tasks.values() if t.id in task.deps and is_up_to_date(paths, t, cfg)]
             task.fingerprint = cohort_fingerprint(cfg, task, slides)
+        elif task.fingerprint is None and task.key != COHORT:
+            task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id)
         status = (state or {}).get("status", "pending")
         if status == "done" and not is_up_to_date(paths, task, cfg):
             status = "stale"

@@ -51,7 +51,7 @@ def mixed_cohort(cohort, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mixed_run(mixed_cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    result = wsi("run", mixed_cohort / "slides.csv", "--config", mixed_cohort / "run.yaml", "--out", out)
+    result = wsi("run", mixed_cohort / "slides.csv", "--config", mixed_cohort / "run.yaml", "--out", out, "--until", "features")
     return result, out
 
 
@@ -131,7 +131,7 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     assert sorted(p.name for p in (tmp_path / "demo").glob("demo_*.svs")) == ["demo_000.svs", "demo_001.svs"]
     run = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "7 tasks: 7 done" in run.stderr
+    assert "10 tasks: 10 done" in run.stderr  # tissue, tiles, features, student_features × 2; qc; distill
     for slide_id in ("demo_000", "demo_001"):
         assert (tmp_path / "runs" / "demo" / "tissue" / f"{slide_id}.png").exists()
         assert len(np.load(tmp_path / "runs" / "demo" / "tiles" / f"{slide_id}.coords.npy")) > 0
@@ -141,7 +141,7 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     elsewhere = wsi("status", tmp_path / "runs" / "demo", "--json", cwd=tmp_path / "demo")
     assert elsewhere.returncode == 0
     again = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
-    assert "7 up-to-date" in again.stderr
+    assert "10 up-to-date" in again.stderr
 
 
 def test_help_is_fast_and_does_not_import_torch():

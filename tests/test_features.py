@@ -151,7 +151,8 @@ def test_features_stage_in_the_pipeline_and_export_command(cohort, tmp_path):
                                        "features: {teacher: {model: resnet18}, num_workers: 0}\n")
     out = tmp_path / "out"
     cli = [sys.executable, "-m", "pipelines.cli"]
-    run = subprocess.run([*cli, "run", tmp_path / "slides.csv", "--config", tmp_path / "run.yaml", "--out", out],
+    run = subprocess.run([*cli, "run", tmp_path / "slides.csv", "--config", tmp_path / "run.yaml", "--out", out,
+                          "--until", "features"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     store = open_store(out, "resnet18", "tif")

@@ -1,0 +1,41 @@
+"""Build, count and load distilled students (backbone + projector), as encoders for extraction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distill.transscan import DistilledStudent, StudentBackbone, create_projector
+from features.encoders import EncoderConfig, build_backbone, wrap_encoder
+
+
+def build_student(cfg, teacher_dim: int):
+    """A fresh DistilledStudent for a DistillConfig, and the student's timm data config."""
+    model, data_cfg, _ = build_backbone(cfg.student)
+    backbone = StudentBackbone(model)
+    projector = create_projector(cfg.projector, backbone.channels, teacher_dim, width=cfg.projector_width)
+    return DistilledStudent(backbone, projector, teacher_dim), data_cfg
+
+
+def param_counts(model: DistilledStudent) -> dict:
+    count = lambda module: int(sum(p.numel() for p in module.parameters()))  # noqa: E731
+    return {"backbone": count(model.backbone), "projector": count(model.projector), "total": count(model)}
+
+
+def load_student(model_dir: Path, *, device: str = "auto", precision: str = "fp32"):
+    """The distilled student in ``model_dir`` (student.safetensors + student.json) as an ``Encoder``
+    whose features live in the teacher's space (dimension = the teacher's)."""
+    from safetensors.torch import load_file
+
+    from distill.trainer import DistillConfig
+
+    model_dir = Path(model_dir)
+    card = json.loads((model_dir / "student.json").read_text())
+    cfg = DistillConfig.model_validate(card["config"])
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"pretrained": False, "weights": None})})
+    model, data_cfg = build_student(cfg, card["teacher_dim"])
+    model.load_state_dict(load_file(str(model_dir / "student.safetensors")))
+    spec = EncoderConfig.model_validate({**card["student"], "pretrained": False, "weights": None,
+                                         "device": device, "precision": precision,
+                                         "input_size": card["input_size"], "mean": card["mean"], "std": card["std"]})
+    return wrap_encoder(model, spec, data_cfg), card

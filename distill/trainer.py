@@ -1,0 +1,306 @@
+"""Feature Projection Distillation trainer (EFCM stage 1): unsupervised, teacher targets from its store.
+
+Tiles are sampled across slides (labels unused); each training tile's target is the teacher's
+stored feature for the same coordinates, so the teacher never runs again. AdamW with warm-up and
+a cosine schedule, optional bf16 autocast, gradient clipping, seeded sampling, validation on
+held-out slides (cosine and R² to the teacher), early stopping, and a checkpoint every epoch so a
+killed distillation resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from features.encoders import EncoderConfig
+
+log = logging.getLogger(__name__)
+
+
+class DistillConfig(BaseModel):
+    """EFCM stage 1: the student, its projector, the FPD loss and the training schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    student: EncoderConfig = Field(default_factory=lambda: EncoderConfig(model="vit_tiny"),
+                                   description="the small encoder to distil (any timm ViT or CNN; its token grid is projected)")
+    projector: Literal["transscan", "linear", "mlp"] = Field("transscan", description="projector from the student's token "
+                                                                                        "grid to the teacher dimension")
+    projector_width: int = Field(192, ge=16, description="TransScan / MLP hidden width")
+    whiten: bool = Field(True, description="regress the LayerNorm-whitened teacher feature (FD); false: the raw feature")
+    loss_beta: float = Field(2.0, gt=0, description="Smooth-L1 beta (Feature Distillation uses 2.0)")
+    cosine_weight: float = Field(0.5, ge=0, description="weight of the added (1 − cosine) term")
+    epochs: int = Field(20, ge=1, description="maximum epochs")
+    tiles_per_epoch: int = Field(2048, ge=1, description="training tiles sampled per epoch (with replacement across epochs)")
+    max_train_tiles: int = Field(50_000, ge=1, description="size of the training pool drawn once across slides")
+    max_val_tiles: int = Field(512, ge=1, description="held-out tiles used for validation")
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="fraction of slides held out for validation (tiles, "
+                                                               "when there are fewer than 4 slides)")
+    batch_size: int = Field(32, ge=1, description="tiles per step")
+    lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
+    grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
+    patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation cosine")
+    augment: bool = Field(True, description="flips, 90° rotations and light brightness/contrast jitter on the student's input")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="training autocast precision")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes reading tiles")
+    seed: int = Field(0, description="seed for the split, sampling and initialisation")
+    exclude_test: bool = Field(True, description="never train on slides whose slides.csv split is `test`")
+
+
+@dataclass
+class SlideTiles:
+    """One slide's contribution: where to read its tiles and the teacher's features for them."""
+
+    slide_id: str
+    slide_path: Path
+    mpp: float
+    plan: object  # wsi.tiling.ReadPlan
+    coords: np.ndarray  # (n, 2)
+    targets: np.ndarray  # (n, D) teacher features, float16
+
+
+class DistillTiles:
+    """(tile uint8, teacher feature) pairs over several slides; one slide handle per process and slide."""
+
+    def __init__(self, slides: list[SlideTiles], index: np.ndarray):
+        self.slides, self.index = slides, index  # index rows: (slide number, row)
+        self._handles: dict[int, object] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        from wsi.slide import open_slide
+        from wsi.tiling import read_tile
+
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        s, row = (int(v) for v in self.index[i])
+        part = self.slides[s]
+        if s not in self._handles:
+            self._handles[s] = open_slide(part.slide_path, slide_id=part.slide_id, mpp=part.mpp)
+        x, y = part.coords[row]
+        tile = np.array(read_tile(self._handles[s], int(x), int(y), part.plan))
+        return torch.from_numpy(tile), torch.from_numpy(part.targets[row].astype(np.float32))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"], state["_pid"] = {}, None
+        return state
+
+
+def split_pools(slides: list[SlideTiles], cfg: DistillConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Training and validation (slide, row) pools: held-out slides when there are ≥ 4, else held-out tiles."""
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(slides))
+    n_val = max(1, round(cfg.val_fraction * len(slides))) if len(slides) >= 4 else 0
+    val_slides = set(order[:n_val].tolist())
+    train, val = [], []
+    for s, part in enumerate(slides):
+        rows = np.stack([np.full(len(part.coords), s), np.arange(len(part.coords))], axis=1)
+        if s in val_slides:
+            val.append(rows)
+        elif n_val:
+            train.append(rows)
+        else:  # too few slides: hold out a fraction of each slide's tiles
+            perm = rng.permutation(len(rows))
+            cut = max(1, int(round(cfg.val_fraction * len(rows))))
+            val.append(rows[perm[:cut]])
+            train.append(rows[perm[cut:]])
+    train_pool = np.concatenate(train) if train else np.zeros((0, 2), np.int64)
+    val_pool = np.concatenate(val) if val else np.zeros((0, 2), np.int64)
+    if len(train_pool) > cfg.max_train_tiles:
+        train_pool = train_pool[rng.choice(len(train_pool), cfg.max_train_tiles, replace=False)]
+    if len(val_pool) > cfg.max_val_tiles:
+        val_pool = val_pool[rng.choice(len(val_pool), cfg.max_val_tiles, replace=False)]
+    return train_pool, val_pool, [slides[s].slide_id for s in sorted(val_slides)]
+
+
+def augment(x, generator):
+    """Histology-safe augmentations on a normalised batch (B, 3, H, W): flips, rot90, light jitter."""
+    import torch
+
+    b = x.shape[0]
+    flip_h = torch.rand(b, generator=generator) < 0.5
+    flip_v = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(flip_h[:, None, None, None], x.flip(-1), x)
+    x = torch.where(flip_v[:, None, None, None], x.flip(-2), x)
+    k = int(torch.randint(0, 4, (1,), generator=generator))
+    x = torch.rot90(x, k, dims=(-2, -1))
+    scale = 1 + 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
+    shift = 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
+    return x * scale + shift
+
+
+def evaluate(model, loader, input_size, mean, std, device) -> dict:
+    """Cosine similarity and R² of the model's teacher-space features to the teacher's, on held-out tiles."""
+    import torch
+    import torch.nn.functional as F
+
+    from features.encoders import to_model_input
+
+    preds, targets = [], []
+    model.eval()
+    with torch.inference_mode():
+        for tiles, target in loader:
+            preds.append(model(to_model_input(tiles, input_size, mean, std, device)).float().cpu())
+            targets.append(target)
+    model.train()
+    if not preds:
+        return {"cosine": float("nan"), "r2": float("nan"), "n": 0}
+    p, t = torch.cat(preds), torch.cat(targets)
+    cosine = F.cosine_similarity(p, t, dim=-1).mean().item()
+    r2 = 1 - ((t - p) ** 2).sum().item() / max(((t - t.mean(0)) ** 2).sum().item(), 1e-12)
+    return {"cosine": round(cosine, 5), "r2": round(r2, 5), "n": len(t)}
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_dir: Path, *,
+          fingerprint: str = "", teacher: dict | None = None, on_epoch=None) -> dict:
+    """Distil; writes ``out_dir/student.safetensors`` + ``student.json`` and returns the card.
+
+    ``out_dir/checkpoint/`` holds the last epoch's model and optimiser state; a run with the same
+    ``fingerprint`` resumes from it.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from distill.model import build_student, param_counts
+    from features.encoders import pick_device, to_model_input
+
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoint"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.student.device)
+    model, data_cfg = build_student(cfg, teacher_dim)
+    model = model.to(device)
+    input_size = cfg.student.input_size or int(data_cfg["input_size"][-1])
+    mean, std = tuple(cfg.student.mean or data_cfg["mean"]), tuple(cfg.student.std or data_cfg["std"])
+
+    train_pool, val_pool, val_slides = split_pools(slides, cfg)
+    if len(train_pool) == 0:
+        raise ValueError("no training tiles: every slide has zero tiles or was held out")
+    if cfg.whiten:  # the teacher's typical per-sample mean and std, to map predictions back to teacher space
+        t = np.concatenate([slides[s].targets[r][None] for s, r in train_pool[:4096]]).astype(np.float32)
+        model.target_mean.fill_(float(t.mean(axis=1).mean()))
+        model.target_std.fill_(float(t.std(axis=1).mean()))
+    from distill.transscan import FPDLoss
+
+    loss_fn = FPDLoss(beta=cfg.loss_beta, cosine_weight=cfg.cosine_weight, whiten=cfg.whiten)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(cfg.tiles_per_epoch / cfg.batch_size)
+    total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+    loader_kwargs = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                         **({"persistent_workers": False, "prefetch_factor": 4} if cfg.num_workers else {}))
+    val_loader = torch.utils.data.DataLoader(DistillTiles(slides, val_pool), shuffle=False, **loader_kwargs)
+
+    state = {"epoch": 0, "best_cosine": -2.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    resumed_from = None
+    if (ckpt_dir / "state.pt").exists() and (ckpt_dir / "last.safetensors").exists():
+        saved = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") == fingerprint:
+            model.load_state_dict(load_file(str(ckpt_dir / "last.safetensors")))
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            state = json.loads(saved["progress"])
+            resumed_from = state["epoch"]
+            log.info("distillation resumes after epoch %d", resumed_from)
+    if resumed_from is None:
+        initial = evaluate(model, val_loader, input_size, mean, std, device)
+        state["history"].append({"epoch": 0, **initial})
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+        epoch = state["epoch"] + 1
+        generator.manual_seed(cfg.seed * 1000 + epoch)  # resumable: each epoch's sampling depends only on its number
+        rows = train_pool[np.random.default_rng(cfg.seed * 1000 + epoch).integers(0, len(train_pool), cfg.tiles_per_epoch)]
+        loader = torch.utils.data.DataLoader(DistillTiles(slides, rows), shuffle=False, **loader_kwargs)
+        start, losses = time.perf_counter(), []
+        for tiles, target in loader:
+            x = to_model_input(tiles, input_size, mean, std, device)
+            if cfg.augment:
+                x = augment(x, generator)
+            with autocast:
+                prediction = model.whitened(x)
+            loss = loss_fn(prediction, target.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        metrics = evaluate(model, val_loader, input_size, mean, std, device)
+        record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5), "seconds": round(time.perf_counter() - start, 2), **metrics}
+        state["history"].append(record)
+        state["epoch"] = epoch
+        score = metrics["cosine"] if metrics["n"] else -record["loss"]  # no held-out tiles: training loss decides
+        if score > state["best_cosine"]:
+            state.update(best_cosine=score, best_epoch=epoch, bad_epochs=0)
+            atomic_save_file(model.state_dict(), ckpt_dir / "best.safetensors")
+        else:
+            state["bad_epochs"] += 1
+        atomic_save_file(model.state_dict(), ckpt_dir / "last.safetensors")
+        atomic_torch_save({"fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "progress": json.dumps(state)}, ckpt_dir / "state.pt")
+        log.info("distill epoch %d: loss %.4f, val cosine %.4f, R² %.4f", epoch, record["loss"], metrics["cosine"], metrics["r2"])
+        if on_epoch is not None:
+            on_epoch(record)
+
+    best = load_file(str(ckpt_dir / "best.safetensors"))
+    model.load_state_dict(best)
+    card = {
+        "kind": "wsi-pipeline distilled student",
+        "student": cfg.student.model_dump(mode="json"), "projector": cfg.projector, "projector_width": cfg.projector_width,
+        "whiten": cfg.whiten, "teacher": teacher or {}, "teacher_dim": teacher_dim,
+        "input_size": input_size, "mean": list(mean), "std": list(std),
+        "params": param_counts(model),
+        "data": {"slides": [s.slide_id for s in slides], "val_slides": val_slides,
+                 "train_tiles": int(len(train_pool)), "val_tiles": int(len(val_pool))},
+        "metrics": {"initial": state["history"][0], "best": next(h for h in state["history"] if h["epoch"] == state["best_epoch"]),
+                    "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "resumed_from_epoch": resumed_from},
+        "history": state["history"], "config": cfg.model_dump(mode="json"), "fingerprint": fingerprint,
+    }
+    atomic_save_file(model.state_dict(), out_dir / "student.safetensors", metadata={"card": "student.json"})
+    tmp = out_dir / f".student.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(card, indent=2))
+    os.replace(tmp, out_dir / "student.json")
+    return card
