@@ -27,12 +27,15 @@ features:
   teacher:
     model: vit_small
     precision: bf16
-# EFCM stage 1, kept short for the demo: a ViT-Ti student with a TransScan projector.
+# EFCM stage 1, kept short for the demo: a ViT-Ti/16 student on 112-px inputs (7×7 token grid)
+# with a TransScan projector.
 distill:
   student:
     model: vit_tiny
-  epochs: 4
-  tiles_per_epoch: 256
+    input_size: 112
+    model_kwargs: {img_size: 112}
+  epochs: 5
+  tiles_per_epoch: 384
   max_val_tiles: 128
 """
 
