@@ -23,9 +23,11 @@ tiling:
   min_tissue_fraction: 0.25
 # A ViT-S/16 teacher with random weights keeps the demo offline and fast; for real work use e.g.
 # `model: uni` with `pretrained: true` (hub access) or `weights: /path/to/uni.safetensors`.
+# Mean-pooled patch tokens: an untrained CLS token says little about the tile, the tokens do.
 features:
   teacher:
     model: vit_small
+    pool: mean
     precision: bf16
 # EFCM stage 1, kept short for the demo: a ViT-Ti/16 student on 112-px inputs (7×7 token grid)
 # with a TransScan projector.
@@ -37,6 +39,10 @@ distill:
   epochs: 5
   tiles_per_epoch: 384
   max_val_tiles: 128
+# EFCM stage 2 on the 12 demo slides: 3 stratified folds by case, CLAM's own training schedule.
+mil:
+  folds: 3
+  val_fraction: 0.17
 """
 
 
@@ -205,6 +211,18 @@ def status(
         holder = report["locked_by"]
         console.print(f"a run is in progress: pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}")
     raise typer.Exit(0 if is_complete(report) else 1)
+
+
+@app.command()
+def report(out: Annotated[Path, typer.Argument(help="run directory")] = Path("wsi_run")) -> None:
+    """Print the results table (strategies × ACC, balanced ACC, AUC, params, patches/s) of a run."""
+    from pipelines.evaluation import read_report
+
+    try:
+        typer.echo(read_report(out), nl=False)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

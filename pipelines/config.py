@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distill.trainer import DistillConfig
 from features.extract import ExtractionConfig
+from mil.train import MILConfig
 from wsi.tiling import TilingConfig
 from wsi.tissue import PRESETS, TissueConfig
 
@@ -59,6 +60,7 @@ class RunConfig(BaseModel):
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     features: ExtractionConfig = Field(default_factory=ExtractionConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    mil: MILConfig = Field(default_factory=MILConfig)
 
 
 class ConfigError(ValueError):

@@ -26,6 +26,7 @@ class Task:
     status: str = "pending"  # pending → up-to-date | done | failed | skipped
     reason: str = ""
     attempts: int = 0
+    included: list[str] = field(default_factory=list)  # cohort tasks: the slides they run on
 
     @property
     def id(self) -> str:
@@ -55,6 +56,20 @@ def is_up_to_date(paths: RunPaths, task: Task, cfg: RunConfig) -> bool:
     if not state or state.get("status") != "done" or state.get("fingerprint") != task.fingerprint:
         return False
     return all(p.exists() for p in STAGES[task.stage].artifacts(paths, task.key, cfg))
+
+
+def settle_cohort(cfg: RunConfig, task: Task, tasks: dict[str, Task], entries: dict[str, SlideEntry],
+                  finished) -> tuple[list[str], int]:
+    """Decide which slides a cohort task runs on — those whose every upstream task passes ``finished`` —
+    and set its fingerprint from them. Returns (included slide ids, slides left out)."""
+    per_slide: dict[str, list[Task]] = {}
+    for dep in task.deps:
+        per_slide.setdefault(tasks[dep].key, []).append(tasks[dep])
+    included = [key for key, deps in per_slide.items() if all(finished(d) for d in deps)]
+    task.included = included
+    task.fingerprint = cohort_fingerprint(cfg, task, [(entries[k], "|".join(d.fingerprint or "" for d in per_slide[k]))
+                                                      for k in included])
+    return included, len(per_slide) - len(included)
 
 
 def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry, str]]) -> str:

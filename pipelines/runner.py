@@ -20,7 +20,7 @@ from pathlib import Path
 from pipelines.artifacts import RunPaths, sweep_temporaries, write_text
 from pipelines.config import RunConfig, dump_config
 from pipelines.manifest import SlideEntry, manifest_csv
-from pipelines.plan import Task, build_plan, cohort_fingerprint, is_up_to_date, resolve_fingerprint
+from pipelines.plan import Task, build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
 from pipelines.stages import STAGES, TASK_FINGERPRINT
 from pipelines.state import COHORT, HashCache, RunLock, now, read_state, write_state
 from wsi.errors import SlideError
@@ -56,13 +56,14 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
         TASK_FINGERPRINT.reset(token)
     duration = round(time.perf_counter() - t0, 4)
     write_state(paths, stage_name, key, status="done", fingerprint=fingerprint, attempts=attempt, started=started,
-                finished=now(), duration_s=duration, warnings=meta.get("warnings", []))
+                finished=now(), duration_s=duration, warnings=meta.get("warnings", []), meta=_summary(meta))
     return {"status": "done", "duration_s": duration, "meta": _summary(meta)}
 
 
 def _summary(meta: dict) -> dict:
     """The small part of a stage's metadata the client shows (keeps results cheap to ship)."""
-    return {k: meta[k] for k in ("n_tiles", "n_slides") if k in meta}
+    keys = ("n_tiles", "n_slides", "seconds", "patches_per_s", "val_cosine", "val_r2", "initial_cosine", "folds")
+    return {k: meta[k] for k in keys if k in meta}
 
 
 class ClusterError(RuntimeError):
@@ -128,7 +129,7 @@ class _Scheduler:
     def payload(self, task: Task):
         if not task.cohort:
             return self.entries[task.key]
-        return [self.entries[self.tasks[d].key] for d in task.deps if self.tasks[d].status in ("done", "up-to-date")]
+        return [self.entries[key] for key in task.included]
 
     def ready(self, task: Task) -> bool:
         return task.status == "pending" and all(self.tasks[d].status not in ("pending", "running") for d in task.deps)
@@ -137,14 +138,14 @@ class _Scheduler:
         """Settle a ready task without running it (up to date, or blocked); True when it must run."""
         done_deps = [self.tasks[d] for d in task.deps if self.tasks[d].status in ("done", "up-to-date")]
         if task.cohort:
-            if not done_deps:
+            included, left_out = settle_cohort(self.cfg, task, self.tasks, self.entries,
+                                               lambda t: t.status in ("done", "up-to-date"))
+            if not included:
                 reason = "no slide finished its upstream stages"
                 write_state(self.paths, task.stage, task.key, status="skipped", finished=now(), error=reason)
                 return self.settle(task, "skipped", reason)
-            task.fingerprint = cohort_fingerprint(self.cfg, task, [(self.entries[d.key], d.fingerprint) for d in done_deps])
-            left_out = len(task.deps) - len(done_deps)
             if left_out:
-                task.reason = f"on {len(done_deps)}/{len(task.deps)} slides ({left_out} failed or skipped upstream)"
+                task.reason = f"on {len(included)}/{len(included) + left_out} slides ({left_out} failed or skipped upstream)"
         elif len(done_deps) < len(task.deps):
             failed = [d for d in task.deps if self.tasks[d].status != "done" and self.tasks[d].status != "up-to-date"]
             write_state(self.paths, task.stage, task.key, status="skipped", fingerprint=task.fingerprint,

@@ -22,6 +22,7 @@ from features.store import store_path
 from pipelines import __version__
 from pipelines.artifacts import RunPaths, atomic_write, write_json, write_npy, write_png, write_text
 from pipelines.config import RunConfig
+from pipelines.evaluation import mil_stage
 from pipelines.manifest import SlideEntry
 from wsi.slide import open_slide
 from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
@@ -239,6 +240,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           resources={"GPU": 1}),
     Stage("student_features", student_features_stage, "slide", after=("tiles", "distill"), config=("features.dtype",),
           artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}),
+    Stage("mil", mil_stage, "cohort", after=("features", "student_features"), config=("mil",),
+          artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"]),
 ]}
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipelines.artifacts import RunPaths
 from pipelines.config import load_config
 from pipelines.manifest import read_manifest
-from pipelines.plan import build_plan, cohort_fingerprint, is_up_to_date, resolve_fingerprint
+from pipelines.plan import build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
 from pipelines.state import COHORT, RunLock, read_state
 
 
@@ -34,8 +34,7 @@ def run_status(out: Path) -> dict:
     for task in tasks.values():  # in stage order, so fingerprints after cohort tasks can be resolved
         state = read_state(paths, task.stage, task.key)
         if task.key == COHORT and state and state.get("status") == "done":
-            slides = [(by_id[t.key], t.fingerprint) for t in tasks.values() if t.id in task.deps and is_up_to_date(paths, t, cfg)]
-            task.fingerprint = cohort_fingerprint(cfg, task, slides)
+            settle_cohort(cfg, task, tasks, by_id, lambda t: is_up_to_date(paths, t, cfg))
         elif task.fingerprint is None and task.key != COHORT:
             task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id)
         status = (state or {}).get("status", "pending")

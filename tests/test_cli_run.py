@@ -126,12 +126,12 @@ def test_init_writes_a_config_that_loads(tmp_path):
 
 
 def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
-    result = wsi("demo", "demo", "--n-slides", 2, "--size", 4096, cwd=tmp_path)
+    result = wsi("demo", "demo", "--n-slides", 6, "--size", 4096, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "demo").glob("demo_*.svs")) == ["demo_000.svs", "demo_001.svs"]
+    assert len(list((tmp_path / "demo").glob("demo_*.svs"))) == 5 and (tmp_path / "demo" / "demo_002.tif").exists()
     run = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "10 tasks: 10 done" in run.stderr  # tissue, tiles, features, student_features × 2; qc; distill
+    assert "27 tasks: 27 done" in run.stderr  # tissue, tiles, features, student_features × 6; qc, distill, mil
     for slide_id in ("demo_000", "demo_001"):
         assert (tmp_path / "runs" / "demo" / "tissue" / f"{slide_id}.png").exists()
         assert len(np.load(tmp_path / "runs" / "demo" / "tiles" / f"{slide_id}.coords.npy")) > 0
@@ -141,7 +141,13 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     elsewhere = wsi("status", tmp_path / "runs" / "demo", "--json", cwd=tmp_path / "demo")
     assert elsewhere.returncode == 0
     again = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
-    assert "10 up-to-date" in again.stderr
+    assert "27 up-to-date" in again.stderr
+    report = wsi("report", "runs/demo", cwd=tmp_path)
+    assert report.returncode == 0
+    for row in ("Teacher baseline", "Reuse", "Retrain"):
+        assert row in report.stdout
+    summary = (tmp_path / "runs" / "demo" / "results" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 4 and all("nan" not in line.split(",")[2] for line in summary[1:])
 
 
 def test_help_is_fast_and_does_not_import_torch():

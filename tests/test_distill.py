@@ -106,7 +106,8 @@ def _run_until_distill(cohort, tmp_path, epochs: int) -> tuple[list[str], str]:
         "features: {teacher: {model: resnet18, input_size: 96}, num_workers: 0}\n"
         f"distill: {{student: {{model: resnet18, input_size: 64}}, projector: linear, epochs: {epochs}, "
         "tiles_per_epoch: 256, batch_size: 32, num_workers: 0, precision: fp32}\n")
-    cmd = [*CLI, "run", str(tmp_path / "slides.csv"), "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out")]
+    cmd = [*CLI, "run", str(tmp_path / "slides.csv"), "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"),
+           "--until", "student_features"]
     return cmd, str(tmp_path / "out")
 
 
@@ -138,6 +139,6 @@ def test_killed_distillation_resumes_from_its_checkpoint_and_student_features_fo
     assert store.attrs["distilled_from"] == "resnet18"
     status = subprocess.run([*CLI, "status", out, "--json"], capture_output=True, text=True)
     report = json.loads(status.stdout)
-    assert status.returncode == 0, status.stdout
+    assert report["cohort"]["mil"]["status"] == "pending"  # unlabelled cohort, and --until student_features
     assert report["cohort"]["distill"]["status"] == "done"
     assert {row["student_features"]["status"] for row in report["slides"].values()} == {"done"}

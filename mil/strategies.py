@@ -1,0 +1,92 @@
+"""EFCM stage 2: CLAM on teacher features (baseline), Reuse, Retrain — per fold, with predictions and metrics.
+
+*teacher*: CLAM trained and tested on teacher features. *reuse*: that fold's teacher CLAM, unchanged,
+applied to the student's projected (teacher-space) features. *retrain*: a new CLAM trained and
+tested on the student's features. Every strategy sees the same folds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mil.splits import Split
+from mil.train import BagFn, MILConfig, metrics, predict, train_clam
+
+
+@dataclass(frozen=True)
+class SlideLabel:
+    slide_id: str
+    case_id: str
+    label: str
+    split: str | None = None
+
+
+@dataclass
+class StrategyResult:
+    predictions: list[dict]  # one row per strategy × fold × test slide
+    fold_metrics: list[dict]  # one row per strategy × fold
+    clam_params: int
+
+
+def _save(model, path: Path) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def run_strategies(slides: list[SlideLabel], splits: list[Split], classes: list[str], cfg: MILConfig,
+                   teacher_bag: BagFn, student_bag: BagFn | None, teacher_dim: int, student_dim: int | None,
+                   model_dir: Path) -> StrategyResult:
+    """Train and test every configured strategy on every fold; CLAM weights go to ``model_dir/<strategy>/fold_<k>``."""
+    labels = {s.slide_id: classes.index(s.label) for s in slides}
+    predictions, fold_metrics, clam_params = [], [], 0
+    for split in splits:
+        seed = cfg.seed * 100 + split.fold
+        y_test = np.array([labels[s] for s in split.test])
+        teacher_model = None
+        for strategy in cfg.strategies:
+            if strategy in ("reuse", "retrain") and student_bag is None:
+                raise ValueError(f"strategy {strategy!r} needs student features")
+            if strategy in ("teacher", "reuse") and teacher_model is None:
+                teacher_model, _ = train_clam(cfg, teacher_bag, split.train, split.val, labels, teacher_dim, len(classes), seed)
+                _save(teacher_model, model_dir / "teacher" / f"fold_{split.fold}.safetensors")
+            if strategy == "teacher":
+                model, bag = teacher_model, teacher_bag
+            elif strategy == "reuse":
+                model, bag = teacher_model, student_bag
+            else:
+                model, _ = train_clam(cfg, student_bag, split.train, split.val, labels, student_dim, len(classes), seed)
+                _save(model, model_dir / "retrain" / f"fold_{split.fold}.safetensors")
+                bag = student_bag
+            clam_params = sum(p.numel() for p in model.parameters())
+            probs = predict(model, bag, split.test)
+            fold_metrics.append({"strategy": strategy, "fold": split.fold, **metrics(y_test, probs, len(classes))})
+            for slide_id, p in zip(split.test, probs):
+                row = {"strategy": strategy, "fold": split.fold, "slide_id": slide_id, "label": classes[labels[slide_id]],
+                       "prediction": classes[int(p.argmax())]}
+                row.update({f"p_{c}": round(float(v), 6) for c, v in zip(classes, p)})
+                predictions.append(row)
+    return StrategyResult(predictions, fold_metrics, clam_params)
+
+
+def summarise(fold_metrics: list[dict], strategies: list[str]) -> list[dict]:
+    """Mean ± std over folds of ACC, balanced ACC and AUC per strategy (NaN folds left out of AUC)."""
+    rows = []
+    for strategy in strategies:
+        folds = [m for m in fold_metrics if m["strategy"] == strategy]
+        row = {"strategy": strategy, "folds": len(folds)}
+        for key in ("acc", "bacc", "auc"):
+            values = np.array([m[key] for m in folds if not math.isnan(m[key])])
+            row[f"{key}_mean"] = float(values.mean()) if len(values) else math.nan
+            row[f"{key}_std"] = float(values.std()) if len(values) else math.nan
+        rows.append(row)
+    return rows

@@ -1,0 +1,150 @@
+"""Training and evaluating CLAM on bags of patch features, one bag per step, as CLAM's reference does.
+
+Adam (lr 2e-4, weight decay 1e-5), class-balanced sampling of training bags, loss
+``bag_weight · CE + (1 − bag_weight) · instance``, validation loss after every epoch, early stopping
+(patience 20, never before epoch 50), the best validation-loss weights kept. All seeded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+BagFn = Callable[[str], "np.ndarray"]  # slide id → features (N, D)
+
+
+class MILConfig(BaseModel):
+    """CLAM slide-level training, splits and the EFCM stage-2 strategies to compare."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Literal["clam_sb", "clam_mb"] = Field("clam_sb", description="CLAM single-branch or multi-branch")
+    size: Literal["small", "big"] = Field("small", description="attention width: small (512→256) or big (512→384)")
+    dropout: float = Field(0.25, ge=0, lt=1, description="dropout after the first layer and in the attention")
+    k_sample: int = Field(8, ge=1, description="top / bottom attended patches per class for the instance loss")
+    bag_weight: float = Field(0.7, ge=0, le=1, description="weight of the bag loss; the instance loss gets the rest")
+    instance_loss: Literal["svm", "ce"] = Field("svm", description="smooth top-1 SVM (CLAM's default) or cross-entropy")
+    subtyping: bool | None = Field(None, description="out-of-class instance negatives; null: true when there are more than 2 classes")
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(1e-5, ge=0, description="Adam weight decay")
+    max_epochs: int = Field(200, ge=1, description="maximum epochs")
+    min_epochs: int = Field(50, ge=0, description="no early stop before this epoch")
+    patience: int = Field(20, ge=1, description="epochs without a lower validation loss before stopping")
+    folds: int = Field(10, ge=2, description="stratified folds by case_id (ignored when slides.csv has a split column)")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="fraction of cases held out for validation in each fold")
+    seed: int = Field(0, description="seed for splits, sampling and initialisation")
+    strategies: list[Literal["teacher", "reuse", "retrain"]] = Field(
+        default_factory=lambda: ["teacher", "reuse", "retrain"],
+        description="rows of the results table: CLAM on teacher features, that CLAM on student features, a CLAM retrained on them")
+    classes: list[str] | None = Field(None, description="label order (null: sorted labels of slides.csv)")
+    standardize: bool = Field(False, description="z-score each feature dimension with the training tiles' mean and std "
+                                                 "(stored in the model, so Reuse applies the teacher's); CLAM itself does not")
+
+
+def build_clam(cfg: MILConfig, in_dim: int, n_classes: int):
+    from mil.clam import CLAM
+
+    subtyping = cfg.subtyping if cfg.subtyping is not None else n_classes > 2
+    return CLAM(in_dim, n_classes, size=cfg.size, dropout=cfg.dropout, k_sample=cfg.k_sample,
+                multi_branch=cfg.model == "clam_mb", subtyping=subtyping, instance_loss=cfg.instance_loss)
+
+
+def predict(model, bag: BagFn, slide_ids: list[str]) -> np.ndarray:
+    """Class probabilities (n, C) for the slides."""
+    import torch
+
+    model.eval()
+    probs = []
+    with torch.inference_mode():
+        for slide_id in slide_ids:
+            logits = model(torch.from_numpy(np.asarray(bag(slide_id), dtype=np.float32)))["logits"]
+            probs.append(torch.softmax(logits, dim=1)[0].numpy())
+    return np.stack(probs) if probs else np.zeros((0, model.n_classes))
+
+
+def _val_loss(model, bag: BagFn, slide_ids: list[str], labels: dict[str, int]) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    losses = []
+    with torch.inference_mode():
+        for slide_id in slide_ids:
+            logits = model(torch.from_numpy(np.asarray(bag(slide_id), dtype=np.float32)))["logits"]
+            losses.append(F.cross_entropy(logits, torch.tensor([labels[slide_id]])).item())
+    model.train()
+    return float(np.mean(losses)) if losses else math.nan
+
+
+def train_clam(cfg: MILConfig, bag: BagFn, train_ids: list[str], val_ids: list[str], labels: dict[str, int],
+               in_dim: int, n_classes: int, seed: int) -> tuple[object, list[dict]]:
+    """One fold: returns the model with its best (lowest validation loss) weights and the history."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_clam(cfg, in_dim, n_classes)
+    if cfg.standardize:
+        sample = np.concatenate([np.asarray(bag(s), dtype=np.float32)[:2000] for s in train_ids])
+        model.feature_mean.copy_(torch.from_numpy(sample.mean(axis=0)))
+        model.feature_std.copy_(torch.from_numpy(sample.std(axis=0) + 1e-6))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    y = np.array([labels[s] for s in train_ids])
+    counts = np.bincount(y, minlength=n_classes)
+    weights = np.array([1.0 / counts[c] for c in y])
+    weights /= weights.sum()
+    best_loss, best_state, bad, history = math.inf, None, 0, []
+    model.train()
+    for epoch in range(1, cfg.max_epochs + 1):
+        order = rng.choice(len(train_ids), len(train_ids), replace=True, p=weights)  # class-balanced, like CLAM
+        losses = []
+        for i in order:
+            slide_id = train_ids[i]
+            out = model(torch.from_numpy(np.asarray(bag(slide_id), dtype=np.float32)), label=labels[slide_id])
+            bag_loss = F.cross_entropy(out["logits"], torch.tensor([labels[slide_id]]))
+            loss = cfg.bag_weight * bag_loss + (1 - cfg.bag_weight) * out["instance_loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        val = _val_loss(model, bag, val_ids, labels)
+        history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_loss": round(val, 5)})
+        score = val if not math.isnan(val) else history[-1]["train_loss"]
+        if score < best_loss:
+            best_loss, bad = score, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience and epoch >= cfg.min_epochs:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, history
+
+
+def metrics(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> dict:
+    """ACC, balanced ACC and AUC (binary: P(class 1); multi-class: one-vs-rest macro mean); NaN when undefined."""
+    import warnings
+
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    if len(y_true) == 0:
+        return {"acc": math.nan, "bacc": math.nan, "auc": math.nan, "n": 0}
+    pred = probs.argmax(axis=1)
+    with warnings.catch_warnings():  # a fold whose test set has one class: balanced ACC degenerates, AUC is NaN
+        warnings.simplefilter("ignore")
+        out = {"acc": float(accuracy_score(y_true, pred)), "bacc": float(balanced_accuracy_score(y_true, pred)),
+               "n": int(len(y_true))}
+    try:
+        if n_classes == 2:
+            out["auc"] = float(roc_auc_score(y_true, probs[:, 1]))
+        else:
+            out["auc"] = float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+    except ValueError:  # one class only in this fold's test set
+        out["auc"] = math.nan
+    return out

@@ -1,0 +1,129 @@
+"""The ``mil`` cohort stage (EFCM stage 2 + evaluation) and the results table ``wsi-pipeline report`` prints."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.artifacts import RunPaths, write_text
+from pipelines.config import RunConfig
+from pipelines.manifest import SlideEntry
+from pipelines.state import read_state
+
+
+def _rate(paths: RunPaths, stage: str, entries: list[SlideEntry]) -> float | None:
+    """Patches per second of an extraction stage over the cohort (tiles / seconds from its task states)."""
+    tiles = seconds = 0.0
+    for entry in entries:
+        meta = (read_state(paths, stage, entry.slide_id) or {}).get("meta", {})
+        tiles += meta.get("n_tiles", 0)
+        seconds += meta.get("seconds", 0.0)
+    return round(tiles / seconds, 2) if seconds else None
+
+
+def _encoder_params(cfg: RunConfig) -> int:
+    from features.encoders import create_encoder
+
+    spec = cfg.features.teacher.model_copy(update={"pretrained": False, "weights": None, "device": "cpu"})
+    return int(sum(p.numel() for p in create_encoder(spec).model.parameters()))
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def mil_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
+    """Train and evaluate CLAM for every strategy and fold; write predictions, metrics and the results table."""
+    from features.store import open_store
+    from mil.splits import csv_split, kfold_splits
+    from mil.strategies import SlideLabel, run_strategies, summarise
+
+    labelled = [e for e in entries if e.label]
+    if len(labelled) < len(entries):
+        missing = [e.slide_id for e in entries if not e.label][:5]
+        raise ValueError(f"slides without a label (e.g. {missing}): the mil stage needs a `label` for every slide")
+    mcfg = cfg.mil
+    classes = mcfg.classes or sorted({e.label for e in labelled})
+    unknown = sorted({e.label for e in labelled} - set(classes))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in mil.classes {classes}")
+    slides = [SlideLabel(e.slide_id, e.case_id or e.slide_id, e.label, e.split) for e in labelled]
+    if any(s.split for s in slides):
+        splits = csv_split([(s.slide_id, s.case_id, s.label, s.split) for s in slides])
+    else:
+        splits = kfold_splits([(s.slide_id, s.case_id, s.label) for s in slides], mcfg.folds, mcfg.val_fraction, mcfg.seed)
+
+    teacher_label, student_label = cfg.features.teacher.label, f"student_{cfg.distill.student.label}"
+    cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def bag_of(label: str):
+        def bag(slide_id: str) -> np.ndarray:
+            key = (label, slide_id)
+            if key not in cache:
+                features, _ = open_store(paths.root, label, slide_id).load(np.float16)
+                if len(features) == 0:
+                    raise ValueError(f"{slide_id}: no tiles, so no features for {label}: give it tissue or drop it")
+                cache[key] = features
+            return cache[key]
+        return bag
+
+    teacher_dim = open_store(paths.root, teacher_label, slides[0].slide_id).attrs["dim"]
+    needs_student = any(s in ("reuse", "retrain") for s in mcfg.strategies)
+    student_dim = open_store(paths.root, student_label, slides[0].slide_id).attrs["dim"] if needs_student else None
+    result = run_strategies(slides, splits, classes, mcfg, bag_of(teacher_label), bag_of(student_label) if needs_student else None,
+                            teacher_dim, student_dim, paths.root / "models" / "mil")
+    summary = summarise(result.fold_metrics, mcfg.strategies)
+    card_path = paths.student_dir / "student.json"
+    student_params = json.loads(card_path.read_text())["params"]["total"] if card_path.exists() else None
+    teacher_rate, student_rate = _rate(paths, "features", entries), _rate(paths, "student_features", entries)
+    teacher_params = _encoder_params(cfg)
+    for row in summary:
+        on_student = row["strategy"] in ("reuse", "retrain")
+        row.update({"features": student_label if on_student else teacher_label,
+                    "clam_params": result.clam_params,
+                    "encoder_params": student_params if on_student else teacher_params,
+                    "encoder_patches_per_s": student_rate if on_student else teacher_rate})
+    results = paths.root / "results"
+    write_text(results / "predictions.csv", _csv_text(result.predictions))
+    write_text(results / "fold_metrics.csv", _csv_text(result.fold_metrics))
+    write_text(results / "summary.csv", _csv_text(summary))
+    write_text(results / "summary.md", results_markdown(summary, classes, len(splits)))
+    return {"n_slides": len(slides), "folds": len(splits), "summary": summary, "warnings": []}
+
+
+def _pm(row: dict, key: str) -> str:
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def results_markdown(summary: list[dict], classes: list[str], folds: int) -> str:
+    """The table a user takes to a paper."""
+    names = {"teacher": "Teacher baseline (CLAM on teacher)", "reuse": "Reuse (teacher CLAM on student)",
+             "retrain": "Retrain (CLAM on student)"}
+    lines = [f"Classes: {', '.join(classes)}; {folds} fold(s); mean ± std over folds.", "",
+             "| strategy | features | ACC | balanced ACC | AUC | CLAM params | encoder params | encoder patches/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in summary:
+        rate = row.get("encoder_patches_per_s")
+        params = row.get("encoder_params")
+        lines.append(f"| {names.get(row['strategy'], row['strategy'])} | `{row['features']}` | {_pm(row, 'acc')} | "
+                     f"{_pm(row, 'bacc')} | {_pm(row, 'auc')} | {row['clam_params']:,} | "
+                     f"{f'{params:,}' if params else 'n/a'} | {rate if rate else 'n/a'} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_report(out: Path) -> str:
+    path = RunPaths(Path(out)).root / "results" / "summary.md"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no results yet; run the pipeline through the mil stage")
+    return path.read_text()
