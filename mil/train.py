@@ -37,9 +37,14 @@ class MILConfig(BaseModel):
     folds: int = Field(10, ge=2, description="stratified folds by case_id (ignored when slides.csv has a split column)")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="fraction of cases held out for validation in each fold")
     seed: int = Field(0, description="seed for splits, sampling and initialisation")
-    strategies: list[Literal["teacher", "reuse", "retrain"]] = Field(
-        default_factory=lambda: ["teacher", "reuse", "retrain"],
-        description="rows of the results table: CLAM on teacher features, that CLAM on student features, a CLAM retrained on them")
+    strategies: list[Literal["teacher", "reuse", "retrain", "end2end"]] = Field(
+        default_factory=lambda: ["teacher", "reuse", "retrain", "end2end"],
+        description="rows of the results table: CLAM on teacher features, that CLAM on student features, a CLAM "
+                    "retrained on them, student and CLAM fine-tuned together")
+    end2end_k_tiles: int = Field(16, ge=1, description="End2end: tiles per bag re-read and passed through the student with gradients")
+    end2end_epochs: int = Field(5, ge=1, description="End2end: epochs of joint training, from the Retrain CLAM")
+    end2end_student_lr: float = Field(1e-5, gt=0, description="End2end: student learning rate (CLAM keeps `lr`)")
+    finetune: Literal["full"] = Field("full", description="End2end: how the student is fine-tuned")
     classes: list[str] | None = Field(None, description="label order (null: sorted labels of slides.csv)")
     standardize: bool = Field(False, description="z-score each feature dimension with the training tiles' mean and std "
                                                  "(stored in the model, so Reuse applies the teacher's); CLAM itself does not")

@@ -144,10 +144,10 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     assert "27 up-to-date" in again.stderr
     report = wsi("report", "runs/demo", cwd=tmp_path)
     assert report.returncode == 0
-    for row in ("Teacher baseline", "Reuse", "Retrain"):
+    for row in ("Teacher baseline", "Reuse", "Retrain", "End2end"):
         assert row in report.stdout
     summary = (tmp_path / "runs" / "demo" / "results" / "summary.csv").read_text().splitlines()
-    assert len(summary) == 4 and all("nan" not in line.split(",")[2] for line in summary[1:])
+    assert len(summary) == 5 and all("nan" not in line.split(",")[2] for line in summary[1:])
 
 
 def test_help_is_fast_and_does_not_import_torch():

@@ -93,3 +93,38 @@ def test_training_learns_a_planted_signal_and_metrics():
     assert np.isnan(metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.4, 0.6]]), 2)["auc"])
     three = metrics(np.array([0, 1, 2]), np.eye(3), 3)
     assert three["auc"] == 1.0 and three["bacc"] == 1.0
+
+
+def test_end2end_updates_the_student_and_reads_only_k_tiles_per_step():
+    import psutil
+
+    from distill.model import build_student
+    from distill.trainer import DistillConfig
+    from mil.clam import CLAM
+    from mil.end2end import embed_bag, train_end2end
+
+    torch.manual_seed(0)
+    student, _ = build_student(DistillConfig(student={"model": "resnet18", "input_size": 64}, projector="linear"), 32)
+    clam = CLAM(32, 2)
+    rng = np.random.default_rng(0)
+    bags = {f"s{i}": rng.normal(0, 1, (200_000 if i == 0 else 50, 32)).astype(np.float32) for i in range(4)}
+    labels = {f"s{i}": i % 2 for i in range(4)}
+    requested = []
+
+    def tiles(slide_id, rows):
+        requested.append(len(rows))
+        return rng.integers(0, 255, (len(rows), 64, 64, 3), dtype=np.uint8)
+
+    before_student = {k: v.clone() for k, v in student.state_dict().items()}
+    before_clam = {k: v.clone() for k, v in clam.state_dict().items()}
+    rss = psutil.Process().memory_info().rss
+    tuned, tuned_clam, history = train_end2end(MILConfig(), student, {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+                                               clam, bags.__getitem__, tiles, list(bags), labels, k_tiles=8, epochs=2,
+                                               student_lr=1e-4)
+    assert len(history) == 2 and max(requested) == 8 and len(requested) == 8  # 4 bags × 2 epochs, ≤ 8 tiles each
+    assert psutil.Process().memory_info().rss - rss < 400 * 2**20  # the 200k-patch bag never becomes 200k images
+    changed = [k for k, v in tuned.state_dict().items() if v.is_floating_point() and not torch.equal(v, before_student[k])]
+    assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("projector.") for k in changed)
+    assert all(torch.equal(v, before_student[k]) for k, v in student.state_dict().items())  # the input model is untouched
+    assert not all(torch.equal(v, before_clam[k]) for k, v in tuned_clam.state_dict().items())
+    assert embed_bag(tuned, {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}, tiles, "s1", 50, batch=16).shape == (50, 32)
