@@ -152,8 +152,24 @@ def results_markdown(summary: list[dict], classes: list[str], folds: int) -> str
     return "\n".join(lines) + "\n"
 
 
+def stage_costs(out: Path) -> str:
+    """Per stage: tasks done, total and mean seconds, and the largest peak memory of a task (worker + loaders)."""
+    root = RunPaths(Path(out)).root / "state"
+    lines = ["| stage | tasks done | total s | mean s/task | max peak RSS MB |", "|---|---|---|---|---|"]
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
+        states = [json.loads(f.read_text()) for f in folder.glob("*.json")]
+        done = [st for st in states if st.get("status") == "done" and "duration_s" in st]
+        if not done:
+            continue
+        total = sum(st["duration_s"] for st in done)
+        peak = max((st.get("peak_rss_mb") or 0) for st in done)
+        lines.append(f"| {folder.name} | {len(done)} | {total:.1f} | {total / len(done):.2f} | {peak:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def read_report(out: Path) -> str:
+    """The results table, then what each stage cost."""
     path = RunPaths(Path(out)).root / "results" / "summary.md"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no results yet; run the pipeline through the mil stage")
-    return path.read_text()
+    return path.read_text() + "\nStage costs (from the task states; peak RSS of the task's worker process and its loaders):\n\n" + stage_costs(out)

@@ -37,6 +37,48 @@ def failure_reason(exc: BaseException, entry: SlideEntry | None) -> str:
     return f"{type(exc).__name__}: {exc} (slides.csv line {entry.line})"
 
 
+class PeakRSS:
+    """Samples this process's resident memory (plus its children's, e.g. DataLoader workers) while a task runs."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        import psutil
+
+        self.process, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        total = self.process.memory_info().rss
+        for child in self.process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                continue  # a child that just exited
+        self.peak = max(self.peak, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakRSS:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
 def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fingerprint: str, attempt: int) -> dict:
     """Run one task where Dask put it; record running → done/failed. Never raises for a stage error."""
     paths = RunPaths(Path(root))
@@ -44,8 +86,10 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
     started, t0 = now(), time.perf_counter()
     write_state(paths, stage_name, key, status="running", fingerprint=fingerprint, attempts=attempt, started=started)
     token = TASK_FINGERPRINT.set(fingerprint)
+    memory = PeakRSS()
     try:
-        meta = stage.fn(payload, cfg, paths)
+        with memory:
+            meta = stage.fn(payload, cfg, paths)
     except Exception as exc:  # recorded with its traceback; the runner decides on retries
         reason = failure_reason(exc, payload if isinstance(payload, SlideEntry) else None)
         write_state(paths, stage_name, key, status="failed", fingerprint=fingerprint, attempts=attempt, started=started,
@@ -56,7 +100,8 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
         TASK_FINGERPRINT.reset(token)
     duration = round(time.perf_counter() - t0, 4)
     write_state(paths, stage_name, key, status="done", fingerprint=fingerprint, attempts=attempt, started=started,
-                finished=now(), duration_s=duration, warnings=meta.get("warnings", []), meta=_summary(meta))
+                finished=now(), duration_s=duration, peak_rss_mb=memory.mb, warnings=meta.get("warnings", []),
+                meta=_summary(meta))
     return {"status": "done", "duration_s": duration, "meta": _summary(meta)}
 
 

@@ -146,6 +146,9 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     assert report.returncode == 0
     for row in ("Teacher baseline", "Reuse", "Retrain", "End2end"):
         assert row in report.stdout
+    assert "| features | 6 |" in report.stdout and "| mil | 1 |" in report.stdout  # stage costs
+    feature_state = json.loads((tmp_path / "runs" / "demo" / "state" / "features" / "demo_000.json").read_text())
+    assert feature_state["peak_rss_mb"] > 100 and feature_state["meta"]["n_tiles"] > 0
     summary = (tmp_path / "runs" / "demo" / "results" / "summary.csv").read_text().splitlines()
     assert len(summary) == 5 and all("nan" not in line.split(",")[2] for line in summary[1:])
 
