@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mil.train import BagFn, MILConfig
+from mil.train import BagFn, MILConfig, balanced_weights, clam_step
 
 # (slide id, row indices) → uint8 tiles (k, H, W, 3) for those rows of the slide's bag
 TileFn = Callable[[str, np.ndarray], "np.ndarray"]
@@ -47,7 +47,6 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
                   method: str = "full", seed: int = 0) -> tuple[object, object, list[dict]]:
     """Fine-tune copies of ``student`` and ``clam`` together; returns (student, clam, history)."""
     import torch
-    import torch.nn.functional as F
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -56,10 +55,7 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
     clam.train()
     groups = FINETUNE[method]().param_groups(student, student_lr)
     optimizer = torch.optim.Adam(groups + [{"params": list(clam.parameters()), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
-    y = np.array([labels[s] for s in train_ids])
-    counts = np.bincount(y, minlength=clam.n_classes)
-    weights = np.array([1.0 / counts[c] for c in y])
-    weights /= weights.sum()
+    weights = balanced_weights(train_ids, labels, clam.n_classes)
     history = []
     for epoch in range(1, epochs + 1):
         losses = []
@@ -72,13 +68,7 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
             mask[torch.from_numpy(rows)] = 1.0
             placed = torch.zeros_like(stored).index_copy(0, torch.from_numpy(rows), fresh.float())
             features = stored * (1 - mask) + placed  # stored rows, with the k fresh ones (with gradients) swapped in
-            out = clam(features, label=labels[slide_id])
-            bag_loss = F.cross_entropy(out["logits"], torch.tensor([labels[slide_id]]))
-            loss = cfg.bag_weight * bag_loss + (1 - cfg.bag_weight) * out["instance_loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(clam_step(cfg, clam(features, label=labels[slide_id]), labels[slide_id], optimizer))
         history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5)})
     student.eval()
     clam.eval()

@@ -85,11 +85,31 @@ def _val_loss(model, bag: BagFn, slide_ids: list[str], labels: dict[str, int]) -
     return float(np.mean(losses)) if losses else math.nan
 
 
+def balanced_weights(train_ids: list[str], labels: dict[str, int], n_classes: int) -> np.ndarray:
+    """Sampling probability of each training bag: inverse class frequency (CLAM's weighted sampler)."""
+    y = np.array([labels[s] for s in train_ids])
+    counts = np.bincount(y, minlength=n_classes)
+    weights = np.array([1.0 / counts[c] for c in y])
+    return weights / weights.sum()
+
+
+def clam_step(cfg: MILConfig, out: dict, label: int, optimizer) -> float:
+    """One optimiser step on ``bag_weight · CE + (1 − bag_weight) · instance`` for one bag."""
+    import torch
+    import torch.nn.functional as F
+
+    bag_loss = F.cross_entropy(out["logits"], torch.tensor([label]))
+    loss = cfg.bag_weight * bag_loss + (1 - cfg.bag_weight) * out["instance_loss"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train_clam(cfg: MILConfig, bag: BagFn, train_ids: list[str], val_ids: list[str], labels: dict[str, int],
                in_dim: int, n_classes: int, seed: int) -> tuple[object, list[dict]]:
     """One fold: returns the model with its best (lowest validation loss) weights and the history."""
     import torch
-    import torch.nn.functional as F
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -99,10 +119,7 @@ def train_clam(cfg: MILConfig, bag: BagFn, train_ids: list[str], val_ids: list[s
         model.feature_mean.copy_(torch.from_numpy(sample.mean(axis=0)))
         model.feature_std.copy_(torch.from_numpy(sample.std(axis=0) + 1e-6))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    y = np.array([labels[s] for s in train_ids])
-    counts = np.bincount(y, minlength=n_classes)
-    weights = np.array([1.0 / counts[c] for c in y])
-    weights /= weights.sum()
+    weights = balanced_weights(train_ids, labels, n_classes)
     best_loss, best_state, bad, history = math.inf, None, 0, []
     model.train()
     for epoch in range(1, cfg.max_epochs + 1):
@@ -111,12 +128,7 @@ def train_clam(cfg: MILConfig, bag: BagFn, train_ids: list[str], val_ids: list[s
         for i in order:
             slide_id = train_ids[i]
             out = model(torch.from_numpy(np.asarray(bag(slide_id), dtype=np.float32)), label=labels[slide_id])
-            bag_loss = F.cross_entropy(out["logits"], torch.tensor([labels[slide_id]]))
-            loss = cfg.bag_weight * bag_loss + (1 - cfg.bag_weight) * out["instance_loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(clam_step(cfg, out, labels[slide_id], optimizer))
         val = _val_loss(model, bag, val_ids, labels)
         history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_loss": round(val, 5)})
         score = val if not math.isnan(val) else history[-1]["train_loss"]
