@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from features.encoders import EncoderConfig
+from features.store import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +184,6 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
 
 def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_dir: Path, *,
           fingerprint: str = "", teacher: dict | None = None, on_epoch=None) -> dict:
@@ -275,10 +269,10 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         score = metrics["cosine"] if metrics["n"] else -record["loss"]  # no held-out tiles: training loss decides
         if score > state["best_cosine"]:
             state.update(best_cosine=score, best_epoch=epoch, bad_epochs=0)
-            atomic_save_file(model.state_dict(), ckpt_dir / "best.safetensors")
+            save_safetensors(model.state_dict(), ckpt_dir / "best.safetensors")
         else:
             state["bad_epochs"] += 1
-        atomic_save_file(model.state_dict(), ckpt_dir / "last.safetensors")
+        save_safetensors(model.state_dict(), ckpt_dir / "last.safetensors")
         atomic_torch_save({"fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "progress": json.dumps(state)}, ckpt_dir / "state.pt")
         log.info("distill epoch %d: loss %.4f, val cosine %.4f, R² %.4f", epoch, record["loss"], metrics["cosine"], metrics["r2"])
@@ -299,7 +293,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
                     "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "resumed_from_epoch": resumed_from},
         "history": state["history"], "config": cfg.model_dump(mode="json"), "fingerprint": fingerprint,
     }
-    atomic_save_file(model.state_dict(), out_dir / "student.safetensors", metadata={"card": "student.json"})
+    save_safetensors(model.state_dict(), out_dir / "student.safetensors", metadata={"card": "student.json"})
     tmp = out_dir / f".student.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(card, indent=2))
     os.replace(tmp, out_dir / "student.json")

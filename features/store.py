@@ -79,6 +79,17 @@ def write_store(path: Path, *, dim: int, coords: np.ndarray, attrs: dict, dtype:
         raise
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Write tensors (e.g. a state dict) as safetensors under a temporary name, then rename into place."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed after."""
     old = None

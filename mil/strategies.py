@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features.store import save_safetensors
 from mil.splits import Split
 from mil.train import BagFn, MILConfig, metrics, predict, train_clam
 
@@ -31,16 +32,6 @@ class StrategyResult:
     fold_metrics: list[dict]  # one row per strategy × fold
     clam_params: int
 
-
-def _save(model, path: Path) -> None:
-    import os
-
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -70,14 +61,14 @@ def run_strategies(slides: list[SlideLabel], splits: list[Split], classes: list[
                 raise ValueError("strategy 'end2end' needs the distilled student and the slides' tiles")
             if strategy in ("teacher", "reuse") and teacher_model is None:
                 teacher_model, _ = train_clam(cfg, teacher_bag, split.train, split.val, labels, teacher_dim, len(classes), seed)
-                _save(teacher_model, model_dir / "teacher" / f"fold_{split.fold}.safetensors")
+                save_safetensors(teacher_model.state_dict(), model_dir / "teacher" / f"fold_{split.fold}.safetensors")
             if strategy == "teacher":
                 model, bag = teacher_model, teacher_bag
             elif strategy == "reuse":
                 model, bag = teacher_model, student_bag
             elif strategy == "retrain" or retrain_model is None:
                 retrain_model, _ = train_clam(cfg, student_bag, split.train, split.val, labels, student_dim, len(classes), seed)
-                _save(retrain_model, model_dir / "retrain" / f"fold_{split.fold}.safetensors")
+                save_safetensors(retrain_model.state_dict(), model_dir / "retrain" / f"fold_{split.fold}.safetensors")
                 model, bag = retrain_model, student_bag
             if strategy == "end2end":
                 model, bag = _end2end_fold(cfg, end2end, retrain_model, student_bag, split, labels, seed,
@@ -103,8 +94,8 @@ def _end2end_fold(cfg: MILConfig, inputs: End2endInputs, retrain_model, student_
     student, clam, _ = train_end2end(cfg, inputs.student, inputs.student_input, retrain_model, student_bag, inputs.tiles,
                                      split.train, labels, k_tiles=cfg.end2end_k_tiles, epochs=cfg.end2end_epochs,
                                      student_lr=cfg.end2end_student_lr, method=cfg.finetune, seed=seed)
-    _save(clam, out.with_name(out.name + "_clam.safetensors"))
-    _save(student, out.with_name(out.name + "_student.safetensors"))
+    save_safetensors(clam.state_dict(), out.with_name(out.name + "_clam.safetensors"))
+    save_safetensors(student.state_dict(), out.with_name(out.name + "_student.safetensors"))
     fresh = {s: embed_bag(student, inputs.student_input, inputs.tiles, s, inputs.n_rows(s)) for s in split.test}
     return clam, fresh.__getitem__
 
