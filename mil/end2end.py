@@ -3,35 +3,28 @@
 Starting from the distilled student and the fold's Retrain CLAM, every step takes one bag: its
 stored student features (no gradient) with ``k_tiles`` of its tiles re-read and passed through the
 student *with* gradients, replacing their stored rows. Memory per step is bounded by ``k_tiles``
-images, however large the bag. Which student parameters train, and at what learning rate, is a
-pluggable fine-tuning strategy (``full`` here; more in ``mil.finetune`` as they land).
+images, however large the bag. Which parameters train, at what learning rates, with what penalty
+and per-epoch changes is a fine-tuning strategy from ``mil.finetune`` (full, linear probe, LP-FT,
+gradual unfreezing, L2-SP, discriminative, Auto-RGN, LoRA, FPT).
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
-from mil.train import BagFn, MILConfig, balanced_weights, clam_step
+from mil.train import BagFn, MILConfig, balanced_weights
+
+# Learning rates for strategies that train new parameters from scratch (MeLo: 1e-3 for LoRA); the others use
+# `student_lr`. `finetune_options: {<name>: {lr: ...}}` overrides either.
+STRATEGY_LR = {"lora": 1e-3, "fpt": 1e-4}
 
 # (slide id, row indices) → uint8 tiles (k, H, W, 3) for those rows of the slide's bag
 TileFn = Callable[[str, np.ndarray], "np.ndarray"]
-
-
-class FullFineTuning:
-    """Every student parameter trains, at the student learning rate."""
-
-    name = "full"
-
-    def param_groups(self, student, lr: float) -> list[dict]:
-        for p in student.parameters():
-            p.requires_grad_(True)
-        return [{"params": [p for p in student.parameters()], "lr": lr}]
-
-
-FINETUNE = {"full": FullFineTuning}
 
 
 def _to_input(tiles: np.ndarray, size: int, mean, std):
@@ -44,35 +37,75 @@ def _to_input(tiles: np.ndarray, size: int, mean, std):
 
 def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn, tiles: TileFn,
                   train_ids: list[str], labels: dict[str, int], *, k_tiles: int, epochs: int, student_lr: float,
-                  method: str = "full", seed: int = 0) -> tuple[object, object, list[dict]]:
-    """Fine-tune copies of ``student`` and ``clam`` together; returns (student, clam, history)."""
+                  finetune: str = "full", finetune_options: dict | None = None,
+                  seed: int = 0) -> tuple[object, object, list[dict]]:
+    """Fine-tune copies of ``student`` and ``clam`` together; returns (encoder, clam, history).
+
+    ``student`` is any encoder module (``finetune="fpt"`` expects the large teacher ViT and returns an
+    ``FPTModel`` around it). History per epoch: loss, seconds, accounted peak training memory (MB),
+    the encoder's trainable and total (before adaptation) parameter counts.
+    """
     import torch
+
+    from mil.finetune import create_finetune
+    from mil.finetune.base import TrainingMemory, count
+    from mil.finetune.loop import optimizer_step
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     student, clam = copy.deepcopy(student), copy.deepcopy(clam)
+    encoder_params = count(student.parameters())
+    options = dict(finetune_options or {})
+    lr = float(options.pop("lr", STRATEGY_LR.get(finetune, student_lr)))
+    strategy = create_finetune(finetune, **options)
+    student = strategy.prepare(student, epochs=epochs)
     student.train()
     clam.train()
-    groups = FINETUNE[method]().param_groups(student, student_lr)
-    optimizer = torch.optim.Adam(groups + [{"params": list(clam.parameters()), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(strategy.param_groups(student, lr) + [{"params": list(clam.parameters()), "lr": cfg.lr}],
+                                 weight_decay=cfg.weight_decay)
+    trainable = strategy.trainable(student)
+    meter = TrainingMemory([student, clam], trainable + list(clam.parameters()))
     weights = balanced_weights(train_ids, labels, clam.n_classes)
     history = []
     for epoch in range(1, epochs + 1):
-        losses = []
+        strategy.on_epoch_start(student, optimizer, epoch)
+        start, losses = time.perf_counter(), []
         for i in rng.choice(len(train_ids), len(train_ids), replace=True, p=weights):
             slide_id = train_ids[i]
+            label = labels[slide_id]
             stored = torch.from_numpy(np.asarray(bag(slide_id), dtype=np.float32))
             rows = np.sort(rng.choice(len(stored), min(k_tiles, len(stored)), replace=False))
-            fresh = student(_to_input(tiles(slide_id, rows), **student_input))  # the only images in memory
-            mask = torch.zeros(len(stored), 1)
-            mask[torch.from_numpy(rows)] = 1.0
-            placed = torch.zeros_like(stored).index_copy(0, torch.from_numpy(rows), fresh.float())
-            features = stored * (1 - mask) + placed  # stored rows, with the k fresh ones (with gradients) swapped in
-            losses.append(clam_step(cfg, clam(features, label=labels[slide_id]), labels[slide_id], optimizer))
-        history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5)})
+            with meter.step():
+                fresh = student(_to_input(tiles(slide_id, rows), **student_input))  # the only images in memory
+                mask = torch.zeros(len(stored), 1)
+                mask[torch.from_numpy(rows)] = 1.0
+                placed = torch.zeros_like(stored).index_copy(0, torch.from_numpy(rows), fresh.float())
+                out = clam(stored * (1 - mask) + placed, label=label)  # stored rows, the k fresh ones (with gradients) swapped in
+                loss = cfg.bag_weight * torch.nn.functional.cross_entropy(out["logits"], torch.tensor([label])) \
+                    + (1 - cfg.bag_weight) * out["instance_loss"]
+                losses.append(optimizer_step(strategy, student, optimizer, loss))
+        history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5),
+                        "seconds": round(time.perf_counter() - start, 3), "peak_mb": meter.peak_mb,
+                        "trainable_params": count(trainable), "encoder_params": encoder_params})
     student.eval()
     clam.eval()
     return student, clam, history
+
+
+def save_encoder(student, finetune: str, path: Path) -> Path:
+    """What a fine-tuned encoder needs to be rebuilt: LoRA adapters + head, FPT's trained parts, or the whole student."""
+    from features.store import save_safetensors
+
+    path = Path(path)
+    if finetune == "lora":
+        from mil.finetune.lora import save_adapter
+
+        return save_adapter(student, path.with_name(path.name + ".adapter.safetensors"))
+    state = student.state_dict()
+    if finetune == "fpt":
+        state = {k: v for k, v in state.items() if not k.startswith("frozen.")}
+    save_safetensors(state, path.with_name(path.name + ".safetensors"))
+    return path.with_name(path.name + ".safetensors")
 
 
 def embed_bag(student, student_input: dict, tiles: TileFn, slide_id: str, n_rows: int, batch: int = 64) -> np.ndarray:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 BagFn = Callable[[str], "np.ndarray"]  # slide id → features (N, D)
+# the names of mil.finetune.REGISTRY (a test keeps the two in step; listed here so the config needs no torch)
+FineTuneName = Literal["full", "linear_probe", "lp_ft", "unfreeze_last_to_first", "unfreeze_first_to_last", "l2_sp",
+                       "discriminative", "auto_rgn", "lora", "fpt"]
 
 
 class MILConfig(BaseModel):
@@ -44,10 +47,31 @@ class MILConfig(BaseModel):
     end2end_k_tiles: int = Field(16, ge=1, description="End2end: tiles per bag re-read and passed through the student with gradients")
     end2end_epochs: int = Field(5, ge=1, description="End2end: epochs of joint training, from the Retrain CLAM")
     end2end_student_lr: float = Field(1e-5, gt=0, description="End2end: student learning rate (CLAM keeps `lr`)")
-    finetune: Literal["full"] = Field("full", description="End2end: how the student is fine-tuned")
+    finetune: list[FineTuneName] = Field(
+        default_factory=lambda: ["full"],
+        description="End2end: how the encoder is fine-tuned, one End2end row per entry (`full` is the row `end2end`, the "
+                    "others `end2end:<name>`): full, linear_probe (projector only), lp_ft, unfreeze_last_to_first, "
+                    "unfreeze_first_to_last, l2_sp, discriminative, auto_rgn, lora (MeLo q/v adapters), fpt (the "
+                    "frozen teacher + a light side network; starts from the teacher's CLAM and features) — see docs/finetuning.md")
+    finetune_options: dict[FineTuneName, dict[str, Any]] = Field(
+        default_factory=dict, description="End2end: options per fine-tuning strategy, e.g. {lora: {rank: 8}, "
+                                          "discriminative: {decay: 0.7}} (the keyword arguments in docs/finetuning.md)")
     classes: list[str] | None = Field(None, description="label order (null: sorted labels of slides.csv)")
     standardize: bool = Field(False, description="z-score each feature dimension with the training tiles' mean and std "
                                                  "(stored in the model, so Reuse applies the teacher's); CLAM itself does not")
+
+    @field_validator("finetune", mode="before")
+    @classmethod
+    def _one_name(cls, value):
+        """`finetune: lora` (one name, as configs before the list had it) means [lora]."""
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("finetune")
+    @classmethod
+    def _unique(cls, value):
+        if not value or len(set(value)) < len(value):
+            raise ValueError("list each fine-tuning strategy once, at least one")
+        return value
 
 
 def build_clam(cfg: MILConfig, in_dim: int, n_classes: int):

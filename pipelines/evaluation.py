@@ -57,8 +57,14 @@ def _end2end_inputs(paths: RunPaths, cfg: RunConfig):
         slide, grid = source(slide_id)
         return np.stack([read_tile(slide, *map(int, grid.coords[r]), grid.plan) for r in rows])
 
+    teacher = teacher_input = None
+    if "fpt" in cfg.mil.finetune:  # FPT fine-tunes the (frozen) teacher through a side network
+        from features.encoders import create_encoder
+
+        big = create_encoder(cfg.features.teacher.model_copy(update={"device": "cpu", "precision": "fp32"}))
+        teacher, teacher_input = big.model, {"size": big.input_size, "mean": big.mean, "std": big.std}
     return End2endInputs(student, {"size": encoder.input_size, "mean": encoder.mean, "std": encoder.std}, tiles,
-                         lambda slide_id: len(source(slide_id)[1].coords))
+                         lambda slide_id: len(source(slide_id)[1].coords), teacher, teacher_input)
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -74,7 +80,7 @@ def mil_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dic
     """Train and evaluate CLAM for every strategy and fold; write predictions, metrics and the results table."""
     from features.store import open_store
     from mil.splits import csv_split, kfold_splits
-    from mil.strategies import SlideLabel, run_strategies, summarise
+    from mil.strategies import SlideLabel, run_strategies, strategy_rows, summarise
 
     labelled = [e for e in entries if e.label]
     if len(labelled) < len(entries):
@@ -111,14 +117,14 @@ def mil_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dic
     end2end = _end2end_inputs(paths, cfg) if "end2end" in mcfg.strategies else None
     result = run_strategies(slides, splits, classes, mcfg, bag_of(teacher_label), bag_of(student_label) if needs_student else None,
                             teacher_dim, student_dim, paths.root / "models" / "mil", end2end)
-    summary = summarise(result.fold_metrics, mcfg.strategies)
+    summary = summarise(result.fold_metrics, strategy_rows(mcfg))
     card_path = paths.student_dir / "student.json"
     student_params = json.loads(card_path.read_text())["params"]["total"] if card_path.exists() else None
     teacher_rate, student_rate = _rate(paths, "features", entries), _rate(paths, "student_features", entries)
     teacher_params = _encoder_params(cfg)
     for row in summary:
-        on_student = row["strategy"] in ("reuse", "retrain")
-        on_student = on_student or row["strategy"] == "end2end"
+        on_student = row["strategy"] in ("reuse", "retrain") or (row["strategy"].startswith("end2end")
+                                                                   and row["strategy"] != "end2end:fpt")
         row.update({"features": student_label if on_student else teacher_label,
                     "clam_params": result.clam_params,
                     "encoder_params": student_params if on_student else teacher_params,
@@ -139,17 +145,29 @@ def _pm(row: dict, key: str) -> str:
 def results_markdown(summary: list[dict], classes: list[str], folds: int) -> str:
     """The table a user takes to a paper."""
     names = {"teacher": "Teacher baseline (CLAM on teacher)", "reuse": "Reuse (teacher CLAM on student)",
-             "retrain": "Retrain (CLAM on student)", "end2end": "End2end (student + CLAM, full fine-tuning)"}
-    lines = [f"Classes: {', '.join(classes)}; {folds} fold(s); mean ± std over folds.", "",
-             "| strategy | features | ACC | balanced ACC | AUC | trainable params | encoder params | encoder patches/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "retrain": "Retrain (CLAM on student)", "end2end": "End2end (student + CLAM, full fine-tuning)",
+             "end2end:fpt": "End2end FPT (frozen teacher + side network + CLAM)"}
+    legend = ("Encoder trainable: parameters of the encoder that train (% of the encoder); train peak MB: weights + "
+              "gradients + Adam states + saved activations of one End2end step; s/epoch: End2end training time.")
+    header = ("| strategy | features | ACC | balanced ACC | AUC | trainable params | encoder trainable | train peak MB "
+              "| s/epoch | encoder params | encoder patches/s |")
+    lines = [f"Classes: {', '.join(classes)}; {folds} fold(s); mean ± std over folds. {legend}", "", header,
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary:
         rate = row.get("encoder_patches_per_s")
         params = row.get("encoder_params")
-        lines.append(f"| {names.get(row['strategy'], row['strategy'])} | `{row['features']}` | {_pm(row, 'acc')} | "
-                     f"{_pm(row, 'bacc')} | {_pm(row, 'auc')} | {row['trainable_params']:,} | "
-                     f"{f'{params:,}' if params else 'n/a'} | {rate if rate else 'n/a'} |")
+        name = names.get(row["strategy"]) or (f"End2end ({row['strategy'].split(':', 1)[1]} fine-tuning)"
+                                              if row["strategy"].startswith("end2end:") else row["strategy"])
+        tuned = row.get("encoder_trainable_params")
+        tuned = f"{int(tuned):,} ({row['encoder_trainable_pct']:.2f} %)" if tuned else "0"
+        lines.append(f"| {name} | `{row['features']}` | {_pm(row, 'acc')} | {_pm(row, 'bacc')} | {_pm(row, 'auc')} | "
+                     f"{row['trainable_params']:,} | {tuned} | {_or_na(row.get('train_peak_mb'))} | "
+                     f"{_or_na(row.get('s_per_epoch'))} | {f'{params:,}' if params else 'n/a'} | {rate if rate else 'n/a'} |")
     return "\n".join(lines) + "\n"
+
+
+def _or_na(value) -> str:
+    return "n/a" if value is None else f"{value:g}"
 
 
 def stage_costs(out: Path) -> str:
