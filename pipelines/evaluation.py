@@ -161,13 +161,13 @@ def results_markdown(summary: list[dict], classes: list[str], folds: int) -> str
         tuned = row.get("encoder_trainable_params")
         tuned = f"{int(tuned):,} ({row['encoder_trainable_pct']:.2f} %)" if tuned else "0"
         lines.append(f"| {name} | `{row['features']}` | {_pm(row, 'acc')} | {_pm(row, 'bacc')} | {_pm(row, 'auc')} | "
-                     f"{row['trainable_params']:,} | {tuned} | {_or_na(row.get('train_peak_mb'))} | "
-                     f"{_or_na(row.get('s_per_epoch'))} | {f'{params:,}' if params else 'n/a'} | {rate if rate else 'n/a'} |")
+                     f"{row['trainable_params']:,} | {tuned} | {_or_na(row.get('train_peak_mb'), ',.0f')} | "
+                     f"{_or_na(row.get('s_per_epoch'), '.1f')} | {f'{params:,}' if params else 'n/a'} | {rate if rate else 'n/a'} |")
     return "\n".join(lines) + "\n"
 
 
-def _or_na(value) -> str:
-    return "n/a" if value is None else f"{value:g}"
+def _or_na(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def stage_costs(out: Path) -> str:

@@ -286,6 +286,6 @@ def test_results_rows_expand_end2end_per_strategy():
            "auc_std": float("nan"), "trainable_params": 10, "encoder_params": 1000, "encoder_patches_per_s": 3.0}
     table = results_markdown([{**row, "strategy": "retrain", "encoder_trainable_params": 0},
                               {**row, "strategy": "end2end:lora", "encoder_trainable_params": 5,
-                               "encoder_trainable_pct": 0.5, "train_peak_mb": 12.5, "s_per_epoch": 3.25}], ["a", "b"], 2)
-    assert "| End2end (lora fine-tuning) |" in table and "| 5 (0.50 %) | 12.5 | 3.25 |" in table
+                               "encoder_trainable_pct": 0.5, "train_peak_mb": 12.4, "s_per_epoch": 3.24}], ["a", "b"], 2)
+    assert "| End2end (lora fine-tuning) |" in table and "| 5 (0.50 %) | 12 | 3.2 |" in table
     assert "| Retrain (CLAM on student) | `x` | 0.500 ± 0.000 | 0.500 ± 0.000 | n/a | 10 | 0 | n/a | n/a |" in table
