@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,26 +78,39 @@ def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):
                                        pin_memory=device.type == "cuda", **kwargs)
 
 
-def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: ExtractionConfig, attrs: dict) -> dict:
-    """Run every tile of ``dataset`` through ``encoder`` into the store at ``out``; returns timing metadata."""
+def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig) -> Iterator[tuple[np.ndarray, float]]:
+    """(features, model seconds) per batch, in tile order, with tiles read and decoded by the loader workers."""
     import torch
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if not len(dataset):
+        return
+    expected = 0
+    for tiles, index in make_loader(dataset, cfg, encoder.device):
+        if int(index[0]) != expected:
+            raise RuntimeError(f"tiles arrived out of order ({int(index[0])} != {expected})")
+        t0 = time.perf_counter()
+        feats = encoder(tiles).cpu().numpy()
+        yield feats, time.perf_counter() - t0
+        expected += len(index)
+
+
+def embed_tiles(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig) -> np.ndarray:
+    """Features of every tile in memory (N, dim) float32, for passes that are not stored (e.g. heatmap overlap)."""
+    parts = [feats.astype(np.float32) for feats, _ in encode_batches(dataset, encoder, cfg)]
+    return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+
+
+def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: ExtractionConfig, attrs: dict) -> dict:
+    """Run every tile of ``dataset`` through ``encoder`` into the store at ``out``; returns timing metadata."""
     start = time.perf_counter()
     model_seconds = 0.0
     with write_store(out, dim=encoder.dim, coords=dataset.coords, dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
                      attrs=attrs) as writer:
-        if len(dataset):
-            expected = 0
-            for tiles, index in make_loader(dataset, cfg, encoder.device):
-                if int(index[0]) != expected:
-                    raise RuntimeError(f"tiles arrived out of order ({int(index[0])} != {expected})")
-                t0 = time.perf_counter()
-                feats = encoder(tiles)
-                writer.append(feats.cpu().numpy())
-                model_seconds += time.perf_counter() - t0
-                expected += len(index)
+        for feats, seconds in encode_batches(dataset, encoder, cfg):
+            writer.append(feats)
+            model_seconds += seconds
     seconds = time.perf_counter() - start
     return {"n_tiles": len(dataset), "seconds": round(seconds, 3), "model_seconds": round(model_seconds, 3),
             "patches_per_s": round(len(dataset) / seconds, 2) if seconds and len(dataset) else 0.0}

@@ -12,8 +12,8 @@ The instance loss is the smooth top-1 SVM (alpha 1, tau 1) or cross-entropy. Bag
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 SIZES = {"small": (512, 256), "big": (512, 384)}
 
@@ -98,15 +98,16 @@ class CLAM(nn.Module):
                 total = total + self._instance_eval(a, h, self.instance_classifiers[c], False)
         return total / self.n_classes if self.subtyping else total
 
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Slide logits (1, C) from the attention-pooled embedding (K, 512)."""
+        if self.multi_branch:
+            return torch.cat([clf(pooled[c]) for c, clf in enumerate(self.classifiers)]).unsqueeze(0)
+        return self.classifiers(pooled)
+
     def forward(self, features: torch.Tensor, label: int | None = None) -> dict:
         h, attention = self.embed(features)
         weights = F.softmax(attention, dim=1)  # over patches
-        pooled = weights @ h  # (K, 512)
-        if self.multi_branch:
-            logits = torch.cat([clf(pooled[c]) for c, clf in enumerate(self.classifiers)]).unsqueeze(0)
-        else:
-            logits = self.classifiers(pooled)
-        out = {"logits": logits, "attention": attention}
+        out = {"logits": self.classify(weights @ h), "attention": attention}
         if label is not None:
             out["instance_loss"] = self.instance_loss(attention, h, int(label))
         return out

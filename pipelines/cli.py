@@ -176,6 +176,7 @@ def status(
 ) -> None:
     """Show every slide × stage of a run: done, failed (with the error), stale, interrupted or pending."""
     import json
+    import sys
 
     from rich.console import Console
     from rich.markup import escape
@@ -203,7 +204,7 @@ def status(
         cells = [f"[{colours[row[s]['status']]}]{row[s]['status']}[/]" if s in row else "" for s in slide_stages]
         error = next((row[s]["error"] for s in slide_stages if s in row and row[s]["error"]), "")
         table.add_row(escape(slide_id), *cells, escape(error))
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # piped or logged: do not squeeze the table
     console.print(table)
     for stage, cell in report["cohort"].items():
         console.print(f"cohort stage {stage}: [{colours[cell['status']]}]{cell['status']}[/] {escape(cell['error'])}")
@@ -223,6 +224,54 @@ def report(out: Annotated[Path, typer.Argument(help="run directory")] = Path("ws
     except FileNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+@app.command()
+def heatmaps(
+    out: Annotated[Path, typer.Argument(help="a run directory whose mil stage has finished")],
+    slides: Annotated[Optional[list[str]], typer.Option("--slide", help="only these slide ids (repeatable; default: "
+                                                                        "the slides heatmaps.slides selects, or all when it is 'none')")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="teacher, reuse or retrain (default: heatmaps.strategy, or the first of mil.strategies)")] = None,
+    class_name: Annotated[Optional[str], typer.Option("--class", help="CLAM-MB: draw this class's attention (default: the predicted class)")] = None,
+    width: Annotated[Optional[int], typer.Option(help="longer side of the overview in pixels (default: heatmaps.width)")] = None,
+    overlap: Annotated[Optional[float], typer.Option(help="second pass with tiles overlapping by this fraction, e.g. 0.5")] = None,
+    blur: Annotated[Optional[float], typer.Option(help="Gaussian sigma in overview pixels")] = None,
+    cmap: Annotated[Optional[str], typer.Option(help="matplotlib colour map, e.g. jet or coolwarm")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="highest- and lowest-attention tiles saved as images")] = None,
+    image_format: Annotated[Optional[str], typer.Option(help="png or jpeg (default: heatmaps.image_format)")] = None,
+) -> None:
+    """Draw attention heatmaps (overlay, figure, QuPath GeoJSON, CSV, top tiles) for slides of a finished run."""
+    from pipelines.heatmaps import draw_slide, read_run, resolve_strategy, wants_heatmap
+
+    _setup_logging(False)
+    try:
+        cfg, entries, paths = read_run(out)
+        overrides = {k: v for k, v in {"width": width, "overlap": overlap, "blur": blur, "cmap": cmap,
+                                       "top_k": top_k, "image_format": image_format}.items() if v is not None}
+        cfg = cfg.model_copy(update={"heatmaps": cfg.heatmaps.model_validate({**cfg.heatmaps.model_dump(), **overrides})})
+        strategy = resolve_strategy(cfg, strategy)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if slides:
+        known = {e.slide_id for e in entries}
+        unknown = [s for s in slides if s not in known]
+        if unknown:
+            typer.echo(f"error: no slide with id {', '.join(unknown)} in {paths.manifest}", err=True)
+            raise typer.Exit(2)
+        chosen = [e for e in entries if e.slide_id in set(slides)]
+    else:
+        chosen = [e for e in entries if cfg.heatmaps.slides == "none" or wants_heatmap(cfg, e)]
+    failed = 0
+    for entry in chosen:
+        try:
+            meta = draw_slide(entry, cfg, paths, strategy=strategy, class_name=class_name)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            failed += 1
+            typer.echo(f"{entry.slide_id}: failed: {exc}", err=True)
+            continue
+        typer.echo(f"{entry.slide_id}: {meta['caption']} → {paths.root / 'heatmaps' / strategy / entry.slide_id}")
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()

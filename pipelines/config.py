@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.trainer import DistillConfig
 from features.extract import ExtractionConfig
+from mil.heatmaps import HeatmapConfig
 from mil.train import MILConfig
 from wsi.tiling import TilingConfig
 from wsi.tissue import PRESETS, TissueConfig
@@ -61,6 +62,14 @@ class RunConfig(BaseModel):
     features: ExtractionConfig = Field(default_factory=ExtractionConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     mil: MILConfig = Field(default_factory=MILConfig)
+    heatmaps: HeatmapConfig = Field(default_factory=HeatmapConfig)
+
+    @model_validator(mode="after")
+    def _heatmap_strategy_is_run(self):
+        wanted = self.heatmaps.strategy
+        if wanted is not None and wanted not in self.mil.strategies:
+            raise ValueError(f"heatmaps.strategy {wanted!r} is not one of mil.strategies {self.mil.strategies}")
+        return self
 
 
 class ConfigError(ValueError):

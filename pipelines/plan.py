@@ -113,6 +113,7 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
         if name is not None and name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
     selected = list(STAGES) if until is None else [*upstream(until), until]
+    selected = [s for s in selected if STAGES[s].enabled(cfg)]  # e.g. no distillation for a teacher-only run
     forced = {s for name in (force or []) for s in downstream(name)}
     if only:
         known = {e.slide_id for e in entries}
@@ -133,7 +134,10 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
             tasks[task.id] = task
             continue
         for entry in entries:
-            deps = [f"{dep}/{COHORT}" if STAGES[dep].scope == "cohort" else f"{dep}/{entry.slide_id}" for dep in stage.after]
+            if not stage.applies(cfg, entry):
+                continue
+            deps = [f"{dep}/{COHORT}" if STAGES[dep].scope == "cohort" else f"{dep}/{entry.slide_id}"
+                    for dep in stage.after if dep in selected]
             task = Task(name, entry.slide_id, deps, None, name in forced)
             task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id, hashes)
             tasks[task.id] = task

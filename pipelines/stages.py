@@ -23,6 +23,7 @@ from pipelines import __version__
 from pipelines.artifacts import RunPaths, atomic_write, write_json, write_npy, write_png, write_text
 from pipelines.config import RunConfig
 from pipelines.evaluation import mil_stage
+from pipelines.heatmaps import CLAM_OF, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
 from pipelines.manifest import SlideEntry
 from wsi.slide import open_slide
 from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
@@ -223,6 +224,13 @@ class Stage:
     artifacts: Callable[[RunPaths, str, RunConfig], list[Path]] = lambda paths, key, cfg: []
     resources: dict[str, float] = field(default_factory=dict)  # Dask resources, e.g. {"GPU": 1}
     extra_inputs: Callable[[RunConfig], list] = lambda cfg: []  # more input fingerprints (e.g. weight files)
+    enabled: Callable[[RunConfig], bool] = lambda cfg: True  # False: this config does not need the stage
+    applies: Callable[[RunConfig, SlideEntry], bool] = lambda cfg, entry: True  # slide stages: which slides get a task
+
+
+def needs_student(cfg: RunConfig) -> bool:
+    """Distillation and student features only serve the MIL strategies that use the student."""
+    return any(s in ("reuse", "retrain", "end2end") for s in cfg.mil.strategies)
 
 
 # All stages in run order. A slide stage runs per slide after the stages in ``after`` (same slide);
@@ -237,11 +245,15 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
     Stage("distill", distill_stage, "cohort", after=("features",), config=("distill", "features.teacher", "features.dtype"),
           artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
-          resources={"GPU": 1}),
+          resources={"GPU": 1}, enabled=needs_student),
     Stage("student_features", student_features_stage, "slide", after=("tiles", "distill"), config=("features.dtype",),
-          artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}),
+          artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}, enabled=needs_student),
     Stage("mil", mil_stage, "cohort", after=("features", "student_features"), config=("mil",),
           artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"]),
+    Stage("heatmaps", heatmaps_stage, "slide", after=("mil",), config=("heatmaps",),
+          artifacts=lambda p, k, c: [heatmap_dir(p, resolve_strategy(c), k) / "heatmap.json"],
+          enabled=lambda cfg: cfg.heatmaps.slides != "none" and any(s in CLAM_OF for s in cfg.mil.strategies),
+          applies=wants_heatmap),
 ]}
 
 

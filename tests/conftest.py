@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+import yaml
 
 from pipelines.config import RunConfig
 from wsi.demo_cohort import make_demo_cohort
@@ -51,3 +54,27 @@ def corrupt_jpeg_tiles(path: Path, level: int = -1) -> None:
         for offset, count in zip(offsets, counts):
             f.seek(offset + 2)
             f.write(rng.integers(0, 256, size=min(64, count - 4), dtype=np.uint8).tobytes())
+
+
+# The cohort the teacher-baseline and heatmap tests share: 24 demo slides (12 with planted tumour),
+# run through tissue → tiles → teacher features → CLAM (teacher only, 4 folds) → heatmaps by the CLI.
+TEACHER_RUN_CONFIG = {
+    "tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25},
+    "tiling": {"target_mpp": 0.5, "patch_size": 256, "min_tissue_fraction": 0.25},
+    "features": {"teacher": {"model": "vit_small", "pool": "mean", "precision": "bf16"}},
+    "mil": {"strategies": ["teacher"], "folds": 4, "val_fraction": 0.17, "max_epochs": 40, "min_epochs": 10,
+            "patience": 10},
+    "heatmaps": {"slides": "all", "width": 1024, "top_k": 3},
+}
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """(slide folder, run directory, the run's completed process)."""
+    folder = tmp_path_factory.mktemp("teacher_cohort")
+    csv_path = make_demo_cohort(folder, n_slides=24, size=8192, seed=3)
+    (folder / "run.yaml").write_text(yaml.safe_dump(TEACHER_RUN_CONFIG))
+    out = tmp_path_factory.mktemp("teacher_run") / "out"
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(csv_path), "--config", str(folder / "run.yaml"),
+                             "--out", str(out)], capture_output=True, text=True, timeout=900)
+    return folder, out, result

@@ -131,7 +131,7 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     assert len(list((tmp_path / "demo").glob("demo_*.svs"))) == 5 and (tmp_path / "demo" / "demo_002.tif").exists()
     run = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "27 tasks: 27 done" in run.stderr  # tissue, tiles, features, student_features × 6; qc, distill, mil
+    assert "33 tasks: 33 done" in run.stderr  # tissue, tiles, features, student_features, heatmaps × 6; qc, distill, mil
     for slide_id in ("demo_000", "demo_001"):
         assert (tmp_path / "runs" / "demo" / "tissue" / f"{slide_id}.png").exists()
         assert len(np.load(tmp_path / "runs" / "demo" / "tiles" / f"{slide_id}.coords.npy")) > 0
@@ -141,7 +141,8 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     elsewhere = wsi("status", tmp_path / "runs" / "demo", "--json", cwd=tmp_path / "demo")
     assert elsewhere.returncode == 0
     again = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
-    assert "27 up-to-date" in again.stderr
+    assert "33 up-to-date" in again.stderr
+    assert (tmp_path / "runs" / "demo" / "heatmaps" / "teacher" / "demo_001" / "tiles.geojson").exists()
     report = wsi("report", "runs/demo", cwd=tmp_path)
     assert report.returncode == 0
     for row in ("Teacher baseline", "Reuse", "Retrain", "End2end"):

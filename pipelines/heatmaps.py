@@ -1,0 +1,153 @@
+"""Attention heatmaps of a run's slides: the ``heatmaps`` stage of ``run`` and the ``heatmaps`` command.
+
+Each slide is drawn by the CLAM of the fold that held it out (its test fold), so the map shows what
+a model that never saw the slide attends to; slides no fold tested (e.g. training slides of a
+fixed split) use fold 0 and say so in their caption and ``heatmap.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.artifacts import RunPaths
+from pipelines.config import RunConfig
+from pipelines.manifest import SlideEntry
+
+CLAM_OF = {"teacher": "teacher", "reuse": "teacher", "retrain": "retrain"}  # strategy → the CLAM it applies
+
+
+def resolve_strategy(cfg: RunConfig, strategy: str | None = None) -> str:
+    """The strategy whose attention is drawn: the one asked for, or the first of ``mil.strategies`` with a CLAM per fold."""
+    wanted = strategy or cfg.heatmaps.strategy
+    if wanted is not None:
+        if wanted not in CLAM_OF:
+            raise ValueError(f"heatmaps: strategy {wanted!r} has no per-fold CLAM to draw; use one of {list(CLAM_OF)}")
+        if wanted not in cfg.mil.strategies:
+            raise ValueError(f"heatmaps: strategy {wanted!r} is not in mil.strategies {cfg.mil.strategies}")
+        return wanted
+    for name in cfg.mil.strategies:
+        if name in CLAM_OF:
+            return name
+    raise ValueError(f"heatmaps: none of mil.strategies {cfg.mil.strategies} has a per-fold CLAM ({list(CLAM_OF)})")
+
+
+def wants_heatmap(cfg: RunConfig, entry: SlideEntry) -> bool:
+    """Whether the ``heatmaps`` stage draws this slide (``heatmaps.slides``)."""
+    choice = cfg.heatmaps.slides
+    if choice == "test":
+        return entry.split is None or entry.split == "test"
+    if choice == "positive":
+        return bool(entry.label) and entry.label not in cfg.heatmaps.negative_labels
+    return choice == "all"
+
+
+def heatmap_dir(paths: RunPaths, strategy: str, slide_id: str) -> Path:
+    return paths.root / "heatmaps" / strategy / slide_id
+
+
+def _fold_and_classes(paths: RunPaths, strategy: str, slide_id: str) -> tuple[int, bool, list[str]]:
+    """(fold whose CLAM draws the slide, whether that fold held it out, class order) from the run's predictions."""
+    predictions = paths.root / "results" / "predictions.csv"
+    if not predictions.exists():
+        raise FileNotFoundError(f"{predictions} is missing: run the mil stage before drawing heatmaps")
+    with predictions.open(newline="") as f:
+        reader = csv.DictReader(f)
+        classes = [c[2:] for c in reader.fieldnames or [] if c.startswith("p_")]
+        rows = [r for r in reader if r["strategy"] == strategy]
+    tested = [int(r["fold"]) for r in rows if r["slide_id"] == slide_id]
+    return (tested[0], True, classes) if tested else (0, False, classes)
+
+
+def _load_clam(cfg: RunConfig, weights: Path, n_classes: int):
+    from safetensors.torch import load_file
+
+    from mil.train import build_clam
+
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing: the mil stage did not finish this fold")
+    state = load_file(str(weights))
+    model = build_clam(cfg.mil, state["fc.0.weight"].shape[1], n_classes)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _overlap_pass(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, strategy: str, model, branch: int, first_raw):
+    """CLAM's second pass: tiles overlapping by ``heatmaps.overlap``, embedded now (not stored), scored vs the first."""
+    from features.extract import TileDataset, embed_tiles
+    from mil.attention import slide_attention
+    from mil.heatmaps import score_tiles
+    from pipelines.stages import _cached_encoder, _cached_student, load_tissue
+    from wsi.tiling import tile_grid
+
+    tissue, meta = load_tissue(paths, entry.slide_id)
+    overlap = round(cfg.tiling.patch_size * cfg.heatmaps.overlap)
+    tiling = cfg.tiling.model_copy(update={"overlap": min(overlap, cfg.tiling.patch_size - 1)})
+    grid = tile_grid(tuple(meta["dimensions"]), meta["mpp"], tuple(meta["level_downsamples"]), tissue, tiling)
+    if strategy == "teacher":
+        encoder = _cached_encoder(cfg.features.teacher.model_dump_json())
+    else:
+        st = (paths.student_dir / "student.safetensors").stat()
+        encoder, _ = _cached_student(str(paths.student_dir), (st.st_size, st.st_mtime_ns), cfg.distill.student.precision)
+    dataset = TileDataset(meta["slide_path"], grid.coords, grid.plan, backend=cfg.slides.backend, mpp=meta["mpp"],
+                          slide_id=entry.slide_id)
+    raw = slide_attention(model, embed_tiles(dataset, encoder, cfg.features), branch).raw
+    return score_tiles(grid.coords, grid.plan.level0_size, raw, reference=first_raw)
+
+
+def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: str | None = None,
+               class_name: str | None = None) -> dict:
+    """All heatmap files of one slide into ``OUT/heatmaps/<strategy>/<slide_id>/``; returns its metadata."""
+    from features.store import open_store
+    from mil.attention import slide_attention
+    from mil.heatmaps import score_tiles, write_heatmap
+    from pipelines.stages import load_tiles, load_tissue, student_label
+    from wsi.slide import open_slide
+
+    strategy = resolve_strategy(cfg, strategy)
+    fold, held_out, classes = _fold_and_classes(paths, strategy, entry.slide_id)
+    class_name = class_name or cfg.heatmaps.class_name
+    if class_name is not None and class_name not in classes:
+        raise ValueError(f"heatmaps: class {class_name!r} is not one of the run's classes {classes}")
+    label = cfg.features.teacher.label if strategy == "teacher" else student_label(cfg)
+    features, coords = open_store(paths.root, label, entry.slide_id).load(np.float32)
+    if len(features) == 0:
+        raise ValueError(f"{entry.slide_id}: no tiles, so no attention to draw")
+    model = _load_clam(cfg, paths.root / "models" / "mil" / CLAM_OF[strategy] / f"fold_{fold}.safetensors", len(classes))
+    attention = slide_attention(model, features, None if class_name is None else classes.index(class_name))
+    grid = load_tiles(paths, entry.slide_id)
+    scores = score_tiles(coords, grid.plan.level0_size, attention.raw)
+    if cfg.heatmaps.overlap > 0:
+        scores = _overlap_pass(entry, cfg, paths, strategy, model, attention.branch, attention.raw)
+    tissue, meta = load_tissue(paths, entry.slide_id)
+    predicted = classes[attention.predicted]
+    caption = (f"{entry.slide_id}: predicted {predicted} (p = {attention.probabilities[attention.predicted]:.3f})"
+               f"{f', label {entry.label}' if entry.label else ''}; {strategy} CLAM, fold {fold}"
+               f"{'' if held_out else ' (slide seen in training)'}")
+    extra = {"strategy": strategy, "fold": fold, "held_out": held_out, "label": entry.label, "predicted": predicted,
+             "probabilities": {c: round(float(p), 6) for c, p in zip(classes, attention.probabilities)},
+             "attention_class": classes[attention.branch] if model.multi_branch else None,
+             "overlap": cfg.heatmaps.overlap, "params": cfg.heatmaps.model_dump(mode="json")}
+    with open_slide(meta["slide_path"], slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=meta["mpp"]) as slide:
+        return write_heatmap(heatmap_dir(paths, strategy, entry.slide_id), slide, entry.slide_id, scores, tissue.mask,
+                             cfg.heatmaps, caption=caption, plan=grid.plan, extra=extra)
+
+
+def heatmaps_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
+    """The ``heatmaps`` stage: one slide's heatmaps from the run's configured strategy."""
+    meta = draw_slide(entry, cfg, paths)
+    return {"strategy": meta["strategy"], "fold": meta["fold"], "n_tiles": meta["n_tiles"], "warnings": []}
+
+
+def read_run(out: Path) -> tuple[RunConfig, list[SlideEntry], RunPaths]:
+    """A finished run's own config and manifest copies."""
+    from pipelines.config import load_config
+    from pipelines.manifest import read_manifest
+
+    paths = RunPaths(Path(out))
+    if not paths.config.exists():
+        raise FileNotFoundError(f"{paths.config} is missing: {out} is not a run directory")
+    return load_config(paths.config), read_manifest(paths.manifest), paths
+
