@@ -33,8 +33,9 @@ class HeatmapConfig(BaseModel):
                             "positive (label not in negative_labels)")
     negative_labels: list[str] = Field(default_factory=lambda: ["normal", "negative", "benign"],
                                        description="labels that are not 'positive' for `slides: positive`")
-    strategy: Literal["teacher", "reuse", "retrain"] | None = Field(
-        None, description="whose attention: the CLAM of this strategy (null: the first of mil.strategies that has one)")
+    strategy: str | None = Field(
+        None, description="whose attention: a results row — teacher, reuse, retrain, end2end or end2end:<fine-tuning> "
+                          "(not end2end:fpt) — (null: the first of them the run has)")
     class_name: str | None = Field(None, description="CLAM-MB: draw this class's attention branch (null: the predicted class)")
     width: int = Field(2048, ge=64, le=16384, description="longer side of the overview image in pixels")
     overlap: float = Field(0.0, ge=0, lt=1, description="second pass with tiles overlapping by this fraction (CLAM: "

@@ -90,7 +90,8 @@ def demo(
         task = progress.add_task("writing demo slides", total=n_slides)
         csv_path = make_demo_cohort(out_dir, n_slides=n_slides, size=size, seed=seed,
                                     progress=lambda done, total: progress.update(task, completed=done))
-    write_text(out_dir / "run.yaml", DEMO_CONFIG)
+    folds = max(2, min(4, n_slides // 2))  # stratified folds: at most one per slide of the rarer label
+    write_text(out_dir / "run.yaml", DEMO_CONFIG.replace("  folds: 4\n", f"  folds: {folds}\n"))
     typer.echo(f"wrote {n_slides} slides and {csv_path}")
     typer.echo(f"next: wsi-pipeline run {csv_path} --config {out_dir / 'run.yaml'} --out runs/demo")
 
@@ -233,7 +234,8 @@ def heatmaps(
     out: Annotated[Path, typer.Argument(help="a run directory whose mil stage has finished")],
     slides: Annotated[Optional[list[str]], typer.Option("--slide", help="only these slide ids (repeatable; default: "
                                                                         "the slides heatmaps.slides selects, or all when it is 'none')")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="teacher, reuse or retrain (default: heatmaps.strategy, or the first of mil.strategies)")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="results row: teacher, reuse, retrain, end2end or end2end:NAME "
+                                                         "(default: heatmaps.strategy, or the run's first)")] = None,
     class_name: Annotated[Optional[str], typer.Option("--class", help="CLAM-MB: draw this class's attention (default: the predicted class)")] = None,
     width: Annotated[Optional[int], typer.Option(help="longer side of the overview in pixels (default: heatmaps.width)")] = None,
     overlap: Annotated[Optional[float], typer.Option(help="second pass with tiles overlapping by this fraction, e.g. 0.5")] = None,
@@ -241,9 +243,11 @@ def heatmaps(
     cmap: Annotated[Optional[str], typer.Option(help="matplotlib colour map, e.g. jet or coolwarm")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="highest- and lowest-attention tiles saved as images")] = None,
     image_format: Annotated[Optional[str], typer.Option(help="png or jpeg (default: heatmaps.image_format)")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="end2end:lora: draw with this LoRA adapter file on the frozen "
+                                                         "student instead of the fold's own (switching tasks)")] = None,
 ) -> None:
     """Draw attention heatmaps (overlay, figure, QuPath GeoJSON, CSV, top tiles) for slides of a finished run."""
-    from pipelines.heatmaps import draw_slide, read_run, resolve_strategy, wants_heatmap
+    from pipelines.heatmaps import draw_slide, heatmap_dir, read_run, resolve_strategy, wants_heatmap
 
     _setup_logging(False)
     try:
@@ -267,12 +271,12 @@ def heatmaps(
     failed = 0
     for entry in chosen:
         try:
-            meta = draw_slide(entry, cfg, paths, strategy=strategy, class_name=class_name)
+            meta = draw_slide(entry, cfg, paths, strategy=strategy, class_name=class_name, adapter=adapter)
         except (FileNotFoundError, ValueError, OSError) as exc:
             failed += 1
             typer.echo(f"{entry.slide_id}: failed: {exc}", err=True)
             continue
-        typer.echo(f"{meta['caption']} → {paths.root / 'heatmaps' / strategy / entry.slide_id}")
+        typer.echo(f"{meta['caption']} → {heatmap_dir(paths, strategy, entry.slide_id)}")
     raise typer.Exit(1 if failed else 0)
 
 

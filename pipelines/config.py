@@ -66,9 +66,11 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _heatmap_strategy_is_run(self):
-        wanted = self.heatmaps.strategy
-        if wanted is not None and wanted not in self.mil.strategies:
-            raise ValueError(f"heatmaps.strategy {wanted!r} is not one of mil.strategies {self.mil.strategies}")
+        from mil.strategies import strategy_rows
+
+        wanted, rows = self.heatmaps.strategy, strategy_rows(self.mil)
+        if wanted is not None and (wanted not in rows or wanted == "end2end:fpt"):
+            raise ValueError(f"heatmaps.strategy {wanted!r} is not a drawable results row of this run {rows}")
         return self
 
 

@@ -19,19 +19,25 @@ from pipelines.manifest import SlideEntry
 CLAM_OF = {"teacher": "teacher", "reuse": "teacher", "retrain": "retrain"}  # strategy → the CLAM it applies
 
 
+def drawable(cfg: RunConfig) -> list[str]:
+    """Results rows whose attention can be drawn: teacher, reuse, retrain and End2end rows except FPT's."""
+    from mil.strategies import strategy_rows
+
+    return [row for row in strategy_rows(cfg.mil) if row in CLAM_OF or (row.startswith("end2end") and row != "end2end:fpt")]
+
+
 def resolve_strategy(cfg: RunConfig, strategy: str | None = None) -> str:
-    """The strategy whose attention is drawn: the one asked for, or the first of ``mil.strategies`` with a CLAM per fold."""
+    """The results row whose attention is drawn: the one asked for, or the first drawable row of the run."""
+    rows = drawable(cfg)
     wanted = strategy or cfg.heatmaps.strategy
     if wanted is not None:
-        if wanted not in CLAM_OF:
-            raise ValueError(f"heatmaps: strategy {wanted!r} has no per-fold CLAM to draw; use one of {list(CLAM_OF)}")
-        if wanted not in cfg.mil.strategies:
-            raise ValueError(f"heatmaps: strategy {wanted!r} is not in mil.strategies {cfg.mil.strategies}")
+        if wanted not in rows:
+            raise ValueError(f"heatmaps: strategy {wanted!r} is not a drawable row of this run; rows: {rows} "
+                             "(FPT's End2end row is not drawn yet)")
         return wanted
-    for name in cfg.mil.strategies:
-        if name in CLAM_OF:
-            return name
-    raise ValueError(f"heatmaps: none of mil.strategies {cfg.mil.strategies} has a per-fold CLAM ({list(CLAM_OF)})")
+    if not rows:
+        raise ValueError(f"heatmaps: no drawable row among mil.strategies {cfg.mil.strategies}")
+    return rows[0]
 
 
 def wants_heatmap(cfg: RunConfig, entry: SlideEntry) -> bool:
@@ -45,7 +51,51 @@ def wants_heatmap(cfg: RunConfig, entry: SlideEntry) -> bool:
 
 
 def heatmap_dir(paths: RunPaths, strategy: str, slide_id: str) -> Path:
-    return paths.root / "heatmaps" / strategy / slide_id
+    return paths.root / "heatmaps" / strategy.replace(":", "_") / slide_id
+
+
+def _model_files(paths: RunPaths, strategy: str, fold: int) -> tuple[Path, Path | None]:
+    """(CLAM weights, fine-tuned student weights or LoRA adapter — None unless End2end) of one fold."""
+    models = paths.root / "models" / "mil"
+    if strategy in CLAM_OF:
+        return models / CLAM_OF[strategy] / f"fold_{fold}.safetensors", None
+    stem = models / strategy.replace(":", "_") / f"fold_{fold}"
+    student = stem.with_name(stem.name + ("_student.adapter.safetensors" if strategy == "end2end:lora" else "_student.safetensors"))
+    return stem.with_name(stem.name + "_clam.safetensors"), student
+
+
+def _encoder(cfg: RunConfig, paths: RunPaths, strategy: str, student_weights: Path | None, adapter: Path | None):
+    """The encoder whose features the strategy's CLAM reads: teacher, distilled student, or End2end's fine-tuned student."""
+    from pipelines.stages import _cached_encoder, _cached_student
+
+    if strategy == "teacher":
+        return _cached_encoder(cfg.features.teacher.model_dump_json())
+    if student_weights is None:
+        st = (paths.student_dir / "student.safetensors").stat()
+        return _cached_student(str(paths.student_dir), (st.st_size, st.st_mtime_ns), cfg.distill.student.precision)[0]
+    from safetensors.torch import load_file
+
+    from distill.model import load_student
+
+    encoder, _ = load_student(paths.student_dir, precision=cfg.distill.student.precision)  # a fresh copy to modify
+    if strategy == "end2end:lora":
+        from mil.finetune.lora import load_adapter
+
+        load_adapter(encoder.model, adapter or student_weights)
+    else:
+        if not student_weights.exists():
+            raise FileNotFoundError(f"{student_weights} is missing: the mil stage did not finish this fold")
+        encoder.model.load_state_dict(load_file(str(student_weights)))
+    encoder.model.eval()
+    return encoder
+
+
+def _embed(entry: SlideEntry, cfg: RunConfig, meta: dict, encoder, coords: np.ndarray, plan) -> np.ndarray:
+    from features.extract import TileDataset, embed_tiles
+
+    dataset = TileDataset(meta["slide_path"], coords, plan, backend=cfg.slides.backend, mpp=meta["mpp"],
+                          slide_id=entry.slide_id)
+    return embed_tiles(dataset, encoder, cfg.features)
 
 
 def _fold_and_classes(paths: RunPaths, strategy: str, slide_id: str) -> tuple[int, bool, list[str]]:
@@ -74,31 +124,23 @@ def _load_clam(cfg: RunConfig, weights: Path, n_classes: int):
     return model.eval()
 
 
-def _overlap_pass(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, strategy: str, model, branch: int, first_raw):
+def _overlap_pass(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder, model, branch: int, first_raw):
     """CLAM's second pass: tiles overlapping by ``heatmaps.overlap``, embedded now (not stored), scored vs the first."""
-    from features.extract import TileDataset, embed_tiles
     from mil.attention import slide_attention
     from mil.heatmaps import score_tiles
-    from pipelines.stages import _cached_encoder, _cached_student, load_tissue
+    from pipelines.stages import load_tissue
     from wsi.tiling import tile_grid
 
     tissue, meta = load_tissue(paths, entry.slide_id)
     overlap = round(cfg.tiling.patch_size * cfg.heatmaps.overlap)
     tiling = cfg.tiling.model_copy(update={"overlap": min(overlap, cfg.tiling.patch_size - 1)})
     grid = tile_grid(tuple(meta["dimensions"]), meta["mpp"], tuple(meta["level_downsamples"]), tissue, tiling)
-    if strategy == "teacher":
-        encoder = _cached_encoder(cfg.features.teacher.model_dump_json())
-    else:
-        st = (paths.student_dir / "student.safetensors").stat()
-        encoder, _ = _cached_student(str(paths.student_dir), (st.st_size, st.st_mtime_ns), cfg.distill.student.precision)
-    dataset = TileDataset(meta["slide_path"], grid.coords, grid.plan, backend=cfg.slides.backend, mpp=meta["mpp"],
-                          slide_id=entry.slide_id)
-    raw = slide_attention(model, embed_tiles(dataset, encoder, cfg.features), branch).raw
+    raw = slide_attention(model, _embed(entry, cfg, meta, encoder, grid.coords, grid.plan), branch).raw
     return score_tiles(grid.coords, grid.plan.level0_size, raw, reference=first_raw)
 
 
 def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: str | None = None,
-               class_name: str | None = None) -> dict:
+               class_name: str | None = None, adapter: Path | None = None) -> dict:
     """All heatmap files of one slide into ``OUT/heatmaps/<strategy>/<slide_id>/``; returns its metadata."""
     from features.store import open_store
     from mil.attention import slide_attention
@@ -111,25 +153,36 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     class_name = class_name or cfg.heatmaps.class_name
     if class_name is not None and class_name not in classes:
         raise ValueError(f"heatmaps: class {class_name!r} is not one of the run's classes {classes}")
-    label = cfg.features.teacher.label if strategy == "teacher" else student_label(cfg)
-    features, coords = open_store(paths.root, label, entry.slide_id).load(np.float32)
+    if adapter is not None and strategy != "end2end:lora":
+        raise ValueError(f"heatmaps: --adapter is for the end2end:lora row, not {strategy!r}")
+    clam_weights, student_weights = _model_files(paths, strategy, fold)
+    model = _load_clam(cfg, clam_weights, len(classes))
+    grid = load_tiles(paths, entry.slide_id)
+    tissue, meta = load_tissue(paths, entry.slide_id)
+    encoder = None
+    if student_weights is None:  # stored features
+        label = cfg.features.teacher.label if strategy == "teacher" else student_label(cfg)
+        features, coords = open_store(paths.root, label, entry.slide_id).load(np.float32)
+    else:  # End2end: the fold's fine-tuned student re-embeds every tile
+        encoder = _encoder(cfg, paths, strategy, student_weights, adapter)
+        coords = grid.coords
+        features = _embed(entry, cfg, meta, encoder, coords, grid.plan)
     if len(features) == 0:
         raise ValueError(f"{entry.slide_id}: no tiles, so no attention to draw")
-    model = _load_clam(cfg, paths.root / "models" / "mil" / CLAM_OF[strategy] / f"fold_{fold}.safetensors", len(classes))
     attention = slide_attention(model, features, None if class_name is None else classes.index(class_name))
-    grid = load_tiles(paths, entry.slide_id)
     scores = score_tiles(coords, grid.plan.level0_size, attention.raw)
     if cfg.heatmaps.overlap > 0:
-        scores = _overlap_pass(entry, cfg, paths, strategy, model, attention.branch, attention.raw)
-    tissue, meta = load_tissue(paths, entry.slide_id)
+        encoder = encoder or _encoder(cfg, paths, strategy, None, None)
+        scores = _overlap_pass(entry, cfg, paths, encoder, model, attention.branch, attention.raw)
     predicted = classes[attention.predicted]
     caption = (f"{entry.slide_id}: predicted {predicted} (p = {attention.probabilities[attention.predicted]:.3f})"
                f"{f', label {entry.label}' if entry.label else ''}; {strategy} CLAM, fold {fold}"
-               f"{'' if held_out else ' (slide seen in training)'}")
+               f"{'' if held_out else ' (slide seen in training)'}{f'; adapter {adapter.name}' if adapter else ''}")
     extra = {"strategy": strategy, "fold": fold, "held_out": held_out, "label": entry.label, "predicted": predicted,
              "probabilities": {c: round(float(p), 6) for c, p in zip(classes, attention.probabilities)},
              "attention_class": classes[attention.branch] if model.multi_branch else None,
-             "overlap": cfg.heatmaps.overlap, "params": cfg.heatmaps.model_dump(mode="json")}
+             "overlap": cfg.heatmaps.overlap, "adapter": str(adapter) if adapter else None,
+             "params": cfg.heatmaps.model_dump(mode="json")}
     with open_slide(meta["slide_path"], slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=meta["mpp"]) as slide:
         return write_heatmap(heatmap_dir(paths, strategy, entry.slide_id), slide, entry.slide_id, scores, tissue.mask,
                              cfg.heatmaps, caption=caption, plan=grid.plan, extra=extra)

@@ -23,7 +23,7 @@ from pipelines import __version__
 from pipelines.artifacts import RunPaths, atomic_write, write_json, write_npy, write_png, write_text
 from pipelines.config import RunConfig
 from pipelines.evaluation import mil_stage
-from pipelines.heatmaps import CLAM_OF, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
+from pipelines.heatmaps import drawable, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
 from pipelines.manifest import SlideEntry
 from wsi.slide import open_slide
 from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
@@ -252,7 +252,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"]),
     Stage("heatmaps", heatmaps_stage, "slide", after=("mil",), config=("heatmaps",),
           artifacts=lambda p, k, c: [heatmap_dir(p, resolve_strategy(c), k) / "heatmap.json"],
-          enabled=lambda cfg: cfg.heatmaps.slides != "none" and any(s in CLAM_OF for s in cfg.mil.strategies),
+          enabled=lambda cfg: cfg.heatmaps.slides != "none" and bool(drawable(cfg)),
           applies=wants_heatmap),
 ]}
 

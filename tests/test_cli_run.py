@@ -143,6 +143,13 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     again = wsi("run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", "runs/demo", cwd=tmp_path)
     assert "33 up-to-date" in again.stderr
     assert (tmp_path / "runs" / "demo" / "heatmaps" / "teacher" / "demo_001" / "tiles.geojson").exists()
+    e2e = wsi("heatmaps", "runs/demo", "--strategy", "end2end", "--slide", "demo_001", "--top-k", "1", cwd=tmp_path)
+    assert e2e.returncode == 0, e2e.stderr  # End2end: the fold's fine-tuned student re-embeds the slide's tiles
+    meta = json.loads((tmp_path / "runs" / "demo" / "heatmaps" / "end2end" / "demo_001" / "heatmap.json").read_text())
+    assert meta["strategy"] == "end2end" and meta["n_tiles"] == len(np.load(tmp_path / "runs/demo/tiles/demo_001.coords.npy"))
+    wrong = wsi("heatmaps", "runs/demo", "--strategy", "retrain", "--adapter", "a.safetensors", "--slide", "demo_001",
+                cwd=tmp_path)
+    assert wrong.returncode == 1 and "--adapter is for the end2end:lora row" in wrong.stderr
     report = wsi("report", "runs/demo", cwd=tmp_path)
     assert report.returncode == 0
     for row in ("Teacher baseline", "Reuse", "Retrain", "End2end"):

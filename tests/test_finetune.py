@@ -289,3 +289,23 @@ def test_results_rows_expand_end2end_per_strategy():
                                "encoder_trainable_pct": 0.5, "train_peak_mb": 12.4, "s_per_epoch": 3.24}], ["a", "b"], 2)
     assert "| End2end (lora fine-tuning) |" in table and "| 5 (0.50 %) | 12 | 3.2 |" in table
     assert "| Retrain (CLAM on student) | `x` | 0.500 ± 0.000 | 0.500 ± 0.000 | n/a | 10 | 0 | n/a | n/a |" in table
+
+
+def test_lora_adapter_carries_the_heads_batchnorm_statistics(tmp_path):
+    """A head with BatchNorm (like the TransScan projector) changes its running statistics in training."""
+    from mil.finetune.lora import load_adapter, save_adapter
+
+    def with_bn_head():
+        model = tiny_vit(depth=2)
+        model.head = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 2))
+        return model
+
+    x, y = batch(n=8)
+    tuned, _ = train_patches(with_bn_head(), create_finetune("lora"), [(x, y)] * 3, epochs=2, lr=1e-2)
+    tuned.eval()
+    with torch.no_grad():
+        expected = tuned(x)
+    server = with_bn_head().eval()
+    load_adapter(server, save_adapter(tuned, tmp_path / "task.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(server(x), expected, atol=1e-5)

@@ -83,10 +83,15 @@ class LoRA(FineTuneStrategy):
 
 
 def adapter_tensors(model: nn.Module, *, with_head: bool = True) -> dict[str, torch.Tensor]:
-    """The task-specific tensors: every adapter, and the head's weights."""
+    """The task-specific tensors: every adapter, and the head's weights and buffers (e.g. BatchNorm statistics,
+    which training in train mode updates too)."""
     head = head_prefix(model) if with_head else None
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
-            if ".lora_" in name or (head and name.startswith(head + "."))}
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
+               if ".lora_" in name or (head and name.startswith(head + "."))}
+    if head:
+        tensors.update({name: b.detach().cpu().contiguous() for name, b in model.named_buffers()
+                        if name.startswith(head + ".")})
+    return tensors
 
 
 def save_adapter(model: nn.Module, path: Path, *, with_head: bool = True) -> Path:
@@ -122,7 +127,7 @@ def load_adapter(model: nn.Module, adapter: Path | tuple[dict, dict]) -> nn.Modu
     tensors, meta = read_adapter(adapter) if isinstance(adapter, (str, Path)) else adapter
     if not any(isinstance(m, LoRAQKV) for m in model.modules()):
         inject_lora(model, int(meta["rank"]), float(meta["alpha"]))
-    own = dict(model.named_parameters())
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     unknown = sorted(set(tensors) - set(own))
     missing = sorted(name for name in own if ".lora_" in name and name not in tensors)
     if unknown or missing:
