@@ -60,7 +60,8 @@ def _model_files(paths: RunPaths, strategy: str, fold: int) -> tuple[Path, Path 
     if strategy in CLAM_OF:
         return models / CLAM_OF[strategy] / f"fold_{fold}.safetensors", None
     stem = models / strategy.replace(":", "_") / f"fold_{fold}"
-    student = stem.with_name(stem.name + ("_student.adapter.safetensors" if strategy == "end2end:lora" else "_student.safetensors"))
+    suffix = "_student.adapter.safetensors" if strategy == "end2end:lora" else "_student.safetensors"
+    student = stem.with_name(stem.name + suffix)
     return stem.with_name(stem.name + "_clam.safetensors"), student
 
 
@@ -124,14 +125,12 @@ def _load_clam(cfg: RunConfig, weights: Path, n_classes: int):
     return model.eval()
 
 
-def _overlap_pass(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder, model, branch: int, first_raw):
+def _overlap_pass(entry: SlideEntry, cfg: RunConfig, tissue, meta: dict, encoder, model, branch: int, first_raw):
     """CLAM's second pass: tiles overlapping by ``heatmaps.overlap``, embedded now (not stored), scored vs the first."""
     from mil.attention import slide_attention
     from mil.heatmaps import score_tiles
-    from pipelines.stages import load_tissue
     from wsi.tiling import tile_grid
 
-    tissue, meta = load_tissue(paths, entry.slide_id)
     overlap = round(cfg.tiling.patch_size * cfg.heatmaps.overlap)
     tiling = cfg.tiling.model_copy(update={"overlap": min(overlap, cfg.tiling.patch_size - 1)})
     grid = tile_grid(tuple(meta["dimensions"]), meta["mpp"], tuple(meta["level_downsamples"]), tissue, tiling)
@@ -173,7 +172,7 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     scores = score_tiles(coords, grid.plan.level0_size, attention.raw)
     if cfg.heatmaps.overlap > 0:
         encoder = encoder or _encoder(cfg, paths, strategy, None, None)
-        scores = _overlap_pass(entry, cfg, paths, encoder, model, attention.branch, attention.raw)
+        scores = _overlap_pass(entry, cfg, tissue, meta, encoder, model, attention.branch, attention.raw)
     predicted = classes[attention.predicted]
     caption = (f"{entry.slide_id}: predicted {predicted} (p = {attention.probabilities[attention.predicted]:.3f})"
                f"{f', label {entry.label}' if entry.label else ''}; {strategy} CLAM, fold {fold}"
