@@ -10,10 +10,17 @@ from features.encoders import EncoderConfig, build_backbone, wrap_encoder
 
 
 def build_student(cfg, teacher_dim: int):
-    """A fresh DistilledStudent for a DistillConfig, and the student's timm data config."""
-    model, data_cfg, _ = build_backbone(cfg.student)
+    """A fresh DistilledStudent for a DistillConfig, and the student's timm data config.
+
+    Every random part is seeded from the config: the backbone from ``student.seed`` (else
+    ``distill.seed``) unless it has weights, the projector from ``distill.seed``.
+    """
+    from features.portable_random import seeded
+
+    model, data_cfg, _ = build_backbone(cfg.student, default_seed=cfg.seed, field="distill.student")
     backbone = StudentBackbone(model)
-    projector = create_projector(cfg.projector, backbone.channels, teacher_dim, width=cfg.projector_width)
+    with seeded(cfg.seed):
+        projector = create_projector(cfg.projector, backbone.channels, teacher_dim, width=cfg.projector_width)
     return DistilledStudent(backbone, projector, teacher_dim), data_cfg
 
 
@@ -35,7 +42,7 @@ def load_student(model_dir: Path, *, device: str = "auto", precision: str = "fp3
     cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"pretrained": False, "weights": None})})
     model, data_cfg = build_student(cfg, card["teacher_dim"])
     model.load_state_dict(load_file(str(model_dir / "student.safetensors")))
-    spec = EncoderConfig.model_validate({**card["student"], "pretrained": False, "weights": None,
+    spec = EncoderConfig.model_validate({**card["student"], "pretrained": False, "weights": model_dir / "student.safetensors",
                                          "device": device, "precision": precision,
                                          "input_size": card["input_size"], "mean": card["mean"], "std": card["std"]})
     return wrap_encoder(model, spec, data_cfg), card

@@ -283,7 +283,8 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     model.load_state_dict(best)
     card = {
         "kind": "wsi-pipeline distilled student",
-        "student": cfg.student.model_dump(mode="json"), "projector": cfg.projector, "projector_width": cfg.projector_width,
+        "student": cfg.student.model_dump(mode="json"), "student_init": cfg.student.weights_source(cfg.seed),
+        "projector": cfg.projector, "projector_width": cfg.projector_width,
         "whiten": cfg.whiten, "teacher": teacher or {}, "teacher_dim": teacher_dim,
         "input_size": input_size, "mean": list(mean), "std": list(std),
         "params": param_counts(model),

@@ -5,6 +5,11 @@ An encoder spec names a timm model (``vit_base_patch16_224``, ``hf-hub:MahmoodLa
 optionally a local weights file (safetensors, or a ``torch.load(weights_only=True)`` checkpoint;
 plain pickles are refused). It returns the model in eval mode, its preprocessing and its output
 dimension. Nothing is downloaded unless ``pretrained: true``.
+
+An encoder with neither pretrained nor local weights is a deliberate choice (demos, tests, a
+student before distillation): its random weights come from an explicit ``seed``, drawn in a
+private RNG stream, so every worker process and every run builds the same model. Its label says
+``random`` and its weights' sha256 is recorded beside the features it makes.
 """
 
 from __future__ import annotations
@@ -49,11 +54,30 @@ class EncoderConfig(BaseModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for timm.create_model")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="inference precision (autocast); bf16 doubles CPU throughput")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    seed: int | None = Field(None, description="with no pretrained or local weights: the seed of the random weights; "
+                                               "setting it opts into random weights, whose features mean nothing "
+                                               "clinically (demos, tests). A teacher without weights and without a "
+                                               "seed stops the run; a student without one starts from distill.seed")
+
+    @property
+    def random_weights(self) -> bool:
+        """Neither hub weights nor a local file: the weights are a seeded random initialisation."""
+        return not self.pretrained and self.weights is None
 
     @property
     def label(self) -> str:
-        """A folder-safe name for this encoder's feature stores."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.model.removeprefix("hf-hub:")).strip("_")
+        """A folder-safe name for this encoder's feature stores; random weights say so, with their seed."""
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model.removeprefix("hf-hub:")).strip("_")
+        return f"{name}-random-seed{self.seed}" if self.random_weights and self.seed is not None else name
+
+    def weights_source(self, default_seed: int | None = None) -> str:
+        """Where the weights come from, in words (model cards, reports, store attributes)."""
+        if self.weights is not None:
+            return f"local file {self.weights}"
+        if self.pretrained:
+            return f"pretrained ({self.model}, timm / Hugging Face hub)"
+        seed = self.seed if self.seed is not None else default_seed
+        return f"random (seed {seed})"
 
 
 @dataclass
@@ -68,6 +92,14 @@ class Encoder:
     device: Any  # torch.device
     dtype: Any  # autocast dtype or None
     config: EncoderConfig
+    _digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the model's weights (computed once): which model made a store's features."""
+        if self._digest is None:
+            self._digest = weights_digest(self.model)
+        return self._digest
 
     def preprocess(self, tiles):
         """uint8 (B, H, W, 3) tensor → normalised float (B, 3, S, S) on the device."""
@@ -102,6 +134,31 @@ def to_model_input(tiles, size: int, mean, std, device):
 
 class WeightsError(ValueError):
     """A weights file that cannot be loaded safely or does not fit the model."""
+
+
+class NoWeightsError(ValueError):
+    """An encoder with no pretrained or local weights and no seed for random ones."""
+
+
+def no_weights_message(cfg: EncoderConfig, field: str) -> str:
+    return (f"{field}: {cfg.model!r} has no weights. Give `{field}.weights: /path/to/weights.safetensors` (or a "
+            f"checkpoint torch.load(weights_only=True) reads), or `{field}.pretrained: true` for the hub weights "
+            f"(network access or a filled cache), or opt into random weights with `{field}.pretrained: false` and "
+            f"`{field}.seed: 0` (their features mean nothing clinically: demos and tests only)")
+
+
+def weights_digest(model) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes), independent of its device."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_state_dict(path: Path) -> dict:
@@ -170,15 +227,35 @@ def pick_device(device: str):
     return torch.device(device)
 
 
-def build_backbone(cfg: EncoderConfig):
-    """The timm model a config names, with its weights (pretrained or local), and timm's data config."""
+def _timm_model(cfg: EncoderConfig, spec: dict, pretrained: bool):
+    import timm
+
+    try:
+        return timm.create_model(spec["model"], pretrained=pretrained, num_classes=0, **spec["model_kwargs"])
+    except RuntimeError as exc:
+        raise ValueError(f"encoder {cfg.model!r}: timm cannot build {spec['model']!r}: {exc}") from None
+
+
+def build_backbone(cfg: EncoderConfig, *, default_seed: int | None = None, field: str = "encoder"):
+    """The timm model a config names, with its weights (pretrained, local, or seeded random), and timm's data config.
+
+    Random weights are drawn from ``cfg.seed`` (else ``default_seed``) in a private, portable stream
+    (``features.portable_random``), so they depend on the seed alone: not on what the process did
+    before, nor on the CPU's instruction set. With neither a seed nor weights, it refuses.
+    """
     import timm
 
     spec = resolve(cfg)
-    try:
-        model = timm.create_model(spec["model"], pretrained=cfg.pretrained, num_classes=0, **spec["model_kwargs"])
-    except RuntimeError as exc:
-        raise ValueError(f"encoder {cfg.model!r}: timm cannot build {spec['model']!r}: {exc}") from None
+    if cfg.random_weights:
+        seed = cfg.seed if cfg.seed is not None else default_seed
+        if seed is None:
+            raise NoWeightsError(no_weights_message(cfg, field))
+        from features.portable_random import seeded
+
+        with seeded(seed):
+            model = _timm_model(cfg, spec, pretrained=False)
+    else:
+        model = _timm_model(cfg, spec, pretrained=cfg.pretrained)
     data_cfg = timm.data.resolve_data_config({}, model=model)
     if cfg.weights is not None:  # into the full timm model, so checkpoints of the whole network fit
         state = load_state_dict(cfg.weights)
@@ -207,11 +284,24 @@ def wrap_encoder(model, cfg: EncoderConfig, data_cfg: dict, device=None) -> Enco
     return Encoder(model, dim, input_size, mean, std, device, dtype, cfg)
 
 
-def create_encoder(cfg: EncoderConfig) -> Encoder:
-    """Build the encoder a config describes, in eval mode on its device."""
-    model, data_cfg, spec = build_backbone(cfg)
+def _headless(model, spec: dict):
+    """The backbone as a one-vector-per-image model: CLAM's truncated ResNet, or the requested pooling."""
     if spec.get("truncate_resnet"):
-        model = _TruncatedResNet.build(model)
-    else:
-        model = _pooled(model, spec.get("pool"))
-    return wrap_encoder(model, cfg, data_cfg)
+        return _TruncatedResNet.build(model)
+    return _pooled(model, spec.get("pool"))
+
+
+def create_encoder(cfg: EncoderConfig, *, default_seed: int | None = None, field: str = "encoder") -> Encoder:
+    """Build the encoder a config describes, in eval mode on its device."""
+    model, data_cfg, spec = build_backbone(cfg, default_seed=default_seed, field=field)
+    return wrap_encoder(_headless(model, spec), cfg, data_cfg)
+
+
+def count_parameters(cfg: EncoderConfig) -> int:
+    """Parameters of the encoder a config describes, built on the meta device: no weights, no memory, no init."""
+    import torch
+
+    spec = resolve(cfg)
+    with torch.device("meta"):
+        model = _headless(_timm_model(cfg, spec, pretrained=False), spec)
+    return int(sum(p.numel() for p in model.parameters()))

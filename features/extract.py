@@ -120,5 +120,15 @@ def encoder_attrs(encoder: Encoder, plan: ReadPlan, fingerprint: str | None = No
     """What a store records about how its features were made."""
     cfg: EncoderConfig = encoder.config
     return {"encoder": cfg.model_dump(mode="json"), "encoder_label": cfg.label, "input_size": encoder.input_size,
+            "weights": cfg.weights_source(), "weights_sha256": encoder.digest,
             "patch_size": plan.patch_size, "target_mpp": plan.target_mpp, "read_level": plan.read_level,
             "read_size": plan.read_size, "level0_size": plan.level0_size, "fingerprint": fingerprint}
+
+
+def check_same_encoder(encoder: Encoder, attrs: dict, store: str) -> None:
+    """Refuse to mix feature spaces: ``encoder`` must be the model that wrote ``store`` (same weights sha256)."""
+    recorded = attrs.get("weights_sha256")
+    if recorded and recorded != encoder.digest:
+        raise ValueError(f"{store}: its features came from other weights (sha256 {recorded[:12]}…) than the encoder "
+                         f"built now ({encoder.digest[:12]}…): the weights file, seed or torch build changed; "
+                         "rerun the features (--force features)")

@@ -21,12 +21,15 @@ tiling:
   target_mpp: 0.5
   patch_size: 256
   min_tissue_fraction: 0.25
-# A ViT-S/16 teacher with random weights keeps the demo offline and fast; for real work use e.g.
-# `model: uni` with `pretrained: true` (hub access) or `weights: /path/to/uni.safetensors`.
+# A ViT-S/16 teacher with RANDOM weights (seed 0) keeps the demo offline and fast: its features mean
+# nothing clinically, they only exercise the machinery. For real work give weights, e.g. `model: uni`
+# with `pretrained: true` (hub access) or `weights: /path/to/uni.safetensors`, and drop `seed`.
 # Mean-pooled patch tokens: an untrained CLS token says little about the tile, the tokens do.
 features:
   teacher:
     model: vit_small
+    pretrained: false
+    seed: 0
     pool: mean
     precision: bf16
 # EFCM stage 1, kept short for the demo: a ViT-Ti/16 student on 112-px inputs (7×7 token grid)

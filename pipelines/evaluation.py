@@ -26,14 +26,20 @@ def _rate(paths: RunPaths, stage: str, entries: list[SlideEntry]) -> float | Non
     return round(tiles / seconds, 2) if seconds else None
 
 
-def _encoder_params(cfg: RunConfig) -> int:
+def fpt_teacher(paths: RunPaths, cfg: RunConfig, reference_slide: str):
+    """The teacher FPT fine-tunes (fp32, CPU), checked to be the model that wrote the run's teacher features."""
     from features.encoders import create_encoder
+    from features.extract import check_same_encoder
+    from features.store import open_store
 
-    spec = cfg.features.teacher.model_copy(update={"pretrained": False, "weights": None, "device": "cpu"})
-    return int(sum(p.numel() for p in create_encoder(spec).model.parameters()))
+    big = create_encoder(cfg.features.teacher.model_copy(update={"device": "cpu", "precision": "fp32"}),
+                         field="features.teacher")
+    store = open_store(paths.root, cfg.features.teacher.label, reference_slide)
+    check_same_encoder(big, store.attrs, f"features/{cfg.features.teacher.label}/{reference_slide}.zarr")
+    return big
 
 
-def _end2end_inputs(paths: RunPaths, cfg: RunConfig):
+def _end2end_inputs(paths: RunPaths, cfg: RunConfig, reference_slide: str):
     """The distilled student (trainable) and a tile reader over the run's slides, for End2end."""
     from distill.model import load_student
     from mil.strategies import End2endInputs
@@ -59,9 +65,7 @@ def _end2end_inputs(paths: RunPaths, cfg: RunConfig):
 
     teacher = teacher_input = None
     if "fpt" in cfg.mil.finetune:  # FPT fine-tunes the (frozen) teacher through a side network
-        from features.encoders import create_encoder
-
-        big = create_encoder(cfg.features.teacher.model_copy(update={"device": "cpu", "precision": "fp32"}))
+        big = fpt_teacher(paths, cfg, reference_slide)
         teacher, teacher_input = big.model, {"size": big.input_size, "mean": big.mean, "std": big.std}
     return End2endInputs(student, {"size": encoder.input_size, "mean": encoder.mean, "std": encoder.std}, tiles,
                          lambda slide_id: len(source(slide_id)[1].coords), teacher, teacher_input)
@@ -78,6 +82,7 @@ def _csv_text(rows: list[dict]) -> str:
 
 def mil_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
     """Train and evaluate CLAM for every strategy and fold; write predictions, metrics and the results table."""
+    from features.encoders import count_parameters
     from features.store import open_store
     from mil.splits import csv_split, kfold_splits
     from mil.strategies import SlideLabel, run_strategies, strategy_rows, summarise
@@ -114,14 +119,14 @@ def mil_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dic
     teacher_dim = open_store(paths.root, teacher_label, slides[0].slide_id).attrs["dim"]
     needs_student = any(s in ("reuse", "retrain", "end2end") for s in mcfg.strategies)
     student_dim = open_store(paths.root, student_label, slides[0].slide_id).attrs["dim"] if needs_student else None
-    end2end = _end2end_inputs(paths, cfg) if "end2end" in mcfg.strategies else None
+    end2end = _end2end_inputs(paths, cfg, slides[0].slide_id) if "end2end" in mcfg.strategies else None
     result = run_strategies(slides, splits, classes, mcfg, bag_of(teacher_label), bag_of(student_label) if needs_student else None,
                             teacher_dim, student_dim, paths.root / "models" / "mil", end2end)
     summary = summarise(result.fold_metrics, strategy_rows(mcfg))
     card_path = paths.student_dir / "student.json"
     student_params = json.loads(card_path.read_text())["params"]["total"] if card_path.exists() else None
     teacher_rate, student_rate = _rate(paths, "features", entries), _rate(paths, "student_features", entries)
-    teacher_params = _encoder_params(cfg)
+    teacher_params = count_parameters(cfg.features.teacher)
     for row in summary:
         on_student = row["strategy"] in ("reuse", "retrain") or (row["strategy"].startswith("end2end")
                                                                    and row["strategy"] != "end2end:fpt")
@@ -133,7 +138,7 @@ def mil_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dic
     write_text(results / "predictions.csv", _csv_text(result.predictions))
     write_text(results / "fold_metrics.csv", _csv_text(result.fold_metrics))
     write_text(results / "summary.csv", _csv_text(summary))
-    write_text(results / "summary.md", results_markdown(summary, classes, len(splits)))
+    write_text(results / "summary.md", results_markdown(summary, classes, len(splits), encoder_notes(cfg)))
     return {"n_slides": len(slides), "folds": len(splits), "summary": summary, "warnings": []}
 
 
@@ -142,7 +147,20 @@ def _pm(row: dict, key: str) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
 
-def results_markdown(summary: list[dict], classes: list[str], folds: int) -> str:
+def encoder_notes(cfg: RunConfig) -> list[str]:
+    """Lines under the results table that say where the encoders' weights came from (random ones loudly)."""
+    teacher = cfg.features.teacher
+    lines = [f"Teacher `{teacher.label}`: weights {teacher.weights_source()}."]
+    if any(s in ("reuse", "retrain", "end2end") for s in cfg.mil.strategies):
+        lines.append(f"Student `{cfg.distill.student.label}` distilled from it, initialised from "
+                     f"{cfg.distill.student.weights_source(cfg.distill.seed)} weights.")
+    if teacher.random_weights:
+        lines.append("**The teacher has random weights: its features mean nothing clinically; these figures test "
+                     "the machinery, not a diagnostic model.**")
+    return lines
+
+
+def results_markdown(summary: list[dict], classes: list[str], folds: int, notes: list[str] = ()) -> str:
     """The table a user takes to a paper."""
     names = {"teacher": "Teacher baseline (CLAM on teacher)", "reuse": "Reuse (teacher CLAM on student)",
              "retrain": "Retrain (CLAM on student)", "end2end": "End2end (student + CLAM, full fine-tuning)",
@@ -163,6 +181,8 @@ def results_markdown(summary: list[dict], classes: list[str], folds: int) -> str
         lines.append(f"| {name} | `{row['features']}` | {_pm(row, 'acc')} | {_pm(row, 'bacc')} | {_pm(row, 'auc')} | "
                      f"{row['trainable_params']:,} | {tuned} | {_or_na(row.get('train_peak_mb'), ',.0f')} | "
                      f"{_or_na(row.get('s_per_epoch'), '.1f')} | {f'{params:,}' if params else 'n/a'} | {rate if rate else 'n/a'} |")
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 

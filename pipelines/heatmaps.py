@@ -171,7 +171,12 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     attention = slide_attention(model, features, None if class_name is None else classes.index(class_name))
     scores = score_tiles(coords, grid.plan.level0_size, attention.raw)
     if cfg.heatmaps.overlap > 0:
-        encoder = encoder or _encoder(cfg, paths, strategy, None, None)
+        if encoder is None:  # re-embeds tiles the stored features did not cover: it must be the model that made them
+            from features.extract import check_same_encoder
+
+            encoder = _encoder(cfg, paths, strategy, None, None)
+            check_same_encoder(encoder, open_store(paths.root, label, entry.slide_id).attrs,
+                               f"features/{label}/{entry.slide_id}.zarr")
         scores = _overlap_pass(entry, cfg, tissue, meta, encoder, model, attention.branch, attention.raw)
     predicted = classes[attention.predicted]
     caption = (f"{entry.slide_id}: predicted {predicted} (p = {attention.probabilities[attention.predicted]:.3f})"

@@ -21,7 +21,7 @@ from pipelines.artifacts import RunPaths, sweep_temporaries, write_text
 from pipelines.config import RunConfig, dump_config
 from pipelines.manifest import SlideEntry, manifest_csv
 from pipelines.plan import Task, build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
-from pipelines.stages import STAGES, TASK_FINGERPRINT
+from pipelines.stages import STAGES, TASK_FINGERPRINT, check_encoders
 from pipelines.state import COHORT, HashCache, RunLock, now, read_state, write_state
 from wsi.errors import SlideError
 
@@ -286,6 +286,7 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
     notes: list[str] = []
     hashes = HashCache(paths.hash_cache)
     tasks = build_plan(entries, cfg, paths, until=until, only=only, force=force, hashes=hashes)
+    check_encoders(cfg, {task.stage for task in tasks.values()})  # no weights: stop before any work
     with RunLock(paths.lock) as lock:
         notes += lock.acquire(break_lock=break_lock, command="wsi-pipeline run")
         hashes.save()

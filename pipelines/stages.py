@@ -111,7 +111,7 @@ def _cached_encoder(spec_json: str):
     """One encoder per worker process and spec: built once, reused for every slide."""
     from features.encoders import EncoderConfig, create_encoder
 
-    return create_encoder(EncoderConfig.model_validate_json(spec_json))
+    return create_encoder(EncoderConfig.model_validate_json(spec_json), field="features.teacher")
 
 
 def _extract(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder, label: str, extra_attrs: dict) -> dict:
@@ -167,9 +167,10 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
     teacher = cfg.features.teacher.label
     rng = np.random.default_rng(dcfg.seed)
     per_slide = -(-(dcfg.max_train_tiles + dcfg.max_val_tiles) // len(use))  # bounded memory: sample before loading
-    slides, dim = [], None
+    slides, dim, digests = [], None, {}
     for entry in use:
         store = open_store(paths.root, teacher, entry.slide_id)
+        digests.setdefault(store.attrs.get("weights_sha256"), entry.slide_id)
         if len(store) == 0:
             continue
         rows = np.sort(rng.choice(len(store), min(per_slide, len(store)), replace=False))
@@ -179,8 +180,14 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
         dim = store.attrs["dim"]
     if not slides:
         raise ValueError("no teacher features to distil from (every slide has zero tiles)")
+    if len(digests) > 1:  # targets from several models would mix feature spaces
+        raise ValueError(f"the teacher stores come from {len(digests)} different models (e.g. slides "
+                         f"{', '.join(digests.values())}): rerun the features stage (--force features)")
     card = train(slides, dim, dcfg, paths.student_dir, fingerprint=TASK_FINGERPRINT.get() or "",
-                 teacher={"label": teacher, "dim": dim, "spec": cfg.features.teacher.model_dump(mode="json")})
+                 teacher={"label": teacher, "dim": dim, "spec": cfg.features.teacher.model_dump(mode="json"),
+                          "weights": cfg.features.teacher.weights_source(),
+                          "weights_sha256": next(iter(digests)),
+                          "random_weights": cfg.features.teacher.random_weights})
     best = card["metrics"]["best"]
     return {"n_slides": len(slides), "val_cosine": best.get("cosine"), "val_r2": best.get("r2"),
             "initial_cosine": card["metrics"]["initial"].get("cosine"), "warnings": []}
@@ -226,6 +233,7 @@ class Stage:
     extra_inputs: Callable[[RunConfig], list] = lambda cfg: []  # more input fingerprints (e.g. weight files)
     enabled: Callable[[RunConfig], bool] = lambda cfg: True  # False: this config does not need the stage
     applies: Callable[[RunConfig, SlideEntry], bool] = lambda cfg, entry: True  # slide stages: which slides get a task
+    encoders: Callable[[RunConfig], list[str]] = lambda cfg: []  # dotted config fields of the encoders it builds from spec
 
 
 def needs_student(cfg: RunConfig) -> bool:
@@ -241,27 +249,52 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("tiles", tiles_stage, "slide", after=("tissue",), config=("tiling",),
           artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
     Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher", "features.dtype"),
-          artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, extra_inputs=lambda cfg: _weights_inputs(cfg)),
+          artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1},
+          extra_inputs=lambda cfg: weights_inputs(cfg, "features.teacher"), encoders=lambda cfg: ["features.teacher"]),
     Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
     Stage("distill", distill_stage, "cohort", after=("features",), config=("distill", "features.teacher", "features.dtype"),
           artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
-          resources={"GPU": 1}, enabled=needs_student),
+          resources={"GPU": 1}, enabled=needs_student, extra_inputs=lambda cfg: weights_inputs(cfg, "distill.student"),
+          encoders=lambda cfg: ["distill.student"]),
     Stage("student_features", student_features_stage, "slide", after=("tiles", "distill"), config=("features.dtype",),
           artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}, enabled=needs_student),
     Stage("mil", mil_stage, "cohort", after=("features", "student_features"), config=("mil",),
-          artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"]),
+          artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"],
+          encoders=lambda cfg: ["features.teacher"] if "end2end" in cfg.mil.strategies and "fpt" in cfg.mil.finetune else []),
     Stage("heatmaps", heatmaps_stage, "slide", after=("mil",), config=("heatmaps",),
           artifacts=lambda p, k, c: [heatmap_dir(p, resolve_strategy(c), k) / "heatmap.json"],
           enabled=lambda cfg: cfg.heatmaps.slides != "none" and bool(drawable(cfg)),
-          applies=wants_heatmap),
+          applies=wants_heatmap,
+          encoders=lambda cfg: ["features.teacher"] if resolve_strategy(cfg) == "teacher" and cfg.heatmaps.overlap > 0 else []),
 ]}
 
 
-def _weights_inputs(cfg: RunConfig) -> list:
+def encoder_config(cfg: RunConfig, dotted: str):
+    """The EncoderConfig at a dotted field of the run config (``features.teacher``, ``distill.student``)."""
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def weights_inputs(cfg: RunConfig, dotted: str) -> list:
+    """The content (sha256) of the encoder's local weights file, so replacing the file reruns what it made."""
     from pipelines.state import file_fingerprint
 
-    weights = cfg.features.teacher.weights
-    return [file_fingerprint(Path(weights))] if weights else []
+    weights = encoder_config(cfg, dotted).weights
+    return [file_fingerprint(Path(weights), "content")] if weights else []
+
+
+def check_encoders(cfg: RunConfig, stages: set[str]) -> None:
+    """Before any task runs: every encoder the planned stages build has weights (or an explicit seed for
+    random ones), and every local weights file exists. Raises ValueError naming the field."""
+    from features.encoders import NoWeightsError, WeightsError, no_weights_message
+
+    fields = {f: None for name in STAGES if name in stages for f in STAGES[name].encoders(cfg)}
+    for dotted in fields:
+        spec = encoder_config(cfg, dotted)
+        if dotted == "features.teacher" and spec.random_weights and spec.seed is None:  # a student starts from distill.seed
+            raise NoWeightsError(no_weights_message(spec, dotted))
+        if spec.weights is not None and not Path(spec.weights).is_file():
+            raise WeightsError(f"{dotted}.weights: {spec.weights}: file not found")
 
 
 def upstream(stage: str) -> list[str]:

@@ -67,6 +67,9 @@ class HashCache:
             self.changed = False
 
 
+_PROCESS_HASHES = HashCache()  # content hashes this process already computed, when no run cache is given
+
+
 def file_fingerprint(path: Path, mode: str = "stat", cache: HashCache | None = None) -> dict:
     """Identity of an input file: size + mtime (``stat``) or its size + sha256 (``content``)."""
     try:
@@ -74,7 +77,7 @@ def file_fingerprint(path: Path, mode: str = "stat", cache: HashCache | None = N
     except OSError:
         return {"path": str(path), "missing": True}
     if mode == "content":  # content only: moving or touching the file keeps it
-        return {"size": st.st_size, "sha256": (cache or HashCache()).sha256(path, st)}
+        return {"size": st.st_size, "sha256": (cache or _PROCESS_HASHES).sha256(path, st)}
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 

@@ -44,7 +44,7 @@ def mixed_cohort(cohort, tmp_path_factory) -> Path:
             "nompp.tif,no_mpp,normal", "glass.svs,no_tissue,normal", "demo_002.tif,good_tif,normal"]
     (folder / "slides.csv").write_text("\n".join(rows) + "\n")
     (folder / "run.yaml").write_text("tissue:\n  preset: bwh_biopsy\n  area_reference_mpp: 0.25\n"
-                                     "features:\n  teacher:\n    model: vit_tiny\n")
+                                     "features:\n  teacher:\n    model: vit_tiny\n    seed: 0\n")
     return folder
 
 

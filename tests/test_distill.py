@@ -59,7 +59,7 @@ def test_fpd_loss_is_zero_for_identical_inputs_and_positive_otherwise():
 def teacher_tiles(cohort):
     """Tiles of the four demo slides with features of a ViT-S/16 teacher (random weights, fixed seed)."""
     torch.manual_seed(0)
-    teacher = create_encoder(EncoderConfig(model="vit_small", precision="bf16"))
+    teacher = create_encoder(EncoderConfig(model="vit_small", precision="bf16", seed=0))
     slides = []
     for name in ("demo_000.svs", "demo_001.svs", "demo_002.tif", "demo_003.svs"):
         with open_slide(cohort / name) as slide:
@@ -103,7 +103,7 @@ def _run_until_distill(cohort, tmp_path, epochs: int) -> tuple[list[str], str]:
     (tmp_path / "run.yaml").write_text(
         "tissue: {preset: bwh_biopsy, area_reference_mpp: 0.25}\n"
         "tiling: {target_mpp: 1.0, patch_size: 128}\n"
-        "features: {teacher: {model: resnet18, input_size: 96}, num_workers: 0}\n"
+        "features: {teacher: {model: resnet18, input_size: 96, seed: 0}, num_workers: 0}\n"
         f"distill: {{student: {{model: resnet18, input_size: 64}}, projector: linear, epochs: {epochs}, "
         "tiles_per_epoch: 256, batch_size: 32, num_workers: 0, precision: fp32}\n")
     cmd = [*CLI, "run", str(tmp_path / "slides.csv"), "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"),
@@ -133,10 +133,10 @@ def test_killed_distillation_resumes_from_its_checkpoint_and_student_features_fo
     assert card["metrics"]["epochs_run"] > epochs_before
     assert card["metrics"]["best"]["cosine"] > card["metrics"]["initial"]["cosine"]
     store = open_store(tmp_path / "out", "student_resnet18", "demo_001")
-    teacher = open_store(tmp_path / "out", "resnet18", "demo_001")
+    teacher = open_store(tmp_path / "out", "resnet18-random-seed0", "demo_001")
     assert store.features.shape == teacher.features.shape  # teacher-space features, same tiles
     np.testing.assert_array_equal(store.coords, teacher.coords)
-    assert store.attrs["distilled_from"] == "resnet18"
+    assert store.attrs["distilled_from"] == "resnet18-random-seed0"
     status = subprocess.run([*CLI, "status", out, "--json"], capture_output=True, text=True)
     report = json.loads(status.stdout)
     assert report["cohort"]["mil"]["status"] == "pending"  # unlabelled cohort, and --until student_features

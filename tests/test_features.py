@@ -22,7 +22,7 @@ from wsi.tissue import mask_slide
 
 @pytest.fixture(scope="module")
 def vit_tiny():
-    return create_encoder(EncoderConfig(model="vit_tiny"))
+    return create_encoder(EncoderConfig(model="vit_tiny", seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -38,27 +38,27 @@ def slide_tiles(cohort):
 
 
 def test_registry_presets_dims_and_pooling():
-    assert create_encoder(EncoderConfig(model="resnet18")).dim == 512
-    trunc = create_encoder(EncoderConfig(model="resnet50_trunc", input_size=64))
+    assert create_encoder(EncoderConfig(model="resnet18", seed=0)).dim == 512
+    trunc = create_encoder(EncoderConfig(model="resnet50_trunc", seed=0, input_size=64))
     assert trunc.dim == 1024  # CLAM's ResNet-50 truncated after layer3
-    mean_pool = create_encoder(EncoderConfig(model="vit_tiny", pool="mean"))
-    cls_pool = create_encoder(EncoderConfig(model="vit_tiny"))
+    mean_pool = create_encoder(EncoderConfig(model="vit_tiny", seed=0, pool="mean"))
+    cls_pool = create_encoder(EncoderConfig(model="vit_tiny", seed=0))
     x = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8)
     torch.manual_seed(0)
     assert mean_pool.dim == cls_pool.dim == 192
     assert mean_pool.model.global_pool == "avg" and cls_pool.model.global_pool == "token"
     assert mean_pool(x).shape == (2, 192)
     with pytest.raises(ValueError, match="cls token"):
-        create_encoder(EncoderConfig(model="resnet18", pool="cls"))
+        create_encoder(EncoderConfig(model="resnet18", seed=0, pool="cls"))
     with pytest.raises(ValueError, match="cannot build"):
-        create_encoder(EncoderConfig(model="no_such_model_v9"))
+        create_encoder(EncoderConfig(model="no_such_model_v9", seed=0))
     assert EncoderConfig(model="hf-hub:MahmoodLab/UNI").label == "MahmoodLab_UNI"
 
 
 def test_local_safetensors_weights_are_loaded_and_pickles_refused(tmp_path):
     from safetensors.torch import save_file
 
-    source = create_encoder(EncoderConfig(model="resnet18"))
+    source = create_encoder(EncoderConfig(model="resnet18", seed=0))
     state = {k: v.clone() + 0.01 for k, v in source.model.state_dict().items() if v.is_floating_point()}
     save_file(state, tmp_path / "r18.safetensors")
     loaded = create_encoder(EncoderConfig(model="resnet18", weights=tmp_path / "r18.safetensors"))
@@ -148,24 +148,24 @@ def test_h5_export_in_clam_layout_and_import_round_trip(slide_tiles, vit_tiny, t
 def test_features_stage_in_the_pipeline_and_export_command(cohort, tmp_path):
     (tmp_path / "slides.csv").write_text(f"slide_path,slide_id\n{cohort / 'demo_002.tif'},tif\n")
     (tmp_path / "run.yaml").write_text("tissue: {preset: bwh_biopsy, area_reference_mpp: 0.25}\n"
-                                       "features: {teacher: {model: resnet18}, num_workers: 0}\n")
+                                       "features: {teacher: {model: resnet18, seed: 0}, num_workers: 0}\n")
     out = tmp_path / "out"
     cli = [sys.executable, "-m", "pipelines.cli"]
     run = subprocess.run([*cli, "run", tmp_path / "slides.csv", "--config", tmp_path / "run.yaml", "--out", out,
                           "--until", "features"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    store = open_store(out, "resnet18", "tif")
+    store = open_store(out, "resnet18-random-seed0", "tif")
     assert store.features.shape[1] == 512 and len(store) == len(np.load(out / "tiles" / "tif.coords.npy"))
     state = json.loads((out / "state" / "features" / "tif.json").read_text())
     assert store.attrs["fingerprint"] == state["fingerprint"]
-    assert store_path(out, "resnet18", "tif") == out / "features" / "resnet18" / "tif.zarr"
+    assert store_path(out, "resnet18-random-seed0", "tif") == out / "features" / "resnet18-random-seed0" / "tif.zarr"
     export = subprocess.run([*cli, "export", out, "--format", "h5", "--pt"], capture_output=True, text=True)
     assert export.returncode == 0, export.stderr
-    with h5py.File(out / "export" / "resnet18" / "h5_files" / "tif.h5", "r") as f:
+    with h5py.File(out / "export" / "resnet18-random-seed0" / "h5_files" / "tif.h5", "r") as f:
         assert f["features"].shape == (len(store), 512)
-    assert (out / "export" / "resnet18" / "pt_files" / "tif.pt").exists()
-    imported = subprocess.run([*cli, "import-features", out / "export" / "resnet18", "--out", tmp_path / "other",
+    assert (out / "export" / "resnet18-random-seed0" / "pt_files" / "tif.pt").exists()
+    imported = subprocess.run([*cli, "import-features", out / "export" / "resnet18-random-seed0", "--out", tmp_path / "other",
                                "--encoder", "clam_r18"], capture_output=True, text=True)
     assert imported.returncode == 0, imported.stderr
     back = open_store(tmp_path / "other", "clam_r18", "tif")
