@@ -59,7 +59,7 @@ def is_up_to_date(paths: RunPaths, task: Task, cfg: RunConfig) -> bool:
 
 
 def settle_cohort(cfg: RunConfig, task: Task, tasks: dict[str, Task], entries: dict[str, SlideEntry],
-                  finished) -> tuple[list[str], int]:
+                  finished, hashes: HashCache | None = None) -> tuple[list[str], int]:
     """Decide which slides a cohort task runs on — those whose every upstream task passes ``finished`` —
     and set its fingerprint from them. Returns (included slide ids, slides left out)."""
     per_slide: dict[str, list[Task]] = {}
@@ -68,15 +68,16 @@ def settle_cohort(cfg: RunConfig, task: Task, tasks: dict[str, Task], entries: d
     included = [key for key, deps in per_slide.items() if all(finished(d) for d in deps)]
     task.included = included
     task.fingerprint = cohort_fingerprint(cfg, task, [(entries[k], "|".join(d.fingerprint or "" for d in per_slide[k]))
-                                                      for k in included])
+                                                      for k in included], hashes)
     return included, len(per_slide) - len(included)
 
 
-def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry, str]]) -> str:
+def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry, str]],
+                       hashes: HashCache | None = None) -> str:
     """Over the included slides' upstream fingerprints and their manifest fields (labels, cases, splits)."""
     stage = STAGES[task.stage]
     rows = sorted((e.slide_id, fp, e.label, e.case_id, e.split) for e, fp in slides)
-    return fingerprint(stage.name, config_values(cfg, stage.config), [*rows, *stage.extra_inputs(cfg)])
+    return fingerprint(stage.name, config_values(cfg, stage.config), [*rows, *stage.extra_inputs(cfg, hashes)])
 
 
 def slide_fingerprint(cfg: RunConfig, task: Task, entry: SlideEntry, dep_fps: list[str],
@@ -87,7 +88,7 @@ def slide_fingerprint(cfg: RunConfig, task: Task, entry: SlideEntry, dep_fps: li
     if stage.reads_slide:
         inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint, hashes), "mpp": entry.mpp})
     inputs.extend(dep_fps)
-    inputs.extend(stage.extra_inputs(cfg))
+    inputs.extend(stage.extra_inputs(cfg, hashes))
     return fingerprint(stage.name, config_values(cfg, stage.config), inputs)
 
 
@@ -106,7 +107,7 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
     """All tasks of a run in dependency order, with fingerprints where they can be known before running.
 
     A cohort task depends on its ``after`` stage for every slide; a slide stage after a cohort stage
-    depends on that cohort task. ``hashes`` caches slide sha256s (``slides.fingerprint: content``).
+    depends on that cohort task. ``hashes`` caches file sha256s (weights; slides with ``slides.fingerprint: content``).
     """
     hashes = hashes if hashes is not None else HashCache(paths.hash_cache)
     for name in [until, *(force or [])]:

@@ -163,8 +163,8 @@ class _Scheduler:
     """Client-side bookkeeping: what is ready, what to retry, what to skip."""
 
     def __init__(self, tasks: dict[str, Task], entries: dict[str, SlideEntry], cfg: RunConfig, paths: RunPaths,
-                 on_settled: Callable[[Task], None]):
-        self.tasks, self.entries, self.cfg, self.paths = tasks, entries, cfg, paths
+                 on_settled: Callable[[Task], None], hashes: HashCache | None = None):
+        self.tasks, self.entries, self.cfg, self.paths, self.hashes = tasks, entries, cfg, paths, hashes
         self.on_settled = on_settled
         self.dependants: dict[str, list[str]] = {tid: [] for tid in tasks}
         for task in tasks.values():
@@ -184,7 +184,7 @@ class _Scheduler:
         done_deps = [self.tasks[d] for d in task.deps if self.tasks[d].status in ("done", "up-to-date")]
         if task.cohort:
             included, left_out = settle_cohort(self.cfg, task, self.tasks, self.entries,
-                                               lambda t: t.status in ("done", "up-to-date"))
+                                               lambda t: t.status in ("done", "up-to-date"), self.hashes)
             if not included:
                 reason = "no slide finished its upstream stages"
                 write_state(self.paths, task.stage, task.key, status="skipped", finished=now(), error=reason)
@@ -197,7 +197,7 @@ class _Scheduler:
                         finished=now(), error=f"{', '.join(failed)} did not finish")
             return self.settle(task, "skipped", f"{', '.join(failed)} did not finish")
         elif task.fingerprint is None:  # it comes after a cohort task, whose fingerprint is known only now
-            task.fingerprint = resolve_fingerprint(self.cfg, task, self.tasks, self.entries)
+            task.fingerprint = resolve_fingerprint(self.cfg, task, self.tasks, self.entries, self.hashes)
         if is_up_to_date(self.paths, task, self.cfg):
             return self.settle(task, "up-to-date", task.reason)
         return True
@@ -212,9 +212,10 @@ class _Scheduler:
 
 
 def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths,
-            on_settled: Callable[[Task], None] = lambda t: None, on_start: Callable[[str], None] = lambda d: None) -> str | None:
+            on_settled: Callable[[Task], None] = lambda t: None, on_start: Callable[[str], None] = lambda d: None,
+            hashes: HashCache | None = None) -> str | None:
     """Run the plan. Returns the dashboard link when a cluster was used."""
-    sched = _Scheduler(tasks, {e.slide_id: e for e in entries}, cfg, paths, on_settled)
+    sched = _Scheduler(tasks, {e.slide_id: e for e in entries}, cfg, paths, on_settled, hashes)
     frontier = [t for t in tasks.values() if sched.ready(t)]
     to_run: list[Task] = []
 
@@ -298,7 +299,8 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
         write_text(paths.config, dump_config(cfg))
         write_text(paths.manifest, manifest_csv(entries))
         on_plan(tasks)
-        dashboard = execute(tasks, entries, cfg, paths, on_settled, on_start)
+        dashboard = execute(tasks, entries, cfg, paths, on_settled, on_start, hashes)
+        hashes.save()  # hashes made while running (fingerprints after cohort stages)
     if only:
         notes.append("cohort stages were not run: --only selects a subset of slides")
     for task in tasks.values():

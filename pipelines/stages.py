@@ -230,7 +230,7 @@ class Stage:
     reads_slide: bool = False  # the slide file itself is an input
     artifacts: Callable[[RunPaths, str, RunConfig], list[Path]] = lambda paths, key, cfg: []
     resources: dict[str, float] = field(default_factory=dict)  # Dask resources, e.g. {"GPU": 1}
-    extra_inputs: Callable[[RunConfig], list] = lambda cfg: []  # more input fingerprints (e.g. weight files)
+    extra_inputs: Callable[..., list] = lambda cfg, hashes: []  # more input fingerprints (e.g. weight files)
     enabled: Callable[[RunConfig], bool] = lambda cfg: True  # False: this config does not need the stage
     applies: Callable[[RunConfig, SlideEntry], bool] = lambda cfg, entry: True  # slide stages: which slides get a task
     encoders: Callable[[RunConfig], list[str]] = lambda cfg: []  # dotted config fields of the encoders it builds from spec
@@ -250,11 +250,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
     Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher", "features.dtype"),
           artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1},
-          extra_inputs=lambda cfg: weights_inputs(cfg, "features.teacher"), encoders=lambda cfg: ["features.teacher"]),
+          extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
     Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
     Stage("distill", distill_stage, "cohort", after=("features",), config=("distill", "features.teacher", "features.dtype"),
           artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
-          resources={"GPU": 1}, enabled=needs_student, extra_inputs=lambda cfg: weights_inputs(cfg, "distill.student"),
+          resources={"GPU": 1}, enabled=needs_student, extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "distill.student", hashes),
           encoders=lambda cfg: ["distill.student"]),
     Stage("student_features", student_features_stage, "slide", after=("tiles", "distill"), config=("features.dtype",),
           artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}, enabled=needs_student),
@@ -275,12 +275,13 @@ def encoder_config(cfg: RunConfig, dotted: str):
     return getattr(getattr(cfg, section), name)
 
 
-def weights_inputs(cfg: RunConfig, dotted: str) -> list:
-    """The content (sha256) of the encoder's local weights file, so replacing the file reruns what it made."""
+def weights_inputs(cfg: RunConfig, dotted: str, hashes=None) -> list:
+    """The content (sha256, cached in ``hashes``) of the encoder's local weights file, so replacing the file
+    reruns what it made and touching it does not."""
     from pipelines.state import file_fingerprint
 
     weights = encoder_config(cfg, dotted).weights
-    return [file_fingerprint(Path(weights), "content")] if weights else []
+    return [file_fingerprint(Path(weights), "content", hashes)] if weights else []
 
 
 def check_encoders(cfg: RunConfig, stages: set[str]) -> None:

@@ -13,7 +13,7 @@ from pipelines.artifacts import RunPaths
 from pipelines.config import load_config
 from pipelines.manifest import read_manifest
 from pipelines.plan import build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
-from pipelines.state import COHORT, RunLock, read_state
+from pipelines.state import COHORT, HashCache, RunLock, read_state
 
 
 def run_status(out: Path) -> dict:
@@ -23,7 +23,8 @@ def run_status(out: Path) -> dict:
         raise FileNotFoundError(f"{out} is not a run directory (no slides.csv / run.yaml): run `wsi-pipeline run` first")
     cfg = load_config(paths.config)
     entries = read_manifest(paths.manifest)
-    tasks = build_plan(entries, cfg, paths)
+    hashes = HashCache(paths.hash_cache)  # read only: status never rehashes a file the run hashed
+    tasks = build_plan(entries, cfg, paths, hashes=hashes)
     by_id = {e.slide_id: e for e in entries}
     lock = RunLock(paths.lock)
     holder = lock._holder() if paths.lock.exists() else None
@@ -34,9 +35,9 @@ def run_status(out: Path) -> dict:
     for task in tasks.values():  # in stage order, so fingerprints after cohort tasks can be resolved
         state = read_state(paths, task.stage, task.key)
         if task.key == COHORT and state and state.get("status") == "done":
-            settle_cohort(cfg, task, tasks, by_id, lambda t: is_up_to_date(paths, t, cfg))
+            settle_cohort(cfg, task, tasks, by_id, lambda t: is_up_to_date(paths, t, cfg), hashes)
         elif task.fingerprint is None and task.key != COHORT:
-            task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id)
+            task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id, hashes)
         status = (state or {}).get("status", "pending")
         if status == "done" and not is_up_to_date(paths, task, cfg):
             status = "stale"
