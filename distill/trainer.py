@@ -2,7 +2,7 @@
 
 Tiles are sampled across slides (labels unused); each training tile's target is the teacher's
 stored feature for the same coordinates, so the teacher never runs again. AdamW with warm-up and
-a cosine schedule, optional bf16 autocast, gradient clipping, seeded sampling, validation on
+a cosine schedule, autocast at the precision that is fast on the device, gradient clipping, seeded sampling, validation on
 held-out slides (cosine and R² to the teacher), early stopping, and a checkpoint every epoch so a
 killed distillation resumes from its last finished epoch.
 """
@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from features.encoders import EncoderConfig
+from features.precision import autocast_dtype, resolve_precision
 from features.store import save_safetensors
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ class DistillConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
     patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation cosine")
     augment: bool = Field(True, description="flips, 90° rotations and light brightness/contrast jitter on the student's input")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="training autocast precision")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training autocast precision; auto as for encoders: bf16 on GPUs that support it (else "
+                            "fp16 with loss scaling), bf16 on CPUs with native bf16, else fp32")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes reading tiles")
     seed: int = Field(0, description="seed for the split, sampling and initialisation")
     exclude_test: bool = Field(True, description="never train on slides whose slides.csv split is `test`")
@@ -240,7 +243,9 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     if resumed_from is None:
         initial = evaluate(model, val_loader, input_size, mean, std, device)
         state["history"].append({"epoch": 0, **initial})
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    precision = resolve_precision(cfg.precision, device)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype(precision) or torch.float32, enabled=precision != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
     generator = torch.Generator().manual_seed(cfg.seed)
     model.train()
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
@@ -257,9 +262,11 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
                 prediction = model.whitened(x)
             loss = loss_fn(prediction, target.to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             losses.append(loss.item())
         metrics = evaluate(model, val_loader, input_size, mean, std, device)
@@ -284,6 +291,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     card = {
         "kind": "wsi-pipeline distilled student",
         "student": cfg.student.model_dump(mode="json"), "student_init": cfg.student.weights_source(cfg.seed),
+        "precision": precision,
         "projector": cfg.projector, "projector_width": cfg.projector_width,
         "whiten": cfg.whiten, "teacher": teacher or {}, "teacher_dim": teacher_dim,
         "input_size": input_size, "mean": list(mean), "std": list(std),

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from features.precision import autocast_dtype, resolve_precision
+
 # Presets: name → timm model + kwargs + pooling. Hub presets need `pretrained: true` and access.
 PRESETS: dict[str, dict[str, Any]] = {
     "resnet50_trunc": {"model": "resnet50", "truncate_resnet": True, "pool": "avg"},  # CLAM's 1024-d encoder
@@ -52,7 +54,9 @@ class EncoderConfig(BaseModel):
     mean: tuple[float, float, float] | None = Field(None, description="normalisation mean (null: the model's)")
     std: tuple[float, float, float] | None = Field(None, description="normalisation std (null: the model's)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for timm.create_model")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="inference precision (autocast); bf16 doubles CPU throughput")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="inference precision (autocast). auto: on CUDA bf16 where supported, else fp16; on a CPU bf16 "
+                            "only with native bf16 (AMX / AVX512-BF16), else fp32 (bf16 is ~5x slower there)")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     seed: int | None = Field(None, description="with no pretrained or local weights: the seed of the random weights; "
                                                "setting it opts into random weights, whose features mean nothing "
@@ -92,6 +96,7 @@ class Encoder:
     device: Any  # torch.device
     dtype: Any  # autocast dtype or None
     config: EncoderConfig
+    precision: str = "fp32"  # resolved for the device: fp32, bf16 or fp16
     _digest: str | None = None
 
     @property
@@ -278,10 +283,10 @@ def wrap_encoder(model, cfg: EncoderConfig, data_cfg: dict, device=None) -> Enco
     input_size = cfg.input_size or int(data_cfg["input_size"][-1])
     with torch.inference_mode():
         dim = int(model(torch.zeros(1, 3, input_size, input_size, device=device)).shape[-1])
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    precision = resolve_precision(cfg.precision, device)
     mean = tuple(cfg.mean or data_cfg["mean"])
     std = tuple(cfg.std or data_cfg["std"])
-    return Encoder(model, dim, input_size, mean, std, device, dtype, cfg)
+    return Encoder(model, dim, input_size, mean, std, device, autocast_dtype(precision), cfg, precision)
 
 
 def _headless(model, spec: dict):

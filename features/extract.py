@@ -31,8 +31,8 @@ class ExtractionConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="tiles per forward pass")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes reading and decoding tiles (0: in the main process)")
     prefetch_factor: int = Field(4, ge=1, description="batches each loader worker keeps ready")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads for the model (null: torch's default; "
-                                                            "Dask workers default to 1 per worker process)")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads for the model (null: the cores the task's "
+                                                            "Dask worker owns, all of the machine's for a one-slide run)")
     dtype: str = Field("float16", pattern="^(float16|float32)$", description="dtype of stored features")
     chunk_rows: int = Field(1024, ge=16, description="feature rows per Zarr chunk")
 
@@ -113,6 +113,7 @@ def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: Extrac
             model_seconds += seconds
     seconds = time.perf_counter() - start
     return {"n_tiles": len(dataset), "seconds": round(seconds, 3), "model_seconds": round(model_seconds, 3),
+            "precision": encoder.precision,
             "patches_per_s": round(len(dataset) / seconds, 2) if seconds and len(dataset) else 0.0}
 
 
@@ -120,7 +121,7 @@ def encoder_attrs(encoder: Encoder, plan: ReadPlan, fingerprint: str | None = No
     """What a store records about how its features were made."""
     cfg: EncoderConfig = encoder.config
     return {"encoder": cfg.model_dump(mode="json"), "encoder_label": cfg.label, "input_size": encoder.input_size,
-            "weights": cfg.weights_source(), "weights_sha256": encoder.digest,
+            "weights": cfg.weights_source(), "weights_sha256": encoder.digest, "precision": encoder.precision,
             "patch_size": plan.patch_size, "target_mpp": plan.target_mpp, "read_level": plan.read_level,
             "read_size": plan.read_size, "level0_size": plan.level0_size, "fingerprint": fingerprint}
 

@@ -31,7 +31,6 @@ features:
     pretrained: false
     seed: 0
     pool: mean
-    precision: bf16
 # EFCM stage 1, kept short for the demo: a ViT-Ti/16 student on 112-px inputs (7×7 token grid)
 # with a TransScan projector.
 distill:

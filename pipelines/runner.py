@@ -79,12 +79,45 @@ class PeakRSS:
         return round(self.peak / 2**20, 1)
 
 
-def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fingerprint: str, attempt: int) -> dict:
-    """Run one task where Dask put it; record running → done/failed. Never raises for a stage error."""
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a SLURM allocation), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_cores() -> int:
+    """The cores the Dask worker running this task owns (its threads); all of them outside a worker."""
+    from distributed import get_worker
+
+    try:
+        return get_worker().state.nthreads
+    except ValueError:  # not in a worker
+        return machine_cores()
+
+
+def set_torch_threads(alone: bool) -> int:
+    """Torch's CPU threads for a model task: the worker's cores, or every core of the machine when the task
+    runs alone (a cohort stage, the only slide). Dask starts workers with OMP_NUM_THREADS=1, so without
+    this torch would train and embed on one core."""
+    import torch
+
+    threads = machine_cores() if alone else worker_cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fingerprint: str, attempt: int,
+             alone: bool = False) -> dict:
+    """Run one task where Dask put it; record running → done/failed. Never raises for a stage error.
+
+    ``alone``: nothing else of the run can run beside it, so a model task takes all the machine's cores."""
     paths = RunPaths(Path(root))
     stage = STAGES[stage_name]
     started, t0 = now(), time.perf_counter()
     write_state(paths, stage_name, key, status="running", fingerprint=fingerprint, attempts=attempt, started=started)
+    threads = set_torch_threads(alone) if stage.uses_torch else None
     token = TASK_FINGERPRINT.set(fingerprint)
     memory = PeakRSS()
     try:
@@ -100,14 +133,14 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
         TASK_FINGERPRINT.reset(token)
     duration = round(time.perf_counter() - t0, 4)
     write_state(paths, stage_name, key, status="done", fingerprint=fingerprint, attempts=attempt, started=started,
-                finished=now(), duration_s=duration, peak_rss_mb=memory.mb, warnings=meta.get("warnings", []),
-                meta=_summary(meta))
+                finished=now(), duration_s=duration, peak_rss_mb=memory.mb, torch_threads=threads,
+                warnings=meta.get("warnings", []), meta=_summary(meta))
     return {"status": "done", "duration_s": duration, "meta": _summary(meta)}
 
 
 def _summary(meta: dict) -> dict:
     """The small part of a stage's metadata the client shows (keeps results cheap to ship)."""
-    keys = ("n_tiles", "n_slides", "seconds", "patches_per_s", "val_cosine", "val_r2", "initial_cosine", "folds")
+    keys = ("n_tiles", "n_slides", "seconds", "patches_per_s", "precision", "val_cosine", "val_r2", "initial_cosine", "folds")
     return {k: meta[k] for k in keys if k in meta}
 
 
@@ -243,12 +276,17 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
         futures = as_completed(with_results=True, raise_errors=False)  # results stream back as tasks finish
         owner = {}
 
+        per_stage: dict[str, int] = {}
+        for t in tasks.values():
+            per_stage[t.stage] = per_stage.get(t.stage, 0) + 1
+
         def submit(task: Task) -> None:
             task.attempts += 1
             stage = STAGES[task.stage]
             resources = {k: v for k, v in stage.resources.items() if k in available} or None
+            alone = task.cohort or per_stage[task.stage] == 1  # a cohort stage, or a one-slide run
             future = client.submit(run_task, task.stage, task.key, sched.payload(task), cfg, str(paths.root),
-                                   task.fingerprint, task.attempts, key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}",
+                                   task.fingerprint, task.attempts, alone, key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}",
                                    pure=False, resources=resources)
             owner[future.key] = task
             futures.add(future)

@@ -190,7 +190,7 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
                           "random_weights": cfg.features.teacher.random_weights})
     best = card["metrics"]["best"]
     return {"n_slides": len(slides), "val_cosine": best.get("cosine"), "val_r2": best.get("r2"),
-            "initial_cosine": card["metrics"]["initial"].get("cosine"), "warnings": []}
+            "initial_cosine": card["metrics"]["initial"].get("cosine"), "precision": card["precision"], "warnings": []}
 
 
 def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
@@ -234,6 +234,7 @@ class Stage:
     enabled: Callable[[RunConfig], bool] = lambda cfg: True  # False: this config does not need the stage
     applies: Callable[[RunConfig, SlideEntry], bool] = lambda cfg, entry: True  # slide stages: which slides get a task
     encoders: Callable[[RunConfig], list[str]] = lambda cfg: []  # dotted config fields of the encoders it builds from spec
+    uses_torch: bool = False  # runs a model: the runner sets torch's threads to the cores the task owns
 
 
 def needs_student(cfg: RunConfig) -> bool:
@@ -249,22 +250,23 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("tiles", tiles_stage, "slide", after=("tissue",), config=("tiling",),
           artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
     Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher", "features.dtype"),
-          artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1},
+          artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, uses_torch=True,
           extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
     Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
     Stage("distill", distill_stage, "cohort", after=("features",), config=("distill", "features.teacher", "features.dtype"),
           artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
-          resources={"GPU": 1}, enabled=needs_student, extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "distill.student", hashes),
+          resources={"GPU": 1}, uses_torch=True, enabled=needs_student, extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "distill.student", hashes),
           encoders=lambda cfg: ["distill.student"]),
     Stage("student_features", student_features_stage, "slide", after=("tiles", "distill"), config=("features.dtype",),
-          artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}, enabled=needs_student),
+          artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}, uses_torch=True,
+          enabled=needs_student),
     Stage("mil", mil_stage, "cohort", after=("features", "student_features"), config=("mil",),
           artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"],
-          encoders=lambda cfg: ["features.teacher"] if "end2end" in cfg.mil.strategies and "fpt" in cfg.mil.finetune else []),
+          uses_torch=True, encoders=lambda cfg: ["features.teacher"] if "end2end" in cfg.mil.strategies and "fpt" in cfg.mil.finetune else []),
     Stage("heatmaps", heatmaps_stage, "slide", after=("mil",), config=("heatmaps",),
           artifacts=lambda p, k, c: [heatmap_dir(p, resolve_strategy(c), k) / "heatmap.json"],
           enabled=lambda cfg: cfg.heatmaps.slides != "none" and bool(drawable(cfg)),
-          applies=wants_heatmap,
+          applies=wants_heatmap, uses_torch=True,
           encoders=lambda cfg: ["features.teacher"] if resolve_strategy(cfg) == "teacher" and cfg.heatmaps.overlap > 0 else []),
 ]}
 

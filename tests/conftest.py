@@ -61,7 +61,7 @@ def corrupt_jpeg_tiles(path: Path, level: int = -1) -> None:
 TEACHER_RUN_CONFIG = {
     "tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25},
     "tiling": {"target_mpp": 0.5, "patch_size": 256, "min_tissue_fraction": 0.25},
-    "features": {"teacher": {"model": "vit_small", "seed": 0, "pool": "mean", "precision": "bf16"}},
+    "features": {"teacher": {"model": "vit_small", "seed": 0, "pool": "mean"}},
     "mil": {"strategies": ["teacher"], "folds": 4, "val_fraction": 0.17, "max_epochs": 40, "min_epochs": 10,
             "patience": 10},
     "heatmaps": {"slides": "all", "width": 1024, "top_k": 3},

@@ -19,14 +19,16 @@ from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
 from pipelines.manifest import read_manifest
 from pipelines.plan import build_plan
+from pipelines.runner import machine_cores
 from pipelines.stages import check_encoders
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
-# a small, fast teacher with random weights chosen explicitly (seed), on 128-px tiles at 1 µm/px
+# a small, fast teacher with random weights chosen explicitly (seed), on 128-px tiles at 1 µm/px; fp32, the precision
+# End2end's FPT fine-tunes at, so its outputs can be compared with the stored features
 RUN_CONFIG = {
     "tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25},
     "tiling": {"target_mpp": 1.0, "patch_size": 128},
-    "features": {"teacher": {"model": "vit_tiny", "pool": "mean", "seed": 0, "input_size": 112,
+    "features": {"teacher": {"model": "vit_tiny", "pool": "mean", "seed": 0, "input_size": 112, "precision": "fp32",
                              "model_kwargs": {"img_size": 112}},
                  "num_workers": 0, "batch_size": 16},
     "heatmaps": {"overlap": 0.5},
@@ -179,8 +181,26 @@ def test_every_worker_and_every_run_computes_the_same_features(two_runs):
             store = open_store(run, LABEL, f"s{i}")
             assert np.asarray(store.features[:]).tobytes() == raw.tobytes(), (run.name, i)  # byte for byte
             assert store.attrs["weights_sha256"] == reference.attrs["weights_sha256"]
-    fingerprints = [json.loads((run / "state" / "features" / "s1.json").read_text())["fingerprint"] for run in two_runs]
-    assert fingerprints[0] == fingerprints[1]
+    states = [json.loads((run / "state" / "features" / "s1.json").read_text()) for run in two_runs]
+    assert states[0]["fingerprint"] == states[1]["fingerprint"]
+    # the precision is recorded; torch runs on the one core each of the two workers owns
+    assert reference.attrs["precision"] == states[0]["meta"]["precision"] == "fp32"
+    assert {json.loads((first / "state" / "features" / f"s{i}.json").read_text())["torch_threads"] for i in range(1, 5)} == {1}
+
+
+def test_a_one_slide_run_gives_its_model_task_every_core(cohort, tmp_path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "slides.csv").write_text(f"slide_path,slide_id\n{cohort / 'demo_002.tif'},s1\n")
+    (folder / "run.yaml").write_text(yaml.safe_dump(RUN_CONFIG))
+    out = folder / "out"
+    result = subprocess.run([*CLI, "run", str(folder / "slides.csv"), "--config", str(folder / "run.yaml"),
+                             "--out", str(out), "--until", "features", "--workers", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    state = json.loads((out / "state" / "features" / "s1.json").read_text())
+    assert state["torch_threads"] == machine_cores()
+    assert json.loads((out / "state" / "tissue" / "s1.json").read_text())["torch_threads"] is None  # no torch there
 
 
 def test_heatmap_overlap_pass_and_fpt_rebuild_the_teacher_that_made_the_stored_features(two_runs):

@@ -18,6 +18,7 @@ from distill.trainer import DistillConfig, SlideTiles, train
 from distill.transscan import FPDLoss, SelectiveKernelScan, TransScan, create_projector
 from features.encoders import EncoderConfig, create_encoder
 from features.store import open_store
+from pipelines.runner import machine_cores
 from wsi.slide import open_slide
 from wsi.tiling import TilingConfig, read_tile, tile_grid
 from wsi.tissue import TissueConfig, mask_slide
@@ -59,7 +60,7 @@ def test_fpd_loss_is_zero_for_identical_inputs_and_positive_otherwise():
 def teacher_tiles(cohort):
     """Tiles of the four demo slides with features of a ViT-S/16 teacher (random weights, fixed seed)."""
     torch.manual_seed(0)
-    teacher = create_encoder(EncoderConfig(model="vit_small", precision="bf16", seed=0))
+    teacher = create_encoder(EncoderConfig(model="vit_small", seed=0))
     slides = []
     for name in ("demo_000.svs", "demo_001.svs", "demo_002.tif", "demo_003.svs"):
         with open_slide(cohort / name) as slide:
@@ -141,4 +142,6 @@ def test_killed_distillation_resumes_from_its_checkpoint_and_student_features_fo
     report = json.loads(status.stdout)
     assert report["cohort"]["mil"]["status"] == "pending"  # unlabelled cohort, and --until student_features
     assert report["cohort"]["distill"]["status"] == "done"
+    distill_state = json.loads((tmp_path / "out" / "state" / "distill" / "_cohort.json").read_text())
+    assert distill_state["torch_threads"] == machine_cores()  # a cohort stage runs alone: every core
     assert {row["student_features"]["status"] for row in report["slides"].values()} == {"done"}
