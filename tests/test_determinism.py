@@ -144,11 +144,11 @@ def test_no_weights_stops_a_run_before_any_task(cohort, tmp_path):
         check_encoders(missing, {"features"})
 
 
-def _run_features(cohort: Path, tmp_path: Path, name: str) -> Path:
-    """One slide under four ids, tissue → features on a local cluster of two worker processes."""
+def _run_features(cohort: Path, tmp_path: Path, name: str, n_ids: int = 4) -> Path:
+    """One slide under ``n_ids`` ids, tissue → features on a local cluster of two worker processes."""
     folder = tmp_path / name
     folder.mkdir()
-    rows = "".join(f"{cohort / 'demo_002.tif'},s{i}\n" for i in range(1, 5))
+    rows = "".join(f"{cohort / 'demo_002.tif'},s{i}\n" for i in range(1, n_ids + 1))
     (folder / "slides.csv").write_text("slide_path,slide_id\n" + rows)
     (folder / "run.yaml").write_text(yaml.safe_dump(RUN_CONFIG))
     out = folder / "out"
@@ -189,15 +189,7 @@ def test_every_worker_and_every_run_computes_the_same_features(two_runs):
 
 
 def test_a_one_slide_run_gives_its_model_task_every_core(cohort, tmp_path):
-    folder = tmp_path / "one"
-    folder.mkdir()
-    (folder / "slides.csv").write_text(f"slide_path,slide_id\n{cohort / 'demo_002.tif'},s1\n")
-    (folder / "run.yaml").write_text(yaml.safe_dump(RUN_CONFIG))
-    out = folder / "out"
-    result = subprocess.run([*CLI, "run", str(folder / "slides.csv"), "--config", str(folder / "run.yaml"),
-                             "--out", str(out), "--until", "features", "--workers", "2"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    out = _run_features(cohort, tmp_path, "one", n_ids=1)
     state = json.loads((out / "state" / "features" / "s1.json").read_text())
     assert state["torch_threads"] == machine_cores()
     assert json.loads((out / "state" / "tissue" / "s1.json").read_text())["torch_threads"] is None  # no torch there
