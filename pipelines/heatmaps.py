@@ -161,7 +161,8 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     encoder = None
     if student_weights is None:  # stored features
         label = cfg.features.teacher.label if strategy == "teacher" else student_label(cfg)
-        features, coords = open_store(paths.root, label, entry.slide_id).load(np.float32)
+        store = open_store(paths.root, label, entry.slide_id)
+        features, coords = store.load(np.float32)
     else:  # End2end: the fold's fine-tuned student re-embeds every tile
         encoder = _encoder(cfg, paths, strategy, student_weights, adapter)
         coords = grid.coords
@@ -175,8 +176,7 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
             from features.extract import check_same_encoder
 
             encoder = _encoder(cfg, paths, strategy, None, None)
-            check_same_encoder(encoder, open_store(paths.root, label, entry.slide_id).attrs,
-                               f"features/{label}/{entry.slide_id}.zarr")
+            check_same_encoder(encoder, store.attrs, f"features/{label}/{entry.slide_id}.zarr")
         scores = _overlap_pass(entry, cfg, tissue, meta, encoder, model, attention.branch, attention.raw)
     predicted = classes[attention.predicted]
     caption = (f"{entry.slide_id}: predicted {predicted} (p = {attention.probabilities[attention.predicted]:.3f})"
