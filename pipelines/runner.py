@@ -144,6 +144,22 @@ def _summary(meta: dict) -> dict:
     return {k: meta[k] for k in keys if k in meta}
 
 
+def empty_slide_notes(paths: RunPaths, tasks: dict[str, Task]) -> list[str]:
+    """Which slides of the run got no tissue, or tissue but zero tiles: they finish 'done' yet add nothing."""
+    groups: dict[str, list[str]] = {}
+    for task in tasks.values():
+        if task.stage != "tiles" or task.status not in ("done", "up-to-date"):
+            continue
+        state = read_state(paths, "tiles", task.key) or {}
+        if state.get("meta", {}).get("n_tiles", 1) == 0:
+            reason = "no tissue" if any("no tissue" in w for w in state.get("warnings", [])) else \
+                "tissue but zero tiles (none reaches tiling.min_tissue_fraction)"
+            groups.setdefault(reason, []).append(task.key)
+    return [f"{len(ids)} slide(s) with {reason}: {', '.join(ids[:20])}{' …' if len(ids) > 20 else ''} "
+            "(see qc/slides.csv; a tissue preset for smaller tissue, e.g. bwh_biopsy, may keep them)"
+            for reason, ids in groups.items()]
+
+
 class ClusterError(RuntimeError):
     """The Dask cluster cannot run anything (no workers, unreachable scheduler)."""
 
@@ -339,6 +355,7 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
         on_plan(tasks)
         dashboard = execute(tasks, entries, cfg, paths, on_settled, on_start, hashes)
         hashes.save()  # hashes made while running (fingerprints after cohort stages)
+    notes += empty_slide_notes(paths, tasks)
     if only:
         notes.append("cohort stages were not run: --only selects a subset of slides")
     for task in tasks.values():

@@ -100,10 +100,12 @@ def test_each_bad_slide_is_reported_with_its_reason(mixed_run, slide_id, reason)
 
 
 def test_slide_without_tissue_gives_empty_tiles_and_a_warning(mixed_run):
-    _, out = mixed_run
+    result, out = mixed_run
     assert _state(out, "tiles", "no_tissue")["status"] == "done"
     assert np.load(out / "tiles" / "no_tissue.coords.npy").shape == (0, 2)
     assert any("no tissue" in w for w in _state(out, "tissue", "no_tissue")["warnings"])
+    summary = " ".join(result.stderr.split())
+    assert "1 slide(s) with no tissue: no_tissue" in summary  # the closing summary names it
 
 
 def test_csv_errors_stop_before_any_work(tmp_path):
