@@ -44,16 +44,19 @@ def slide_attention(model, features: np.ndarray, class_index: int | None = None,
     if len(features) == 0:
         raise ValueError("the slide has no tiles, so no attention")
 
+    device = next(model.parameters()).device
+
     def chunks():
         for start in range(0, len(features), batch):
-            yield start, torch.from_numpy(np.asarray(features[start:start + batch], dtype=np.float32))
+            yield start, torch.from_numpy(np.asarray(features[start:start + batch], dtype=np.float32)).to(device)
 
     model.eval()
     with torch.inference_mode():
         attention = torch.cat([model.embed(chunk)[1] for _, chunk in chunks()], dim=1)  # (K, N)
         weights = torch.exp(attention - attention.max(dim=1, keepdim=True).values)  # softmax numerators
         pooled = sum(weights[:, start:start + len(chunk)] @ model.embed(chunk)[0] for start, chunk in chunks())
-        probs = torch.softmax(model.classify(pooled / weights.sum(dim=1, keepdim=True)), dim=1)[0].numpy()
+        probs = torch.softmax(model.classify(pooled / weights.sum(dim=1, keepdim=True)), dim=1)[0].float().cpu().numpy()
+        attention = attention.float().cpu()
     predicted = int(probs.argmax())
     n_branches = attention.shape[0]
     if class_index is not None and not 0 <= class_index < len(probs):

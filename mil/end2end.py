@@ -27,12 +27,12 @@ STRATEGY_LR = {"lora": 1e-3, "fpt": 1e-4}
 TileFn = Callable[[str, np.ndarray], "np.ndarray"]
 
 
-def _to_input(tiles: np.ndarray, size: int, mean, std):
+def _to_input(tiles: np.ndarray, size: int, mean, std, device):
     import torch
 
     from features.encoders import to_model_input
 
-    return to_model_input(torch.from_numpy(np.asarray(tiles)), size, mean, std, torch.device("cpu"))
+    return to_model_input(torch.from_numpy(np.asarray(tiles)), size, mean, std, device)
 
 
 def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn, tiles: TileFn,
@@ -47,13 +47,16 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
     """
     import torch
 
+    from features.encoders import pick_device
     from mil.finetune import create_finetune
     from mil.finetune.base import TrainingMemory, count
     from mil.finetune.loop import optimizer_step
+    from mil.train import bag_tensor
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    student, clam = copy.deepcopy(student), copy.deepcopy(clam)
+    device = pick_device(cfg.device)
+    student, clam = copy.deepcopy(student).to(device), copy.deepcopy(clam).to(device)
     encoder_params = count(student.parameters())
     options = dict(finetune_options or {})
     lr = float(options.pop("lr", STRATEGY_LR.get(finetune, student_lr)))
@@ -73,15 +76,15 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
         for i in rng.choice(len(train_ids), len(train_ids), replace=True, p=weights):
             slide_id = train_ids[i]
             label = labels[slide_id]
-            stored = torch.from_numpy(np.asarray(bag(slide_id), dtype=np.float32))
+            stored = bag_tensor(bag, slide_id, device)
             rows = np.sort(rng.choice(len(stored), min(k_tiles, len(stored)), replace=False))
+            index = torch.from_numpy(rows).to(device)
             with meter.step():
-                fresh = student(_to_input(tiles(slide_id, rows), **student_input))  # the only images in memory
-                mask = torch.zeros(len(stored), 1)
-                mask[torch.from_numpy(rows)] = 1.0
-                placed = torch.zeros_like(stored).index_copy(0, torch.from_numpy(rows), fresh.float())
-                out = clam(stored * (1 - mask) + placed, label=label)  # stored rows, the k fresh ones (with gradients) swapped in
-                loss = cfg.bag_weight * torch.nn.functional.cross_entropy(out["logits"], torch.tensor([label])) \
+                fresh = student(_to_input(tiles(slide_id, rows), **student_input, device=device))  # the only images in memory
+                # stored rows, the k fresh ones (with gradients) swapped in: one bag-sized copy, no masks
+                out = clam(stored.index_copy(0, index, fresh.float()), label=label)
+                target = torch.tensor([label], device=device)
+                loss = cfg.bag_weight * torch.nn.functional.cross_entropy(out["logits"], target) \
                     + (1 - cfg.bag_weight) * out["instance_loss"]
                 losses.append(optimizer_step(strategy, student, optimizer, loss))
         history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5),
@@ -109,12 +112,14 @@ def save_encoder(student, finetune: str, path: Path) -> Path:
 
 
 def embed_bag(student, student_input: dict, tiles: TileFn, slide_id: str, n_rows: int, batch: int = 64) -> np.ndarray:
-    """All of a slide's features recomputed with a (fine-tuned) student, batch by batch."""
+    """All of a slide's features recomputed with a (fine-tuned) student, batch by batch, on its device."""
     import torch
 
-    out = []
+    from mil.train import model_device
+
+    out, device = [], model_device(student)
     with torch.inference_mode():
         for start in range(0, n_rows, batch):
             rows = np.arange(start, min(n_rows, start + batch))
-            out.append(student(_to_input(tiles(slide_id, rows), **student_input)).float().numpy())
+            out.append(student(_to_input(tiles(slide_id, rows), **student_input, device=device)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -57,6 +57,8 @@ class MILConfig(BaseModel):
         default_factory=dict, description="End2end: options per fine-tuning strategy, e.g. {lora: {rank: 8}, "
                                           "discriminative: {decay: 0.7}} (the keyword arguments in docs/finetuning.md)")
     classes: list[str] | None = Field(None, description="label order (null: sorted labels of slides.csv)")
+    device: str = Field("auto", description="where CLAM and End2end train and predict: auto (CUDA when the worker has "
+                                            "a GPU, else CPU), cpu, cuda or cuda:N")
     standardize: bool = Field(False, description="z-score each feature dimension with the training tiles' mean and std "
                                                  "(stored in the model, so Reuse applies the teacher's); CLAM itself does not")
 
@@ -82,16 +84,31 @@ def build_clam(cfg: MILConfig, in_dim: int, n_classes: int):
                 multi_branch=cfg.model == "clam_mb", subtyping=subtyping, instance_loss=cfg.instance_loss)
 
 
+def model_device(model):
+    """The device a module's parameters are on."""
+    return next(model.parameters()).device
+
+
+def bag_tensor(bag: BagFn, slide_id: str, device):
+    """A slide's bag as float32 on ``device`` (pinned and copied asynchronously on CUDA)."""
+    import torch
+
+    x = torch.from_numpy(np.asarray(bag(slide_id), dtype=np.float32))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def predict(model, bag: BagFn, slide_ids: list[str]) -> np.ndarray:
-    """Class probabilities (n, C) for the slides."""
+    """Class probabilities (n, C) for the slides, on the model's device."""
     import torch
 
     model.eval()
-    probs = []
+    device, probs = model_device(model), []
     with torch.inference_mode():
         for slide_id in slide_ids:
-            logits = model(torch.from_numpy(np.asarray(bag(slide_id), dtype=np.float32)))["logits"]
-            probs.append(torch.softmax(logits, dim=1)[0].numpy())
+            logits = model(bag_tensor(bag, slide_id, device))["logits"]
+            probs.append(torch.softmax(logits, dim=1)[0].float().cpu().numpy())
     return np.stack(probs) if probs else np.zeros((0, model.n_classes))
 
 
@@ -100,11 +117,11 @@ def _val_loss(model, bag: BagFn, slide_ids: list[str], labels: dict[str, int]) -
     import torch.nn.functional as F
 
     model.eval()
-    losses = []
+    device, losses = model_device(model), []
     with torch.inference_mode():
         for slide_id in slide_ids:
-            logits = model(torch.from_numpy(np.asarray(bag(slide_id), dtype=np.float32)))["logits"]
-            losses.append(F.cross_entropy(logits, torch.tensor([labels[slide_id]])).item())
+            logits = model(bag_tensor(bag, slide_id, device))["logits"]
+            losses.append(F.cross_entropy(logits, torch.tensor([labels[slide_id]], device=device)).item())
     model.train()
     return float(np.mean(losses)) if losses else math.nan
 
@@ -122,7 +139,7 @@ def clam_step(cfg: MILConfig, out: dict, label: int, optimizer) -> float:
     import torch
     import torch.nn.functional as F
 
-    bag_loss = F.cross_entropy(out["logits"], torch.tensor([label]))
+    bag_loss = F.cross_entropy(out["logits"], torch.tensor([label], device=out["logits"].device))
     loss = cfg.bag_weight * bag_loss + (1 - cfg.bag_weight) * out["instance_loss"]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -135,13 +152,17 @@ def train_clam(cfg: MILConfig, bag: BagFn, train_ids: list[str], val_ids: list[s
     """One fold: returns the model with its best (lowest validation loss) weights and the history."""
     import torch
 
+    from features.encoders import pick_device
+
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    device = pick_device(cfg.device)
     model = build_clam(cfg, in_dim, n_classes)
     if cfg.standardize:
         sample = np.concatenate([np.asarray(bag(s), dtype=np.float32)[:2000] for s in train_ids])
         model.feature_mean.copy_(torch.from_numpy(sample.mean(axis=0)))
         model.feature_std.copy_(torch.from_numpy(sample.std(axis=0) + 1e-6))
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     weights = balanced_weights(train_ids, labels, n_classes)
     best_loss, best_state, bad, history = math.inf, None, 0, []
@@ -151,7 +172,7 @@ def train_clam(cfg: MILConfig, bag: BagFn, train_ids: list[str], val_ids: list[s
         losses = []
         for i in order:
             slide_id = train_ids[i]
-            out = model(torch.from_numpy(np.asarray(bag(slide_id), dtype=np.float32)), label=labels[slide_id])
+            out = model(bag_tensor(bag, slide_id, device), label=labels[slide_id])
             losses.append(clam_step(cfg, out, labels[slide_id], optimizer))
         val = _val_loss(model, bag, val_ids, labels)
         history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_loss": round(val, 5)})

@@ -122,7 +122,9 @@ def _load_clam(cfg: RunConfig, weights: Path, n_classes: int):
     state = load_file(str(weights))
     model = build_clam(cfg.mil, state["fc.0.weight"].shape[1], n_classes)
     model.load_state_dict(state)
-    return model.eval()
+    from features.encoders import pick_device
+
+    return model.eval().to(pick_device(cfg.mil.device))
 
 
 def _overlap_pass(entry: SlideEntry, cfg: RunConfig, tissue, meta: dict, encoder, model, branch: int, first_raw):

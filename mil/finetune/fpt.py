@@ -133,7 +133,8 @@ class FPT(FineTuneStrategy):
     def prepare(self, model: nn.Module, *, epochs: int = 1) -> nn.Module:
         self.epochs = epochs
         if not isinstance(model, FPTModel):
-            model = FPTModel(model, **self.options)
+            device = next(model.parameters()).device
+            model = FPTModel(model, **self.options).to(device)  # the side network joins the frozen model's device
         set_trainable(model, model.trainable_parameters())
         return model
 
