@@ -1,8 +1,10 @@
 """Feature extraction: model-only vs end-to-end throughput, and peak memory on a small and a large slide.
 
-    python benchmarks/bench_features.py [--models vit_small resnet18] [--large 32768] [--workdir /tmp/wsi-bench-features]
+    python benchmarks/bench_features.py [--models vit_small resnet18] [--precisions fp32 auto] [--large 32768]
+        [--max-tiles 600] [--workdir /tmp/wsi-bench-features]
 
-For each model, in one run: model-only throughput (preprocessing + forward on tiles already in
+For each model and precision (``auto`` shows what it resolved to on this CPU), in one run, with
+torch on every core of the machine (what a one-slide run's task gets): model-only throughput (preprocessing + forward on tiles already in
 memory as uint8 tensors: the ceiling), end-to-end extraction throughput on a small and a large demo
 slide (reading, JPEG decoding and resizing in DataLoader workers, inference, Zarr writes), their
 ratio, and the peak RSS of the extracting process for both slides (flat = memory does not grow
@@ -41,10 +43,15 @@ def child(args) -> None:
     from wsi.slide import open_slide
     from wsi.tiling import read_tile
 
-    encoder = create_encoder(EncoderConfig(model=args.model, precision=args.precision))
+    from pipelines.cluster import machine_cores
+
+    torch.set_num_threads(machine_cores())  # the same threads for the model alone and for extraction
+    encoder = create_encoder(EncoderConfig(model=args.model, precision=args.precision, seed=0))
     grid, mpp = _grid(args.slide)
+    grid.coords = grid.coords[:args.max_tiles]
     cfg = ExtractionConfig(batch_size=args.batch_size, num_workers=args.loader_workers)
-    result = {"model": args.model, "slide": args.slide.name, "tiles": len(grid.coords)}
+    result = {"model": args.model, "slide": args.slide.name, "tiles": len(grid.coords), "precision": encoder.precision,
+              "threads": torch.get_num_threads()}
     if args.what == "model":
         with open_slide(args.slide) as slide:
             tiles = torch.from_numpy(np.stack([read_tile(slide, x, y, grid.plan) for x, y in grid.coords[:args.batch_size * 4]]))
@@ -67,7 +74,9 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vit_small", "resnet18"])
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=["fp32", "bf16", "fp16", "auto"])
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)  # one child's precision
+    parser.add_argument("--max-tiles", type=int, default=600, help="tiles extracted per slide at most")
     parser.add_argument("--small", type=int, default=8192, help="level-0 width of the small slide")
     parser.add_argument("--large", type=int, default=32768, help="level-0 width of the large slide")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -90,22 +99,26 @@ def main() -> None:
             write_demo_slide(path, height=width * 3 // 4, width=width, positive=True, seed=5, downsamples=(1, 4, 16, 64))
         slides.append(path)
 
-    def run(what: str, model: str, slide: Path) -> dict:
+    def run(what: str, model: str, slide: Path, precision: str) -> dict:
         cmd = [sys.executable, __file__, "--child", what, model, str(slide), "--workdir", str(args.workdir),
-               "--precision", args.precision, "--batch-size", str(args.batch_size), "--loader-workers", str(args.loader_workers)]
+               "--precision", precision, "--batch-size", str(args.batch_size), "--loader-workers", str(args.loader_workers),
+               "--max-tiles", str(args.max_tiles)]
         return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
 
-    print(f"precision {args.precision}, batch {args.batch_size}, {args.loader_workers} loader worker(s), "
-          f"tiles 256 px at 0.5 µm/px read from 40× slides")
-    print(f"{'model':<10} {'slide':<16} {'tiles':>6} {'model-only p/s':>15} {'end-to-end p/s':>15} {'ratio':>6} "
-          f"{'peak RSS MB':>12} {'loader RSS MB':>14}")
+    print(f"batch {args.batch_size}, {args.loader_workers} loader worker(s), tiles 256 px at 0.5 µm/px read from 40× slides, "
+          f"at most {args.max_tiles} per slide\n")
+    print("| model | precision | threads | slide | tiles | model alone p/s | extraction p/s | extraction / model alone "
+          "| peak RSS MB | loader RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
-        ceiling = run("model", model, slides[0])
-        for slide in slides:
-            e2e = run("extract", model, slide)
-            print(f"{model:<10} {slide.stem:<16} {e2e['tiles']:>6} {ceiling['patches_per_s']:>15.1f} "
-                  f"{e2e['patches_per_s']:>15.1f} {e2e['patches_per_s'] / ceiling['patches_per_s']:>6.2f} "
-                  f"{e2e['peak_rss_mb']:>12.0f} {e2e['loader_peak_rss_mb']:>14.0f}")
+        for precision in args.precisions:
+            ceiling = run("model", model, slides[0], precision)
+            for slide in slides:
+                e2e = run("extract", model, slide, precision)
+                shown = precision if precision == e2e["precision"] else f"{precision} → {e2e['precision']}"
+                print(f"| {model} | {shown} | {e2e['threads']} | {slide.stem} | {e2e['tiles']} | {ceiling['patches_per_s']:.1f} "
+                      f"| {e2e['patches_per_s']:.1f} | **{e2e['patches_per_s'] / ceiling['patches_per_s']:.2f}** "
+                      f"| {e2e['peak_rss_mb']:.0f} | {e2e['loader_peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,10 @@ class RunnerConfig(BaseModel):
     scheduler: str | None = Field(
         None, description="address of an existing Dask scheduler (tcp://HOST:PORT), e.g. one started by dask-jobqueue; "
                           "null: start a local cluster on 127.0.0.1 sized to this machine")
-    n_workers: int | None = Field(None, ge=1, description="local cluster worker processes (null: one per CPU core)")
+    n_workers: int | None = Field(None, ge=1, description="local cluster CPU worker processes (null: one per CPU core "
+                                                          "the GPU workers leave)")
+    gpus: int | None = Field(None, ge=0, description="local cluster GPU workers, one per GPU, each with a `GPU` resource "
+                                                      "that the model stages ask for (null: one per CUDA device; 0: none)")
     threads_per_worker: int = Field(1, ge=1, description="threads per local worker process")
     memory_limit: str = Field("auto", description="memory limit per local worker (Dask syntax, e.g. '4GiB'; auto: RAM / workers)")
     retries: int = Field(1, ge=0, description="times a failed task is retried before it is marked failed")

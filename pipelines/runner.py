@@ -9,15 +9,14 @@ blocks the others and a cohort stage starts as soon as every slide has settled.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.artifacts import RunPaths, sweep_temporaries, write_text
+from pipelines.cluster import ClusterError, dask_client, machine_cores, worker_cores, worker_name
 from pipelines.config import RunConfig, dump_config
 from pipelines.manifest import SlideEntry, manifest_csv
 from pipelines.plan import Task, build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
@@ -79,24 +78,6 @@ class PeakRSS:
         return round(self.peak / 2**20, 1)
 
 
-def machine_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a SLURM allocation), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def worker_cores() -> int:
-    """The cores the Dask worker running this task owns (its threads); all of them outside a worker."""
-    from distributed import get_worker
-
-    try:
-        return get_worker().state.nthreads
-    except ValueError:  # not in a worker
-        return machine_cores()
-
-
 def set_torch_threads(alone: bool) -> int:
     """Torch's CPU threads for a model task: the worker's cores, or every core of the machine when the task
     runs alone (a cohort stage, the only slide). Dask starts workers with OMP_NUM_THREADS=1, so without
@@ -116,7 +97,8 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
     paths = RunPaths(Path(root))
     stage = STAGES[stage_name]
     started, t0 = now(), time.perf_counter()
-    write_state(paths, stage_name, key, status="running", fingerprint=fingerprint, attempts=attempt, started=started)
+    write_state(paths, stage_name, key, status="running", fingerprint=fingerprint, attempts=attempt, started=started,
+                worker=worker_name())
     threads = set_torch_threads(alone) if stage.uses_torch else None
     token = TASK_FINGERPRINT.set(fingerprint)
     memory = PeakRSS()
@@ -133,7 +115,7 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
         TASK_FINGERPRINT.reset(token)
     duration = round(time.perf_counter() - t0, 4)
     write_state(paths, stage_name, key, status="done", fingerprint=fingerprint, attempts=attempt, started=started,
-                finished=now(), duration_s=duration, peak_rss_mb=memory.mb, torch_threads=threads,
+                finished=now(), duration_s=duration, peak_rss_mb=memory.mb, torch_threads=threads, worker=worker_name(),
                 warnings=meta.get("warnings", []), meta=_summary(meta))
     return {"status": "done", "duration_s": duration, "meta": _summary(meta)}
 
@@ -160,10 +142,6 @@ def empty_slide_notes(paths: RunPaths, tasks: dict[str, Task]) -> list[str]:
             for reason, ids in groups.items()]
 
 
-class ClusterError(RuntimeError):
-    """The Dask cluster cannot run anything (no workers, unreachable scheduler)."""
-
-
 @dataclass
 class RunReport:
     out: Path
@@ -178,34 +156,6 @@ class RunReport:
     @property
     def failed(self) -> list[Task]:
         return [t for t in self.tasks.values() if t.status == "failed"]
-
-
-@contextmanager
-def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
-    """A client on ``runner.scheduler``, or on a local cluster bound to 127.0.0.1 sized to this machine."""
-    import dask
-    from distributed import Client, LocalCluster
-
-    if cfg.runner.scheduler:
-        try:
-            client = Client(cfg.runner.scheduler, timeout="30s")
-        except OSError as exc:
-            raise ClusterError(f"cannot reach the Dask scheduler at {cfg.runner.scheduler}: {exc}") from None
-        with client:
-            try:
-                client.wait_for_workers(1, timeout=cfg.runner.worker_wait_s)
-            except TimeoutError:
-                raise ClusterError(f"the scheduler at {cfg.runner.scheduler} has no workers after "
-                                   f"{cfg.runner.worker_wait_s:g} s (runner.worker_wait_s); start or scale workers") from None
-            yield client
-        return
-    n_workers = cfg.runner.n_workers or max(1, min(os.cpu_count() or 1, n_tasks))
-    # workers that extract features start DataLoader processes, which daemonic processes cannot
-    with dask.config.set({"distributed.worker.daemon": False}):
-        with LocalCluster(n_workers=n_workers, threads_per_worker=cfg.runner.threads_per_worker, processes=True,
-                          host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=cfg.runner.memory_limit,
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-            yield client
 
 
 class _Scheduler:
@@ -300,6 +250,8 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
             task.attempts += 1
             stage = STAGES[task.stage]
             resources = {k: v for k, v in stage.resources.items() if k in available} or None
+            if resources is None and "CPU" in available:  # workers split by kind: keep CPU work off the GPU workers
+                resources = {"CPU": 1}
             alone = task.cohort or per_stage[task.stage] == 1  # a cohort stage, or a one-slide run
             future = client.submit(run_task, task.stage, task.key, sched.payload(task), cfg, str(paths.root),
                                    task.fingerprint, task.attempts, alone, key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}",

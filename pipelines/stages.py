@@ -262,11 +262,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           enabled=needs_student),
     Stage("mil", mil_stage, "cohort", after=("features", "student_features"), config=("mil",),
           artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"],
-          uses_torch=True, encoders=lambda cfg: ["features.teacher"] if "end2end" in cfg.mil.strategies and "fpt" in cfg.mil.finetune else []),
+          resources={"GPU": 1}, uses_torch=True, encoders=lambda cfg: ["features.teacher"] if "end2end" in cfg.mil.strategies and "fpt" in cfg.mil.finetune else []),
     Stage("heatmaps", heatmaps_stage, "slide", after=("mil",), config=("heatmaps",),
           artifacts=lambda p, k, c: [heatmap_dir(p, resolve_strategy(c), k) / "heatmap.json"],
           enabled=lambda cfg: cfg.heatmaps.slides != "none" and bool(drawable(cfg)),
-          applies=wants_heatmap, uses_torch=True,
+          applies=wants_heatmap, uses_torch=True, resources={"GPU": 1},
           encoders=lambda cfg: ["features.teacher"] if resolve_strategy(cfg) == "teacher" and cfg.heatmaps.overlap > 0 else []),
 ]}
 

@@ -19,7 +19,7 @@ from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
 from pipelines.manifest import read_manifest
 from pipelines.plan import build_plan
-from pipelines.runner import machine_cores
+from pipelines.cluster import machine_cores
 from pipelines.stages import check_encoders
 
 CLI = [sys.executable, "-m", "pipelines.cli"]

@@ -64,3 +64,44 @@ def test_encoders_run_where_their_config_says(requested):
     assert requested == ["cpu"] and encoder.device.type == "cpu"
     assert next(encoder.model.parameters()).device.type == "cpu"
     assert encoder(torch.zeros(2, 32, 32, 3, dtype=torch.uint8)).shape == (2, 192)
+
+
+def test_local_cluster_gives_each_gpu_a_worker_with_a_gpu_resource(monkeypatch):
+    from pipelines.cluster import local_gpus, local_worker_specs
+    from pipelines.config import RunConfig
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    cfg = RunConfig.model_validate({"runner": {"gpus": 2}})
+    gpus = local_gpus(cfg)
+    assert gpus == ["2", "5"]  # the parent's visible devices, one per worker
+    specs = local_worker_specs(cfg, n_tasks=10, gpus=gpus)
+    assert specs["gpu-1"]["options"]["env"] == {"CUDA_VISIBLE_DEVICES": "5"}
+    assert specs["gpu-0"]["options"]["resources"] == {"GPU": 1} and specs["gpu-0"]["options"]["nthreads"] == 1
+    assert all(s["options"]["resources"] == {"CPU": 1} for name, s in specs.items() if name.startswith("cpu-"))
+    assert "resources" not in local_worker_specs(cfg, 10, [])["cpu-0"]["options"]  # CPU-only: no resources at all
+    assert all(s["options"]["host"] == "127.0.0.1" for s in specs.values())
+    assert local_gpus(RunConfig.model_validate({"runner": {"gpus": 0}})) == []
+
+
+def test_model_tasks_run_on_the_gpu_worker_and_slide_tasks_on_cpu_workers(cohort, tmp_path):
+    """A GPU worker (here without a real GPU: its tasks fall back to the CPU) takes every model task."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "slides.csv").write_text(f"slide_path,slide_id\n{cohort / 'demo_002.tif'},a\n{cohort / 'demo_000.svs'},b\n")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}, "tiling": {"target_mpp": 1.0, "patch_size": 128},
+        "features": {"teacher": {"model": "vit_tiny", "seed": 0, "input_size": 64, "model_kwargs": {"img_size": 64, "depth": 2}},
+                     "num_workers": 0},
+        "runner": {"gpus": 1, "n_workers": 1}}))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(tmp_path / "slides.csv"), "--config",
+                             str(tmp_path / "run.yaml"), "--out", str(out), "--until", "features"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    state = lambda stage, key: json.loads((out / "state" / stage / f"{key}.json").read_text())  # noqa: E731
+    assert {state("features", k)["worker"] for k in "ab"} == {"gpu-0"}
+    assert {state("tissue", k)["worker"] for k in "ab"} | {state("tiles", k)["worker"] for k in "ab"} == {"cpu-0"}

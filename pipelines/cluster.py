@@ -1,0 +1,117 @@
+"""Where tasks run: a client on an existing Dask scheduler, or a local cluster sized to this machine.
+
+The local cluster binds everything to 127.0.0.1. On a machine with GPUs it gives each GPU a worker
+of its own (``CUDA_VISIBLE_DEVICES`` set to that GPU, a ``GPU`` resource, one task at a time), so
+model tasks, which ask for ``GPU``, land there, while CPU workers on the remaining cores (with a
+``CPU`` resource, which the other tasks then ask for) take the tissue and tile tasks. Workers are not daemonic: extraction starts DataLoader processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pipelines.config import RunConfig
+
+
+class ClusterError(RuntimeError):
+    """The Dask cluster cannot run anything (no workers, unreachable scheduler)."""
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a SLURM allocation), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_cores() -> int:
+    """The cores the Dask worker running this task owns (its threads); all of them outside a worker."""
+    from distributed import get_worker
+
+    try:
+        return get_worker().state.nthreads
+    except ValueError:  # not in a worker
+        return machine_cores()
+
+
+def worker_name() -> str | None:
+    """The name of the Dask worker running this task (``cpu-0``, ``gpu-1``, …), None outside a worker."""
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().name)
+    except ValueError:
+        return None
+
+
+def _nvidia_device_nodes() -> bool:
+    """Whether /dev has NVIDIA GPU nodes (nvidia0, …); True where that cannot be told, so torch decides."""
+    try:
+        return any(name.startswith("nvidia") and name[6:].isdigit() for name in os.listdir("/dev"))
+    except OSError:
+        return True
+
+
+def local_gpus(cfg: RunConfig) -> list[str]:
+    """The CUDA devices the local cluster gives a worker each, as CUDA_VISIBLE_DEVICES values."""
+    if cfg.runner.gpus == 0:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cfg.runner.gpus is None:
+        if not _nvidia_device_nodes():
+            return []  # no GPU, found without importing torch in the driver
+        import torch
+
+        count = torch.cuda.device_count()
+    else:
+        count = cfg.runner.gpus
+    ids = [v for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(count)]
+    return ids[:count]
+
+
+def local_worker_specs(cfg: RunConfig, n_tasks: int, gpus: list[str]) -> dict[str, dict]:
+    """SpecCluster worker specs: CPU workers on the cores the GPU workers leave, one worker per GPU."""
+    from distributed import Nanny
+
+    cores = machine_cores()
+    n_cpu = cfg.runner.n_workers or max(1, min(cores - len(gpus), n_tasks))
+    common = {"host": "127.0.0.1", "memory_limit": cfg.runner.memory_limit, "silence_logs": logging.ERROR}
+    threads = cfg.runner.threads_per_worker
+    cpu_resources = {"resources": {"CPU": threads}} if gpus else {}  # with GPU workers, CPU tasks ask for CPU
+    specs = {f"cpu-{i}": {"cls": Nanny, "options": {**common, "nthreads": threads, **cpu_resources}} for i in range(n_cpu)}
+    for i, device in enumerate(gpus):
+        specs[f"gpu-{i}"] = {"cls": Nanny, "options": {**common, "nthreads": 1, "resources": {"GPU": 1},
+                                                       "env": {"CUDA_VISIBLE_DEVICES": device}}}
+    return specs
+
+
+@contextmanager
+def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
+    """A client on ``runner.scheduler``, or on a local cluster bound to 127.0.0.1 sized to this machine."""
+    import dask
+    from distributed import Client, Scheduler, SpecCluster
+
+    if cfg.runner.scheduler:
+        try:
+            client = Client(cfg.runner.scheduler, timeout="30s")
+        except OSError as exc:
+            raise ClusterError(f"cannot reach the Dask scheduler at {cfg.runner.scheduler}: {exc}") from None
+        with client:
+            try:
+                client.wait_for_workers(1, timeout=cfg.runner.worker_wait_s)
+            except TimeoutError:
+                raise ClusterError(f"the scheduler at {cfg.runner.scheduler} has no workers after "
+                                   f"{cfg.runner.worker_wait_s:g} s (runner.worker_wait_s); start or scale workers") from None
+            yield client
+        return
+    workers = local_worker_specs(cfg, n_tasks, local_gpus(cfg))
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
+    with dask.config.set({"distributed.worker.daemon": False}):
+        with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster, \
+                Client(cluster) as client:
+            client.wait_for_workers(len(workers), timeout=120)
+            yield client
