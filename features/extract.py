@@ -72,7 +72,8 @@ class TileDataset:
 def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):
     import torch
 
-    workers = cfg.num_workers if len(dataset) > cfg.batch_size else 0  # tiny slides: no process start-up
+    # small slides: reading in this process (~3 ms a tile) costs less than starting loader processes
+    workers = cfg.num_workers if len(dataset) > 4 * cfg.batch_size else 0
     kwargs = dict(prefetch_factor=cfg.prefetch_factor, persistent_workers=False) if workers else {}
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda", **kwargs)

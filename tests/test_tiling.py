@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 from pydantic import ValidationError
 
 from wsi.demo_cohort import load_truth
@@ -97,8 +96,8 @@ def test_read_tile_sizes_and_backends_agree(cohort, demo_cfg):
         grid20 = tile_grid(a.dimensions, a.mpp, a.level_downsamples, tissue, demo_cfg.tiling)
         x, y = grid20.coords[0]
         tile = read_tile(a, x, y, grid20.plan)
-        direct = np.asarray(Image.fromarray(a.read_region((x, y), 0, (512, 512))).resize((256, 256), Image.Resampling.BOX))
-        np.testing.assert_array_equal(tile, direct)
+        block_mean = a.read_region((x, y), 0, (512, 512)).reshape(256, 2, 256, 2, 3).astype(float).mean(axis=(1, 3))
+        assert np.abs(tile - block_mean).max() <= 0.5  # the exact 2×2 area average, correctly rounded
 
 
 def test_empty_mask_gives_no_tiles():
