@@ -110,15 +110,25 @@ def main() -> None:
     print("| model | precision | threads | slide | tiles | model alone p/s | extraction p/s | extraction / model alone "
           "| peak RSS MB | loader RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    from features.precision import NATIVE_BF16_FLAGS, cpu_flags, resolve_precision
+
+    alone: dict[tuple[str, str], float] = {}
     for model in args.models:
         for precision in args.precisions:
             ceiling = run("model", model, slides[0], precision)
+            alone[model, ceiling["precision"]] = ceiling["patches_per_s"]
             for slide in slides:
                 e2e = run("extract", model, slide, precision)
                 shown = precision if precision == e2e["precision"] else f"{precision} → {e2e['precision']}"
                 print(f"| {model} | {shown} | {e2e['threads']} | {slide.stem} | {e2e['tiles']} | {ceiling['patches_per_s']:.1f} "
                       f"| {e2e['patches_per_s']:.1f} | **{e2e['patches_per_s'] / ceiling['patches_per_s']:.2f}** "
                       f"| {e2e['peak_rss_mb']:.0f} | {e2e['loader_peak_rss_mb']:.0f} |")
+    native = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
+    print(f"\nthis CPU: native bf16 {'yes (' + ', '.join(native) + ')' if native else 'no'}; precision auto → "
+          f"{resolve_precision('auto', 'cpu')}")
+    for model in args.models:
+        if (model, "bf16") in alone and (model, "fp32") in alone:
+            print(f"{model}: model alone bf16 / fp32 = {alone[model, 'bf16'] / alone[model, 'fp32']:.2f}×")
 
 
 if __name__ == "__main__":
