@@ -45,5 +45,6 @@ def tiles_csv(slide_id: str, coords: np.ndarray, size: int, columns: dict[str, n
     writer.writerow(["slide_id", "x", "y", "size", *columns])
     values = [np.asarray(v, dtype=np.float64) for v in columns.values()]
     for i, (x, y) in enumerate(coords.tolist()):
-        writer.writerow([slide_id, x, y, size, *(f"{v[i]:.6g}" for v in values)])
+        # 9 significant digits: a float32 score survives the round trip, so ties and order are the tool's own
+        writer.writerow([slide_id, x, y, size, *(f"{v[i]:.9g}" for v in values)])
     return buffer.getvalue()
