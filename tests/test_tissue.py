@@ -112,3 +112,18 @@ def test_presets_fill_unset_fields_and_explicit_values_win():
         TissueConfig(mthresh=6)
     with pytest.raises(ValidationError):
         TissueConfig(preset="tcga-ish")
+
+
+@pytest.mark.parametrize("k, threshold", [(3, 8), (7, 8), (11, 15), (1, 20)])
+def test_median_threshold_by_counting_equals_median_blur_then_threshold(cohort, k, threshold):
+    import cv2
+
+    from wsi.tissue import median_threshold
+
+    with open_slide(cohort / "demo_001.svs") as slide:
+        sat = saturation(slide.read_downsampled(16))
+    rng = np.random.default_rng(k)
+    noisy = np.clip(sat.astype(int) + rng.integers(-12, 13, sat.shape), 0, 255).astype(np.uint8)  # many near-threshold pixels
+    for image in (sat, noisy):
+        expected = (cv2.medianBlur(image, k) if k > 1 else image) > threshold
+        assert np.array_equal(median_threshold(image, k, threshold).astype(bool), expected)
