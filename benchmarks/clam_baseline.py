@@ -7,10 +7,15 @@ Segmentation (``WholeSlideImage.segmentTissue``): the whole segmentation level r
 (``process_contour`` with the default ``four_pt`` check): a level-0 grid over each contour's
 bounding box, a patch kept when any of four points around its centre is inside the contour and its
 centre is in no hole (``cv2.pointPolygonTest``), one candidate at a time as CLAM's pool workers do.
-Only for benchmarks: the product's tissue stage is ``wsi.tissue``.
+Writes as ``create_patches_fp.py`` does them (``clam_write``): the mask visualisation (``visWSI``:
+the level nearest 64× read, contours drawn green and holes blue, saved as JPEG) and the coordinates
+as an HDF5 ``coords`` dataset with CLAM's attributes (written once, where CLAM appends per contour;
+the stitch image is left out). Only for benchmarks: the product's tissue stage is ``wsi.tissue``.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -65,3 +70,25 @@ def clam_patch(contours: list[np.ndarray], holes: list[list[np.ndarray]], dimens
                     continue
                 coords.append((x, y))
     return np.asarray(coords, np.int64).reshape(-1, 2)
+
+
+def clam_write(slide, contours: list[np.ndarray], holes: list[list[np.ndarray]], coords: np.ndarray, out: Path,
+               patch: int = 512, line_thickness: int = 250) -> None:
+    """The mask JPEG and the coords h5 that CLAM's seg + patch write for one slide."""
+    import h5py
+    from PIL import Image
+
+    level = slide.best_level_for_downsample(64)
+    size = slide.level_dimensions[level]
+    image = np.array(Image.fromarray(slide.read_region((0, 0), level, size)).convert("RGB"))
+    scale = (size[0] / slide.dimensions[0], size[1] / slide.dimensions[1])
+    thickness = int(line_thickness * np.sqrt(scale[0] * scale[1]))
+    factor = np.array(scale, np.float64)
+    cv2.drawContours(image, [np.asarray(c * factor, np.int32) for c in contours], -1, (0, 255, 0), thickness, lineType=cv2.LINE_8)
+    for contour_holes in holes:
+        cv2.drawContours(image, [np.asarray(h * factor, np.int32) for h in contour_holes], -1, (0, 0, 255), thickness, lineType=cv2.LINE_8)
+    Image.fromarray(image).save(out / "mask.jpg")
+    with h5py.File(out / "patches.h5", "w") as f:
+        dataset = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(1, 2))
+        dataset.attrs.update({"patch_size": patch, "patch_level": 0, "downsample": (1.0, 1.0),
+                              "downsampled_level_dim": slide.dimensions, "level_dim": slide.dimensions, "name": "slide"})

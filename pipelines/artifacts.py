@@ -53,7 +53,7 @@ class RunPaths:
         return self.root / "state" / stage / f"{slide_id}.json"
 
     def tissue_qc(self, slide_id: str) -> Path:
-        return self.root / "tissue" / f"{slide_id}.png"
+        return self.root / "tissue" / f"{slide_id}.jpg"  # for eyes only: JPEG is 10x faster to write than PNG
 
     def tissue_mask(self, slide_id: str) -> Path:
         return self.root / "tissue" / "masks" / f"{slide_id}.png"  # own folder: no id can collide with a QC name
@@ -68,7 +68,7 @@ class RunPaths:
         return self.root / "tiles" / f"{slide_id}.json"
 
     def tile_overlay(self, slide_id: str) -> Path:
-        return self.root / "tiles" / f"{slide_id}.png"
+        return self.root / "tiles" / f"{slide_id}.jpg"
 
     @property
     def student_dir(self) -> Path:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from features.store import store_path
 from pipelines import __version__
-from pipelines.artifacts import RunPaths, atomic_write, write_json, write_npy, write_png, write_text
+from pipelines.artifacts import RunPaths, atomic_write, write_json, write_image, write_npy, write_text
 from pipelines.config import RunConfig
 from pipelines.evaluation import mil_stage
 from pipelines.heatmaps import drawable, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
@@ -62,7 +62,7 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         message = "no tissue found: every tile stage downstream gets zero tiles"
         meta["warnings"].append(message)
         log.warning("%s: %s", entry.slide_id, message)
-    write_png(paths.tissue_qc(entry.slide_id), qc_image(overview, tissue, cfg.tissue.qc_max_size))
+    write_image(paths.tissue_qc(entry.slide_id), qc_image(overview, tissue, cfg.tissue.qc_max_size))
     atomic_write(paths.tissue_mask(entry.slide_id), lambda f: save_mask_png(tissue.mask, f))
     write_json(paths.tissue_meta(entry.slide_id), meta)
     return meta
@@ -88,7 +88,7 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         meta["warnings"].append(message)
         log.warning("%s: %s", entry.slide_id, message)
     qc = np.asarray(Image.open(paths.tissue_qc(entry.slide_id)).convert("RGB"))
-    write_png(paths.tile_overlay(entry.slide_id), grid_overlay(qc, grid, tuple(slide_meta["dimensions"])))
+    write_image(paths.tile_overlay(entry.slide_id), grid_overlay(qc, grid, tuple(slide_meta["dimensions"])))
     write_npy(paths.tile_coords(entry.slide_id), grid.coords)
     write_json(paths.tile_meta(entry.slide_id), meta)
     return meta

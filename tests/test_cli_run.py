@@ -70,7 +70,7 @@ def test_good_slides_complete_despite_bad_ones(mixed_run):
         meta = json.loads((out / "tiles" / f"{slide_id}.json").read_text())
         assert coords.ndim == 2 and coords.shape[1] == 2 and len(coords) == meta["n_tiles"] > 10
         assert meta["target_mpp"] == 0.5 and meta["patch_size"] == 256
-        assert Image.open(out / "tissue" / f"{slide_id}.png").size[0] > 100
+        assert Image.open(out / "tissue" / f"{slide_id}.jpg").size[0] > 100
     assert json.loads((out / "tiles" / "good_tif.json").read_text())["read_size"] == 256  # 20× slide
     assert json.loads((out / "tiles" / "good_svs.json").read_text())["read_size"] == 512  # 40× slide
     assert yaml.safe_load((out / "run.yaml").read_text())["tissue"]["preset"] == "bwh_biopsy"
@@ -135,7 +135,7 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "33 tasks: 33 done" in run.stderr  # tissue, tiles, features, student_features, heatmaps × 6; qc, distill, mil
     for slide_id in ("demo_000", "demo_001"):
-        assert (tmp_path / "runs" / "demo" / "tissue" / f"{slide_id}.png").exists()
+        assert (tmp_path / "runs" / "demo" / "tissue" / f"{slide_id}.jpg").exists()
         assert len(np.load(tmp_path / "runs" / "demo" / "tiles" / f"{slide_id}.coords.npy")) > 0
     status = wsi("status", "runs/demo", "--json", cwd=tmp_path)  # from the run's own copy of the manifest
     assert status.returncode == 0, status.stdout

@@ -88,6 +88,24 @@ def test_region_and_hole_filtering_rules():
     assert n1 == 1 and not mask1[40, 40] and mask1[85, 35]  # only the largest hole kept
 
 
+def test_filtering_equals_the_reference_when_dropped_boxes_cover_the_image():
+    """Nested thin rings (dropped, their boxes overlapping) take the lookup-table path; scattered specks
+    and small holes take the bounding-box path. Both equal tests/reference_tissue.py exactly."""
+    import reference_tissue
+
+    rng = np.random.default_rng(3)
+    rings = np.zeros((120, 120), bool)
+    for r in range(2, 58, 4):
+        rings[60 - r:60 + r, 60 - r:60 + r] = True
+        rings[61 - r:59 + r, 61 - r:59 + r] = False
+    specks = rng.random((300, 300)) > 0.93
+    specks[50:250, 50:250] |= rng.random((200, 200)) > 0.05  # a big region riddled with small holes
+    for binary, min_px in ((rings, 10_000), (specks, 20)):
+        got = _filter_regions(binary, min_px, 3, 8)
+        want = reference_tissue._filter_regions(binary, min_px, 3, 8)
+        assert np.array_equal(got[0], want[0]) and got[1:] == want[1:]
+
+
 def test_region_area_excludes_its_holes():
     binary = np.zeros((100, 100), bool)
     binary[10:60, 10:60] = True  # 2500 px

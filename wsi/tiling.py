@@ -165,14 +165,19 @@ def tile_grid(dimensions: tuple[int, int], slide_mpp: float, level_downsamples: 
 
 def grid_overlay(overview: np.ndarray, grid: TileGrid, dimensions: tuple[int, int]) -> np.ndarray:
     """The overview with each kept tile outlined, for checking the grid by eye."""
-    out = overview.copy()
+    import cv2
+
+    out = np.ascontiguousarray(overview).copy()
     sy, sx = overview.shape[0] / dimensions[1], overview.shape[1] / dimensions[0]
     size = grid.plan.level0_size
-    for x, y in grid.coords:
-        c0, c1 = int(x * sx), min(out.shape[1] - 1, int(math.ceil((x + size) * sx)) - 1)
-        r0, r1 = int(y * sy), min(out.shape[0] - 1, int(math.ceil((y + size) * sy)) - 1)
-        out[r0, c0:c1 + 1] = out[r1, c0:c1 + 1] = (30, 30, 220)
-        out[r0:r1 + 1, c0] = out[r0:r1 + 1, c1] = (30, 30, 220)
+    if not len(grid.coords):
+        return out
+    x, y = grid.coords[:, 0], grid.coords[:, 1]
+    c0, r0 = (x * sx).astype(np.int64), (y * sy).astype(np.int64)
+    c1 = np.minimum(out.shape[1] - 1, np.ceil((x + size) * sx).astype(np.int64) - 1)
+    r1 = np.minimum(out.shape[0] - 1, np.ceil((y + size) * sy).astype(np.int64) - 1)
+    for box in np.stack([c0, r0, c1, r1], axis=1).tolist():
+        cv2.rectangle(out, box[:2], box[2:], (30, 30, 220), 1)
     return out
 
 
