@@ -133,3 +133,31 @@ def test_missing_not_a_slide_and_truncated_files_raise_slide_errors(cohort, tmp_
     with pytest.raises(SlideError):
         with open_slide(truncated) as slide:  # opening or reading must fail, naming the slide
             slide.read_downsampled(16.0)
+
+
+@pytest.mark.parametrize("name", ["demo_001.svs", "demo_002.tif"])
+def test_tiffslide_direct_tile_reads_equal_its_zarr_reads(cohort, name):
+    """The tiffslide backend reads tiled pages tile by tile with tifffile (no Zarr layer): same pixels, any
+    region, every level, inside, across and outside the edges, and from several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = open_reader(cohort / name, backend="tiffslide")
+    assert all(page is not None for page in reader._tiled_pages), "the demo's pages are all directly readable"
+    rng = np.random.default_rng(7)
+    requests = []
+    for level in range(reader.level_count):
+        ds, (w, h) = reader.level_downsamples[level], reader.level_dimensions[level]
+        for _ in range(25):
+            size = tuple(int(v) for v in rng.integers(1, 600, 2))
+            requests.append(((int(rng.integers(-400, w * ds)), int(rng.integers(-400, h * ds))), level, size))
+    with ThreadPoolExecutor(4) as pool:
+        direct = list(pool.map(lambda r: reader.read_region(*r), requests))
+    pages, reader._tiled_pages = reader._tiled_pages, [None] * reader.level_count  # tiffslide's own path
+    try:
+        for request, got in zip(requests, direct):
+            want = reader.read_region(*request)
+            assert got.shape == want.shape and got.dtype == np.uint8
+            np.testing.assert_array_equal(got, want, err_msg=str(request))
+    finally:
+        reader._tiled_pages = pages
+        reader.close()

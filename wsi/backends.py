@@ -92,16 +92,21 @@ class TiffSlideReader:
             if f"tiffslide.{key}" in self.properties:
                 self.properties.setdefault(f"openslide.{key}", self.properties[f"tiffslide.{key}"])
         self.properties.setdefault("wsi.vendor", self.properties.get("tiffslide.vendor", ""))
+        self._tiled_pages = _directly_readable_pages(self._slide)
+        self._slide.ts_tifffile.filehandle.set_lock(True)  # tile reads seek and read: one thread at a time
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         x, y = int(location[0]), int(location[1])
         w, h = int(size[0]), int(size[1])
+        ds = self.level_downsamples[level]
+        x_l, y_l = int(x / ds), int(y / ds)  # tiffslide's own level-0 → level rounding
+        page = self._tiled_pages[level]
+        if page is not None:
+            return read_tiled_page(page, x_l, y_l, w, h)
         region = np.asarray(self._slide.read_region((x, y), int(level), (w, h), as_array=True))
         region = rgba_to_rgb_on_white(region[..., :4] if region.shape[-1] == 4 else region[..., :3]).copy()
         # tiffslide pads outside the image with zeros: make that white, like OpenSlide's transparency
-        ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        x_l, y_l = int(x // ds), int(y // ds)
         if x_l < 0 or y_l < 0 or x_l + w > lw or y_l + h > lh:
             inside = np.zeros((h, w), bool)
             inside[max(0, -y_l) : max(0, lh - y_l), max(0, -x_l) : max(0, lw - x_l)] = True
@@ -116,6 +121,49 @@ class TiffSlideReader:
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _directly_readable_pages(slide) -> list:
+    """Per level, its TIFF page when :func:`read_tiled_page` can read it (one tiled, 8-bit RGB page), else None."""
+    if slide.properties.get("tiffslide.series-axes") != "YXS":
+        return [None] * slide.level_count
+    series = slide.ts_tifffile.series[slide.properties["tiffslide.series-index"]]
+    pages = []
+    for level in series.levels[:slide.level_count]:
+        page = level.keyframe
+        simple = (len(level.pages) == 1 and page.is_tiled and page.planarconfig == 1 and page.samplesperpixel == 3
+                  and page.dtype == np.uint8 and page.imagedepth == 1 and page.tiledepth == 1)
+        pages.append(page if simple else None)
+    return pages
+
+
+def read_tiled_page(page, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """Region (x, y, w, h) of one tiled TIFF page, white outside it, decoded tile by tile with tifffile.
+
+    The pixels tiffslide returns (the same tifffile decoder, tested), without its Zarr layer:
+    tiffslide 3 on zarr 3 spends ~2.4 ms of asynchronous bookkeeping per 512-px read against
+    ~0.5 ms of JPEG decoding, and tile reads feed the model during feature extraction.
+    """
+    out = np.full((h, w, 3), 255, np.uint8)
+    width, height = page.imagewidth, page.imagelength
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+    if x0 >= x1 or y0 >= y1:
+        return out
+    tw, th = page.tilewidth, page.tilelength
+    across = -(-width // tw)
+    indices = [row * across + col for row in range(y0 // th, (y1 - 1) // th + 1) for col in range(x0 // tw, (x1 - 1) // tw + 1)]
+    handle = page.parent.filehandle
+    segments = handle.read_segments([page.dataoffsets[i] for i in indices], [page.databytecounts[i] for i in indices],
+                                    indices, lock=handle.lock)
+    for data, index in segments:
+        top, left = (index // across) * th, (index % across) * tw
+        r0, r1, c0, c1 = max(top, y0), min(top + th, y1), max(left, x0), min(left + tw, x1)
+        if data is None:  # a tile the file does not store: tiffslide's fill value
+            out[r0 - y:r1 - y, c0 - x:c1 - x] = 0
+            continue
+        tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
+        out[r0 - y:r1 - y, c0 - x:c1 - x] = tile[r0 - top:r1 - top, c0 - left:c1 - left]
+    return out
 
 
 BACKENDS: dict[str, Callable[[Path], SlideReader]] = {
