@@ -3,7 +3,7 @@ fp32 and bf16 (``precision: auto`` is one of the two: the run says which), and b
 
     python benchmarks/bench_performance.py [--models vit_small resnet50_trunc] [--max-tiles 600]
 
-Runs ``bench_tissue_tiling.py`` and ``bench_features.py`` one after the other (nothing else should
+Runs ``bench_tissue_tiling.py``, ``bench_reads.py`` and ``bench_features.py`` one after the other (nothing else should
 run meanwhile: figures from a loaded or a different CPU are not comparable) and prints the CPU.
 """
 
@@ -35,6 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"CPU: {cpu_name()}\n\n## Tissue + tiles\n", flush=True)
     subprocess.run([sys.executable, str(HERE / "bench_tissue_tiling.py")], check=True)
+    print("\n## Tile reads\n", flush=True)
+    subprocess.run([sys.executable, str(HERE / "bench_reads.py")], check=True)
     print("\n## Extraction vs the model alone\n", flush=True)
     subprocess.run([sys.executable, str(HERE / "bench_features.py"), "--models", *args.models, "--precisions", "fp32",
                     "bf16", "--large", "32768", "--max-tiles", str(args.max_tiles)], check=True)
