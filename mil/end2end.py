@@ -11,6 +11,7 @@ gradual unfreezing, L2-SP, discriminative, Auto-RGN, LoRA, FPT).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,13 +38,18 @@ def _to_input(tiles: np.ndarray, size: int, mean, std, device):
 
 def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn, tiles: TileFn,
                   train_ids: list[str], labels: dict[str, int], *, k_tiles: int, epochs: int, student_lr: float,
-                  finetune: str = "full", finetune_options: dict | None = None,
-                  seed: int = 0) -> tuple[object, object, list[dict]]:
+                  finetune: str = "full", finetune_options: dict | None = None, seed: int = 0,
+                  val_ids: list[str] = (), n_rows: Callable[[str], int] | None = None,
+                  on_step: Callable[..., None] | None = None) -> tuple[object, object, list[dict]]:
     """Fine-tune copies of ``student`` and ``clam`` together; returns (encoder, clam, history).
 
     ``student`` is any encoder module (``finetune="fpt"`` expects the large teacher ViT and returns an
-    ``FPTModel`` around it). History per epoch: loss, seconds, accounted peak training memory (MB),
-    the encoder's trainable and total (before adaptation) parameter counts.
+    ``FPTModel`` around it). As CLAM does, the returned weights are those of the epoch with the
+    lowest validation loss, on ``val_ids`` bags re-embedded whole by that epoch's encoder (the way
+    test bags are made; needs ``n_rows``); without validation slides, the last epoch's. History per
+    epoch: loss, validation loss, seconds, accounted peak training memory (MB), the encoder's
+    trainable and total (before adaptation) parameter counts. ``on_step(done=, total=, unit="step")``
+    after every step.
     """
     import torch
 
@@ -69,7 +75,8 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
     trainable = strategy.trainable(student)
     meter = TrainingMemory([student, clam], trainable + list(clam.parameters()))
     weights = balanced_weights(train_ids, labels, clam.n_classes)
-    history = []
+    history, best = [], (math.inf, None)
+    total_steps, steps = epochs * len(train_ids), 0
     for epoch in range(1, epochs + 1):
         strategy.on_epoch_start(student, optimizer, epoch)
         start, losses = time.perf_counter(), []
@@ -87,12 +94,34 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
                 loss = cfg.bag_weight * torch.nn.functional.cross_entropy(out["logits"], target) \
                     + (1 - cfg.bag_weight) * out["instance_loss"]
                 losses.append(optimizer_step(strategy, student, optimizer, loss))
-        history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5),
-                        "seconds": round(time.perf_counter() - start, 3), "peak_mb": meter.peak_mb,
+            steps += 1
+            if on_step is not None:
+                on_step(done=steps, total=total_steps, unit="step")
+        seconds = round(time.perf_counter() - start, 3)
+        val = _val_loss(student, student_input, clam, tiles, val_ids, labels, n_rows) if val_ids and n_rows else math.nan
+        history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_loss": round(val, 5),
+                        "seconds": seconds, "peak_mb": meter.peak_mb,
                         "trainable_params": count(trainable), "encoder_params": encoder_params})
+        if not math.isnan(val) and val < best[0]:
+            best = (val, (copy.deepcopy(student.state_dict()), copy.deepcopy(clam.state_dict())))
+    if best[1] is not None:
+        student.load_state_dict(best[1][0])
+        clam.load_state_dict(best[1][1])
     student.eval()
     clam.eval()
     return student, clam, history
+
+
+def _val_loss(student, student_input: dict, clam, tiles: TileFn, val_ids: list[str], labels: dict[str, int],
+              n_rows: Callable[[str], int]) -> float:
+    """CLAM's validation loss on bags re-embedded whole by the current encoder; both return to training mode."""
+    from mil.train import val_loss
+
+    student.eval()
+    fresh = {s: embed_bag(student, student_input, tiles, s, n_rows(s)) for s in val_ids}
+    loss = val_loss(clam, fresh.__getitem__, list(val_ids), labels)
+    student.train()
+    return loss
 
 
 def save_encoder(student, finetune: str, path: Path) -> Path:

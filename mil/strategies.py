@@ -8,16 +8,17 @@ fine-tuning strategy in ``mil.finetune``. Every strategy sees the same folds.
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from features.store import save_safetensors
 from mil.splits import Split
-from mil.train import BagFn, MILConfig, metrics, predict, train_clam
+from mil.train import BagFn, MILConfig, build_clam, metrics, predict, train_clam
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,6 @@ class SlideLabel:
     case_id: str
     label: str
     split: str | None = None
-
-
-@dataclass
-class StrategyResult:
-    predictions: list[dict]  # one row per strategy × fold × test slide
-    fold_metrics: list[dict]  # one row per strategy × fold
-    clam_params: int
-
 
 
 @dataclass
@@ -65,59 +58,132 @@ def strategy_rows(cfg: MILConfig) -> list[str]:
     return rows
 
 
-def run_strategies(slides: list[SlideLabel], splits: list[Split], classes: list[str], cfg: MILConfig,
-                   teacher_bag: BagFn, student_bag: BagFn | None, teacher_dim: int, student_dim: int | None,
-                   model_dir: Path, end2end: End2endInputs | None = None) -> StrategyResult:
-    """Train and test every configured strategy on every fold; CLAM weights go to ``model_dir/<strategy>/fold_<k>``."""
-    labels = {s.slide_id: classes.index(s.label) for s in slides}
-    predictions, fold_metrics, clam_params = [], [], 0
-    for split in splits:
-        seed = cfg.seed * 100 + split.fold
-        y_test = np.array([labels[s] for s in split.test])
-        trained: dict[str, object] = {}
-        fold_clam = functools.partial(_fold_clam, trained, cfg, split, labels, len(classes), seed, model_dir,
-                                      {"teacher": (teacher_bag, teacher_dim), "retrain": (student_bag, student_dim)})
-        for strategy in cfg.strategies:
-            if strategy in ("reuse", "retrain", "end2end") and student_bag is None:
-                raise ValueError(f"strategy {strategy!r} needs student features")
-            if strategy == "end2end" and end2end is None:
-                raise ValueError("strategy 'end2end' needs the distilled student and the slides' tiles")
-            runs = []
-            if strategy == "teacher":
-                runs.append((strategy, fold_clam("teacher"), teacher_bag, _no_cost()))
-            elif strategy == "reuse":
-                runs.append((strategy, fold_clam("teacher"), student_bag, _no_cost()))
-            elif strategy == "retrain":
-                runs.append((strategy, fold_clam("retrain"), student_bag, _no_cost()))
-            else:
-                for name in cfg.finetune:
-                    on_teacher = name == "fpt"  # FPT fine-tunes the teacher: from its CLAM, over its stored features
-                    start = fold_clam("teacher" if on_teacher else "retrain")
-                    model, bag, cost = _end2end_fold(cfg, end2end, name, start, teacher_bag if on_teacher else student_bag,
-                                                     split, labels, seed, model_dir / end2end_row(name).replace(":", "_")
-                                                     / f"fold_{split.fold}")
-                    runs.append((end2end_row(name), model, bag, cost))
-            for row_name, model, bag, cost in runs:
-                clam_params = sum(p.numel() for p in model.parameters())
-                probs = predict(model, bag, split.test)
-                fold_metrics.append({"strategy": row_name, "fold": split.fold, **metrics(y_test, probs, len(classes)),
-                                     "trainable_params": int(clam_params + cost["encoder_trainable_params"]), **cost})
-                for slide_id, p in zip(split.test, probs):
-                    row = {"strategy": row_name, "fold": split.fold, "slide_id": slide_id,
-                           "label": classes[labels[slide_id]], "prediction": classes[int(p.argmax())]}
-                    row.update({f"p_{c}": round(float(v), 6) for c, v in zip(classes, p)})
-                    predictions.append(row)
-    return StrategyResult(predictions, fold_metrics, clam_params)
+ROW_KINDS = ("teacher", "retrain", "reuse")  # the rows that are not End2end
 
 
-def _fold_clam(trained: dict, cfg: MILConfig, split: Split, labels: dict[str, int], n_classes: int, seed: int,
-               model_dir: Path, inputs: dict, kind: str):
-    """The fold's CLAM on teacher (``teacher``) or student (``retrain``) features: trained once, saved, kept in ``trained``."""
-    if kind not in trained:
-        bag, dim = inputs[kind]
-        trained[kind], _ = train_clam(cfg, bag, split.train, split.val, labels, dim, n_classes, seed)
-        save_safetensors(trained[kind].state_dict(), model_dir / kind / f"fold_{split.fold}.safetensors")
-    return trained[kind]
+@dataclass(frozen=True)
+class FoldJob:
+    """One restartable unit of stage 2: a results row (or a CLAM another row starts from) on one fold.
+
+    ``teacher`` and ``retrain`` train a CLAM (on teacher / student features); ``reuse`` applies the
+    fold's teacher CLAM to student features; ``end2end`` fine-tunes encoder + CLAM from the fold's
+    Retrain CLAM (FPT: from the teacher's).
+    """
+
+    kind: Literal["teacher", "retrain", "reuse", "end2end"]
+    fold: int
+    finetune: str | None = None  # End2end only
+
+    @property
+    def row(self) -> str:
+        return end2end_row(self.finetune) if self.kind == "end2end" else self.kind
+
+    @property
+    def key(self) -> str:
+        """Task key: ``teacher.fold0``, ``end2end-lora.fold3`` (file-name safe)."""
+        return f"{self.row.replace(':', '-')}.fold{self.fold}"
+
+    @property
+    def features(self) -> str:
+        """Whose stored features it reads: ``teacher`` or ``student``."""
+        return "teacher" if self.kind == "teacher" or (self.kind == "end2end" and self.finetune == "fpt") else "student"
+
+    @property
+    def needs(self) -> list[FoldJob]:
+        """The fold jobs whose CLAM this one starts from or applies."""
+        if self.kind == "reuse" or (self.kind == "end2end" and self.finetune == "fpt"):
+            return [FoldJob("teacher", self.fold)]
+        if self.kind == "end2end":
+            return [FoldJob("retrain", self.fold)]
+        return []
+
+    @classmethod
+    def from_key(cls, key: str) -> FoldJob:
+        row, _, fold = key.rpartition(".fold")
+        if row.startswith("end2end"):
+            finetune = "full" if row == "end2end" else row.split("-", 1)[1]
+            return cls("end2end", int(fold), finetune)
+        return cls(row, int(fold))
+
+
+def row_features(row: str) -> str:
+    """Whose features a results row's CLAM reads: ``teacher`` (teacher, End2end FPT) or ``student``."""
+    return FoldJob.from_key(f"{row.replace(':', '-')}.fold0").features
+
+
+def fold_jobs(cfg: MILConfig, n_folds: int) -> list[FoldJob]:
+    """Every job of stage 2, fold by fold: the rows asked for and the CLAMs they start from."""
+    rows = strategy_rows(cfg)
+    jobs = []
+    for fold in range(n_folds):
+        wanted = [FoldJob(row, fold) if row in ROW_KINDS else FoldJob("end2end", fold, row.partition(":")[2] or "full")
+                  for row in rows]
+        needed = {dep for job in wanted for dep in job.needs}
+        jobs += [j for j in (FoldJob("teacher", fold), FoldJob("retrain", fold)) if j in needed and j not in wanted]
+        jobs += wanted
+    return jobs
+
+
+def clam_file(model_dir: Path, job: FoldJob) -> Path:
+    """Where a job's CLAM is saved (teacher/retrain: the CLAM later rows start from)."""
+    if job.kind in ("teacher", "retrain"):
+        return model_dir / job.kind / f"fold_{job.fold}.safetensors"
+    if job.kind == "end2end":
+        return model_dir / job.row.replace(":", "_") / f"fold_{job.fold}_clam.safetensors"
+    raise ValueError(f"{job.key}: reuse saves no CLAM of its own (it applies the teacher's)")
+
+
+def load_clam(cfg: MILConfig, path: Path, in_dim: int, n_classes: int):
+    """A saved fold CLAM, rebuilt from the config and its safetensors (no pickle)."""
+    from safetensors.torch import load_file
+
+    from features.encoders import pick_device
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the fold's CLAM is missing; rerun the mil stage (--force mil)")
+    model = build_clam(cfg, in_dim, n_classes)
+    model.load_state_dict(load_file(str(path)))
+    return model.to(pick_device(cfg.device)).eval()
+
+
+ProgressFn = Callable[..., None]  # progress(done=…, total=…, unit="epoch") from a long loop
+
+
+def run_fold_job(job: FoldJob, split: Split, classes: list[str], labels: dict[str, int], cfg: MILConfig,
+                 bags: dict[str, BagFn], dims: dict[str, int], model_dir: Path, end2end: End2endInputs | None = None,
+                 progress: ProgressFn | None = None) -> dict:
+    """Train or apply one job's CLAM on its fold; returns its prediction rows, metrics row and history."""
+    seed = cfg.seed * 100 + split.fold
+    n_classes = len(classes)
+    history: list[dict] = []
+    cost = _no_cost()
+    if job.kind in ("teacher", "retrain"):
+        bag = bags[job.features]
+        model, history = train_clam(cfg, bag, split.train, split.val, labels, dims[job.features], n_classes, seed,
+                                    on_epoch=progress)
+        save_safetensors(model.state_dict(), clam_file(model_dir, job))
+    elif job.kind == "reuse":
+        model, bag = load_clam(cfg, clam_file(model_dir, job.needs[0]), dims["teacher"], n_classes), bags["student"]
+    else:
+        if end2end is None:
+            raise ValueError("strategy 'end2end' needs the distilled student and the slides' tiles")
+        start = load_clam(cfg, clam_file(model_dir, job.needs[0]), dims[job.features], n_classes)
+        model, bag, cost, history = _end2end_fold(cfg, end2end, job, start, bags[job.features], split, labels, seed,
+                                                  model_dir, progress)
+    probs = predict(model, bag, split.test)
+    y_test = np.array([labels[s] for s in split.test])
+    clam_params = sum(p.numel() for p in model.parameters())
+    fold_metrics = {"strategy": job.row, "fold": split.fold, **metrics(y_test, probs, n_classes),
+                    "trainable_params": int(clam_params + cost["encoder_trainable_params"]), **cost}
+    predictions = []
+    for slide_id, p in zip(split.test, probs):
+        row = {"strategy": job.row, "fold": split.fold, "slide_id": slide_id, "label": classes[labels[slide_id]],
+               "prediction": classes[int(p.argmax())]}
+        row.update({f"p_{c}": round(float(v), 6) for c, v in zip(classes, p)})
+        predictions.append(row)
+    return {"job": job.key, "row": job.row, "fold": split.fold, "classes": classes, "clam_params": int(clam_params),
+            "predictions": predictions, "metrics": fold_metrics, "history": history,
+            "split": {"train": split.train, "val": split.val, "test": split.test}}
 
 
 COST_KEYS = ("encoder_trainable_params", "encoder_trainable_pct", "train_peak_mb", "s_per_epoch")
@@ -128,27 +194,32 @@ def _no_cost() -> dict:
     return {"encoder_trainable_params": 0, "encoder_trainable_pct": 0.0, "train_peak_mb": None, "s_per_epoch": None}
 
 
-def _end2end_fold(cfg: MILConfig, inputs: End2endInputs, finetune: str, start_clam, stored_bag: BagFn, split: Split,
-                  labels: dict[str, int], seed: int, out: Path):
-    """Joint training from the fold's CLAM; test bags are recomputed with the fine-tuned encoder."""
+def _end2end_fold(cfg: MILConfig, inputs: End2endInputs, job: FoldJob, start_clam, stored_bag: BagFn, split: Split,
+                  labels: dict[str, int], seed: int, model_dir: Path, progress: ProgressFn | None):
+    """Joint training from the fold's CLAM, the epoch chosen on the fold's validation slides; test bags are
+    recomputed with the chosen encoder."""
     from mil.end2end import embed_bag, save_encoder, train_end2end
 
+    finetune = job.finetune
     if finetune == "fpt" and inputs.teacher is None:
         raise ValueError("fine-tuning 'fpt' needs the teacher encoder in End2endInputs")
     encoder, spec = (inputs.teacher, inputs.teacher_input) if finetune == "fpt" else (inputs.student, inputs.student_input)
     tuned, clam, history = train_end2end(cfg, encoder, spec, start_clam, stored_bag, inputs.tiles, split.train, labels,
                                          k_tiles=cfg.end2end_k_tiles, epochs=cfg.end2end_epochs,
                                          student_lr=cfg.end2end_student_lr, finetune=finetune,
-                                         finetune_options=cfg.finetune_options.get(finetune), seed=seed)
-    save_safetensors(clam.state_dict(), out.with_name(out.name + "_clam.safetensors"))
-    save_encoder(tuned, finetune, out.with_name(out.name + "_student" if finetune != "fpt" else out.name + "_fpt"))
+                                         finetune_options=cfg.finetune_options.get(finetune), seed=seed,
+                                         val_ids=split.val, n_rows=inputs.n_rows, on_step=progress)
+    out = clam_file(model_dir, job)
+    save_safetensors(clam.state_dict(), out)
+    stem = out.with_name(f"fold_{split.fold}")
+    save_encoder(tuned, finetune, stem.with_name(stem.name + ("_fpt" if finetune == "fpt" else "_student")))
     fresh = {s: embed_bag(tuned, spec, inputs.tiles, s, inputs.n_rows(s)) for s in split.test}
     last = history[-1]
     cost = {"encoder_trainable_params": last["trainable_params"],
             "encoder_trainable_pct": round(100 * last["trainable_params"] / last["encoder_params"], 3),
             "train_peak_mb": max(h["peak_mb"] for h in history),
             "s_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2)}
-    return clam, fresh.__getitem__, cost
+    return clam, fresh.__getitem__, cost, history
 
 
 def summarise(fold_metrics: list[dict], strategies: list[str]) -> list[dict]:

@@ -59,6 +59,8 @@ class MILConfig(BaseModel):
     classes: list[str] | None = Field(None, description="label order (null: sorted labels of slides.csv)")
     device: str = Field("auto", description="where CLAM and End2end train and predict: auto (CUDA when the worker has "
                                             "a GPU, else CPU), cpu, cuda or cuda:N")
+    bag_cache_mb: int = Field(512, ge=0, description="per mil task: feature bags kept in memory between epochs, in MB "
+                                                     "(the rest are re-read from the Zarr stores; 0: read every time)")
     standardize: bool = Field(False, description="z-score each feature dimension with the training tiles' mean and std "
                                                  "(stored in the model, so Reuse applies the teacher's); CLAM itself does not")
 
@@ -112,7 +114,8 @@ def predict(model, bag: BagFn, slide_ids: list[str]) -> np.ndarray:
     return np.stack(probs) if probs else np.zeros((0, model.n_classes))
 
 
-def _val_loss(model, bag: BagFn, slide_ids: list[str], labels: dict[str, int]) -> float:
+def val_loss(model, bag: BagFn, slide_ids: list[str], labels: dict[str, int]) -> float:
+    """Mean bag cross-entropy over ``slide_ids`` (NaN when there are none); leaves the model in train mode."""
     import torch
     import torch.nn.functional as F
 
@@ -148,8 +151,10 @@ def clam_step(cfg: MILConfig, out: dict, label: int, optimizer) -> float:
 
 
 def train_clam(cfg: MILConfig, bag: BagFn, train_ids: list[str], val_ids: list[str], labels: dict[str, int],
-               in_dim: int, n_classes: int, seed: int) -> tuple[object, list[dict]]:
-    """One fold: returns the model with its best (lowest validation loss) weights and the history."""
+               in_dim: int, n_classes: int, seed: int, on_epoch: Callable[..., None] | None = None) -> tuple[object, list[dict]]:
+    """One fold: returns the model with its best (lowest validation loss) weights and the history.
+
+    ``on_epoch(done=, total=, unit="epoch", val_loss=)`` after every epoch, for progress reports."""
     import torch
 
     from features.encoders import pick_device
@@ -174,8 +179,10 @@ def train_clam(cfg: MILConfig, bag: BagFn, train_ids: list[str], val_ids: list[s
             slide_id = train_ids[i]
             out = model(bag_tensor(bag, slide_id, device), label=labels[slide_id])
             losses.append(clam_step(cfg, out, labels[slide_id], optimizer))
-        val = _val_loss(model, bag, val_ids, labels)
+        val = val_loss(model, bag, val_ids, labels)
         history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_loss": round(val, 5)})
+        if on_epoch is not None:
+            on_epoch(done=epoch, total=cfg.max_epochs, unit="epoch", val_loss=round(val, 4))
         score = val if not math.isnan(val) else history[-1]["train_loss"]
         if score < best_loss:
             best_loss, bad = score, 0

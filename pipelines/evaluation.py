@@ -26,51 +26,6 @@ def _rate(paths: RunPaths, stage: str, entries: list[SlideEntry]) -> float | Non
     return round(tiles / seconds, 2) if seconds else None
 
 
-def fpt_teacher(paths: RunPaths, cfg: RunConfig, reference_slide: str):
-    """The teacher FPT fine-tunes (fp32, CPU), checked to be the model that wrote the run's teacher features."""
-    from features.encoders import create_encoder
-    from features.extract import check_same_encoder
-    from features.store import open_store
-
-    big = create_encoder(cfg.features.teacher.model_copy(update={"device": "cpu", "precision": "fp32"}),
-                         field="features.teacher")
-    store = open_store(paths.root, cfg.features.teacher.label, reference_slide)
-    check_same_encoder(big, store.attrs, f"features/{cfg.features.teacher.label}/{reference_slide}.zarr")
-    return big
-
-
-def _end2end_inputs(paths: RunPaths, cfg: RunConfig, reference_slide: str):
-    """The distilled student (trainable) and a tile reader over the run's slides, for End2end."""
-    from distill.model import load_student
-    from mil.strategies import End2endInputs
-    from pipelines.stages import load_tiles
-    from wsi.slide import open_slide
-    from wsi.tiling import read_tile
-
-    encoder, _ = load_student(paths.student_dir, device="cpu")
-    student = encoder.model
-    handles: dict[str, tuple] = {}
-
-    def source(slide_id: str):
-        if slide_id not in handles:
-            meta = json.loads(paths.tissue_meta(slide_id).read_text())
-            grid = load_tiles(paths, slide_id)
-            handles[slide_id] = (open_slide(meta["slide_path"], slide_id=slide_id, backend=cfg.slides.backend,
-                                            mpp=meta["mpp"]), grid)
-        return handles[slide_id]
-
-    def tiles(slide_id: str, rows: np.ndarray) -> np.ndarray:
-        slide, grid = source(slide_id)
-        return np.stack([read_tile(slide, *map(int, grid.coords[r]), grid.plan) for r in rows])
-
-    teacher = teacher_input = None
-    if "fpt" in cfg.mil.finetune:  # FPT fine-tunes the (frozen) teacher through a side network
-        big = fpt_teacher(paths, cfg, reference_slide)
-        teacher, teacher_input = big.model, {"size": big.input_size, "mean": big.mean, "std": big.std}
-    return End2endInputs(student, {"size": encoder.input_size, "mean": encoder.mean, "std": encoder.std}, tiles,
-                         lambda slide_id: len(source(slide_id)[1].coords), teacher, teacher_input)
-
-
 def _csv_text(rows: list[dict]) -> str:
     buffer = io.StringIO()
     if rows:
@@ -80,66 +35,50 @@ def _csv_text(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def mil_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
-    """Train and evaluate CLAM for every strategy and fold; write predictions, metrics and the results table."""
+def results_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
+    """Gather the ``mil`` tasks' fold files into ``results/``: predictions, fold metrics, the summary table."""
     from features.encoders import count_parameters
-    from features.store import open_store
-    from mil.splits import csv_split, kfold_splits
-    from mil.strategies import SlideLabel, run_strategies, strategy_rows, summarise
+    from mil.strategies import FoldJob, row_features, strategy_rows, summarise
+    from pipelines.mil_stage import fold_file, mil_keys
+    from pipelines.stages import student_label
 
-    labelled = [e for e in entries if e.label]
-    if len(labelled) < len(entries):
-        missing = [e.slide_id for e in entries if not e.label][:5]
-        raise ValueError(f"slides without a label (e.g. {missing}): the mil stage needs a `label` for every slide")
-    mcfg = cfg.mil
-    classes = mcfg.classes or sorted({e.label for e in labelled})
-    unknown = sorted({e.label for e in labelled} - set(classes))
-    if unknown:
-        raise ValueError(f"labels {unknown} are not in mil.classes {classes}")
-    slides = [SlideLabel(e.slide_id, e.case_id or e.slide_id, e.label, e.split) for e in labelled]
-    if any(s.split for s in slides):
-        splits = csv_split([(s.slide_id, s.case_id, s.label, s.split) for s in slides])
-    else:
-        splits = kfold_splits([(s.slide_id, s.case_id, s.label) for s in slides], mcfg.folds, mcfg.val_fraction, mcfg.seed)
-
-    teacher_label, student_label = cfg.features.teacher.label, f"student_{cfg.distill.student.label}"
-    cache: dict[tuple[str, str], np.ndarray] = {}
-
-    def bag_of(label: str):
-        def bag(slide_id: str) -> np.ndarray:
-            key = (label, slide_id)
-            if key not in cache:
-                features, _ = open_store(paths.root, label, slide_id).load(np.float16)
-                if len(features) == 0:
-                    raise ValueError(f"{slide_id}: no tiles, so no features for {label}: give it tissue or drop it")
-                cache[key] = features
-            return cache[key]
-        return bag
-
-    teacher_dim = open_store(paths.root, teacher_label, slides[0].slide_id).attrs["dim"]
-    needs_student = any(s in ("reuse", "retrain", "end2end") for s in mcfg.strategies)
-    student_dim = open_store(paths.root, student_label, slides[0].slide_id).attrs["dim"] if needs_student else None
-    end2end = _end2end_inputs(paths, cfg, slides[0].slide_id) if "end2end" in mcfg.strategies else None
-    result = run_strategies(slides, splits, classes, mcfg, bag_of(teacher_label), bag_of(student_label) if needs_student else None,
-                            teacher_dim, student_dim, paths.root / "models" / "mil", end2end)
-    summary = summarise(result.fold_metrics, strategy_rows(mcfg))
+    rows = strategy_rows(cfg.mil)
+    folds = [json.loads(fold_file(paths, key).read_text()) for key in mil_keys(cfg, entries)
+             if FoldJob.from_key(key).row in rows]
+    folds.sort(key=lambda f: (f["fold"], rows.index(f["row"])))  # fold by fold, rows in the table's order
+    predictions = [p for f in folds for p in f["predictions"]]
+    fold_metrics = [f["metrics"] for f in folds]
+    classes = folds[0]["classes"]
+    n_folds = len({f["fold"] for f in folds})
+    summary = summarise(fold_metrics, rows)
+    teacher_label, student = cfg.features.teacher.label, student_label(cfg)
     card_path = paths.student_dir / "student.json"
     student_params = json.loads(card_path.read_text())["params"]["total"] if card_path.exists() else None
     teacher_rate, student_rate = _rate(paths, "features", entries), _rate(paths, "student_features", entries)
-    teacher_params = count_parameters(cfg.features.teacher)
+    teacher_params = count_parameters(cfg.features.teacher) if not imported_features(paths, cfg, entries) else None
+    clam_params = {f["row"]: f["clam_params"] for f in folds}
     for row in summary:
-        on_student = row["strategy"] in ("reuse", "retrain") or (row["strategy"].startswith("end2end")
-                                                                   and row["strategy"] != "end2end:fpt")
-        row.update({"features": student_label if on_student else teacher_label,
-                    "clam_params": result.clam_params,
+        on_student = row_features(row["strategy"]) == "student"
+        row.update({"features": student if on_student else teacher_label,
+                    "clam_params": clam_params.get(row["strategy"]),
                     "encoder_params": student_params if on_student else teacher_params,
                     "encoder_patches_per_s": student_rate if on_student else teacher_rate})
     results = paths.root / "results"
-    write_text(results / "predictions.csv", _csv_text(result.predictions))
-    write_text(results / "fold_metrics.csv", _csv_text(result.fold_metrics))
+    write_text(results / "predictions.csv", _csv_text(predictions))
+    write_text(results / "fold_metrics.csv", _csv_text(fold_metrics))
     write_text(results / "summary.csv", _csv_text(summary))
-    write_text(results / "summary.md", results_markdown(summary, classes, len(splits), encoder_notes(cfg)))
-    return {"n_slides": len(slides), "folds": len(splits), "summary": summary, "warnings": []}
+    write_text(results / "summary.md", results_markdown(summary, classes, n_folds, encoder_notes(cfg, paths, entries)))
+    return {"n_slides": len({p["slide_id"] for p in predictions}), "folds": n_folds, "summary": summary, "warnings": []}
+
+
+def imported_features(paths: RunPaths, cfg: RunConfig, entries: list[SlideEntry]) -> bool:
+    """Whether the run's teacher features were imported (``import-features``) rather than extracted."""
+    from features.store import open_store
+
+    try:
+        return "imported_from" in open_store(paths.root, cfg.features.teacher.label, entries[0].slide_id).attrs
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def _pm(row: dict, key: str) -> str:
@@ -147,9 +86,11 @@ def _pm(row: dict, key: str) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
 
-def encoder_notes(cfg: RunConfig) -> list[str]:
+def encoder_notes(cfg: RunConfig, paths: RunPaths | None = None, entries: list[SlideEntry] = ()) -> list[str]:
     """Lines under the results table that say where the encoders' weights came from (random ones loudly)."""
     teacher = cfg.features.teacher
+    if paths is not None and entries and imported_features(paths, cfg, entries):
+        return [f"Teacher `{teacher.label}`: features imported (`wsi-pipeline import-features`), not extracted by this run."]
     lines = [f"Teacher `{teacher.label}`: weights {teacher.weights_source()}."]
     if any(s in ("reuse", "retrain", "end2end") for s in cfg.mil.strategies):
         lines.append(f"Student `{cfg.distill.student.label}` distilled from it, initialised from "

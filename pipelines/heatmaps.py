@@ -67,13 +67,13 @@ def _model_files(paths: RunPaths, strategy: str, fold: int) -> tuple[Path, Path 
 
 def _encoder(cfg: RunConfig, paths: RunPaths, strategy: str, student_weights: Path | None, adapter: Path | None):
     """The encoder whose features the strategy's CLAM reads: teacher, distilled student, or End2end's fine-tuned student."""
-    from pipelines.stages import _cached_encoder, _cached_student
+    from pipelines.stages import cached_encoder, cached_student
 
     if strategy == "teacher":
-        return _cached_encoder(cfg.features.teacher.model_dump_json())
+        return cached_encoder(cfg.features.teacher.model_dump_json())
     if student_weights is None:
         st = (paths.student_dir / "student.safetensors").stat()
-        return _cached_student(str(paths.student_dir), (st.st_size, st.st_mtime_ns), cfg.distill.student.precision)[0]
+        return cached_student(str(paths.student_dir), (st.st_size, st.st_mtime_ns), cfg.distill.student.precision)[0]
     from safetensors.torch import load_file
 
     from distill.model import load_student

@@ -1,8 +1,10 @@
 """slides.csv: the cohort a run works on.
 
-Columns: ``slide_path`` (required; relative paths resolve against the CSV's folder), optional
-``slide_id``, ``label``, ``case_id`` (defaults to the slide id; keeps a patient's slides in one
-split), ``split`` (train/val/test) and ``mpp`` (overrides the slide's own). Problems with the CSV
+Columns: ``slide_path`` (relative paths resolve against the CSV's folder), optional ``slide_id``,
+``label``, ``case_id`` (defaults to the slide id; keeps a patient's slides in one split), ``split``
+(train/val/test) and ``mpp`` (overrides the slide's own). A row with a ``slide_id`` and no
+``slide_path`` is a features-only slide: its features were imported (``import-features``), and
+only the stages that need no pixels run on it. Problems with the CSV
 itself are collected and raised together, each naming its line and column; a slide file that is
 missing is not a CSV error: that slide fails at run time with the line named, the others go on.
 """
@@ -41,7 +43,7 @@ class SlideEntry:
     """One row of slides.csv, resolved."""
 
     slide_id: str
-    slide_path: Path
+    slide_path: Path | None  # None: a features-only slide (imported features, no slide file)
     line: int
     label: str | None = None
     case_id: str | None = None
@@ -51,6 +53,19 @@ class SlideEntry:
     def where(self) -> str:
         """"line N, column slide_path" — for errors about the slide file."""
         return f"line {self.line}, column slide_path"
+
+    @property
+    def has_pixels(self) -> bool:
+        """False for a features-only slide (no slide file: only its imported features)."""
+        return self.slide_path is not None
+
+
+@dataclass(frozen=True)
+class FoldPayload:
+    """What a fold task (one of several cohort-like tasks of a stage) runs on: its key and its slides."""
+
+    key: str
+    entries: list[SlideEntry]
 
 
 def sanitize_slide_id(raw: str) -> str:
@@ -85,9 +100,9 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         raise ManifestError(path, ["the file is empty; expected a header row with at least `slide_path`"])
     reader = csv.reader(io.StringIO(text, newline=""))
     header = [h.strip() for h in next(reader)]
-    missing = [c for c in REQUIRED if c not in header]
-    if missing:
-        raise ManifestError(path, [f"line 1: missing required column `{c}` (header is {header})" for c in missing])
+    if "slide_path" not in header and "slide_id" not in header:
+        raise ManifestError(path, [f"line 1: missing required column `slide_path` (or `slide_id`, for a features-only "
+                                   f"cohort) (header is {header})"])
     duplicated = sorted({h for h in header if header.count(h) > 1})
     if duplicated:
         raise ManifestError(path, [f"line 1: column `{c}` appears more than once" for c in duplicated])
@@ -109,8 +124,9 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
             continue
         values = {h: cell.strip() for h, cell in zip(header, row)}
         slide_path = values.get("slide_path", "")
-        if not slide_path:
-            problems.append(f"line {line}, column slide_path: empty")
+        if not slide_path and not values.get("slide_id"):
+            problems.append(f"line {line}, column slide_path: empty (give the slide file, or a slide_id whose "
+                            "features were imported)")
             continue
         raw_id = values.get("slide_id") or _default_id(slide_path)
         slide_id = sanitize_slide_id(raw_id)
@@ -133,10 +149,12 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         if split is not None and split not in SPLITS:
             problems.append(f"line {line}, column split: {split!r} is not one of {list(SPLITS)}")
             continue
-        resolved = Path(slide_path).expanduser()
-        if not resolved.is_absolute():
-            resolved = base / resolved
-        resolved = Path(os.path.normpath(resolved))
+        resolved = None
+        if slide_path:
+            resolved = Path(slide_path).expanduser()
+            if not resolved.is_absolute():
+                resolved = base / resolved
+            resolved = Path(os.path.normpath(resolved))
         entries.append(SlideEntry(slide_id=slide_id, slide_path=resolved, line=line,
                                   label=values.get("label") or None, case_id=values.get("case_id") or slide_id,
                                   split=split, mpp=mpp))
@@ -153,6 +171,6 @@ def manifest_csv(entries: list[SlideEntry]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(REQUIRED + OPTIONAL)
     for e in entries:
-        writer.writerow([str(e.slide_path), e.slide_id, e.label or "", e.case_id or "", e.split or "",
+        writer.writerow(["" if e.slide_path is None else str(e.slide_path), e.slide_id, e.label or "", e.case_id or "", e.split or "",
                          "" if e.mpp is None else repr(e.mpp)])
     return buffer.getvalue()

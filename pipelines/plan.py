@@ -12,21 +12,22 @@ from typing import Any
 from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
-from pipelines.stages import STAGES, downstream, upstream
+from pipelines.registry import STAGES, downstream, upstream
 from pipelines.state import COHORT, HashCache, file_fingerprint, fingerprint, read_state
 
 
 @dataclass
 class Task:
     stage: str
-    key: str  # slide id, or COHORT
+    key: str  # slide id, COHORT, or a fold stage's key
     deps: list[str] = field(default_factory=list)  # task ids
-    fingerprint: str | None = None  # None for cohort tasks until their slides are known
+    fingerprint: str | None = None  # None for cohort and fold tasks until their slides are known
     forced: bool = False
     status: str = "pending"  # pending → up-to-date | done | failed | skipped
     reason: str = ""
     attempts: int = 0
-    included: list[str] = field(default_factory=list)  # cohort tasks: the slides they run on
+    included: list[str] = field(default_factory=list)  # cohort and fold tasks: the slides they run on
+    scope: str = "slide"  # the stage's scope: slide, cohort or fold
 
     @property
     def id(self) -> str:
@@ -34,7 +35,8 @@ class Task:
 
     @property
     def cohort(self) -> bool:
-        return self.key == COHORT
+        """Runs on a set of slides (a cohort or fold task), settled once every upstream task has."""
+        return self.scope != "slide"
 
 
 def config_values(cfg: RunConfig, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -59,25 +61,41 @@ def is_up_to_date(paths: RunPaths, task: Task, cfg: RunConfig) -> bool:
 
 
 def settle_cohort(cfg: RunConfig, task: Task, tasks: dict[str, Task], entries: dict[str, SlideEntry],
-                  finished, hashes: HashCache | None = None) -> tuple[list[str], int]:
-    """Decide which slides a cohort task runs on — those whose every upstream task passes ``finished`` —
-    and set its fingerprint from them. Returns (included slide ids, slides left out)."""
+                  finished, hashes: HashCache | None = None) -> tuple[list[str], int, list[str]]:
+    """Decide which slides a cohort or fold task runs on — those whose every upstream slide task passes
+    ``finished`` — and set its fingerprint from them. A task that waits for other cohort or fold tasks runs
+    on their slides, and only when all of them passed. Returns (included slide ids, slides left out,
+    cohort/fold dependencies that did not finish)."""
     per_slide: dict[str, list[Task]] = {}
+    groups = [tasks[dep] for dep in task.deps if tasks[dep].cohort]
     for dep in task.deps:
-        per_slide.setdefault(tasks[dep].key, []).append(tasks[dep])
+        if not tasks[dep].cohort:
+            per_slide.setdefault(tasks[dep].key, []).append(tasks[dep])
+    blocked = [g.id for g in groups if not finished(g)]
     included = [key for key, deps in per_slide.items() if all(finished(d) for d in deps)]
+    if groups and not blocked:
+        shared = set.intersection(*(set(g.included) for g in groups))
+        included = [k for k in included if k in shared] if per_slide else [k for k in groups[0].included if k in shared]
+    if blocked:
+        included = []
     task.included = included
-    task.fingerprint = cohort_fingerprint(cfg, task, [(entries[k], "|".join(d.fingerprint or "" for d in per_slide[k]))
-                                                      for k in included], hashes)
-    return included, len(per_slide) - len(included)
+    stage = STAGES[task.stage]
+    counted = stage.fingerprint_stages(cfg, task.key) if stage.fingerprint_stages else None
+    rows = [(entries[k], "|".join(d.fingerprint or "" for d in per_slide.get(k, []) if counted is None or d.stage in counted))
+            for k in included]
+    task.fingerprint = cohort_fingerprint(cfg, task, rows, hashes, [g.fingerprint for g in groups])
+    total = len(per_slide) if per_slide else len(groups[0].included) if groups else 0
+    return included, total - len(included), blocked
 
 
 def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry, str]],
-                       hashes: HashCache | None = None) -> str:
-    """Over the included slides' upstream fingerprints and their manifest fields (labels, cases, splits)."""
+                       hashes: HashCache | None = None, group_fps: list[str | None] = ()) -> str:
+    """Over the included slides' upstream fingerprints and their manifest fields (labels, cases, splits), the
+    cohort/fold tasks it waits for, and a fold task's key inputs."""
     stage = STAGES[task.stage]
     rows = sorted((e.slide_id, fp, e.label, e.case_id, e.split) for e, fp in slides)
-    return fingerprint(stage.name, config_values(cfg, stage.config), [*rows, *stage.extra_inputs(cfg, hashes)])
+    extras = [*stage.extra_inputs(cfg, hashes), *(stage.key_inputs(cfg, task.key) if task.scope == "fold" else [])]
+    return fingerprint(stage.name, config_values(cfg, stage.config), [*rows, *extras, *sorted(fp or "" for fp in group_fps)])
 
 
 def slide_fingerprint(cfg: RunConfig, task: Task, entry: SlideEntry, dep_fps: list[str],
@@ -87,6 +105,8 @@ def slide_fingerprint(cfg: RunConfig, task: Task, entry: SlideEntry, dep_fps: li
     inputs: list[Any] = []
     if stage.reads_slide:
         inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint, hashes), "mpp": entry.mpp})
+    if not entry.has_pixels:  # features-only: its imported store stands in for the slide (re-imported: --force features)
+        inputs.append({"features_only": True})
     inputs.extend(dep_fps)
     inputs.extend(stage.extra_inputs(cfg, hashes))
     return fingerprint(stage.name, config_values(cfg, stage.config), inputs)
@@ -129,16 +149,26 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
     tasks: dict[str, Task] = {}
     for name in selected:
         stage = STAGES[name]
-        if stage.scope == "cohort":
-            deps = [f"{dep}/{e.slide_id}" for dep in stage.after for e in entries if f"{dep}/{e.slide_id}" in tasks]
-            task = Task(name, COHORT, deps, None, name in forced)
-            tasks[task.id] = task
+        if stage.scope in ("cohort", "fold"):
+            deps = []
+            for dep in stage.after:
+                if dep in selected and STAGES[dep].scope != "slide":  # after a cohort or fold stage: all its tasks
+                    deps += [tid for tid, t in tasks.items() if t.stage == dep]
+                else:
+                    deps += [f"{dep}/{e.slide_id}" for e in entries if f"{dep}/{e.slide_id}" in tasks]
+            if stage.after and not deps:  # e.g. qc on a features-only cohort: no slide has tiles
+                continue
+            for key in (stage.keys(cfg, entries) if stage.scope == "fold" else [COHORT]):
+                own = [f"{name}/{k}" for k in stage.needs(cfg, key)] if stage.scope == "fold" else []
+                task = Task(name, key, deps + own, None, name in forced, scope=stage.scope)
+                tasks[task.id] = task
             continue
         for entry in entries:
             if not stage.applies(cfg, entry):
                 continue
             deps = [f"{dep}/{COHORT}" if STAGES[dep].scope == "cohort" else f"{dep}/{entry.slide_id}"
                     for dep in stage.after if dep in selected]
+            deps = [d for d in deps if d in tasks or d.endswith(f"/{COHORT}")]  # a features-only slide has no tiles task
             task = Task(name, entry.slide_id, deps, None, name in forced)
             task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id, hashes)
             tasks[task.id] = task

@@ -18,9 +18,10 @@ from pathlib import Path
 from pipelines.artifacts import RunPaths, sweep_temporaries, write_text
 from pipelines.cluster import ClusterError, dask_client, machine_cores, worker_cores, worker_name
 from pipelines.config import RunConfig, dump_config
-from pipelines.manifest import SlideEntry, manifest_csv
+from pipelines.manifest import FoldPayload, SlideEntry, manifest_csv
 from pipelines.plan import Task, build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
-from pipelines.stages import STAGES, TASK_FINGERPRINT, check_encoders
+from pipelines.registry import STAGES, check_encoders, check_pixels
+from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, TASK_PROGRESS
 from pipelines.state import COHORT, HashCache, RunLock, now, read_state, write_state
 from wsi.errors import SlideError
 
@@ -89,18 +90,37 @@ def set_torch_threads(alone: bool) -> int:
     return threads
 
 
+class ProgressWriter:
+    """Records a running task's progress in its state file, at most every ``interval`` seconds (and at the end)."""
+
+    def __init__(self, paths: RunPaths, stage: str, key: str, running: dict, interval: float = 1.0):
+        self.paths, self.stage, self.key, self.running, self.interval = paths, stage, key, running, interval
+        self._last = 0.0
+
+    def __call__(self, **fields) -> None:
+        t = time.monotonic()
+        last = fields.get("done") is not None and fields.get("done") == fields.get("total")
+        if t - self._last < self.interval and not last:
+            return
+        self._last = t
+        progress = {k: v for k, v in fields.items() if v is None or isinstance(v, (int, float, str))}
+        write_state(self.paths, self.stage, self.key, **self.running, progress={**progress, "updated": now()})
+
+
 def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fingerprint: str, attempt: int,
-             alone: bool = False) -> dict:
+             alone: bool = False, forced: bool = False) -> dict:
     """Run one task where Dask put it; record running → done/failed. Never raises for a stage error.
 
-    ``alone``: nothing else of the run can run beside it, so a model task takes all the machine's cores."""
+    ``alone``: nothing else of the run can run beside it, so a model task takes all the machine's cores.
+    ``forced``: the user asked for it with --force (stages that resume from checkpoints start over)."""
     paths = RunPaths(Path(root))
     stage = STAGES[stage_name]
     started, t0 = now(), time.perf_counter()
-    write_state(paths, stage_name, key, status="running", fingerprint=fingerprint, attempts=attempt, started=started,
-                worker=worker_name())
+    running = dict(status="running", fingerprint=fingerprint, attempts=attempt, started=started, worker=worker_name())
+    write_state(paths, stage_name, key, **running)
     threads = set_torch_threads(alone) if stage.uses_torch else None
-    token = TASK_FINGERPRINT.set(fingerprint)
+    tokens = [TASK_FINGERPRINT.set(fingerprint), TASK_FORCED.set(forced),
+              TASK_PROGRESS.set(ProgressWriter(paths, stage_name, key, {**running, "torch_threads": threads}))]
     memory = PeakRSS()
     try:
         with memory:
@@ -112,7 +132,8 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
                     traceback=traceback.format_exc())
         return {"status": "failed", "reason": reason}
     finally:
-        TASK_FINGERPRINT.reset(token)
+        for var, token in zip((TASK_FINGERPRINT, TASK_FORCED, TASK_PROGRESS), tokens):
+            var.reset(token)
     duration = round(time.perf_counter() - t0, 4)
     write_state(paths, stage_name, key, status="done", fingerprint=fingerprint, attempts=attempt, started=started,
                 finished=now(), duration_s=duration, peak_rss_mb=memory.mb, torch_threads=threads, worker=worker_name(),
@@ -173,7 +194,8 @@ class _Scheduler:
     def payload(self, task: Task):
         if not task.cohort:
             return self.entries[task.key]
-        return [self.entries[key] for key in task.included]
+        entries = [self.entries[key] for key in task.included]
+        return FoldPayload(task.key, entries) if task.scope == "fold" else entries
 
     def ready(self, task: Task) -> bool:
         return task.status == "pending" and all(self.tasks[d].status not in ("pending", "running") for d in task.deps)
@@ -182,10 +204,10 @@ class _Scheduler:
         """Settle a ready task without running it (up to date, or blocked); True when it must run."""
         done_deps = [self.tasks[d] for d in task.deps if self.tasks[d].status in ("done", "up-to-date")]
         if task.cohort:
-            included, left_out = settle_cohort(self.cfg, task, self.tasks, self.entries,
-                                               lambda t: t.status in ("done", "up-to-date"), self.hashes)
+            included, left_out, blocked = settle_cohort(self.cfg, task, self.tasks, self.entries,
+                                                        lambda t: t.status in ("done", "up-to-date"), self.hashes)
             if not included:
-                reason = "no slide finished its upstream stages"
+                reason = f"{', '.join(blocked)} did not finish" if blocked else "no slide finished its upstream stages"
                 write_state(self.paths, task.stage, task.key, status="skipped", finished=now(), error=reason)
                 return self.settle(task, "skipped", reason)
             if left_out:
@@ -252,9 +274,9 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
             resources = {k: v for k, v in stage.resources.items() if k in available} or None
             if resources is None and "CPU" in available:  # workers split by kind: keep CPU work off the GPU workers
                 resources = {"CPU": 1}
-            alone = task.cohort or per_stage[task.stage] == 1  # a cohort stage, or a one-slide run
+            alone = task.scope == "cohort" or per_stage[task.stage] == 1  # a cohort stage, or a one-slide run
             future = client.submit(run_task, task.stage, task.key, sched.payload(task), cfg, str(paths.root),
-                                   task.fingerprint, task.attempts, alone, key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}",
+                                   task.fingerprint, task.attempts, alone, task.forced, key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}",
                                    pure=False, resources=resources)
             owner[future.key] = task
             futures.add(future)
@@ -294,6 +316,7 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
     hashes = HashCache(paths.hash_cache)
     tasks = build_plan(entries, cfg, paths, until=until, only=only, force=force, hashes=hashes)
     check_encoders(cfg, {task.stage for task in tasks.values()})  # no weights: stop before any work
+    check_pixels(cfg, entries, {task.stage for task in tasks.values()})  # features-only slides: no pixel stages
     with RunLock(paths.lock) as lock:
         notes += lock.acquire(break_lock=break_lock, command="wsi-pipeline run")
         hashes.save()
@@ -311,8 +334,9 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
     if only:
         notes.append("cohort stages were not run: --only selects a subset of slides")
     for task in tasks.values():
-        if task.cohort and task.reason and task.status in ("done", "up-to-date"):
-            notes.append(f"{task.stage} ran {task.reason}")
+        note = f"{task.stage} ran {task.reason}"
+        if task.cohort and task.reason and task.status in ("done", "up-to-date") and note not in notes:
+            notes.append(note)  # once per stage: a fold stage's tasks all ran on the same slides
     return RunReport(paths.root, tasks, notes, dashboard)
 
 

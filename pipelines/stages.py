@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -22,9 +18,8 @@ from features.store import store_path
 from pipelines import __version__
 from pipelines.artifacts import RunPaths, atomic_write, write_json, write_image, write_npy, write_text
 from pipelines.config import RunConfig
-from pipelines.evaluation import mil_stage
-from pipelines.heatmaps import drawable, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
 from pipelines.manifest import SlideEntry
+from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, progress_callback
 from wsi.slide import open_slide
 from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
 from wsi.tissue import TissueMask, load_mask_png, mask_slide, qc_image, save_mask_png
@@ -102,12 +97,8 @@ def load_tiles(paths: RunPaths, slide_id: str) -> TileGrid:
     return TileGrid(coords, np.full(len(coords), np.nan, np.float32), plan)
 
 
-# The fingerprint of the task being run, for stages that record it inside their artifacts.
-TASK_FINGERPRINT: ContextVar[str | None] = ContextVar("TASK_FINGERPRINT", default=None)
-
-
 @lru_cache(maxsize=2)
-def _cached_encoder(spec_json: str):
+def cached_encoder(spec_json: str):
     """One encoder per worker process and spec: built once, reused for every slide."""
     from features.encoders import EncoderConfig, create_encoder
 
@@ -128,9 +119,29 @@ def _extract(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder, label:
 
 
 def features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
-    """Teacher features for every tile into ``features/<teacher>/<slide_id>.zarr``."""
-    encoder = _cached_encoder(cfg.features.teacher.model_dump_json())
+    """Teacher features for every tile into ``features/<teacher>/<slide_id>.zarr``; for a features-only slide,
+    a check of its imported store."""
+    if not entry.has_pixels:
+        return imported_features_check(entry, cfg, paths)
+    encoder = cached_encoder(cfg.features.teacher.model_dump_json())
     return _extract(entry, cfg, paths, encoder, cfg.features.teacher.label, {})
+
+
+def imported_features_check(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
+    """A features-only slide's teacher store: there, complete, with tiles (``wsi-pipeline import-features``)."""
+    from features.store import open_store
+
+    label = cfg.features.teacher.label
+    try:
+        store = open_store(paths.root, label, entry.slide_id)
+    except FileNotFoundError:
+        raise ValueError(f"{entry.slide_id}: no slide_path in slides.csv (line {entry.line}) and no imported features at "
+                         f"{store_path(paths.root, label, entry.slide_id)}: run `wsi-pipeline import-features H5_DIR "
+                         f"--out {paths.root} --encoder {label}` (the encoder name must be features.teacher's label)") from None
+    if len(store) == 0:
+        raise ValueError(f"{entry.slide_id}: its imported features have no tiles")
+    return {"n_tiles": len(store), "dim": store.attrs["dim"], "imported_from": store.attrs.get("imported_from", ""),
+            "encoder": label, "warnings": []}
 
 
 def student_label(cfg: RunConfig) -> str:
@@ -139,7 +150,7 @@ def student_label(cfg: RunConfig) -> str:
 
 
 @lru_cache(maxsize=2)
-def _cached_student(model_dir: str, version: tuple, precision: str):
+def cached_student(model_dir: str, version: tuple, precision: str):
     """The distilled student, loaded once per worker process and model file version (size, mtime)."""
     from distill.model import load_student
 
@@ -150,7 +161,7 @@ def student_features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -
     """The distilled student's teacher-space features into ``features/student_<name>/<slide_id>.zarr``."""
     weights = paths.student_dir / "student.safetensors"
     st = weights.stat()
-    encoder, card = _cached_student(str(paths.student_dir), (st.st_size, st.st_mtime_ns), cfg.distill.student.precision)
+    encoder, card = cached_student(str(paths.student_dir), (st.st_size, st.st_mtime_ns), cfg.distill.student.precision)
     extra = {"distilled_from": card["teacher"].get("label", ""), "student_card": str(paths.student_dir / "student.json")}
     return _extract(entry, cfg, paths, encoder, student_label(cfg), extra)
 
@@ -183,7 +194,14 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
     if len(digests) > 1:  # targets from several models would mix feature spaces
         raise ValueError(f"the teacher stores come from {len(digests)} different models (e.g. slides "
                          f"{', '.join(digests.values())}): rerun the features stage (--force features)")
-    card = train(slides, dim, dcfg, paths.student_dir, fingerprint=TASK_FINGERPRINT.get() or "",
+    if TASK_FORCED.get():  # --force distill: start over, never resume from the last run's checkpoint
+        import shutil
+
+        shutil.rmtree(paths.student_dir / "checkpoint", ignore_errors=True)
+    report = progress_callback()
+    on_epoch = None if report is None else (lambda record: report(done=record["epoch"], total=dcfg.epochs, unit="epoch",
+                                                                  val_cosine=record.get("cosine")))
+    card = train(slides, dim, dcfg, paths.student_dir, fingerprint=TASK_FINGERPRINT.get() or "", on_epoch=on_epoch,
                  teacher={"label": teacher, "dim": dim, "spec": cfg.features.teacher.model_dump(mode="json"),
                           "weights": cfg.features.teacher.weights_source(),
                           "weights_sha256": next(iter(digests)),
@@ -216,102 +234,3 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
         })
     write_text(paths.qc_table, buffer.getvalue())
     return {"n_slides": len(entries), "slides": [e.slide_id for e in entries]}
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A stage declaration: what it runs, on what, after what, which config it reads, what it writes."""
-
-    name: str
-    fn: Callable
-    scope: Literal["slide", "cohort"]
-    after: tuple[str, ...] = ()
-    config: tuple[str, ...] = ()  # dotted RunConfig fields (or whole sections) whose values enter the fingerprint
-    reads_slide: bool = False  # the slide file itself is an input
-    artifacts: Callable[[RunPaths, str, RunConfig], list[Path]] = lambda paths, key, cfg: []
-    resources: dict[str, float] = field(default_factory=dict)  # Dask resources, e.g. {"GPU": 1}
-    extra_inputs: Callable[..., list] = lambda cfg, hashes: []  # more input fingerprints (e.g. weight files)
-    enabled: Callable[[RunConfig], bool] = lambda cfg: True  # False: this config does not need the stage
-    applies: Callable[[RunConfig, SlideEntry], bool] = lambda cfg, entry: True  # slide stages: which slides get a task
-    encoders: Callable[[RunConfig], list[str]] = lambda cfg: []  # dotted config fields of the encoders it builds from spec
-    uses_torch: bool = False  # runs a model: the runner sets torch's threads to the cores the task owns
-
-
-def needs_student(cfg: RunConfig) -> bool:
-    """Distillation and student features only serve the MIL strategies that use the student."""
-    return any(s in ("reuse", "retrain", "end2end") for s in cfg.mil.strategies)
-
-
-# All stages in run order. A slide stage runs per slide after the stages in ``after`` (same slide);
-# a cohort stage runs once, on the slides whose ``after`` stages are done.
-STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("tissue", tissue_stage, "slide", config=("slides.backend", "slides.default_mpp", "tissue"), reads_slide=True,
-          artifacts=lambda p, k, c: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_meta(k)]),
-    Stage("tiles", tiles_stage, "slide", after=("tissue",), config=("tiling",),
-          artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
-    Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher", "features.dtype"),
-          artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, uses_torch=True,
-          extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
-    Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
-    Stage("distill", distill_stage, "cohort", after=("features",), config=("distill", "features.teacher", "features.dtype"),
-          artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
-          resources={"GPU": 1}, uses_torch=True, enabled=needs_student, extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "distill.student", hashes),
-          encoders=lambda cfg: ["distill.student"]),
-    Stage("student_features", student_features_stage, "slide", after=("tiles", "distill"), config=("features.dtype",),
-          artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}, uses_torch=True,
-          enabled=needs_student),
-    Stage("mil", mil_stage, "cohort", after=("features", "student_features"), config=("mil",),
-          artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"],
-          resources={"GPU": 1}, uses_torch=True, encoders=lambda cfg: ["features.teacher"] if "end2end" in cfg.mil.strategies and "fpt" in cfg.mil.finetune else []),
-    Stage("heatmaps", heatmaps_stage, "slide", after=("mil",), config=("heatmaps",),
-          artifacts=lambda p, k, c: [heatmap_dir(p, resolve_strategy(c), k) / "heatmap.json"],
-          enabled=lambda cfg: cfg.heatmaps.slides != "none" and bool(drawable(cfg)),
-          applies=wants_heatmap, uses_torch=True, resources={"GPU": 1},
-          encoders=lambda cfg: ["features.teacher"] if resolve_strategy(cfg) == "teacher" and cfg.heatmaps.overlap > 0 else []),
-]}
-
-
-def encoder_config(cfg: RunConfig, dotted: str):
-    """The EncoderConfig at a dotted field of the run config (``features.teacher``, ``distill.student``)."""
-    section, name = dotted.split(".")
-    return getattr(getattr(cfg, section), name)
-
-
-def weights_inputs(cfg: RunConfig, dotted: str, hashes=None) -> list:
-    """The content (sha256, cached in ``hashes``) of the encoder's local weights file, so replacing the file
-    reruns what it made and touching it does not."""
-    from pipelines.state import file_fingerprint
-
-    weights = encoder_config(cfg, dotted).weights
-    return [file_fingerprint(Path(weights), "content", hashes)] if weights else []
-
-
-def check_encoders(cfg: RunConfig, stages: set[str]) -> None:
-    """Before any task runs: every encoder the planned stages build has weights (or an explicit seed for
-    random ones), and every local weights file exists. Raises ValueError naming the field."""
-    from features.encoders import NoWeightsError, WeightsError, no_weights_message
-
-    fields = {f: None for name in STAGES if name in stages for f in STAGES[name].encoders(cfg)}
-    for dotted in fields:
-        spec = encoder_config(cfg, dotted)
-        if dotted == "features.teacher" and spec.random_weights and spec.seed is None:  # a student starts from distill.seed
-            raise NoWeightsError(no_weights_message(spec, dotted))
-        if spec.weights is not None and not Path(spec.weights).is_file():
-            raise WeightsError(f"{dotted}.weights: {spec.weights}: file not found")
-
-
-def upstream(stage: str) -> list[str]:
-    """Every stage ``stage`` depends on, transitively, in run order."""
-    needed: set[str] = set()
-    todo = list(STAGES[stage].after)
-    while todo:
-        name = todo.pop()
-        if name not in needed:
-            needed.add(name)
-            todo.extend(STAGES[name].after)
-    return [s for s in STAGES if s in needed]
-
-
-def downstream(stage: str) -> list[str]:
-    """``stage`` and every stage that depends on it, transitively, in run order."""
-    return [s for s in STAGES if s == stage or stage in upstream(s)]

@@ -132,8 +132,8 @@ class RunLock:
                 if fd is None and not self.path.exists():  # released between our two looks
                     fd = self._create()
                 if fd is None:
-                    holder = self._holder()
-                    stale = self._is_stale(holder)
+                    holder = self.holder()
+                    stale = self.is_stale(holder)
                     if not (stale or break_lock):
                         raise LockError(
                             f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
@@ -162,11 +162,11 @@ class RunLock:
     def release(self) -> None:
         """Remove the lock only if it is still ours (``--break-lock`` may have handed it to another run)."""
         if self.held:
-            if self._holder() == self.me:
+            if self.holder() == self.me:
                 self.path.unlink(missing_ok=True)
             self.held = False
 
-    def _holder(self) -> dict:
+    def holder(self) -> dict:
         try:
             return json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -180,7 +180,7 @@ class RunLock:
             return {"pid": None, "host": socket.gethostname() if age > 10 else None, "started": "unknown"}
 
     @staticmethod
-    def _is_stale(holder: dict) -> bool:
+    def is_stale(holder: dict) -> bool:
         if holder.get("host") != socket.gethostname():
             return False
         pid = holder.get("pid")

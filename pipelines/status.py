@@ -27,16 +27,17 @@ def run_status(out: Path) -> dict:
     tasks = build_plan(entries, cfg, paths, hashes=hashes)
     by_id = {e.slide_id: e for e in entries}
     lock = RunLock(paths.lock)
-    holder = lock._holder() if paths.lock.exists() else None
-    live = holder is not None and holder.get("pid") is not None and not lock._is_stale(holder)
+    holder = lock.holder() if paths.lock.exists() else None
+    live = holder is not None and holder.get("pid") is not None and not lock.is_stale(holder)
     report: dict = {"out": str(paths.root), "stages": list(dict.fromkeys(t.stage for t in tasks.values())),
                     "slides": {e.slide_id: {} for e in entries}, "cohort": {},
                     "locked_by": holder if live else None}
+    folds: dict[str, dict] = {}
     for task in tasks.values():  # in stage order, so fingerprints after cohort tasks can be resolved
         state = read_state(paths, task.stage, task.key)
-        if task.key == COHORT and state and state.get("status") == "done":
+        if task.cohort and state and state.get("status") == "done":
             settle_cohort(cfg, task, tasks, by_id, lambda t: is_up_to_date(paths, t, cfg), hashes)
-        elif task.fingerprint is None and task.key != COHORT:
+        elif task.fingerprint is None and not task.cohort:
             task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id, hashes)
         status = (state or {}).get("status", "pending")
         if status == "done" and not is_up_to_date(paths, task, cfg):
@@ -46,9 +47,26 @@ def run_status(out: Path) -> dict:
         cell = {"status": status, "error": ((state or {}).get("error") or "").splitlines()[0] if state and state.get("error") else ""}
         if state and state.get("attempts"):
             cell["attempts"] = state["attempts"]
-        target = report["cohort"] if task.key == COHORT else report["slides"][task.key]
-        target[task.stage] = cell
+        if status == "running" and state.get("progress"):
+            cell["progress"] = state["progress"]
+        if task.scope == "fold":
+            folds.setdefault(task.stage, {})[task.key] = cell
+        elif task.key == COHORT:
+            report["cohort"][task.stage] = cell
+        else:
+            report["slides"][task.key][task.stage] = cell
+    for stage, cells in folds.items():  # one line per fold stage, its tasks inside
+        report["cohort"][stage] = {**summarise_cells(cells), "tasks": cells}
     return report
+
+
+def summarise_cells(cells: dict[str, dict]) -> dict:
+    """One status for a fold stage: the most urgent of its tasks' (failed > interrupted > running > stale > …)."""
+    order = ["failed", "interrupted", "running", "stale", "skipped", "pending", "done"]
+    statuses = [c["status"] for c in cells.values()]
+    status = min(statuses, key=order.index) if statuses else "pending"
+    error = next((f"{key}: {c['error']}" for key, c in cells.items() if c["error"]), "")
+    return {"status": status, "error": error, "done": statuses.count("done"), "total": len(statuses)}
 
 
 def is_complete(report: dict) -> bool:

@@ -20,7 +20,7 @@ from pipelines.config import RunConfig
 from pipelines.manifest import read_manifest
 from pipelines.plan import build_plan
 from pipelines.cluster import machine_cores
-from pipelines.stages import check_encoders
+from pipelines.registry import check_encoders
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
 # a small, fast teacher with random weights chosen explicitly (seed), on 128-px tiles at 1 µm/px; fp32, the precision
@@ -198,7 +198,7 @@ def test_a_one_slide_run_gives_its_model_task_every_core(cohort, tmp_path):
 def test_heatmap_overlap_pass_and_fpt_rebuild_the_teacher_that_made_the_stored_features(two_runs):
     from features.extract import TileDataset, check_same_encoder
     from pipelines.config import load_config
-    from pipelines.evaluation import fpt_teacher
+    from pipelines.mil_stage import fpt_teacher
     from pipelines.heatmaps import _embed, _encoder
     from pipelines.stages import load_tiles
 

@@ -99,9 +99,9 @@ def test_config_selects_slides_and_rejects_a_strategy_the_run_lacks(tmp_path):
         cfg = RunConfig.model_validate({"heatmaps": {"slides": choice}})
         plan = build_plan(entries, cfg, RunPaths(tmp_path / "out"))
         assert [t.key for t in plan.values() if t.stage == "heatmaps"] == expected
-        assert all(t.deps == ["mil/_cohort"] for t in plan.values() if t.stage == "heatmaps")
+        assert all(t.deps == ["results/_cohort"] for t in plan.values() if t.stage == "heatmaps")
     teacher_only = build_plan(entries, RunConfig.model_validate({"mil": {"strategies": ["teacher"]}}), RunPaths(tmp_path / "o2"))
-    assert {t.stage for t in teacher_only.values()} == {"tissue", "tiles", "features", "qc", "mil", "heatmaps"}
+    assert {t.stage for t in teacher_only.values()} == {"tissue", "tiles", "features", "qc", "mil", "results", "heatmaps"}
     with pytest.raises(ValueError, match="heatmaps.strategy 'retrain' is not a drawable results row"):
         RunConfig.model_validate({"mil": {"strategies": ["teacher"]}, "heatmaps": {"strategy": "retrain"}})
 

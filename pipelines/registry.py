@@ -1,0 +1,169 @@
+"""The stage registry: every stage of a run, in order, with what it runs on, needs, reads and writes.
+
+Plan, runner and status read it; the stage functions themselves (``pipelines.stages``,
+``pipelines.mil_stage``, ``pipelines.evaluation``, ``pipelines.heatmaps``) know nothing of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from features.store import store_path
+from pipelines.artifacts import RunPaths
+from pipelines.config import RunConfig
+from pipelines.evaluation import results_stage
+from pipelines.heatmaps import drawable, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
+from pipelines.manifest import SlideEntry
+from pipelines.mil_stage import fold_file, mil_fingerprint_stages, mil_fold_stage, mil_key_inputs, mil_keys, mil_needs
+from pipelines.stages import (
+    distill_stage,
+    features_stage,
+    qc_stage,
+    student_features_stage,
+    student_label,
+    tiles_stage,
+    tissue_stage,
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage declaration: what it runs, on what, after what, which config it reads, what it writes."""
+
+    name: str
+    fn: Callable
+    scope: Literal["slide", "cohort", "fold"]  # fold: several cohort-like tasks, one per key (``keys``)
+    after: tuple[str, ...] = ()
+    config: tuple[str, ...] = ()  # dotted RunConfig fields (or whole sections) whose values enter the fingerprint
+    reads_slide: bool = False  # the slide file itself is an input
+    artifacts: Callable[[RunPaths, str, RunConfig], list[Path]] = lambda paths, key, cfg: []
+    resources: dict[str, float] = field(default_factory=dict)  # Dask resources, e.g. {"GPU": 1}
+    extra_inputs: Callable[..., list] = lambda cfg, hashes: []  # more input fingerprints (e.g. weight files)
+    enabled: Callable[[RunConfig], bool] = lambda cfg: True  # False: this config does not need the stage
+    applies: Callable[[RunConfig, SlideEntry], bool] = lambda cfg, entry: True  # slide stages: which slides get a task
+    encoders: Callable[[RunConfig], list[str]] = lambda cfg: []  # dotted config fields of the encoders it builds from spec
+    uses_torch: bool = False  # runs a model: the runner sets torch's threads to the cores the task owns
+    # fold stages: the task keys, the keys of the same stage each waits for, what else enters its fingerprint,
+    # and which upstream stages' fingerprints do (default: all of ``after``)
+    keys: Callable[[RunConfig, list[SlideEntry]], list[str]] = lambda cfg, entries: []
+    needs: Callable[[RunConfig, str], list[str]] = lambda cfg, key: []
+    key_inputs: Callable[[RunConfig, str], list] = lambda cfg, key: []
+    fingerprint_stages: Callable[[RunConfig, str], tuple[str, ...]] | None = None
+    pixels: bool = False  # needs the slide files (not only their features): refused on a features-only cohort
+
+
+def needs_student(cfg: RunConfig) -> bool:
+    """Distillation and student features only serve the MIL strategies that use the student."""
+    return any(s in ("reuse", "retrain", "end2end") for s in cfg.mil.strategies)
+
+
+# The mil fields a CLAM's training depends on (End2end's own are added per task by mil_key_inputs): changing
+# the rows asked for, End2end's settings or the bag cache retrains no CLAM.
+CLAM_FIELDS = tuple(f"mil.{name}" for name in ("model", "size", "dropout", "k_sample", "bag_weight", "instance_loss",
+                                               "subtyping", "lr", "weight_decay", "max_epochs", "min_epochs", "patience",
+                                               "folds", "val_fraction", "seed", "classes", "device", "standardize"))
+
+
+# All stages in run order. A slide stage runs per slide after the stages in ``after`` (same slide);
+# a cohort stage runs once, on the slides whose ``after`` stages are done; a fold stage runs one such
+# task per key (mil: per results row and fold), each after the same-stage keys it ``needs``.
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("tissue", tissue_stage, "slide", config=("slides.backend", "slides.default_mpp", "tissue"), reads_slide=True,
+          pixels=True, applies=lambda cfg, entry: entry.has_pixels, artifacts=lambda p, k, c: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_meta(k)]),
+    Stage("tiles", tiles_stage, "slide", after=("tissue",), config=("tiling",), pixels=True,
+          applies=lambda cfg, entry: entry.has_pixels,
+          artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
+    Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher", "features.dtype"),
+          artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, uses_torch=True,
+          extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
+    Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
+    Stage("distill", distill_stage, "cohort", after=("features",), config=("distill", "features.teacher", "features.dtype"),
+          pixels=True,
+          artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
+          resources={"GPU": 1}, uses_torch=True, enabled=needs_student, extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "distill.student", hashes),
+          encoders=lambda cfg: ["distill.student"]),
+    Stage("student_features", student_features_stage, "slide", after=("tiles", "distill"), config=("features.dtype",),
+          pixels=True, applies=lambda cfg, entry: entry.has_pixels,
+          artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}, uses_torch=True,
+          enabled=needs_student),
+    Stage("mil", mil_fold_stage, "fold", after=("features", "student_features"), config=CLAM_FIELDS,
+          keys=mil_keys, needs=mil_needs, key_inputs=mil_key_inputs, fingerprint_stages=mil_fingerprint_stages,
+          artifacts=lambda p, k, c: [fold_file(p, k)], resources={"GPU": 1}, uses_torch=True,
+          encoders=lambda cfg: ["features.teacher"] if "end2end" in cfg.mil.strategies and "fpt" in cfg.mil.finetune else []),
+    Stage("results", results_stage, "cohort", after=("mil",), config=("mil.strategies", "mil.finetune"),
+          artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"]),
+    Stage("heatmaps", heatmaps_stage, "slide", after=("results",), config=("heatmaps",), pixels=True,
+          artifacts=lambda p, k, c: [heatmap_dir(p, resolve_strategy(c), k) / "heatmap.json"],
+          enabled=lambda cfg: cfg.heatmaps.slides != "none" and bool(drawable(cfg)),
+          applies=lambda cfg, entry: entry.has_pixels and wants_heatmap(cfg, entry), uses_torch=True, resources={"GPU": 1},
+          encoders=lambda cfg: ["features.teacher"] if resolve_strategy(cfg) == "teacher" and cfg.heatmaps.overlap > 0 else []),
+]}
+
+
+def encoder_config(cfg: RunConfig, dotted: str):
+    """The EncoderConfig at a dotted field of the run config (``features.teacher``, ``distill.student``)."""
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def weights_inputs(cfg: RunConfig, dotted: str, hashes=None) -> list:
+    """The content (sha256, cached in ``hashes``) of the encoder's local weights file, so replacing the file
+    reruns what it made and touching it does not."""
+    from pipelines.state import file_fingerprint
+
+    weights = encoder_config(cfg, dotted).weights
+    return [file_fingerprint(Path(weights), "content", hashes)] if weights else []
+
+
+def check_encoders(cfg: RunConfig, stages: set[str], entries: list[SlideEntry] = ()) -> None:
+    """Before any task runs: every encoder the planned stages build has weights (or an explicit seed for
+    random ones), and every local weights file exists. Raises ValueError naming the field. On a
+    features-only cohort (``entries`` without slide files) the features are imported: no teacher is built."""
+    from features.encoders import NoWeightsError, WeightsError, no_weights_message
+
+    if entries and not any(e.has_pixels for e in entries):
+        stages = stages - {"features"}
+    fields = {f: None for name in STAGES if name in stages for f in STAGES[name].encoders(cfg)}
+    for dotted in fields:
+        spec = encoder_config(cfg, dotted)
+        if dotted == "features.teacher" and spec.random_weights and spec.seed is None:  # a student starts from distill.seed
+            raise NoWeightsError(no_weights_message(spec, dotted))
+        if spec.weights is not None and not Path(spec.weights).is_file():
+            raise WeightsError(f"{dotted}.weights: {spec.weights}: file not found")
+
+
+def check_pixels(cfg: RunConfig, entries: list[SlideEntry], stages: set[str]) -> None:
+    """Before any task runs: features-only slides (no slide file) cannot go through a stage that reads pixels.
+    Raises ValueError naming the stage and the slides. Heatmaps simply leave such slides out."""
+    without = [e.slide_id for e in entries if not e.has_pixels]
+    if not without:
+        return
+    named = f"{len(without)} features-only slide(s) without a slide_path ({', '.join(without[:5])}{' …' if len(without) > 5 else ''})"
+    for name in ("distill", "student_features"):
+        if name in stages:
+            raise ValueError(f"stage {name} needs the slide files (pixels), and slides.csv has {named}: the strategies "
+                             f"{[s for s in cfg.mil.strategies if s != 'teacher']} need the distilled student; on a "
+                             "features-only cohort set `mil.strategies: [teacher]`, or give those slides their slide_path")
+    if "mil" in stages and "end2end" in cfg.mil.strategies:
+        raise ValueError(f"strategy end2end re-reads tiles (pixels), and slides.csv has {named}: "
+                         "set `mil.strategies: [teacher]`, or give those slides their slide_path")
+
+
+def upstream(stage: str) -> list[str]:
+    """Every stage ``stage`` depends on, transitively, in run order."""
+    needed: set[str] = set()
+    todo = list(STAGES[stage].after)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(STAGES[name].after)
+    return [s for s in STAGES if s in needed]
+
+
+def downstream(stage: str) -> list[str]:
+    """``stage`` and every stage that depends on it, transitively, in run order."""
+    return [s for s in STAGES if s == stage or stage in upstream(s)]
