@@ -50,11 +50,14 @@ mil:
 """
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, console=None) -> None:
+    """Log through ``console`` (the one the live progress bar draws on), so log lines and warnings print above
+    the bar instead of through it."""
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+    logging.captureWarnings(True)  # Python warnings too
     import distributed  # noqa: F401  (configures its loggers on import; quieten them after)
 
     for noisy in ("distributed", "tornado", "bokeh"):  # Dask's own chatter only with -v
@@ -129,27 +132,28 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
     """Run (or resume) every stage for every slide of SLIDES_CSV into OUT. Exit code 0 only when all is done."""
-    _setup_logging(verbose)
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import Progress
 
+    console = Console(stderr=True, soft_wrap=True)
+    _setup_logging(verbose, console)
     from pipelines.config import ConfigError, load_config
+    from pipelines.live import LiveTasks
     from pipelines.manifest import ManifestError, read_manifest
     from pipelines.runner import ClusterError, run_cohort
     from pipelines.state import LockError
 
-    console = Console(stderr=True, soft_wrap=True)
     try:
         cfg = load_config(config)
         overrides = {k: v for k, v in {"scheduler": scheduler, "n_workers": workers, "retries": retries}.items() if v is not None}
         cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update=overrides)})
         entries = read_manifest(slides_csv)
-        with Progress(console=console, transient=True) as progress:
+        with Progress(console=console, transient=True) as progress, LiveTasks(progress, out) as live:
             bar = progress.add_task("tasks", total=None)
             report = run_cohort(
                 entries, out, cfg, until=until, only=only, force=force, break_lock=break_lock,
-                on_plan=lambda tasks: progress.update(bar, total=len(tasks)),
+                on_plan=lambda tasks: (progress.update(bar, total=len(tasks)), live.watch(tasks)),
                 on_start=lambda link: console.print(f"Dask dashboard: {link}", highlight=False),
                 on_settled=lambda task: progress.advance(bar))
     except (ConfigError, ManifestError, LockError, ClusterError, ValueError) as exc:
@@ -187,6 +191,7 @@ def status(
     from rich.markup import escape
     from rich.table import Table
 
+    from pipelines.live import progress_text
     from pipelines.status import is_complete, run_status
 
     try:
@@ -212,7 +217,16 @@ def status(
     console = Console() if sys.stdout.isatty() else Console(width=200)  # piped or logged: do not squeeze the table
     console.print(table)
     for stage, cell in report["cohort"].items():
-        console.print(f"cohort stage {stage}: [{colours[cell['status']]}]{cell['status']}[/] {escape(cell['error'])}")
+        if "tasks" in cell:  # a fold stage: one line, then its tasks that are not done
+            console.print(f"stage {stage}: [{colours[cell['status']]}]{cell['status']}[/] ({cell['done']}/{cell['total']} "
+                          f"tasks done)")
+            for key, task in cell["tasks"].items():
+                if task["status"] != "done":
+                    console.print(f"  {stage}/{key}: [{colours[task['status']]}]{task['status']}[/]"
+                                  f"{progress_text(task.get('progress'))} {escape(task['error'])}")
+            continue
+        console.print(f"cohort stage {stage}: [{colours[cell['status']]}]{cell['status']}[/]"
+                      f"{progress_text(cell.get('progress'))} {escape(cell['error'])}")
     if report["locked_by"]:
         holder = report["locked_by"]
         console.print(f"a run is in progress: pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}")

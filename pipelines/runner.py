@@ -315,7 +315,7 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
     notes: list[str] = []
     hashes = HashCache(paths.hash_cache)
     tasks = build_plan(entries, cfg, paths, until=until, only=only, force=force, hashes=hashes)
-    check_encoders(cfg, {task.stage for task in tasks.values()})  # no weights: stop before any work
+    check_encoders(cfg, {task.stage for task in tasks.values()}, entries)  # no weights: stop before any work
     check_pixels(cfg, entries, {task.stage for task in tasks.values()})  # features-only slides: no pixel stages
     with RunLock(paths.lock) as lock:
         notes += lock.acquire(break_lock=break_lock, command="wsi-pipeline run")
