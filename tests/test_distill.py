@@ -145,3 +145,10 @@ def test_killed_distillation_resumes_from_its_checkpoint_and_student_features_fo
     distill_state = json.loads((tmp_path / "out" / "state" / "distill" / "_cohort.json").read_text())
     assert distill_state["torch_threads"] == machine_cores()  # a cohort stage runs alone: every core
     assert {row["student_features"]["status"] for row in report["slides"].values()} == {"done"}
+
+    # --force distill retrains from scratch: the finished run's checkpoint has the same fingerprint, yet is not resumed
+    forced = subprocess.run([*cmd, "--force", "distill"], capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr
+    again = json.loads((tmp_path / "out" / "models" / "student" / "student.json").read_text())
+    assert again["metrics"]["resumed_from_epoch"] is None
+    assert [h["epoch"] for h in again["history"]] == list(range(again["metrics"]["epochs_run"] + 1))
