@@ -34,7 +34,7 @@ def load_student(model_dir: Path, *, device: str = "auto", precision: str = "fp3
     whose features live in the teacher's space (dimension = the teacher's)."""
     from safetensors.torch import load_file
 
-    from distill.trainer import DistillConfig
+    from distill.config import DistillConfig
 
     model_dir = Path(model_dir)
     card = json.loads((model_dir / "student.json").read_text())

@@ -16,50 +16,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from features.encoders import EncoderConfig
+from distill.config import DistillConfig
 from features.precision import autocast_dtype, resolve_precision
 from features.store import save_safetensors
 
 log = logging.getLogger(__name__)
-
-
-class DistillConfig(BaseModel):
-    """EFCM stage 1: the student, its projector, the FPD loss and the training schedule."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    student: EncoderConfig = Field(default_factory=lambda: EncoderConfig(model="vit_tiny"),
-                                   description="the small encoder to distil (any timm ViT or CNN; its token grid is projected)")
-    projector: Literal["transscan", "linear", "mlp"] = Field("transscan", description="projector from the student's token "
-                                                                                        "grid to the teacher dimension")
-    projector_width: int = Field(192, ge=16, description="TransScan / MLP hidden width")
-    whiten: bool = Field(True, description="regress the LayerNorm-whitened teacher feature (FD); false: the raw feature")
-    loss_beta: float = Field(2.0, gt=0, description="Smooth-L1 beta (Feature Distillation uses 2.0)")
-    cosine_weight: float = Field(0.5, ge=0, description="weight of the added (1 − cosine) term")
-    epochs: int = Field(20, ge=1, description="maximum epochs")
-    tiles_per_epoch: int = Field(2048, ge=1, description="training tiles sampled per epoch (with replacement across epochs)")
-    max_train_tiles: int = Field(50_000, ge=1, description="size of the training pool drawn once across slides")
-    max_val_tiles: int = Field(512, ge=1, description="held-out tiles used for validation")
-    val_fraction: float = Field(0.15, gt=0, lt=1, description="fraction of slides held out for validation (tiles, "
-                                                               "when there are fewer than 4 slides)")
-    batch_size: int = Field(32, ge=1, description="tiles per step")
-    lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
-    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
-    grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
-    patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation cosine")
-    augment: bool = Field(True, description="flips, 90° rotations and light brightness/contrast jitter on the student's input")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="training autocast precision; auto as for encoders: bf16 on GPUs that support it (else "
-                            "fp16 with loss scaling), bf16 on CPUs with native bf16, else fp32")
-    num_workers: int = Field(1, ge=0, description="DataLoader worker processes reading tiles")
-    seed: int = Field(0, description="seed for the split, sampling and initialisation")
-    exclude_test: bool = Field(True, description="never train on slides whose slides.csv split is `test`")
 
 
 @dataclass

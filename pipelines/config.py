@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distill.trainer import DistillConfig
+from distill.config import DistillConfig
 from features.extract import ExtractionConfig
 from mil.heatmaps import HeatmapConfig
 from mil.train import MILConfig

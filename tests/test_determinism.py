@@ -82,7 +82,7 @@ def test_random_weights_are_explicit_and_labelled():
 
 def test_distilled_student_initialisation_is_seeded_from_the_config():
     from distill.model import build_student
-    from distill.trainer import DistillConfig
+    from distill.config import DistillConfig
 
     cfg = DistillConfig.model_validate({"student": {"model": "vit_tiny", "input_size": 32,
                                                     "model_kwargs": {"img_size": 32, "depth": 1}}, "seed": 2})

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from distill.model import build_student, load_student
-from distill.trainer import DistillConfig, SlideTiles, train
+from distill.config import DistillConfig
+from distill.trainer import SlideTiles, train
 from distill.transscan import FPDLoss, SelectiveKernelScan, TransScan, create_projector
 from features.encoders import EncoderConfig, create_encoder
 from features.store import open_store

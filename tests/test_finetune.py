@@ -54,7 +54,7 @@ def test_registry_matches_the_config_names_and_rejects_bad_options():
 
 def test_layer_groups_run_from_stem_to_head_for_vits_and_students():
     from distill.model import build_student
-    from distill.trainer import DistillConfig
+    from distill.config import DistillConfig
 
     names = [name for name, _ in layer_groups(tiny_vit())]
     assert names == ["stem", "blocks.0", "blocks.1", "blocks.2", "norm", "head"]
@@ -235,7 +235,7 @@ def test_fpt_trains_only_side_prompts_and_fusion_and_needs_far_less_memory():
 
 def test_end2end_with_lora_and_fpt_trains_the_right_parts(tmp_path):
     from distill.model import build_student
-    from distill.trainer import DistillConfig
+    from distill.config import DistillConfig
     from mil.clam import CLAM
     from mil.end2end import embed_bag, save_encoder, train_end2end
     from mil.finetune.lora import read_adapter

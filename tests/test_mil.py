@@ -99,7 +99,7 @@ def test_end2end_updates_the_student_and_reads_only_k_tiles_per_step():
     import psutil
 
     from distill.model import build_student
-    from distill.trainer import DistillConfig
+    from distill.config import DistillConfig
     from mil.clam import CLAM
     from mil.end2end import embed_bag, train_end2end
 
