@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _grid(slide_path: Path):
+def tissue_grid(slide_path: Path):
     from wsi.slide import open_slide
     from wsi.tiling import TilingConfig, tile_grid
     from wsi.tissue import TissueConfig, mask_slide
@@ -48,7 +48,7 @@ def child(args) -> None:
 
     torch.set_num_threads(machine_cores())  # the same threads for the model alone and for extraction
     encoder = create_encoder(EncoderConfig(model=args.model, precision=args.precision, seed=0))
-    grid, mpp = _grid(args.slide)
+    grid, mpp = tissue_grid(args.slide)
     grid.coords = grid.coords[:args.max_tiles]
     cfg = ExtractionConfig(batch_size=args.batch_size, num_workers=args.loader_workers)
     result = {"model": args.model, "slide": args.slide.name, "tiles": len(grid.coords), "precision": encoder.precision,

@@ -13,9 +13,9 @@ import argparse
 import time
 from pathlib import Path
 
-from bench_features import _grid
+from bench_features import tissue_grid
 
-from wsi.backends import open_reader
+from wsi.backends import TiffSlideReader, open_reader
 from wsi.demo_cohort import write_demo_slide
 
 
@@ -39,14 +39,11 @@ def main() -> None:
     path = args.workdir / f"slide_{args.width}.svs"
     if not path.exists():
         write_demo_slide(path, height=args.width * 3 // 4, width=args.width, positive=True, seed=5, downsamples=(1, 4, 16, 64))
-    grid, _ = _grid(path)
+    grid, _ = tissue_grid(path)
     coords, size = grid.coords[:args.tiles], grid.plan.read_size
     openslide = open_reader(path, "openslide")
-    tiffslide = open_reader(path, "tiffslide")
-    direct = per_tile_ms(tiffslide, coords, size)
-    pages, tiffslide._tiled_pages = tiffslide._tiled_pages, [None] * tiffslide.level_count
-    zarr = per_tile_ms(tiffslide, coords, size)
-    tiffslide._tiled_pages = pages
+    direct = per_tile_ms(TiffSlideReader(path), coords, size)
+    zarr = per_tile_ms(TiffSlideReader(path, direct_tile_reads=False), coords, size)
     base = per_tile_ms(openslide, coords, size)
     print(f"{path.name}: {len(coords)} regions of {size}×{size} px at level 0, ms per region (best of 3)\n")
     print("| reader | ms / region | vs OpenSlide |")

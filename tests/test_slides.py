@@ -141,8 +141,11 @@ def test_tiffslide_direct_tile_reads_equal_its_zarr_reads(cohort, name):
     region, every level, inside, across and outside the edges, and from several threads at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    reader = open_reader(cohort / name, backend="tiffslide")
-    assert all(page is not None for page in reader._tiled_pages), "the demo's pages are all directly readable"
+    from wsi.backends import TiffSlideReader
+
+    reader, zarr_path = TiffSlideReader(cohort / name), TiffSlideReader(cohort / name, direct_tile_reads=False)
+    assert reader.direct_levels == list(range(reader.level_count)), "the demo's pages are all directly readable"
+    assert zarr_path.direct_levels == []
     rng = np.random.default_rng(7)
     requests = []
     for level in range(reader.level_count):
@@ -152,12 +155,9 @@ def test_tiffslide_direct_tile_reads_equal_its_zarr_reads(cohort, name):
             requests.append(((int(rng.integers(-400, w * ds)), int(rng.integers(-400, h * ds))), level, size))
     with ThreadPoolExecutor(4) as pool:
         direct = list(pool.map(lambda r: reader.read_region(*r), requests))
-    pages, reader._tiled_pages = reader._tiled_pages, [None] * reader.level_count  # tiffslide's own path
-    try:
-        for request, got in zip(requests, direct):
-            want = reader.read_region(*request)
-            assert got.shape == want.shape and got.dtype == np.uint8
-            np.testing.assert_array_equal(got, want, err_msg=str(request))
-    finally:
-        reader._tiled_pages = pages
-        reader.close()
+    for request, got in zip(requests, direct):
+        want = zarr_path.read_region(*request)
+        assert got.shape == want.shape and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, want, err_msg=str(request))
+    reader.close()
+    zarr_path.close()

@@ -79,7 +79,8 @@ class TiffSlideReader:
 
     backend = "tiffslide"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, direct_tile_reads: bool = True):
+        """``direct_tile_reads=False``: every read through tiffslide's Zarr layer (for comparisons)."""
         import tiffslide
 
         self._slide = tiffslide.TiffSlide(str(path))
@@ -92,7 +93,7 @@ class TiffSlideReader:
             if f"tiffslide.{key}" in self.properties:
                 self.properties.setdefault(f"openslide.{key}", self.properties[f"tiffslide.{key}"])
         self.properties.setdefault("wsi.vendor", self.properties.get("tiffslide.vendor", ""))
-        self._tiled_pages = _directly_readable_pages(self._slide)
+        self._tiled_pages = _directly_readable_pages(self._slide) if direct_tile_reads else [None] * self.level_count
         self._slide.ts_tifffile.filehandle.set_lock(True)  # tile reads seek and read: one thread at a time
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
@@ -101,7 +102,7 @@ class TiffSlideReader:
         ds = self.level_downsamples[level]
         x_l, y_l = int(x / ds), int(y / ds)  # tiffslide's own level-0 → level rounding
         page = self._tiled_pages[level]
-        if page is not None:
+        if page is not None:  # a plain tiled page: decode its tiles directly
             return read_tiled_page(page, x_l, y_l, w, h)
         region = np.asarray(self._slide.read_region((x, y), int(level), (w, h), as_array=True))
         region = rgba_to_rgb_on_white(region[..., :4] if region.shape[-1] == 4 else region[..., :3]).copy()
@@ -112,6 +113,11 @@ class TiffSlideReader:
             inside[max(0, -y_l) : max(0, lh - y_l), max(0, -x_l) : max(0, lw - x_l)] = True
             region[~inside] = 255
         return region
+
+    @property
+    def direct_levels(self) -> list[int]:
+        """The levels read tile by tile with tifffile (the others go through tiffslide's Zarr layer)."""
+        return [level for level, page in enumerate(self._tiled_pages) if page is not None]
 
     def associated_image_names(self) -> list[str]:
         return sorted(self._slide.associated_images.keys())
