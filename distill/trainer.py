@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from distill.config import DistillConfig
 from features.precision import autocast_dtype, resolve_precision
 from features.store import save_safetensors
+from wsi.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,13 @@ class SlideTiles:
 
 
 class DistillTiles:
-    """(tile uint8, teacher feature) pairs over several slides; one slide handle per process and slide."""
+    """(tile uint8, teacher feature) pairs over several slides, read through one :class:`wsi.slide.SlidePool`."""
 
     def __init__(self, slides: list[SlideTiles], index: np.ndarray):
+        from wsi.slide import SlidePool, SlideSource
+
         self.slides, self.index = slides, index  # index rows: (slide number, row)
-        self._handles: dict[int, object] = {}
-        self._pid = None
+        self.pool = SlidePool([SlideSource(s.slide_id, s.slide_path, s.mpp) for s in slides])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -52,23 +53,11 @@ class DistillTiles:
     def __getitem__(self, i: int):
         import torch
 
-        from wsi.slide import open_slide
-        from wsi.tiling import read_tile
-
-        if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
         s, row = (int(v) for v in self.index[i])
         part = self.slides[s]
-        if s not in self._handles:
-            self._handles[s] = open_slide(part.slide_path, slide_id=part.slide_id, mpp=part.mpp)
         x, y = part.coords[row]
-        tile = np.array(read_tile(self._handles[s], int(x), int(y), part.plan))
+        tile = np.array(self.pool.read_tile(part.slide_id, x, y, part.plan))
         return torch.from_numpy(tile), torch.from_numpy(part.targets[row].astype(np.float32))
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_handles"], state["_pid"] = {}, None
-        return state
 
 
 def split_pools(slides: list[SlideTiles], cfg: DistillConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -146,9 +135,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def atomic_torch_save(obj, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 
@@ -267,7 +254,5 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         "history": state["history"], "config": cfg.model_dump(mode="json"), "fingerprint": fingerprint,
     }
     save_safetensors(model.state_dict(), out_dir / "student.safetensors", metadata={"card": "student.json"})
-    tmp = out_dir / f".student.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(card, indent=2))
-    os.replace(tmp, out_dir / "student.json")
+    write_json(out_dir / "student.json", card)
     return card

@@ -9,13 +9,12 @@ the features tensor alone (loadable with ``torch.load(weights_only=True)``).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from features.store import FeatureStore, write_store
+from wsi.files import atomic_write
 
 
 def export_h5(store: FeatureStore, dest_dir: Path, slide_id: str, *, pt: bool = False) -> list[Path]:
@@ -25,11 +24,9 @@ def export_h5(store: FeatureStore, dest_dir: Path, slide_id: str, *, pt: bool = 
     attrs = store.attrs
     features, coords = store.load(np.float32)
     h5_path = Path(dest_dir) / "h5_files" / f"{slide_id}.h5"
-    h5_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{h5_path.name}.", suffix=".tmp", dir=h5_path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
+
+    def write(file) -> None:
+        with h5py.File(file, "w") as f:
             f.create_dataset("features", data=features)
             dset = f.create_dataset("coords", data=coords.astype(np.int64))
             read_level = int(attrs.get("read_level", 0))
@@ -46,19 +43,14 @@ def export_h5(store: FeatureStore, dest_dir: Path, slide_id: str, *, pt: bool = 
                 "encoder": str(attrs.get("encoder_label", "")),
             })
             f.attrs["encoder"] = str(attrs.get("encoder_label", ""))
-        os.replace(tmp, h5_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(h5_path, write)
     written = [h5_path]
     if pt:
         import torch
 
         pt_path = Path(dest_dir) / "pt_files" / f"{slide_id}.pt"
-        pt_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_pt = pt_path.with_name(f".{pt_path.name}.tmp")
-        torch.save(torch.from_numpy(features), tmp_pt)
-        os.replace(tmp_pt, pt_path)
+        atomic_write(pt_path, lambda f: torch.save(torch.from_numpy(features), f))
         written.append(pt_path)
     return written
 

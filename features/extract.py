@@ -8,7 +8,6 @@ however many tiles a slide has.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from features.encoders import Encoder, EncoderConfig
 from features.store import write_store
-from wsi.tiling import ReadPlan, read_tile
+from wsi.tiling import ReadPlan
 
 
 class ExtractionConfig(BaseModel):
@@ -38,35 +37,24 @@ class ExtractionConfig(BaseModel):
 
 
 class TileDataset:
-    """Tiles of one slide at a read plan; opens its slide once per process, lazily."""
+    """Tiles of one slide at a read plan, read through a :class:`wsi.slide.SlidePool` (opened lazily per process)."""
 
     def __init__(self, slide_path: Path, coords: np.ndarray, plan: ReadPlan, *, backend: str = "auto",
                  mpp: float | None = None, slide_id: str | None = None):
+        from wsi.slide import SlidePool, SlideSource
+
         self.slide_path, self.coords, self.plan = Path(slide_path), np.asarray(coords), plan
-        self.backend, self.mpp, self.slide_id = backend, mpp, slide_id
-        self._slide, self._pid = None, None
+        self.slide_id = slide_id or self.slide_path.stem
+        self.pool = SlidePool([SlideSource(self.slide_id, self.slide_path, mpp, backend)], max_open=1)
 
     def __len__(self) -> int:
         return len(self.coords)
-
-    def _open(self):
-        if self._slide is None or self._pid != os.getpid():
-            from wsi.slide import open_slide
-
-            self._slide = open_slide(self.slide_path, slide_id=self.slide_id, backend=self.backend, mpp=self.mpp)
-            self._pid = os.getpid()
-        return self._slide
 
     def __getitem__(self, index: int):
         import torch
 
         x, y = self.coords[index]
-        return torch.from_numpy(np.array(read_tile(self._open(), int(x), int(y), self.plan))), index  # writable copy
-
-    def __getstate__(self):  # DataLoader workers get a fresh copy without the parent's handle
-        state = dict(self.__dict__)
-        state["_slide"], state["_pid"] = None, None
-        return state
+        return torch.from_numpy(np.array(self.pool.read_tile(self.slide_id, x, y, self.plan))), index  # writable copy
 
 
 def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):

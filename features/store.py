@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi.files import write_bytes
+
 
 def store_path(root: Path, encoder: str, slide_id: str) -> Path:
     return Path(root) / "features" / encoder / f"{slide_id}.zarr"
@@ -81,13 +83,10 @@ def write_store(path: Path, *, dim: int, coords: np.ndarray, attrs: dict, dtype:
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     """Write tensors (e.g. a state dict) as safetensors under a temporary name, then rename into place."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    write_bytes(path, data)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -8,8 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
-
 from pipelines.artifacts import RunPaths, write_text
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry

@@ -19,6 +19,7 @@ from pipelines.artifacts import RunPaths, write_json
 from pipelines.config import RunConfig
 from pipelines.manifest import FoldPayload, SlideEntry
 from pipelines.task_context import progress_callback
+from wsi.slide import SlidePool, SlideSource
 
 
 def n_folds(cfg: RunConfig, entries: list[SlideEntry]) -> int:
@@ -140,37 +141,33 @@ def fpt_teacher(paths: RunPaths, cfg: RunConfig, reference_slide: str):
 
 
 class SlideTileReader:
-    """Tiles of a run's slides by row of their tile grid, with at most ``max_open`` slides open at once."""
+    """Tiles of a run's slides by row of their tile grid (and of their feature bags), through a SlidePool."""
 
     def __init__(self, paths: RunPaths, backend: str, max_open: int = 8):
-        self.paths, self.backend, self.max_open = paths, backend, max_open
-        self._open: OrderedDict[str, tuple] = OrderedDict()
+        self.paths, self.backend = paths, backend
+        self.pool = SlidePool([], max_open=max_open)
+        self._grids: OrderedDict[str, object] = OrderedDict()
 
-    def _source(self, slide_id: str):
+    def grid(self, slide_id: str):
         from pipelines.stages import load_tiles
-        from wsi.slide import open_slide
 
-        if slide_id in self._open:
-            self._open.move_to_end(slide_id)
-            return self._open[slide_id]
-        meta = json.loads(self.paths.tissue_meta(slide_id).read_text())
-        source = (open_slide(meta["slide_path"], slide_id=slide_id, backend=self.backend, mpp=meta["mpp"]),
-                  load_tiles(self.paths, slide_id))
-        self._open[slide_id] = source
-        if len(self._open) > self.max_open:
-            _, (slide, _) = self._open.popitem(last=False)
-            slide.close()
-        return source
+        if slide_id not in self.pool.sources:
+            meta = json.loads(self.paths.tissue_meta(slide_id).read_text())
+            self.pool.sources[slide_id] = SlideSource(slide_id, Path(meta["slide_path"]), meta["mpp"], self.backend)
+        if slide_id not in self._grids:
+            self._grids[slide_id] = load_tiles(self.paths, slide_id)
+            if len(self._grids) > 64:  # coordinates only, but bounded all the same
+                self._grids.popitem(last=False)
+        self._grids.move_to_end(slide_id)
+        return self._grids[slide_id]
 
     def tiles(self, slide_id: str, rows: np.ndarray) -> np.ndarray:
-        """uint8 (k, H, W, 3) tiles at those rows of the slide's grid (and of its feature bags)."""
-        from wsi.tiling import read_tile
-
-        slide, grid = self._source(slide_id)
-        return np.stack([read_tile(slide, *map(int, grid.coords[r]), grid.plan) for r in rows])
+        """uint8 (k, H, W, 3) tiles at those rows of the slide's grid."""
+        grid = self.grid(slide_id)
+        return np.stack([self.pool.read_tile(slide_id, *grid.coords[r], grid.plan) for r in rows])
 
     def n_rows(self, slide_id: str) -> int:
-        return len(self._source(slide_id)[1].coords)
+        return len(self.grid(slide_id).coords)
 
 
 def end2end_inputs(paths: RunPaths, cfg: RunConfig, with_teacher: bool, reference_slide: str):

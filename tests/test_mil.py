@@ -128,3 +128,32 @@ def test_end2end_updates_the_student_and_reads_only_k_tiles_per_step():
     assert all(torch.equal(v, before_student[k]) for k, v in student.state_dict().items())  # the input model is untouched
     assert not all(torch.equal(v, before_clam[k]) for k, v in tuned_clam.state_dict().items())
     assert embed_bag(tuned, {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}, tiles, "s1", 50, batch=16).shape == (50, 32)
+
+
+def test_end2end_keeps_the_epoch_with_the_lowest_validation_loss_on_re_embedded_bags():
+    """As CLAM does: the fold's validation slides choose the epoch, their bags re-embedded whole by that epoch's
+    encoder — the way End2end's test bags are made — not the stored ones."""
+    from distill.config import DistillConfig
+    from distill.model import build_student
+    from mil.clam import CLAM
+    from mil.end2end import embed_bag, train_end2end
+    from mil.train import val_loss
+
+    torch.manual_seed(0)
+    student, _ = build_student(DistillConfig(student={"model": "resnet18", "input_size": 32}, projector="linear"), 16)
+    clam = CLAM(16, 2)
+    rng = np.random.default_rng(1)
+    images = {f"s{i}": rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8) for i in range(6)}
+    stored = {k: rng.normal(0, 1, (12, 16)).astype(np.float32) for k in images}
+    labels = {f"s{i}": i % 2 for i in range(6)}
+    spec = {"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    tiles = lambda slide_id, rows: images[slide_id][rows]  # noqa: E731
+    cfg = MILConfig(lr=5e-3)
+    tuned, tuned_clam, history = train_end2end(cfg, student, spec, clam, stored.__getitem__, tiles, ["s0", "s1", "s2", "s3"],
+                                               labels, k_tiles=4, epochs=4, student_lr=1e-3, val_ids=["s4", "s5"],
+                                               n_rows=lambda s: 12)
+    losses = [h["val_loss"] for h in history]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert int(np.argmin(losses)) != len(losses) - 1, f"make the last epoch not the best, so the test means something: {losses}"
+    fresh = {s: embed_bag(tuned, spec, tiles, s, 12) for s in ("s4", "s5")}
+    assert val_loss(tuned_clam, fresh.__getitem__, ["s4", "s5"], labels) == pytest.approx(min(losses), abs=1e-4)

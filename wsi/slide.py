@@ -15,6 +15,7 @@ sub-pixel position while tiffslide floors the location to the level's pixel grid
 from __future__ import annotations
 
 import logging
+import os
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,3 +211,53 @@ def open_slide(path: str | Path, *, slide_id: str | None = None, backend: str = 
     except ValueError:
         objective = None
     return Slide(slide_id, path, reader, resolved, source, objective, notes)
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """Where a slide is and how to open it (picklable: it is what crosses to loader processes, not a handle)."""
+
+    slide_id: str
+    path: Path
+    mpp: float | None = None
+    backend: str = "auto"
+
+
+class SlidePool:
+    """The one way tiles are read for models (extraction, distillation, End2end, heatmaps): slides opened
+    lazily by id, in whichever process reads — OpenSlide handles never cross processes, so a pickled pool
+    arrives empty — with at most ``max_open`` open at once (least recently used closed first)."""
+
+    def __init__(self, sources: list[SlideSource], max_open: int = 8):
+        self.sources = {s.slide_id: s for s in sources}
+        self.max_open = max_open
+        self._open: dict[str, Slide] = {}
+        self._pid: int | None = None
+
+    def slide(self, slide_id: str) -> Slide:
+        if self._pid != os.getpid():  # a forked or unpickled copy: the parent's handles are not ours
+            self._open, self._pid = {}, os.getpid()
+        slide = self._open.pop(slide_id, None)
+        if slide is None:
+            source = self.sources[slide_id]
+            slide = open_slide(source.path, slide_id=source.slide_id, backend=source.backend, mpp=source.mpp)
+            while len(self._open) >= self.max_open:
+                self._open.pop(next(iter(self._open))).close()
+        self._open[slide_id] = slide  # most recently used last
+        return slide
+
+    def read_tile(self, slide_id: str, x: int, y: int, plan) -> np.ndarray:
+        """One tile (plan.patch_size² RGB uint8) of a slide, as ``wsi.tiling.read_tile`` reads it."""
+        from wsi.tiling import read_tile
+
+        return read_tile(self.slide(slide_id), int(x), int(y), plan)
+
+    def close(self) -> None:
+        for slide in self._open.values():
+            slide.close()
+        self._open = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_open"], state["_pid"] = {}, None
+        return state

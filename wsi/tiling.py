@@ -17,7 +17,6 @@ resamples at ``x0 / ds = x_level + ε`` (ε < 1/ds px): the two then differ by t
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
