@@ -40,6 +40,7 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
                   train_ids: list[str], labels: dict[str, int], *, k_tiles: int, epochs: int, student_lr: float,
                   finetune: str = "full", finetune_options: dict | None = None, seed: int = 0,
                   val_ids: list[str] = (), n_rows: Callable[[str], int] | None = None,
+                  refresh_dir: Path | None = None, cache_bytes: int = 0,
                   on_step: Callable[..., None] | None = None) -> tuple[object, object, list[dict]]:
     """Fine-tune copies of ``student`` and ``clam`` together; returns (encoder, clam, history).
 
@@ -50,6 +51,11 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
     epoch: loss, validation loss, seconds, accounted peak training memory (MB), the encoder's
     trainable and total (before adaptation) parameter counts. ``on_step(done=, total=, unit="step")``
     after every step.
+
+    ``refresh_dir``: before every epoch after the first, the training bags are re-embedded whole by the
+    current encoder into ``refresh_dir/<slide>.npy`` (read back lazily, ``cache_bytes`` kept in memory),
+    so CLAM trains on the features it is validated and tested on, not on the starting encoder's; without
+    it the stored bags are used throughout and only the ``k_tiles`` rows are fresh.
     """
     import torch
 
@@ -80,6 +86,8 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
     for epoch in range(1, epochs + 1):
         strategy.on_epoch_start(student, optimizer, epoch)
         start, losses = time.perf_counter(), []
+        if refresh_dir is not None and epoch > 1:
+            bag = _refresh_bags(student, student_input, tiles, sorted(set(train_ids)), n_rows, Path(refresh_dir), cache_bytes)
         for i in rng.choice(len(train_ids), len(train_ids), replace=True, p=weights):
             slide_id = train_ids[i]
             label = labels[slide_id]
@@ -110,6 +118,21 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
     student.eval()
     clam.eval()
     return student, clam, history
+
+
+def _refresh_bags(student, student_input: dict, tiles: TileFn, slide_ids: list[str], n_rows: Callable[[str], int],
+                  folder: Path, cache_bytes: int) -> BagFn:
+    """Re-embed the training bags with the current encoder into ``folder`` (float16 .npy); a lazy reader over them."""
+    from mil.bags import BagCache
+    from wsi.files import write_npy
+
+    if n_rows is None:
+        raise ValueError("refreshing End2end's training bags needs n_rows (the slides' tile counts)")
+    student.eval()
+    for slide_id in slide_ids:
+        write_npy(folder / f"{slide_id}.npy", embed_bag(student, student_input, tiles, slide_id, n_rows(slide_id)).astype(np.float16))
+    student.train()
+    return BagCache(lambda slide_id: np.load(folder / f"{slide_id}.npy"), cache_bytes)
 
 
 def _val_loss(student, student_input: dict, clam, tiles: TileFn, val_ids: list[str], labels: dict[str, int],

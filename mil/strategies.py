@@ -9,6 +9,7 @@ fine-tuning strategy in ``mil.finetune``. Every strategy sees the same folds.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,12 +205,17 @@ def _end2end_fold(cfg: MILConfig, inputs: End2endInputs, job: FoldJob, start_cla
     if finetune == "fpt" and inputs.teacher is None:
         raise ValueError("fine-tuning 'fpt' needs the teacher encoder in End2endInputs")
     encoder, spec = (inputs.teacher, inputs.teacher_input) if finetune == "fpt" else (inputs.student, inputs.student_input)
+    out = clam_file(model_dir, job)
+    scratch = out.with_name(f"fold_{split.fold}_bags")  # the re-embedded training bags, removed when done
+    shutil.rmtree(scratch, ignore_errors=True)
     tuned, clam, history = train_end2end(cfg, encoder, spec, start_clam, stored_bag, inputs.tiles, split.train, labels,
                                          k_tiles=cfg.end2end_k_tiles, epochs=cfg.end2end_epochs,
                                          student_lr=cfg.end2end_student_lr, finetune=finetune,
                                          finetune_options=cfg.finetune_options.get(finetune), seed=seed,
-                                         val_ids=split.val, n_rows=inputs.n_rows, on_step=progress)
-    out = clam_file(model_dir, job)
+                                         val_ids=split.val, n_rows=inputs.n_rows,
+                                         refresh_dir=scratch if cfg.end2end_refresh else None,
+                                         cache_bytes=cfg.bag_cache_mb * 2**20, on_step=progress)
+    shutil.rmtree(scratch, ignore_errors=True)
     save_safetensors(clam.state_dict(), out)
     stem = out.with_name(f"fold_{split.fold}")
     save_encoder(tuned, finetune, stem.with_name(stem.name + ("_fpt" if finetune == "fpt" else "_student")))

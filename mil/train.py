@@ -47,6 +47,9 @@ class MILConfig(BaseModel):
     end2end_k_tiles: int = Field(16, ge=1, description="End2end: tiles per bag re-read and passed through the student with gradients")
     end2end_epochs: int = Field(5, ge=1, description="End2end: epochs of joint training, from the Retrain CLAM")
     end2end_student_lr: float = Field(1e-5, gt=0, description="End2end: student learning rate (CLAM keeps `lr`)")
+    end2end_refresh: bool = Field(True, description="End2end: re-embed the training bags with the current encoder before "
+                                                    "every epoch after the first, so CLAM trains on the features it is "
+                                                    "tested on (false: the stored bags, only the k tiles fresh; faster)")
     finetune: list[FineTuneName] = Field(
         default_factory=lambda: ["full"],
         description="End2end: how the encoder is fine-tuned, one End2end row per entry (`full` is the row `end2end`, the "

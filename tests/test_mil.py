@@ -130,7 +130,7 @@ def test_end2end_updates_the_student_and_reads_only_k_tiles_per_step():
     assert embed_bag(tuned, {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}, tiles, "s1", 50, batch=16).shape == (50, 32)
 
 
-def test_end2end_keeps_the_epoch_with_the_lowest_validation_loss_on_re_embedded_bags():
+def test_end2end_keeps_the_epoch_with_the_lowest_validation_loss_on_re_embedded_bags(tmp_path):
     """As CLAM does: the fold's validation slides choose the epoch, their bags re-embedded whole by that epoch's
     encoder — the way End2end's test bags are made — not the stored ones."""
     from distill.config import DistillConfig
@@ -151,9 +151,14 @@ def test_end2end_keeps_the_epoch_with_the_lowest_validation_loss_on_re_embedded_
     cfg = MILConfig(lr=5e-3)
     tuned, tuned_clam, history = train_end2end(cfg, student, spec, clam, stored.__getitem__, tiles, ["s0", "s1", "s2", "s3"],
                                                labels, k_tiles=4, epochs=4, student_lr=1e-3, val_ids=["s4", "s5"],
-                                               n_rows=lambda s: 12)
+                                               n_rows=lambda s: 12, refresh_dir=tmp_path / "bags")
     losses = [h["val_loss"] for h in history]
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert int(np.argmin(losses)) != len(losses) - 1, f"make the last epoch not the best, so the test means something: {losses}"
     fresh = {s: embed_bag(tuned, spec, tiles, s, 12) for s in ("s4", "s5")}
     assert val_loss(tuned_clam, fresh.__getitem__, ["s4", "s5"], labels) == pytest.approx(min(losses), abs=1e-4)
+    # the training bags were re-embedded by the encoder of the epoch before the last: not the stored ones any more
+    refreshed = np.load(tmp_path / "bags" / "s0.npy")
+    assert refreshed.shape == (12, 16) and refreshed.dtype == np.float16
+    initial = embed_bag(student.eval(), spec, tiles, "s0", 12)  # the starting encoder (train_end2end tunes a copy)
+    assert not np.allclose(refreshed, stored["s0"], atol=0.1) and not np.allclose(refreshed, initial, atol=1e-3)
