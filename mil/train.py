@@ -8,6 +8,7 @@ Adam (lr 2e-4, weight decay 1e-5), class-balanced sampling of training bags, los
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -177,13 +178,14 @@ def train_clam(cfg: MILConfig, bag: BagFn, train_ids: list[str], val_ids: list[s
     model.train()
     for epoch in range(1, cfg.max_epochs + 1):
         order = rng.choice(len(train_ids), len(train_ids), replace=True, p=weights)  # class-balanced, like CLAM
-        losses = []
+        losses, start = [], time.perf_counter()
         for i in order:
             slide_id = train_ids[i]
             out = model(bag_tensor(bag, slide_id, device), label=labels[slide_id])
             losses.append(clam_step(cfg, out, labels[slide_id], optimizer))
         val = val_loss(model, bag, val_ids, labels)
-        history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_loss": round(val, 5)})
+        history.append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_loss": round(val, 5),
+                        "seconds": round(time.perf_counter() - start, 3)})
         if on_epoch is not None:
             on_epoch(done=epoch, total=cfg.max_epochs, unit="epoch", val_loss=round(val, 4))
         score = val if not math.isnan(val) else history[-1]["train_loss"]
