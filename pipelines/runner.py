@@ -331,6 +331,9 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
         dashboard = execute(tasks, entries, cfg, paths, on_settled, on_start, hashes)
         hashes.save()  # hashes made while running (fingerprints after cohort stages)
     notes += empty_slide_notes(paths, tasks)
+    features_only = [e.slide_id for e in entries if not e.has_pixels]
+    if features_only and any(t.stage == "mil" for t in tasks.values()) and cfg.heatmaps.slides != "none":
+        notes.append(f"{len(features_only)} features-only slide(s) have no slide file to draw heatmaps on")
     if only:
         notes.append("cohort stages were not run: --only selects a subset of slides")
     for task in tasks.values():

@@ -57,6 +57,7 @@ def run_status(out: Path) -> dict:
             report["slides"][task.key][task.stage] = cell
     for stage, cells in folds.items():  # one line per fold stage, its tasks inside
         report["cohort"][stage] = {**summarise_cells(cells), "tasks": cells}
+    report["cohort"] = {s: report["cohort"][s] for s in report["stages"] if s in report["cohort"]}  # run order
     return report
 
 
