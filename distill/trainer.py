@@ -36,6 +36,7 @@ class SlideTiles:
     plan: object  # wsi.tiling.ReadPlan
     coords: np.ndarray  # (n, 2)
     targets: np.ndarray  # (n, D) teacher features, float16
+    backend: str = "auto"  # the slide reader the teacher's features were extracted with (slides.backend)
 
 
 class DistillTiles:
@@ -45,7 +46,7 @@ class DistillTiles:
         from wsi.slide import SlidePool, SlideSource
 
         self.slides, self.index = slides, index  # index rows: (slide number, row)
-        self.pool = SlidePool([SlideSource(s.slide_id, s.slide_path, s.mpp) for s in slides])
+        self.pool = SlidePool([SlideSource(s.slide_id, s.slide_path, s.mpp, s.backend) for s in slides])
 
     def __len__(self) -> int:
         return len(self.index)

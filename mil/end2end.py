@@ -141,8 +141,8 @@ def _val_loss(student, student_input: dict, clam, tiles: TileFn, val_ids: list[s
     from mil.train import val_loss
 
     student.eval()
-    fresh = {s: embed_bag(student, student_input, tiles, s, n_rows(s)) for s in val_ids}
-    loss = val_loss(clam, fresh.__getitem__, list(val_ids), labels)
+    fresh = lambda slide_id: embed_bag(student, student_input, tiles, slide_id, n_rows(slide_id))  # noqa: E731 (one at a time)
+    loss = val_loss(clam, fresh, list(val_ids), labels)
     student.train()
     return loss
 

@@ -113,16 +113,29 @@ def row_features(row: str) -> str:
 
 
 def fold_jobs(cfg: MILConfig, n_folds: int) -> list[FoldJob]:
-    """Every job of stage 2, fold by fold: the rows asked for and the CLAMs they start from."""
+    """Every job of stage 2, fold by fold: the CLAMs other rows start from first (whether or not their own
+    rows are asked for), then the other rows in the config's order."""
     rows = strategy_rows(cfg)
     jobs = []
     for fold in range(n_folds):
         wanted = [FoldJob(row, fold) if row in ROW_KINDS else FoldJob("end2end", fold, row.partition(":")[2] or "full")
                   for row in rows]
-        needed = {dep for job in wanted for dep in job.needs}
-        jobs += [j for j in (FoldJob("teacher", fold), FoldJob("retrain", fold)) if j in needed and j not in wanted]
-        jobs += wanted
+        needed = {dep for job in wanted for dep in job.needs} | {j for j in wanted if j.kind in ("teacher", "retrain")}
+        bases = [j for j in (FoldJob("teacher", fold), FoldJob("retrain", fold)) if j in needed]
+        jobs += bases + [j for j in wanted if j not in bases]
     return jobs
+
+
+def job_files(model_dir: Path, job: FoldJob) -> list[Path]:
+    """The model files a job leaves for later jobs, heatmaps and bundles: its CLAM, End2end's encoder too."""
+    if job.kind == "reuse":
+        return []
+    files = [clam_file(model_dir, job)]
+    if job.kind == "end2end":
+        stem = files[0].with_name(f"fold_{job.fold}")
+        suffix = {"lora": "_student.adapter.safetensors", "fpt": "_fpt.safetensors"}.get(job.finetune, "_student.safetensors")
+        files.append(stem.with_name(stem.name + suffix))
+    return files
 
 
 def clam_file(model_dir: Path, job: FoldJob) -> Path:
@@ -219,13 +232,15 @@ def _end2end_fold(cfg: MILConfig, inputs: End2endInputs, job: FoldJob, start_cla
     save_safetensors(clam.state_dict(), out)
     stem = out.with_name(f"fold_{split.fold}")
     save_encoder(tuned, finetune, stem.with_name(stem.name + ("_fpt" if finetune == "fpt" else "_student")))
-    fresh = {s: embed_bag(tuned, spec, inputs.tiles, s, inputs.n_rows(s)) for s in split.test}
+    def fresh(slide_id: str) -> np.ndarray:  # test bags re-embedded one at a time, as predict asks for them
+        return embed_bag(tuned, spec, inputs.tiles, slide_id, inputs.n_rows(slide_id))
+
     last = history[-1]
     cost = {"encoder_trainable_params": last["trainable_params"],
             "encoder_trainable_pct": round(100 * last["trainable_params"] / last["encoder_params"], 3),
             "train_peak_mb": max(h["peak_mb"] for h in history),
             "s_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2)}
-    return clam, fresh.__getitem__, cost, history
+    return clam, fresh, cost, history
 
 
 def summarise(fold_metrics: list[dict], strategies: list[str]) -> list[dict]:

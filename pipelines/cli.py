@@ -284,6 +284,10 @@ def heatmaps(
         chosen = [e for e in entries if e.slide_id in set(slides)]
     else:
         chosen = [e for e in entries if cfg.heatmaps.slides == "none" or wants_heatmap(cfg, e)]
+    without = [e.slide_id for e in chosen if not e.has_pixels]
+    if without:
+        typer.echo(f"note: {len(without)} features-only slide(s) have no slide file to draw on: {', '.join(without[:5])}", err=True)
+        chosen = [e for e in chosen if e.has_pixels]
     failed = 0
     for entry in chosen:
         try:

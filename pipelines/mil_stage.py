@@ -88,6 +88,13 @@ def fold_file(paths: RunPaths, key: str) -> Path:
     return paths.root / "results" / "folds" / f"{key}.json"
 
 
+def fold_artifacts(paths: RunPaths, key: str) -> list[Path]:
+    """What a fold task must leave for it to be up to date: its models, then its fold file (written last)."""
+    from mil.strategies import FoldJob, job_files
+
+    return [*job_files(paths.root / "models" / "mil", FoldJob.from_key(key)), fold_file(paths, key)]
+
+
 def bag_reader(paths: RunPaths, label: str):
     """slide id → that slide's stored features (float16), read from its Zarr store."""
     from features.store import open_store

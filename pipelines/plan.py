@@ -7,6 +7,7 @@ agree by construction.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts import RunPaths
@@ -99,26 +100,32 @@ def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry
 
 
 def slide_fingerprint(cfg: RunConfig, task: Task, entry: SlideEntry, dep_fps: list[str],
-                      hashes: HashCache | None = None) -> str:
-    """Over the stage's config fields, the slide file (stages that read it), upstream fingerprints and extras."""
+                      hashes: HashCache | None = None, root: Path | None = None) -> str:
+    """Over the stage's config fields, the slide file (stages that read it), upstream fingerprints and extras.
+
+    A features-only slide's ``features`` task stands for its imported store: its fingerprint is the store's
+    identity (re-importing reruns what used it), not the teacher's config, which built nothing."""
     stage = STAGES[task.stage]
+    if not entry.has_pixels and task.stage == "features" and root is not None:
+        from features.store import store_path
+
+        store = store_path(root, cfg.features.teacher.label, entry.slide_id)
+        return fingerprint(stage.name, {}, [{"imported": file_fingerprint(store / "zarr.json", "stat", hashes)}])
     inputs: list[Any] = []
     if stage.reads_slide:
         inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint, hashes), "mpp": entry.mpp})
-    if not entry.has_pixels:  # features-only: its imported store stands in for the slide (re-imported: --force features)
-        inputs.append({"features_only": True})
     inputs.extend(dep_fps)
     inputs.extend(stage.extra_inputs(cfg, hashes))
     return fingerprint(stage.name, config_values(cfg, stage.config), inputs)
 
 
 def resolve_fingerprint(cfg: RunConfig, task: Task, tasks: dict[str, Task], entries: dict[str, SlideEntry],
-                        hashes: HashCache | None = None) -> str | None:
+                        hashes: HashCache | None = None, root: Path | None = None) -> str | None:
     """A slide task's fingerprint once every dependency has one (cohort dependencies get theirs at run time)."""
     dep_fps = [tasks[d].fingerprint for d in task.deps]
     if task.cohort or any(fp is None for fp in dep_fps):
         return None
-    return slide_fingerprint(cfg, task, entries[task.key], dep_fps, hashes)
+    return slide_fingerprint(cfg, task, entries[task.key], dep_fps, hashes, root)
 
 
 def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, until: str | None = None,
@@ -170,6 +177,6 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
                     for dep in stage.after if dep in selected]
             deps = [d for d in deps if d in tasks or d.endswith(f"/{COHORT}")]  # a features-only slide has no tiles task
             task = Task(name, entry.slide_id, deps, None, name in forced)
-            task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id, hashes)
+            task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id, hashes, paths.root)
             tasks[task.id] = task
     return tasks

@@ -17,7 +17,7 @@ from pipelines.config import RunConfig
 from pipelines.evaluation import results_stage
 from pipelines.heatmaps import drawable, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
 from pipelines.manifest import SlideEntry
-from pipelines.mil_stage import fold_file, mil_fingerprint_stages, mil_fold_stage, mil_key_inputs, mil_keys, mil_needs
+from pipelines.mil_stage import fold_artifacts, mil_fingerprint_stages, mil_fold_stage, mil_key_inputs, mil_keys, mil_needs
 from pipelines.stages import (
     distill_stage,
     features_stage,
@@ -91,7 +91,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           enabled=needs_student),
     Stage("mil", mil_fold_stage, "fold", after=("features", "student_features"), config=CLAM_FIELDS,
           keys=mil_keys, needs=mil_needs, key_inputs=mil_key_inputs, fingerprint_stages=mil_fingerprint_stages,
-          artifacts=lambda p, k, c: [fold_file(p, k)], resources={"GPU": 1}, uses_torch=True,
+          artifacts=lambda p, k, c: fold_artifacts(p, k), resources={"GPU": 1}, uses_torch=True,
           encoders=lambda cfg: ["features.teacher"] if "end2end" in cfg.mil.strategies and "fpt" in cfg.mil.finetune else []),
     Stage("results", results_stage, "cohort", after=("mil",), config=("mil.strategies", "mil.finetune"),
           artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"]),

@@ -187,7 +187,8 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
         rows = np.sort(rng.choice(len(store), min(per_slide, len(store)), replace=False))
         meta = json.loads(paths.tissue_meta(entry.slide_id).read_text())
         slides.append(SlideTiles(entry.slide_id, Path(meta["slide_path"]), meta["mpp"], load_tiles(paths, entry.slide_id).plan,
-                                 store.coords[rows], np.asarray(store.features.oindex[rows, :], dtype=np.float16)))
+                                 store.coords[rows], np.asarray(store.features.oindex[rows, :], dtype=np.float16),
+                                 cfg.slides.backend))
         dim = store.attrs["dim"]
     if not slides:
         raise ValueError("no teacher features to distil from (every slide has zero tiles)")

@@ -36,7 +36,9 @@ def run_status(out: Path) -> dict:
     for task in tasks.values():  # in stage order, so fingerprints after cohort tasks can be resolved
         state = read_state(paths, task.stage, task.key)
         if task.cohort and state and state.get("status") == "done":
-            settle_cohort(cfg, task, tasks, by_id, lambda t: is_up_to_date(paths, t, cfg), hashes)
+            # the slides it ran on: those whose upstream tasks finished (stale or not, as a run would redo and
+            # include them); whether it is up to date is its fingerprint's business, from the current ones
+            settle_cohort(cfg, task, tasks, by_id, lambda t: finished(paths, t), hashes)
         elif task.fingerprint is None and not task.cohort:
             task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id, hashes)
         status = (state or {}).get("status", "pending")
@@ -59,6 +61,11 @@ def run_status(out: Path) -> dict:
         report["cohort"][stage] = {**summarise_cells(cells), "tasks": cells}
     report["cohort"] = {s: report["cohort"][s] for s in report["stages"] if s in report["cohort"]}  # run order
     return report
+
+
+def finished(paths: RunPaths, task) -> bool:
+    """Whether a task's last run ended done (up to date or not); cohort and fold tasks also need their slides."""
+    return (read_state(paths, task.stage, task.key) or {}).get("status") == "done"
 
 
 def summarise_cells(cells: dict[str, dict]) -> dict:

@@ -77,6 +77,46 @@ def test_features_only_cohort_trains_and_reports_without_slide_files(reference, 
     assert "slide_0000" in refused.stderr
 
 
+def test_reimporting_features_changes_their_fingerprint_not_the_teacher_config(reference, tmp_path):
+    import shutil
+
+    from pipelines.artifacts import RunPaths
+    from pipelines.config import RunConfig, load_config
+    from pipelines.manifest import read_manifest
+    from pipelines.plan import build_plan
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    entries, cfg = read_manifest(out / "manifest.csv"), load_config(out / "run.yaml")
+    fps = lambda c: {t.key: t.fingerprint for t in build_plan(entries, c, RunPaths(out)).values() if t.stage == "features"}  # noqa: E731
+    before = fps(cfg)
+    other = RunConfig.model_validate({**cfg.model_dump(mode="json"), "features": {"teacher": {"model": "uni", "precision": "fp32"}}})
+    assert fps(other) == before  # the teacher's settings built nothing here
+    time.sleep(0.01)
+    assert wsi("import-features", reference.parent / "cohort", "--out", out, "--encoder", "uni").returncode == 0
+    after = fps(cfg)
+    assert all(after[k] != before[k] for k in before)  # re-imported: what used them reruns
+
+
+def test_fold_tasks_come_after_the_tasks_they_need_whatever_the_row_order(tmp_path):
+    from pipelines.artifacts import RunPaths
+    from pipelines.config import RunConfig
+    from pipelines.manifest import SlideEntry
+    from pipelines.plan import build_plan
+
+    entries = [SlideEntry(f"s{i}", tmp_path / f"s{i}.svs", i + 2, "tumor" if i % 2 else "normal") for i in range(8)]
+    cfg = RunConfig.model_validate({"mil": {"strategies": ["reuse", "end2end", "retrain", "teacher"],
+                                            "finetune": ["lora", "fpt"], "folds": 2}})
+    plan = build_plan(entries, cfg, RunPaths(tmp_path / "out"))
+    order = list(plan)
+    assert all(order.index(d) < order.index(tid) for tid, t in plan.items() for d in t.deps)
+    keys = [t.key for t in plan.values() if t.stage == "mil"]
+    assert keys[:5] == ["teacher.fold0", "retrain.fold0", "reuse.fold0", "end2end-lora.fold0", "end2end-fpt.fold0"]
+    assert plan["mil/reuse.fold1"].deps[-1] == "mil/teacher.fold1" and plan["mil/end2end-lora.fold1"].deps[-1] == "mil/retrain.fold1"
+    assert plan["mil/end2end-fpt.fold0"].deps[-1] == "mil/teacher.fold0"
+    assert set(plan["results/_cohort"].deps) == {tid for tid in plan if tid.startswith("mil/")}
+
+
 def test_sigkill_between_fold_tasks_resumes_them_and_matches_an_uninterrupted_run(reference, tmp_path):
     csv_path, config, out = imported_run(tmp_path)
     proc = subprocess.Popen([*CLI, "run", str(csv_path), "--config", str(config), "--out", str(out)],

@@ -138,7 +138,8 @@ def _directly_readable_pages(slide) -> list:
     for level in series.levels[:slide.level_count]:
         page = level.keyframe
         simple = (len(level.pages) == 1 and page.is_tiled and page.planarconfig == 1 and page.samplesperpixel == 3
-                  and page.dtype == np.uint8 and page.imagedepth == 1 and page.tiledepth == 1)
+                  and page.dtype == np.uint8 and page.imagedepth == 1 and page.tiledepth == 1
+                  and getattr(page, "jpegheader", None) is None and not page.parent.is_ndpi)  # NDPI: headerless strips
         pages.append(page if simple else None)
     return pages
 
