@@ -23,8 +23,8 @@ mil:
   strategies: [teacher]
   folds: 6
   val_fraction: 0.17
-  max_epochs: 40
-  min_epochs: 40
+  max_epochs: 15
+  min_epochs: 15
 runner:
   n_workers: 2
 """
