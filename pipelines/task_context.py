@@ -15,13 +15,6 @@ TASK_FORCED: ContextVar[bool] = ContextVar("TASK_FORCED", default=False)
 TASK_PROGRESS: ContextVar[Callable[..., None] | None] = ContextVar("TASK_PROGRESS", default=None)
 
 
-def report_progress(**fields) -> None:
-    """Report how far the running task is (``done``, ``total``, ``unit`` and any small extras)."""
-    reporter = TASK_PROGRESS.get()
-    if reporter is not None:
-        reporter(**fields)
-
-
 def progress_callback() -> Callable[..., None] | None:
     """The running task's progress reporter, to hand to a training loop (None outside the runner)."""
     return TASK_PROGRESS.get()
