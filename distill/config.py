@@ -20,6 +20,11 @@ class DistillConfig(BaseModel):
                                                                                         "grid to the teacher dimension")
     projector_width: int = Field(192, ge=16, description="TransScan / MLP hidden width")
     whiten: bool = Field(True, description="regress the LayerNorm-whitened teacher feature (FD); false: the raw feature")
+    dewhiten_head: bool = Field(True, description="with whiten: the student also predicts each tile's own mean and "
+                                                  "log std of the teacher feature, to undo the whitening per tile "
+                                                  "(false: the training pool's averages stand in for every tile)")
+    stats_weight: float = Field(1.0, ge=0, description="weight of the de-whitening head's loss (MSE of the "
+                                                       "standardised per-tile mean and log std)")
     loss_beta: float = Field(2.0, gt=0, description="Smooth-L1 beta (Feature Distillation uses 2.0)")
     cosine_weight: float = Field(0.5, ge=0, description="weight of the added (1 − cosine) term")
     epochs: int = Field(20, ge=1, description="maximum epochs")

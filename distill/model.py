@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distill.transscan import DistilledStudent, StudentBackbone, create_projector
+from distill.student import DistilledStudent
+from distill.transscan import StudentBackbone, create_projector
 from features.encoders import EncoderConfig, build_backbone, wrap_encoder
 
 
@@ -21,7 +22,8 @@ def build_student(cfg, teacher_dim: int):
     backbone = StudentBackbone(model)
     with seeded(cfg.seed):
         projector = create_projector(cfg.projector, backbone.channels, teacher_dim, width=cfg.projector_width)
-    return DistilledStudent(backbone, projector, teacher_dim), data_cfg
+        student = DistilledStudent(backbone, projector, teacher_dim, stats_head=cfg.whiten and cfg.dewhiten_head)
+    return student, data_cfg
 
 
 def param_counts(model: DistilledStudent) -> dict:
@@ -38,7 +40,7 @@ def load_student(model_dir: Path, *, device: str = "auto", precision: str = "fp3
 
     model_dir = Path(model_dir)
     card = json.loads((model_dir / "student.json").read_text())
-    cfg = DistillConfig.model_validate(card["config"])
+    cfg = DistillConfig.model_validate({"dewhiten_head": False, **card["config"]})  # cards before the head had none
     cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"pretrained": False, "weights": None})})
     model, data_cfg = build_student(cfg, card["teacher_dim"])
     model.load_state_dict(load_file(str(model_dir / "student.safetensors")))

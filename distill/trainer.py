@@ -166,13 +166,12 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     train_pool, val_pool, val_slides = split_pools(slides, cfg)
     if len(train_pool) == 0:
         raise ValueError("no training tiles: every slide has zero tiles or was held out")
-    if cfg.whiten:  # the teacher's typical per-sample mean and std, to map predictions back to teacher space
+    if cfg.whiten:  # the teacher's per-tile mean and std over the pool, to map predictions back to teacher space
         t = np.concatenate([slides[s].targets[r][None] for s, r in train_pool[:4096]]).astype(np.float32)
-        model.target_mean.fill_(float(t.mean(axis=1).mean()))
-        model.target_std.fill_(float(t.std(axis=1).mean()))
-    from distill.transscan import FPDLoss
+        model.set_target_stats(torch.from_numpy(t).to(device))
+    from distill.student import FPDLoss
 
-    loss_fn = FPDLoss(beta=cfg.loss_beta, cosine_weight=cfg.cosine_weight, whiten=cfg.whiten)
+    loss_fn = FPDLoss(beta=cfg.loss_beta, cosine_weight=cfg.cosine_weight, whiten=cfg.whiten, stats_weight=cfg.stats_weight)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(cfg.tiles_per_epoch / cfg.batch_size)
     total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
@@ -211,8 +210,8 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
             if cfg.augment:
                 x = augment(x, generator)
             with autocast:
-                prediction = model.whitened(x)
-            loss = loss_fn(prediction, target.to(device))
+                prediction, stats = model.outputs(x)
+            loss = loss_fn(prediction, target.to(device), stats, model)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -245,7 +244,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         "student": cfg.student.model_dump(mode="json"), "student_init": cfg.student.weights_source(cfg.seed),
         "precision": precision,
         "projector": cfg.projector, "projector_width": cfg.projector_width,
-        "whiten": cfg.whiten, "teacher": teacher or {}, "teacher_dim": teacher_dim,
+        "whiten": cfg.whiten, "dewhiten_head": model.stats_head is not None, "teacher": teacher or {}, "teacher_dim": teacher_dim,
         "input_size": input_size, "mean": list(mean), "std": list(std),
         "params": param_counts(model),
         "data": {"slides": [s.slide_id for s in slides], "val_slides": val_slides,

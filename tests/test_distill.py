@@ -16,7 +16,8 @@ import torch
 from distill.model import build_student, load_student
 from distill.config import DistillConfig
 from distill.trainer import SlideTiles, train
-from distill.transscan import FPDLoss, SelectiveKernelScan, TransScan, create_projector
+from distill.student import FPDLoss
+from distill.transscan import SelectiveKernelScan, TransScan, create_projector
 from features.encoders import EncoderConfig, create_encoder
 from features.store import open_store
 from pipelines.cluster import machine_cores
@@ -55,6 +56,37 @@ def test_fpd_loss_is_zero_for_identical_inputs_and_positive_otherwise():
     assert loss(whitened + 0.1 * torch.randn(8, 64), teacher).item() > 1e-4
     raw = FPDLoss(whiten=False)
     assert raw(teacher, teacher).item() == 0.0 and raw(teacher * 1.1, teacher).item() > 0
+
+
+def test_stats_head_dewhitens_each_tile_with_its_own_mean_and_scale():
+    from distill.student import DistilledStudent, feature_stats
+    from distill.transscan import StudentBackbone, create_projector
+    from timm import create_model
+
+    torch.manual_seed(0)
+    backbone = StudentBackbone(create_model("resnet18", pretrained=False, num_classes=0))
+    student = DistilledStudent(backbone, create_projector("linear", backbone.channels, 64), 64, stats_head=True).eval()
+    teacher = torch.randn(16, 64) * torch.linspace(0.5, 2.0, 16)[:, None] + torch.linspace(-1, 1, 16)[:, None]
+    student.set_target_stats(teacher)
+    x = torch.randn(4, 3, 64, 64)
+    whitened, stats = student.outputs(x)
+    # zero-initialised head: every tile starts at the pool's average mean and std
+    torch.testing.assert_close(stats, torch.zeros(4, 2))
+    pooled = feature_stats(teacher).mean(dim=0)
+    torch.testing.assert_close(student(x), whitened * pooled[1].exp() + pooled[0])
+    # a head that predicts a tile's own stats gives back that tile's teacher vector from its whitened form
+    loss = FPDLoss()
+    wanted = (feature_stats(teacher) - student.stats_center) / student.stats_scale
+    exact = torch.nn.functional.layer_norm(teacher, (64,))
+    assert loss(exact, teacher, wanted, student).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(exact, teacher, torch.zeros_like(wanted), student).item() > 1e-3
+    back = (exact * (wanted * student.stats_scale + student.stats_center)[:, 1:].exp()
+            + (wanted * student.stats_scale + student.stats_center)[:, :1])
+    torch.testing.assert_close(back, teacher, atol=1e-3, rtol=1e-3)
+    # without the head the pool's averages stand in (the fallback)
+    plain = DistilledStudent(backbone, create_projector("linear", backbone.channels, 64), 64)
+    plain.set_target_stats(teacher)
+    assert plain.stats_head is None and plain.target_std.item() == pytest.approx(feature_stats(teacher)[:, 1].exp().mean().item(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
