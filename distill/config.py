@@ -29,6 +29,11 @@ class DistillConfig(BaseModel):
     cosine_weight: float = Field(0.5, ge=0, description="weight of the added (1 − cosine) term")
     epochs: int = Field(20, ge=1, description="maximum epochs")
     tiles_per_epoch: int = Field(2048, ge=1, description="training tiles sampled per epoch (with replacement across epochs)")
+    balance: Literal["clusters", "none"] = Field("clusters", description="how training tiles are drawn each epoch: "
+                                                 "clusters: k-means on the whitened teacher features of the pool, each "
+                                                 "cluster drawn in proportion to the square root of its size, so rare "
+                                                 "tissue (a small tumour focus) is seen often enough; none: uniformly")
+    balance_clusters: int = Field(16, ge=2, description="number of k-means clusters for balance: clusters")
     max_train_tiles: int = Field(50_000, ge=1, description="size of the training pool drawn once across slides")
     max_val_tiles: int = Field(512, ge=1, description="held-out tiles used for validation")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="fraction of slides held out for validation (tiles, "
@@ -39,6 +44,11 @@ class DistillConfig(BaseModel):
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
     patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation cosine")
+    read_at_input: bool = Field(True, description="read the student's tiles from the coarsest pyramid level that holds "
+                                                  "its input resolution (a 112-px student on 512-px level-0 tiles "
+                                                  "reads the 4× level: 1/16 of the pixels to decode), in distillation "
+                                                  "and wherever the student runs after it; false: the tiling's tiles, "
+                                                  "resized")
     augment: bool = Field(True, description="flips, 90° rotations and light brightness/contrast jitter on the student's input")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="training autocast precision; auto as for encoders: bf16 on GPUs that support it (else "

@@ -47,4 +47,6 @@ def load_student(model_dir: Path, *, device: str = "auto", precision: str = "fp3
     spec = EncoderConfig.model_validate({**card["student"], "pretrained": False, "weights": model_dir / "student.safetensors",
                                          "device": device, "precision": precision,
                                          "input_size": card["input_size"], "mean": card["mean"], "std": card["std"]})
-    return wrap_encoder(model, spec, data_cfg), card
+    encoder = wrap_encoder(model, spec, data_cfg)
+    encoder.read_at_input = bool(card.get("read_at_input", False))  # read as it was trained
+    return encoder, card

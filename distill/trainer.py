@@ -42,10 +42,11 @@ class SlideTiles:
 class DistillTiles:
     """(tile uint8, teacher feature) pairs over several slides, read through one :class:`wsi.slide.SlidePool`."""
 
-    def __init__(self, slides: list[SlideTiles], index: np.ndarray):
+    def __init__(self, slides: list[SlideTiles], index: np.ndarray, input_size: int | None = None):
         from wsi.slide import SlidePool, SlideSource
 
         self.slides, self.index = slides, index  # index rows: (slide number, row)
+        self.input_size = input_size  # read at the student's input resolution (distill.read_at_input), else as tiled
         self.pool = SlidePool([SlideSource(s.slide_id, s.slide_path, s.mpp, s.backend) for s in slides])
 
     def __len__(self) -> int:
@@ -57,7 +58,7 @@ class DistillTiles:
         s, row = (int(v) for v in self.index[i])
         part = self.slides[s]
         x, y = part.coords[row]
-        tile = np.array(self.pool.read_tile(part.slide_id, x, y, part.plan))
+        tile = np.array(self.pool.read_tile(part.slide_id, x, y, part.plan, self.input_size))
         return torch.from_numpy(tile), torch.from_numpy(part.targets[row].astype(np.float32))
 
 
@@ -86,6 +87,27 @@ def split_pools(slides: list[SlideTiles], cfg: DistillConfig) -> tuple[np.ndarra
     if len(val_pool) > cfg.max_val_tiles:
         val_pool = val_pool[rng.choice(len(val_pool), cfg.max_val_tiles, replace=False)]
     return train_pool, val_pool, [slides[s].slide_id for s in sorted(val_slides)]
+
+
+def draw_weights(slides: list[SlideTiles], pool: np.ndarray, cfg: DistillConfig) -> np.ndarray | None:
+    """Each pool tile's probability of being drawn, or None for uniform draws (``distill.balance``).
+
+    Label-free balancing: k-means (seeded) on the LayerNorm-whitened teacher features, and every cluster
+    drawn in proportion to the square root of its size. Rare tissue that the CLAM attends to, such as a
+    small tumour focus, then gets far more steps than its share of tiles, and no tiny cluster (a pen mark)
+    takes over an epoch.
+    """
+    if cfg.balance == "none" or len(pool) < 2 * cfg.balance_clusters:
+        return None
+    from sklearn.cluster import MiniBatchKMeans
+
+    feats = np.stack([slides[s].targets[r] for s, r in pool]).astype(np.float32)
+    feats = (feats - feats.mean(axis=1, keepdims=True)) / (feats.std(axis=1, keepdims=True) + 1e-5)
+    labels = MiniBatchKMeans(n_clusters=cfg.balance_clusters, random_state=cfg.seed, n_init=3,
+                             batch_size=2048).fit_predict(feats)
+    sizes = np.bincount(labels, minlength=cfg.balance_clusters).astype(np.float64)
+    weights = sizes[labels] ** -0.5  # a cluster's total share ∝ sqrt(its size)
+    return weights / weights.sum()
 
 
 def augment(x, generator):
@@ -162,6 +184,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     model = model.to(device)
     input_size = cfg.student.input_size or int(data_cfg["input_size"][-1])
     mean, std = tuple(cfg.student.mean or data_cfg["mean"]), tuple(cfg.student.std or data_cfg["std"])
+    tile_input = input_size if cfg.read_at_input else None
 
     train_pool, val_pool, val_slides = split_pools(slides, cfg)
     if len(train_pool) == 0:
@@ -169,6 +192,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     if cfg.whiten:  # the teacher's per-tile mean and std over the pool, to map predictions back to teacher space
         t = np.concatenate([slides[s].targets[r][None] for s, r in train_pool[:4096]]).astype(np.float32)
         model.set_target_stats(torch.from_numpy(t).to(device))
+    weights = draw_weights(slides, train_pool, cfg)
     from distill.student import FPDLoss
 
     loss_fn = FPDLoss(beta=cfg.loss_beta, cosine_weight=cfg.cosine_weight, whiten=cfg.whiten, stats_weight=cfg.stats_weight)
@@ -178,7 +202,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
     loader_kwargs = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                          **({"persistent_workers": False, "prefetch_factor": 4} if cfg.num_workers else {}))
-    val_loader = torch.utils.data.DataLoader(DistillTiles(slides, val_pool), shuffle=False, **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(DistillTiles(slides, val_pool, tile_input), shuffle=False, **loader_kwargs)
 
     state = {"epoch": 0, "best_cosine": -2.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     resumed_from = None
@@ -202,10 +226,14 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"] + 1
         generator.manual_seed(cfg.seed * 1000 + epoch)  # resumable: each epoch's sampling depends only on its number
-        rows = train_pool[np.random.default_rng(cfg.seed * 1000 + epoch).integers(0, len(train_pool), cfg.tiles_per_epoch)]
-        loader = torch.utils.data.DataLoader(DistillTiles(slides, rows), shuffle=False, **loader_kwargs)
-        start, losses = time.perf_counter(), []
+        draw = np.random.default_rng(cfg.seed * 1000 + epoch)
+        rows = train_pool[draw.integers(0, len(train_pool), cfg.tiles_per_epoch) if weights is None
+                          else draw.choice(len(train_pool), cfg.tiles_per_epoch, p=weights)]
+        loader = torch.utils.data.DataLoader(DistillTiles(slides, rows, tile_input), shuffle=False, **loader_kwargs)
+        start, losses, waited = time.perf_counter(), [], 0.0
+        ready = start
         for tiles, target in loader:
+            waited += time.perf_counter() - ready  # the step waited this long for the loader's tiles
             x = to_model_input(tiles, input_size, mean, std, device)
             if cfg.augment:
                 x = augment(x, generator)
@@ -220,8 +248,11 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
             scaler.update()
             scheduler.step()
             losses.append(loss.item())
+            ready = time.perf_counter()
+        train_seconds = time.perf_counter() - start
         metrics = evaluate(model, val_loader, input_size, mean, std, device)
-        record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5), "seconds": round(time.perf_counter() - start, 2), **metrics}
+        record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5), "seconds": round(time.perf_counter() - start, 2),
+                  "train_seconds": round(train_seconds, 2), "wait_seconds": round(waited, 2), **metrics}
         state["history"].append(record)
         state["epoch"] = epoch
         score = metrics["cosine"] if metrics["n"] else -record["loss"]  # no held-out tiles: training loss decides
@@ -245,7 +276,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         "precision": precision,
         "projector": cfg.projector, "projector_width": cfg.projector_width,
         "whiten": cfg.whiten, "dewhiten_head": model.stats_head is not None, "teacher": teacher or {}, "teacher_dim": teacher_dim,
-        "input_size": input_size, "mean": list(mean), "std": list(std),
+        "input_size": input_size, "read_at_input": cfg.read_at_input, "mean": list(mean), "std": list(std),
         "params": param_counts(model),
         "data": {"slides": [s.slide_id for s in slides], "val_slides": val_slides,
                  "train_tiles": int(len(train_pool)), "val_tiles": int(len(val_pool))},

@@ -98,6 +98,9 @@ class Encoder:
     config: EncoderConfig
     precision: str = "fp32"  # resolved for the device: fp32, bf16 or fp16
     _digest: str | None = None
+    # read its tiles at its input resolution (wsi.tiling.plan_for_input) rather than as the tiling delivers them:
+    # a distilled student, trained on tiles read that way (distill.read_at_input)
+    read_at_input: bool = False
 
     @property
     def digest(self) -> str:

@@ -39,11 +39,17 @@ class ExtractionConfig(BaseModel):
 class TileDataset:
     """Tiles of one slide at a read plan, read through a :class:`wsi.slide.SlidePool` (opened lazily per process)."""
 
+    @classmethod
+    def for_encoder(cls, encoder: Encoder, slide_path: Path, coords: np.ndarray, plan: ReadPlan, **kwargs) -> TileDataset:
+        """The tiles as ``encoder`` reads them: at its input resolution when it reads there (a distilled student)."""
+        return cls(slide_path, coords, plan, input_size=encoder.input_size if encoder.read_at_input else None, **kwargs)
+
     def __init__(self, slide_path: Path, coords: np.ndarray, plan: ReadPlan, *, backend: str = "auto",
-                 mpp: float | None = None, slide_id: str | None = None):
+                 mpp: float | None = None, slide_id: str | None = None, input_size: int | None = None):
         from wsi.slide import SlidePool, SlideSource
 
         self.slide_path, self.coords, self.plan = Path(slide_path), np.asarray(coords), plan
+        self.input_size = input_size  # read for a model of this input size (Encoder.read_at_input), else the plan's tiles
         self.slide_id = slide_id or self.slide_path.stem
         self.pool = SlidePool([SlideSource(self.slide_id, self.slide_path, mpp, backend)], max_open=1)
 
@@ -54,7 +60,8 @@ class TileDataset:
         import torch
 
         x, y = self.coords[index]
-        return torch.from_numpy(np.array(self.pool.read_tile(self.slide_id, x, y, self.plan))), index  # writable copy
+        tile = self.pool.read_tile(self.slide_id, x, y, self.plan, self.input_size)
+        return torch.from_numpy(np.array(tile)), index  # writable copy
 
 
 def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):
@@ -112,7 +119,8 @@ def encoder_attrs(encoder: Encoder, plan: ReadPlan, fingerprint: str | None = No
     return {"encoder": cfg.model_dump(mode="json"), "encoder_label": cfg.label, "input_size": encoder.input_size,
             "weights": cfg.weights_source(), "weights_sha256": encoder.digest, "precision": encoder.precision,
             "patch_size": plan.patch_size, "target_mpp": plan.target_mpp, "read_level": plan.read_level,
-            "read_size": plan.read_size, "level0_size": plan.level0_size, "fingerprint": fingerprint}
+            "read_size": plan.read_size, "level0_size": plan.level0_size, "read_at_input": encoder.read_at_input,
+            "fingerprint": fingerprint}
 
 
 def check_same_encoder(encoder: Encoder, attrs: dict, store: str) -> None:

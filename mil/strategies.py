@@ -44,6 +44,7 @@ class End2endInputs:
     n_rows: object  # slide id → number of tiles
     teacher: object | None = None
     teacher_input: dict | None = None
+    teacher_tiles: object | None = None  # tiles as the teacher reads them (default: ``tiles``)
 
 
 def end2end_row(finetune: str) -> str:
@@ -218,10 +219,11 @@ def _end2end_fold(cfg: MILConfig, inputs: End2endInputs, job: FoldJob, start_cla
     if finetune == "fpt" and inputs.teacher is None:
         raise ValueError("fine-tuning 'fpt' needs the teacher encoder in End2endInputs")
     encoder, spec = (inputs.teacher, inputs.teacher_input) if finetune == "fpt" else (inputs.student, inputs.student_input)
+    tiles = (inputs.teacher_tiles or inputs.tiles) if finetune == "fpt" else inputs.tiles
     out = clam_file(model_dir, job)
     scratch = out.with_name(f"fold_{split.fold}_bags")  # the re-embedded training bags, removed when done
     shutil.rmtree(scratch, ignore_errors=True)
-    tuned, clam, history = train_end2end(cfg, encoder, spec, start_clam, stored_bag, inputs.tiles, split.train, labels,
+    tuned, clam, history = train_end2end(cfg, encoder, spec, start_clam, stored_bag, tiles, split.train, labels,
                                          k_tiles=cfg.end2end_k_tiles, epochs=cfg.end2end_epochs,
                                          student_lr=cfg.end2end_student_lr, finetune=finetune,
                                          finetune_options=cfg.finetune_options.get(finetune), seed=seed,
@@ -233,7 +235,7 @@ def _end2end_fold(cfg: MILConfig, inputs: End2endInputs, job: FoldJob, start_cla
     stem = out.with_name(f"fold_{split.fold}")
     save_encoder(tuned, finetune, stem.with_name(stem.name + ("_fpt" if finetune == "fpt" else "_student")))
     def fresh(slide_id: str) -> np.ndarray:  # test bags re-embedded one at a time, as predict asks for them
-        return embed_bag(tuned, spec, inputs.tiles, slide_id, inputs.n_rows(slide_id))
+        return embed_bag(tuned, spec, tiles, slide_id, inputs.n_rows(slide_id))
 
     last = history[-1]
     cost = {"encoder_trainable_params": last["trainable_params"],

@@ -94,8 +94,8 @@ def _encoder(cfg: RunConfig, paths: RunPaths, strategy: str, student_weights: Pa
 def _embed(entry: SlideEntry, cfg: RunConfig, meta: dict, encoder, coords: np.ndarray, plan) -> np.ndarray:
     from features.extract import TileDataset, embed_tiles
 
-    dataset = TileDataset(meta["slide_path"], coords, plan, backend=cfg.slides.backend, mpp=meta["mpp"],
-                          slide_id=entry.slide_id)
+    dataset = TileDataset.for_encoder(encoder, meta["slide_path"], coords, plan, backend=cfg.slides.backend, mpp=meta["mpp"],
+                                      slide_id=entry.slide_id)
     return embed_tiles(dataset, encoder, cfg.features)
 
 

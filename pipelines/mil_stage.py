@@ -150,8 +150,9 @@ def fpt_teacher(paths: RunPaths, cfg: RunConfig, reference_slide: str):
 class SlideTileReader:
     """Tiles of a run's slides by row of their tile grid (and of their feature bags), through a SlidePool."""
 
-    def __init__(self, paths: RunPaths, backend: str, max_open: int = 8):
+    def __init__(self, paths: RunPaths, backend: str, max_open: int = 8, input_size: int | None = None):
         self.paths, self.backend = paths, backend
+        self.input_size = input_size  # read for a model of this input size (Encoder.read_at_input), else as tiled
         self.pool = SlidePool([], max_open=max_open)
         self._grids: OrderedDict[str, object] = OrderedDict()
 
@@ -171,7 +172,7 @@ class SlideTileReader:
     def tiles(self, slide_id: str, rows: np.ndarray) -> np.ndarray:
         """uint8 (k, H, W, 3) tiles at those rows of the slide's grid."""
         grid = self.grid(slide_id)
-        return np.stack([self.pool.read_tile(slide_id, *grid.coords[r], grid.plan) for r in rows])
+        return np.stack([self.pool.read_tile(slide_id, *grid.coords[r], grid.plan, self.input_size) for r in rows])
 
     def n_rows(self, slide_id: str) -> int:
         return len(self.grid(slide_id).coords)
@@ -183,10 +184,11 @@ def end2end_inputs(paths: RunPaths, cfg: RunConfig, with_teacher: bool, referenc
     from mil.strategies import End2endInputs
 
     encoder, _ = load_student(paths.student_dir, device="cpu")
-    reader = SlideTileReader(paths, cfg.slides.backend)
-    teacher = teacher_input = None
-    if with_teacher:  # FPT fine-tunes the (frozen) teacher through a side network
+    reader = SlideTileReader(paths, cfg.slides.backend, input_size=encoder.input_size if encoder.read_at_input else None)
+    teacher = teacher_input = teacher_tiles = None
+    if with_teacher:  # FPT fine-tunes the (frozen) teacher through a side network, on the tiles as the teacher reads them
         big = fpt_teacher(paths, cfg, reference_slide)
         teacher, teacher_input = big.model, {"size": big.input_size, "mean": big.mean, "std": big.std}
+        teacher_tiles = SlideTileReader(paths, cfg.slides.backend).tiles
     return End2endInputs(encoder.model, {"size": encoder.input_size, "mean": encoder.mean, "std": encoder.std},
-                         reader.tiles, reader.n_rows, teacher, teacher_input)
+                         reader.tiles, reader.n_rows, teacher, teacher_input, teacher_tiles)

@@ -111,8 +111,8 @@ def _extract(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder, label:
 
     grid = load_tiles(paths, entry.slide_id)
     slide_meta = json.loads(paths.tissue_meta(entry.slide_id).read_text())
-    dataset = TileDataset(slide_meta["slide_path"], grid.coords, grid.plan, backend=cfg.slides.backend,
-                          mpp=slide_meta["mpp"], slide_id=entry.slide_id)
+    dataset = TileDataset.for_encoder(encoder, slide_meta["slide_path"], grid.coords, grid.plan, backend=cfg.slides.backend,
+                                      mpp=slide_meta["mpp"], slide_id=entry.slide_id)
     attrs = {**encoder_attrs(encoder, grid.plan, TASK_FINGERPRINT.get()), **extra_attrs, "encoder_label": label}
     stats = extract_slide(dataset, encoder, store_path(paths.root, label, entry.slide_id), cfg.features, attrs)
     return {**stats, "encoder": label, "dim": encoder.dim, "warnings": []}

@@ -159,5 +159,25 @@ def test_tiffslide_direct_tile_reads_equal_its_zarr_reads(cohort, name):
         want = zarr_path.read_region(*request)
         assert got.shape == want.shape and got.dtype == np.uint8
         np.testing.assert_array_equal(got, want, err_msg=str(request))
+    # decoded tiles are kept (bounded) and reused: the same requests again, from the cache, give the same pixels
+    assert 0 < reader._decoded.bytes <= reader._decoded.max_bytes
+    cached = [reader.read_region(*r) for r in requests]
+    for request, got, first in zip(requests, cached, direct):
+        np.testing.assert_array_equal(got, first, err_msg=str(request))
     reader.close()
     zarr_path.close()
+
+
+def test_decoded_tile_cache_stays_within_its_byte_budget():
+    from wsi.backends import DecodedTiles
+
+    cache = DecodedTiles(max_bytes=3 * 64 * 64 * 3)
+    tiles = {i: np.full((64, 64, 3), i, np.uint8) for i in range(5)}
+    for i in range(3):
+        cache.put((0, i), tiles[i])
+    assert cache.get((0, 0)) is tiles[0]  # now the most recently used
+    cache.put((0, 3), tiles[3])  # drops the least recently used: tile 1
+    assert cache.get((0, 1)) is None and cache.get((0, 0)) is tiles[0] and cache.get((0, 3)) is tiles[3]
+    assert cache.bytes == 3 * tiles[0].nbytes
+    cache.put((0, 9), np.zeros((128, 128, 3), np.uint8))  # larger than the whole budget: not kept
+    assert cache.get((0, 9)) is None and cache.bytes == 3 * tiles[0].nbytes

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from wsi.demo_cohort import load_truth
 from wsi.slide import open_slide
-from wsi.tiling import TilingConfig, plan_read, read_tile, tile_grid, tissue_fractions
+from wsi.tiling import TilingConfig, plan_for_input, plan_read, read_tile, tile_grid, tissue_fractions
 from wsi.tissue import TissueMask, mask_slide
 
 APERIO = (1.0, 4.0, 16.0, 32.0)
@@ -98,6 +98,28 @@ def test_read_tile_sizes_and_backends_agree(cohort, demo_cfg):
         tile = read_tile(a, x, y, grid20.plan)
         block_mean = a.read_region((x, y), 0, (512, 512)).reshape(256, 2, 256, 2, 3).astype(float).mean(axis=(1, 3))
         assert np.abs(tile - block_mean).max() <= 0.5  # the exact 2×2 area average, correctly rounded
+
+
+def test_tiles_read_at_a_models_input_resolution(cohort, demo_cfg):
+    """A 112-px model reads the 512-px level-0 tiles from the 4× level (1/16 of the pixels); a 224-px one
+    still needs level 0. Same place on the slide, same picture at that resolution."""
+    with open_slide(cohort / "demo_003.svs") as slide:
+        tissue, _ = mask_slide(slide, demo_cfg.tissue)
+        grid = tile_grid(slide.dimensions, slide.mpp, slide.level_downsamples, tissue, demo_cfg.tiling)
+        plan = grid.plan
+        assert (plan.read_level, plan.level0_size, plan.patch_size) == (0, 512, 256)
+        small = plan_for_input(plan, slide.level_downsamples, 112)
+        assert (small.read_level, small.read_size, small.patch_size, small.level0_size) == (1, 128, 112, 512)
+        assert small.delivered_mpp == pytest.approx(0.25 * 512 / 112) and not small.upsampled
+        assert plan_for_input(plan, slide.level_downsamples, 224).read_level == 0
+        assert plan_for_input(plan, slide.level_downsamples, 128).read_level == 1  # exactly the 4× level's pixels
+        assert plan_for_input(plan, slide.level_downsamples, 134).read_level == 1  # 5 % short: still that level
+        assert plan_for_input(plan, slide.level_downsamples, 140).read_level == 0
+        for x, y in grid.coords[:4]:
+            fast = read_tile(slide, x, y, small).astype(float)
+            full = read_tile(slide, x, y, plan_for_input(plan, (1.0,), 112)).astype(float)  # from level 0
+            assert fast.shape == full.shape == (112, 112, 3)
+            assert np.abs(fast - full).mean() < 6  # the scanner's own 4× level vs area-averaging level 0
 
 
 def test_empty_mask_gives_no_tiles():

@@ -94,6 +94,7 @@ class TiffSlideReader:
                 self.properties.setdefault(f"openslide.{key}", self.properties[f"tiffslide.{key}"])
         self.properties.setdefault("wsi.vendor", self.properties.get("tiffslide.vendor", ""))
         self._tiled_pages = _directly_readable_pages(self._slide) if direct_tile_reads else [None] * self.level_count
+        self._decoded = DecodedTiles()
         self._slide.ts_tifffile.filehandle.set_lock(True)  # tile reads seek and read: one thread at a time
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
@@ -103,7 +104,7 @@ class TiffSlideReader:
         x_l, y_l = int(x / ds), int(y / ds)  # tiffslide's own level-0 → level rounding
         page = self._tiled_pages[level]
         if page is not None:  # a plain tiled page: decode its tiles directly
-            return read_tiled_page(page, x_l, y_l, w, h)
+            return read_tiled_page(page, x_l, y_l, w, h, self._decoded)
         region = np.asarray(self._slide.read_region((x, y), int(level), (w, h), as_array=True))
         region = rgba_to_rgb_on_white(region[..., :4] if region.shape[-1] == 4 else region[..., :3]).copy()
         # tiffslide pads outside the image with zeros: make that white, like OpenSlide's transparency
@@ -144,12 +145,46 @@ def _directly_readable_pages(slide) -> list:
     return pages
 
 
-def read_tiled_page(page, x: int, y: int, w: int, h: int) -> np.ndarray:
+class DecodedTiles:
+    """Recently decoded TIFF tiles of one slide, bounded in bytes (least recently used dropped first).
+
+    Neighbouring regions share tiles wherever a region is smaller than a tile or not aligned to the
+    tiles: a 112-px student reads 128-px regions of the 4× level, four to a 256-px tile, and an
+    overlapping grid reads every tile several times. Decoding each once is most of a read's cost.
+    """
+
+    def __init__(self, max_bytes: int = 16 << 20):
+        import threading
+        from collections import OrderedDict
+
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+            return tile
+
+    def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        with self._lock:
+            if key in self._tiles or tile.nbytes > self.max_bytes:
+                return
+            self._tiles[key] = tile
+            self.bytes += tile.nbytes
+            while self.bytes > self.max_bytes:
+                self.bytes -= self._tiles.popitem(last=False)[1].nbytes
+
+
+def read_tiled_page(page, x: int, y: int, w: int, h: int, cache: DecodedTiles | None = None) -> np.ndarray:
     """Region (x, y, w, h) of one tiled TIFF page, white outside it, decoded tile by tile with tifffile.
 
     The pixels tiffslide returns (the same tifffile decoder, tested), without its Zarr layer:
     tiffslide 3 on zarr 3 spends ~2.4 ms of asynchronous bookkeeping per 512-px read against
-    ~0.5 ms of JPEG decoding, and tile reads feed the model during feature extraction.
+    ~0.5 ms of JPEG decoding, and tile reads feed the model during feature extraction. Tiles found
+    in ``cache`` are not read or decoded again.
     """
     out = np.full((h, w, 3), 255, np.uint8)
     width, height = page.imagewidth, page.imagelength
@@ -159,17 +194,32 @@ def read_tiled_page(page, x: int, y: int, w: int, h: int) -> np.ndarray:
     tw, th = page.tilewidth, page.tilelength
     across = -(-width // tw)
     indices = [row * across + col for row in range(y0 // th, (y1 - 1) // th + 1) for col in range(x0 // tw, (x1 - 1) // tw + 1)]
-    handle = page.parent.filehandle
-    segments = handle.read_segments([page.dataoffsets[i] for i in indices], [page.databytecounts[i] for i in indices],
-                                    indices, lock=handle.lock)
-    for data, index in segments:
+
+    def paste(tile: np.ndarray | None, index: int) -> None:
         top, left = (index // across) * th, (index % across) * tw
         r0, r1, c0, c1 = max(top, y0), min(top + th, y1), max(left, x0), min(left + tw, x1)
-        if data is None:  # a tile the file does not store: tiffslide's fill value
+        if tile is None:  # a tile the file does not store: tiffslide's fill value
             out[r0 - y:r1 - y, c0 - x:c1 - x] = 0
-            continue
-        tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
-        out[r0 - y:r1 - y, c0 - x:c1 - x] = tile[r0 - top:r1 - top, c0 - left:c1 - left]
+        else:
+            out[r0 - y:r1 - y, c0 - x:c1 - x] = tile[r0 - top:r1 - top, c0 - left:c1 - left]
+
+    missing = []
+    for index in indices:
+        tile = cache.get((page.offset, index)) if cache is not None else None
+        if tile is None:
+            missing.append(index)
+        else:
+            paste(tile, index)
+    if not missing:
+        return out
+    handle = page.parent.filehandle
+    segments = handle.read_segments([page.dataoffsets[i] for i in missing], [page.databytecounts[i] for i in missing],
+                                    missing, lock=handle.lock)
+    for data, index in segments:
+        tile = None if data is None else page.decode(data, index, jpegtables=page.jpegtables)[0][0]
+        if tile is not None and cache is not None:
+            cache.put((page.offset, index), tile)
+        paste(tile, index)
     return out
 
 

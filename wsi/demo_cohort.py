@@ -142,11 +142,13 @@ class SlideRenderer:
     """Renders any region of any level of a layout: texture lookup, so memory ∝ the region."""
 
     def __init__(self, layout: SlideLayout, downsamples: tuple[int, ...], rng: np.random.Generator):
-        self.layout = layout
+        self.layout, self.downsamples = layout, downsamples
         self.shapes = level_shapes(layout.height, layout.width, downsamples)
         he, ihc = _base_textures()
         stain = rng.normal(1.0, 0.04, size=3).astype(np.float32)  # per-slide stain variation
-        self.offset = rng.integers(0, 4096, size=2)
+        # the texture's offset, a multiple of every downsample, so each level depicts the same tissue as level 0
+        coarsest = max(downsamples)
+        self.offset = rng.integers(0, max(1, 4096 // coarsest), size=2) * coarsest
         self.textures = []
         for d in downsamples:
             scaled = [np.clip(t * stain if d == 1 else rescale(t, 1 / d, channel_axis=2, anti_aliasing=True, preserve_range=True) * stain, 0, 255)
@@ -169,7 +171,8 @@ class SlideRenderer:
             where = labels == code
             if where.any():
                 th, tw = texture.shape[:2]
-                patch = texture[((ys + self.offset[0]) % th)[:, None], ((xs + self.offset[1]) % tw)[None, :]]
+                d = self.downsamples[level]
+                patch = texture[((ys + self.offset[0] // d) % th)[:, None], ((xs + self.offset[1] // d) % tw)[None, :]]
                 out[where] = patch[where]
         out[labels == PEN_MARK] = 0.2 * out[labels == PEN_MARK] + 0.8 * PEN
         out[labels == DEBRIS_SPECK] = DEBRIS

@@ -233,6 +233,7 @@ class SlidePool:
         self.max_open = max_open
         self._open: dict[str, Slide] = {}
         self._pid: int | None = None
+        self._plans: dict[tuple, object] = {}  # (slide id, tile plan, input size) → the plan read for that input
 
     def slide(self, slide_id: str) -> Slide:
         if self._pid != os.getpid():  # a forked or unpickled copy: the parent's handles are not ours
@@ -246,11 +247,21 @@ class SlidePool:
         self._open[slide_id] = slide  # most recently used last
         return slide
 
-    def read_tile(self, slide_id: str, x: int, y: int, plan) -> np.ndarray:
-        """One tile (plan.patch_size² RGB uint8) of a slide, as ``wsi.tiling.read_tile`` reads it."""
-        from wsi.tiling import read_tile
+    def read_tile(self, slide_id: str, x: int, y: int, plan, input_size: int | None = None) -> np.ndarray:
+        """One tile (plan.patch_size² RGB uint8) of a slide, as ``wsi.tiling.read_tile`` reads it; with
+        ``input_size``, the same tile read for a model of that input size (``wsi.tiling.plan_for_input``:
+        from the coarsest level that holds it, ``input_size``² px)."""
+        from wsi.tiling import plan_for_input, read_tile
 
-        return read_tile(self.slide(slide_id), int(x), int(y), plan)
+        slide = self.slide(slide_id)
+        if input_size is not None:
+            key = (slide_id, plan, input_size)
+            if key not in self._plans:
+                if len(self._plans) >= 4096:  # a few per slide; bounded however many slides pass through
+                    self._plans.clear()
+                self._plans[key] = plan_for_input(plan, slide.level_downsamples, input_size)
+            plan = self._plans[key]
+        return read_tile(slide, int(x), int(y), plan)
 
     def close(self) -> None:
         for slide in self._open.values():

@@ -17,7 +17,7 @@ resamples at ``x0 / ds = x_level + ε`` (ε < 1/ds px): the two then differ by t
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -98,6 +98,28 @@ def plan_read(slide_mpp: float, level_downsamples: tuple[float, ...], cfg: Tilin
         log.warning("target %.3f µm/px is finer than the scan (%.3f µm/px): tiles will be upsampled", target, slide_mpp)
     return ReadPlan(target, cfg.patch_size, level, ds, read_size, level0_size, max(1, level0_stride), level_stride,
                     slide_mpp * ds, slide_mpp * ds * read_size / cfg.patch_size, upsampled)
+
+
+def plan_for_input(plan: ReadPlan, level_downsamples: tuple[float, ...], input_size: int,
+                   tolerance: float = 0.05) -> ReadPlan:
+    """The same tiles (level-0 footprint and coordinates) read for a model that sees them at ``input_size`` px:
+    from the coarsest pyramid level that still holds that resolution, resized straight to ``input_size``.
+
+    A 112-px student on 512-px level-0 tiles reads 128 px at the 4× level, 1/16 of the pixels to decode;
+    a model whose input needs level 0 reads level 0 as before. ``tolerance``: a level whose pixels fall short
+    of ``input_size`` by at most this fraction still counts (its tile is upsampled that little).
+    """
+    slide_mpp = plan.read_mpp / plan.read_downsample
+    needed = plan.level0_size / input_size  # level-0 px per model-input px
+    level = 0
+    for index, ds in enumerate(level_downsamples):
+        if ds <= needed * (1 + tolerance):
+            level = index
+    ds = level_downsamples[level]
+    read_size = max(1, round(plan.level0_size / ds))
+    return replace(plan, patch_size=input_size, read_level=level, read_downsample=ds, read_size=read_size,
+                   level_stride=max(1, round(plan.level0_stride / ds)), read_mpp=slide_mpp * ds,
+                   delivered_mpp=slide_mpp * plan.level0_size / input_size, upsampled=read_size < input_size)
 
 
 @dataclass
