@@ -27,11 +27,12 @@ from pathlib import Path
 import yaml
 
 VARIANTS: dict[str, dict] = {
-    "default": {},  # the demo's: TransScan, whitening, de-whitening head, tiles read at the student's input size
+    "default": {},  # the demo's: TransScan, whitening, de-whitening head, balanced draws, tiles read at the input size
     "no_head": {"dewhiten_head": False},  # the pool's average mean / std for every tile
     "no_whiten": {"whiten": False},  # regress the raw teacher feature
     "mlp": {"projector": "mlp"},
     "linear": {"projector": "linear"},
+    "uniform_draws": {"balance": "none"},  # no cluster-balanced draws
     "tile_reads": {"read_at_input": False},  # the tiling's tiles (level 0), resized to the student's input
     "budget_x2": {"epochs": 10},  # twice the demo's 5 epochs × 384 tiles
     "budget_half": {"epochs": 3, "tiles_per_epoch": 320},
