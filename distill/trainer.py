@@ -101,8 +101,11 @@ def draw_weights(slides: list[SlideTiles], pool: np.ndarray, cfg: DistillConfig)
         return None
     from sklearn.cluster import MiniBatchKMeans
 
-    feats = np.stack([slides[s].targets[r] for s, r in pool]).astype(np.float32)
-    feats = (feats - feats.mean(axis=1, keepdims=True)) / (feats.std(axis=1, keepdims=True) + 1e-5)
+    feats = np.empty((len(pool), slides[0].targets.shape[1]), np.float32)
+    for i, (s, r) in enumerate(pool):
+        feats[i] = slides[s].targets[r]
+    feats -= feats.mean(axis=1, keepdims=True)  # whitened like the targets, in place (the pool can be large)
+    feats /= feats.std(axis=1, keepdims=True) + 1e-5
     labels = MiniBatchKMeans(n_clusters=cfg.balance_clusters, random_state=cfg.seed, n_init=3,
                              batch_size=2048).fit_predict(feats)
     sizes = np.bincount(labels, minlength=cfg.balance_clusters).astype(np.float64)
@@ -192,7 +195,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     if cfg.whiten:  # the teacher's per-tile mean and std over the pool, to map predictions back to teacher space
         t = np.concatenate([slides[s].targets[r][None] for s, r in train_pool[:4096]]).astype(np.float32)
         model.set_target_stats(torch.from_numpy(t).to(device))
-    weights = draw_weights(slides, train_pool, cfg)
+    weights = None
     from distill.student import FPDLoss
 
     loss_fn = FPDLoss(beta=cfg.loss_beta, cosine_weight=cfg.cosine_weight, whiten=cfg.whiten, stats_weight=cfg.stats_weight)
@@ -215,6 +218,15 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
             state = json.loads(saved["progress"])
             resumed_from = state["epoch"]
             log.info("distillation resumes after epoch %d", resumed_from)
+    # the draw weights of the run that is resumed, so its remaining epochs draw what an uninterrupted run would
+    # (k-means is seeded, but another scikit-learn or BLAS could cluster a little differently)
+    weights_file = ckpt_dir / "draw_weights.npy"
+    if resumed_from is not None and weights_file.exists():
+        weights = np.load(weights_file)
+    if weights is None or len(weights) != len(train_pool):
+        weights = draw_weights(slides, train_pool, cfg)
+        if weights is not None:
+            atomic_write(weights_file, lambda f: np.save(f, weights))
     if resumed_from is None:
         initial = evaluate(model, val_loader, input_size, mean, std, device)
         state["history"].append({"epoch": 0, **initial})

@@ -107,6 +107,26 @@ def test_cluster_balanced_draws_favour_rare_tissue_without_labels():
     assert draw_weights(slides, pool, cfg.model_copy(update={"balance": "none"})) is None
 
 
+def test_a_student_card_from_before_the_head_and_the_input_reads_still_loads(tmp_path):
+    """Cards written before distill.dewhiten_head, read_at_input and balance: the student has no stats head
+    and reads the tiling's tiles, as it was trained."""
+    from features.store import save_safetensors
+
+    cfg = DistillConfig(student={"model": "resnet18", "input_size": 64}, projector="linear", dewhiten_head=False)
+    student, data_cfg = build_student(cfg, 32)
+    save_safetensors(student.state_dict(), tmp_path / "student.safetensors")
+    old = {k: v for k, v in cfg.model_dump(mode="json").items()
+           if k not in ("dewhiten_head", "stats_weight", "read_at_input", "balance", "balance_clusters")}
+    card = {"config": old, "teacher_dim": 32, "student": cfg.student.model_dump(mode="json"), "input_size": 64,
+            "mean": list(data_cfg["mean"]), "std": list(data_cfg["std"])}
+    (tmp_path / "student.json").write_text(json.dumps(card))
+    encoder, _ = load_student(tmp_path, device="cpu")
+    assert encoder.model.stats_head is None and not encoder.read_at_input
+    tiles = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder(tiles), student.eval()(encoder.preprocess(tiles)))
+
+
 @pytest.fixture(scope="module")
 def teacher_tiles(cohort):
     """Tiles of the four demo slides with features of a ViT-S/16 teacher (random weights, fixed seed)."""

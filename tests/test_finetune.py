@@ -60,8 +60,13 @@ def test_layer_groups_run_from_stem_to_head_for_vits_and_students():
     assert names == ["stem", "blocks.0", "blocks.1", "blocks.2", "norm", "head"]
     student, _ = build_student(DistillConfig(student={"model": "resnet18", "input_size": 64}, projector="linear"), 32)
     names = [name for name, _ in layer_groups(student)]
-    assert names[0] == "stem" and names[1] == "backbone.model.layer1.0" and names[-1] == "projector"
+    # the projector and the de-whitening stats head are the head together: neither is a body layer
+    assert names[0] == "stem" and names[1] == "backbone.model.layer1.0" and names[-1] == "projector+stats_head"
+    assert not any("stats_head" in name or "projector" in name for name in names[:-1])
     assert sum(len(p) for _, p in layer_groups(student)) == len(list(student.parameters()))
+    plain, _ = build_student(DistillConfig(student={"model": "resnet18", "input_size": 64}, projector="linear",
+                                           dewhiten_head=False), 32)
+    assert [name for name, _ in layer_groups(plain)][-1] == "projector"
 
 
 ALL = "all"

@@ -115,6 +115,10 @@ def test_tiles_read_at_a_models_input_resolution(cohort, demo_cfg):
         assert plan_for_input(plan, slide.level_downsamples, 128).read_level == 1  # exactly the 4× level's pixels
         assert plan_for_input(plan, slide.level_downsamples, 134).read_level == 1  # 5 % short: still that level
         assert plan_for_input(plan, slide.level_downsamples, 140).read_level == 0
+        coarse = tile_grid(slide.dimensions, slide.mpp, slide.level_downsamples, tissue,
+                           TilingConfig(target_mpp=1.0, patch_size=128)).plan  # tiles read at the 4× level
+        big = plan_for_input(coarse, slide.level_downsamples, 224)  # a model larger than the tiles
+        assert (big.read_level, big.read_size, big.upsampled) == (1, 128, True)  # never a finer level than the tiling's
         for x, y in grid.coords[:4]:
             fast = read_tile(slide, x, y, small).astype(float)
             full = read_tile(slide, x, y, plan_for_input(plan, (1.0,), 112)).astype(float)  # from level 0

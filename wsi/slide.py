@@ -256,11 +256,12 @@ class SlidePool:
         slide = self.slide(slide_id)
         if input_size is not None:
             key = (slide_id, plan, input_size)
-            if key not in self._plans:
+            derived = self._plans.get(key)
+            if derived is None:
                 if len(self._plans) >= 4096:  # a few per slide; bounded however many slides pass through
                     self._plans.clear()
-                self._plans[key] = plan_for_input(plan, slide.level_downsamples, input_size)
-            plan = self._plans[key]
+                derived = self._plans[key] = plan_for_input(plan, slide.level_downsamples, input_size)
+            plan = derived
         return read_tile(slide, int(x), int(y), plan)
 
     def close(self) -> None:

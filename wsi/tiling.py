@@ -106,7 +106,8 @@ def plan_for_input(plan: ReadPlan, level_downsamples: tuple[float, ...], input_s
     from the coarsest pyramid level that still holds that resolution, resized straight to ``input_size``.
 
     A 112-px student on 512-px level-0 tiles reads 128 px at the 4× level, 1/16 of the pixels to decode;
-    a model whose input needs level 0 reads level 0 as before. ``tolerance``: a level whose pixels fall short
+    a model whose input needs level 0 reads level 0 as before. A model larger than the tiles is fed the
+    tiling's level, upsampled, never a finer one. ``tolerance``: a level whose pixels fall short
     of ``input_size`` by at most this fraction still counts (its tile is upsampled that little).
     """
     slide_mpp = plan.read_mpp / plan.read_downsample
@@ -115,6 +116,7 @@ def plan_for_input(plan: ReadPlan, level_downsamples: tuple[float, ...], input_s
     for index, ds in enumerate(level_downsamples):
         if ds <= needed * (1 + tolerance):
             level = index
+    level = max(level, plan.read_level)  # never finer than the tiles themselves: no detail the tiling did not read
     ds = level_downsamples[level]
     read_size = max(1, round(plan.level0_size / ds))
     return replace(plan, patch_size=input_size, read_level=level, read_downsample=ds, read_size=read_size,

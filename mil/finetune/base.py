@@ -58,17 +58,23 @@ def set_trainable(model: nn.Module, params) -> None:
         p.requires_grad_(id(p) in keep)
 
 
-def head_prefix(model: nn.Module) -> str | None:
-    """Name of the module that is the model's head: a distilled student's projector, or a timm classifier with weights."""
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Names of the modules that are the model's head: a distilled student's projector and its de-whitening
+    stats head (both map the backbone's tokens to teacher-space features), or a timm classifier with weights."""
     if hasattr(model, "projector"):
-        return "projector"
+        return ("projector",) + (("stats_head",) if getattr(model, "stats_head", None) is not None else ())
     if hasattr(model, "get_classifier"):
         classifier = model.get_classifier()
         if isinstance(classifier, nn.Module) and any(True for _ in classifier.parameters()):
             for name, module in model.named_modules():
                 if module is classifier:
-                    return name
-    return None
+                    return (name,)
+    return ()
+
+
+def in_head(name: str, heads: tuple[str, ...]) -> bool:
+    """Whether the parameter or buffer ``name`` belongs to one of the head modules ``heads``."""
+    return any(name == head or name.startswith(head + ".") for head in heads)
 
 
 def layer_groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
@@ -76,15 +82,15 @@ def layer_groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
 
     A layer is a numbered block (``blocks.3``, ``layer2.1``); everything before the first block is one
     ``stem`` layer; unnumbered modules after it (final norm) are layers of their own; the head (see
-    ``head_prefix``; else the last layer) is the last. This one split drives linear probing, gradual
+    ``head_prefixes``; else the last layer) is the last. This one split drives linear probing, gradual
     unfreezing and the layer-wise learning rates for ViTs, CNNs and distilled students alike.
     """
-    head = head_prefix(model)
+    heads = head_prefixes(model)
     groups: dict[str, list[nn.Parameter]] = {}
     seen_block = False
     head_params = []
     for name, p in model.named_parameters():
-        if head and (name == head or name.startswith(head + ".")):
+        if in_head(name, heads):
             head_params.append(p)
             continue
         parts = name.split(".")
@@ -96,7 +102,7 @@ def layer_groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
         groups.setdefault(key, []).append(p)
     layers = list(groups.items())
     if head_params:
-        layers.append((head, head_params))
+        layers.append(("+".join(heads), head_params))
     return layers
 
 

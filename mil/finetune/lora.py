@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mil.finetune.base import FineTuneStrategy, head_params, head_prefix, set_trainable
+from mil.finetune.base import FineTuneStrategy, head_params, head_prefixes, in_head, set_trainable
 
 
 class LoRAQKV(nn.Linear):
@@ -79,18 +79,16 @@ class LoRA(FineTuneStrategy):
         return model
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
-        return lora_params(model) + (head_params(model) if self.train_head and head_prefix(model) else [])
+        return lora_params(model) + (head_params(model) if self.train_head and head_prefixes(model) else [])
 
 
 def adapter_tensors(model: nn.Module, *, with_head: bool = True) -> dict[str, torch.Tensor]:
     """The task-specific tensors: every adapter, and the head's weights and buffers (e.g. BatchNorm statistics,
     which training in train mode updates too)."""
-    head = head_prefix(model) if with_head else None
+    heads = head_prefixes(model) if with_head else ()
     tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
-               if ".lora_" in name or (head and name.startswith(head + "."))}
-    if head:
-        tensors.update({name: b.detach().cpu().contiguous() for name, b in model.named_buffers()
-                        if name.startswith(head + ".")})
+               if ".lora_" in name or in_head(name, heads)}
+    tensors.update({name: b.detach().cpu().contiguous() for name, b in model.named_buffers() if in_head(name, heads)})
     return tensors
 
 
