@@ -203,8 +203,9 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     steps_per_epoch = math.ceil(cfg.tiles_per_epoch / cfg.batch_size)
     total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
-    loader_kwargs = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                         **({"persistent_workers": False, "prefetch_factor": 4} if cfg.num_workers else {}))
+    workers = cfg.num_workers if cfg.num_workers is not None else (0 if device.type == "cpu" else 2)
+    loader_kwargs = dict(batch_size=cfg.batch_size, num_workers=workers,
+                         **({"persistent_workers": False, "prefetch_factor": 4} if workers else {}))
     val_loader = torch.utils.data.DataLoader(DistillTiles(slides, val_pool, tile_input), shuffle=False, **loader_kwargs)
 
     state = {"epoch": 0, "best_cosine": -2.0, "best_epoch": 0, "bad_epochs": 0, "history": []}

@@ -145,3 +145,34 @@ def test_median_threshold_by_counting_equals_median_blur_then_threshold(cohort, 
     for image in (sat, noisy):
         expected = (cv2.medianBlur(image, k) if k > 1 else image) > threshold
         assert np.array_equal(median_threshold(image, k, threshold).astype(bool), expected)
+
+
+@pytest.mark.parametrize("name", ["demo_001.svs", "demo_003.svs"])
+def test_tissue_outline_geojson_for_qupath_has_every_region_and_hole_inside_the_tissue(cohort, demo_cfg, name):
+    import json
+
+    import geojson
+
+    from wsi.annotations import tissue_geojson
+
+    with open_slide(cohort / name) as slide:
+        tissue, _ = mask_slide(slide, demo_cfg.tissue)
+        width, height = slide.dimensions
+    outline = tissue_geojson(tissue.mask, tissue.downsample)
+    parsed = geojson.loads(json.dumps(outline))
+    assert parsed.is_valid, parsed.errors()
+    (feature,) = outline["features"]  # one annotation per slide
+    assert feature["properties"]["objectType"] == "annotation" and feature["properties"]["classification"]["name"] == "Tissue"
+    polygons = feature["geometry"]["coordinates"]
+    assert len(polygons) == tissue.n_regions and sum(len(p) - 1 for p in polygons) == tissue.n_holes
+    dx, dy = tissue.downsample
+    for rings in polygons:
+        for k, ring in enumerate(rings):
+            xy = np.asarray(ring)
+            assert (xy >= 0).all() and (xy[:, 0] <= width).all() and (xy[:, 1] <= height).all()
+            cols, rows = (xy[:, 0] / dx).astype(int), (xy[:, 1] / dy).astype(int)
+            # every vertex lies on a tissue pixel: exteriors a quarter pixel inside the region's edge, holes a
+            # quarter pixel outside the hole (OpenCV traces a hole along the tissue pixels around it)
+            assert tissue.mask[rows, cols].all(), (k, len(ring))
+    assert feature["properties"]["measurements"]["tissue_area_px"] == pytest.approx(tissue.mask.sum() * dx * dy)
+    assert tissue_geojson(np.zeros((8, 8), bool), (4.0, 4.0))["features"] == []  # no tissue: no annotation

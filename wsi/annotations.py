@@ -1,4 +1,4 @@
-"""Tile scores as files other tools read: GeoJSON for QuPath, CSV for scripts.
+"""Tile scores and tissue outlines as files other tools read: GeoJSON for QuPath, CSV for scripts.
 
 QuPath (0.3+) imports a GeoJSON FeatureCollection via File → Import objects (or drag and drop):
 each feature becomes a detection (or annotation) with its ``measurements``, and Measure → Show
@@ -35,6 +35,56 @@ def tiles_geojson(coords: np.ndarray, size: int, measurements: dict[str, np.ndar
         features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
                          "properties": properties})
     return {"type": "FeatureCollection", "features": features}
+
+
+def _ring_area(ring: list[list[float]]) -> float:
+    """Signed shoelace area of a closed ring, in its own coordinates (positive: counter-clockwise as numbers)."""
+    xs, ys = np.asarray(ring, dtype=np.float64).T
+    return float(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1])) / 2
+
+
+def _oriented(points: np.ndarray, scale: tuple[float, float], exterior: bool) -> list[list[float]]:
+    """A closed ring in level-0 pixels from contour points of the 2×-upsampled mask, wound as RFC 7946 asks
+    (exteriors counter-clockwise, holes clockwise, as the numbers go)."""
+    ring = [[round((x + 0.5) / 2 * scale[0], 2), round((y + 0.5) / 2 * scale[1], 2)] for x, y in points.reshape(-1, 2).tolist()]
+    ring.append(ring[0])
+    if (_ring_area(ring) > 0) != exterior:
+        ring.reverse()
+    return ring
+
+
+def tissue_geojson(mask: np.ndarray, downsample: tuple[float, float], *, name: str = "Tissue",
+                   object_type: Literal["annotation", "detection"] = "annotation") -> dict:
+    """The tissue mask's outline as one QuPath annotation: a MultiPolygon, one polygon per tissue region with
+    its holes, in level-0 pixels (``downsample``: level-0 px per mask px, (x, y)).
+
+    Traced on the mask upsampled 2× (nearest), so a one-pixel region still has an area, and placed a quarter
+    mask pixel into the tissue at every edge, of regions and of holes alike (OpenCV traces a hole along the
+    tissue pixels around it): the outline never leaves the tissue or the slide.
+    """
+    import cv2
+
+    binary = np.ascontiguousarray(np.asarray(mask, dtype=bool)).view(np.uint8)
+    doubled = cv2.resize(binary, (binary.shape[1] * 2, binary.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+    contours, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    if hierarchy is not None:
+        links = hierarchy[0]  # per contour: next, previous, first child, parent
+        for i, contour in enumerate(contours):
+            if links[i][3] != -1:
+                continue  # a hole: added with its region
+            rings = [_oriented(contour, downsample, exterior=True)]
+            child = links[i][2]
+            while child != -1:
+                rings.append(_oriented(contours[child], downsample, exterior=False))
+                child = links[child][0]
+            polygons.append(rings)
+    area = float(np.count_nonzero(binary)) * downsample[0] * downsample[1]  # the mask's own, exactly
+    properties = {"objectType": object_type, "name": name, "classification": {"name": name},
+                  "measurements": {"regions": len(polygons), "holes": sum(len(p) - 1 for p in polygons),
+                                   "tissue_area_px": round(area, 1)}}
+    feature = {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": polygons}, "properties": properties}
+    return {"type": "FeatureCollection", "features": [feature] if polygons else []}
 
 
 def tiles_csv(slide_id: str, coords: np.ndarray, size: int, columns: dict[str, np.ndarray]) -> str:
