@@ -58,6 +58,9 @@ class RunPaths:
     def tissue_mask(self, slide_id: str) -> Path:
         return self.root / "tissue" / "masks" / f"{slide_id}.png"  # own folder: no id can collide with a QC name
 
+    def tissue_outline(self, slide_id: str) -> Path:
+        return self.root / "tissue" / f"{slide_id}.geojson"  # the mask's outline as a QuPath annotation
+
     def tissue_meta(self, slide_id: str) -> Path:
         return self.root / "tissue" / f"{slide_id}.json"
 

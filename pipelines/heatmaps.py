@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.artifacts import RunPaths
+from pipelines.artifacts import RunPaths, write_text
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
 
@@ -146,7 +146,7 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     from features.store import open_store
     from mil.attention import slide_attention
     from mil.heatmaps import score_tiles, write_heatmap
-    from pipelines.stages import load_tiles, load_tissue, student_label
+    from pipelines.stages import load_tiles, load_tissue, student_label, tissue_outline_json
     from wsi.slide import open_slide
 
     strategy = resolve_strategy(cfg, strategy)
@@ -189,9 +189,12 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
              "attention_class": classes[attention.branch] if model.multi_branch else None,
              "overlap": cfg.heatmaps.overlap, "adapter": str(adapter) if adapter else None,
              "params": cfg.heatmaps.model_dump(mode="json")}
+    out_dir = heatmap_dir(paths, strategy, entry.slide_id)
     with open_slide(meta["slide_path"], slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=meta["mpp"]) as slide:
-        return write_heatmap(heatmap_dir(paths, strategy, entry.slide_id), slide, entry.slide_id, scores, tissue.mask,
-                             cfg.heatmaps, caption=caption, plan=grid.plan, extra=extra)
+        written = write_heatmap(out_dir, slide, entry.slide_id, scores, tissue.mask, cfg.heatmaps, caption=caption,
+                                plan=grid.plan, extra=extra)
+    write_text(out_dir / "tissue.geojson", tissue_outline_json(tissue))  # beside tiles.geojson: import both in QuPath
+    return written
 
 
 def heatmaps_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:

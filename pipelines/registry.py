@@ -72,7 +72,7 @@ CLAM_FIELDS = tuple(f"mil.{name}" for name in ("model", "size", "dropout", "k_sa
 # task per key (mil: per results row and fold), each after the same-stage keys it ``needs``.
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("tissue", tissue_stage, "slide", config=("slides.backend", "slides.default_mpp", "tissue"), reads_slide=True,
-          pixels=True, applies=lambda cfg, entry: entry.has_pixels, artifacts=lambda p, k, c: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_meta(k)]),
+          pixels=True, applies=lambda cfg, entry: entry.has_pixels, artifacts=lambda p, k, c: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_outline(k), p.tissue_meta(k)]),
     Stage("tiles", tiles_stage, "slide", after=("tissue",), config=("tiling",), pixels=True,
           applies=lambda cfg, entry: entry.has_pixels,
           artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),

@@ -59,8 +59,16 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         log.warning("%s: %s", entry.slide_id, message)
     write_image(paths.tissue_qc(entry.slide_id), qc_image(overview, tissue, cfg.tissue.qc_max_size))
     atomic_write(paths.tissue_mask(entry.slide_id), lambda f: save_mask_png(tissue.mask, f))
+    write_text(paths.tissue_outline(entry.slide_id), tissue_outline_json(tissue))
     write_json(paths.tissue_meta(entry.slide_id), meta)
     return meta
+
+
+def tissue_outline_json(tissue: TissueMask) -> str:
+    """The mask's regions and holes as one QuPath annotation (GeoJSON, level-0 pixels)."""
+    from wsi.annotations import tissue_geojson
+
+    return json.dumps(tissue_geojson(tissue.mask, tissue.downsample), separators=(",", ":"))
 
 
 def load_tissue(paths: RunPaths, slide_id: str) -> tuple[TissueMask, dict]:

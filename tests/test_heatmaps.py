@@ -166,6 +166,14 @@ def test_geojson_is_valid_level0_and_one_feature_per_tile(teacher_run):
         m = feature["properties"]["measurements"]
         assert feature["properties"]["objectType"] == "detection"
         assert m["attention"] == pytest.approx(s, abs=1e-4) and m["attention_percentile"] == pytest.approx(p, abs=1e-4)
+    # the tissue outline beside it: the run's tissue/<id>.geojson, one annotation with every region and hole
+    outline = geojson.loads((heat_dir / "tissue.geojson").read_text())
+    assert outline.is_valid and outline == geojson.loads((out / "tissue" / "demo_001.geojson").read_text())
+    tissue_meta = json.loads((out / "tissue" / "demo_001.json").read_text())
+    (region,) = outline["features"]
+    assert len(region["geometry"]["coordinates"]) == tissue_meta["n_regions"]
+    vertices = np.array([xy for polygon in region["geometry"]["coordinates"] for ring in polygon for xy in ring])
+    assert vertices.min() >= 0 and vertices[:, 0].max() <= width and vertices[:, 1].max() <= height
 
 
 def test_overlay_has_the_thumbnail_size_and_untouched_background(teacher_run):
