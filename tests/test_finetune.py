@@ -261,11 +261,12 @@ def test_end2end_with_lora_and_fpt_trains_the_right_parts(tmp_path):
                                       k_tiles=4, epochs=2, student_lr=1e-4, finetune="lora")
     before = student.state_dict()
     changed = {k for k, v in tuned.state_dict().items() if k not in before or not torch.equal(v, before[k])}
-    assert changed and all(".lora_" in k or k.startswith("projector.") for k in changed)
+    head = ("projector.", "stats_head.")  # the student's head: projector and de-whitening stats head
+    assert changed and all(".lora_" in k or k.startswith(head) for k in changed)
     assert any(".lora_" in k and "_B" in k for k in changed)
     assert history[-1]["trainable_params"] < 0.1 * history[-1]["encoder_params"] and history[-1]["peak_mb"] > 0
     path = save_encoder(tuned, "lora", tmp_path / "fold_0_student")
-    assert path.name == "fold_0_student.adapter.safetensors" and all(".lora_" in k or k.startswith("projector.")
+    assert path.name == "fold_0_student.adapter.safetensors" and all(".lora_" in k or k.startswith(head)
                                                                         for k in read_adapter(path)[0])
 
     teacher = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0, depth=2,
