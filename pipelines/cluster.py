@@ -112,8 +112,10 @@ def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
     # Dask's default worker environment sets MALLOC_TRIM_THRESHOLD_, which also switches off glibc's dynamic mmap
     # threshold: every tensor above 128 KiB is then a fresh mmap, and torch on CPU spends its time in page faults
-    # (distillation ran 1.7× slower in a worker than alone). The thread limits stay: tasks set torch's own.
-    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if not k.startswith("MALLOC_")}
+    # (distillation ran 1.7× slower in a worker than alone), unless runner.malloc_trim asks for the lower RSS.
+    # The thread limits stay: tasks set torch's own.
+    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+               if cfg.runner.malloc_trim or not k.startswith("MALLOC_")}
     with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}):
         with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:

@@ -270,3 +270,16 @@ def test_content_fingerprints_survive_touch_and_are_cached(cohort, tmp_path):
         f.write(b"0123456789")
     changed = wsi("run", folder / "slides.csv", "--config", folder / "run.yaml", "--out", out)
     assert "3 up-to-date" not in changed.stderr
+
+
+def test_local_workers_start_without_malloc_trim_unless_asked():
+    """Dask's MALLOC_TRIM_THRESHOLD_ makes glibc mmap every tensor above 128 KiB (torch page-faults): the local
+    cluster's workers start without it, and with it when runner.malloc_trim asks for the lower RSS."""
+    from pipelines.cluster import dask_client
+    from pipelines.config import RunConfig
+
+    for trim, expected in ((False, None), (True, "65536")):
+        cfg = RunConfig.model_validate({"runner": {"n_workers": 1, "malloc_trim": trim}})
+        with dask_client(cfg, 1) as client:
+            seen = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
+        assert list(seen.values()) == [(expected, "1")]  # the thread limit stays either way
