@@ -195,7 +195,6 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     if cfg.whiten:  # the teacher's per-tile mean and std over the pool, to map predictions back to teacher space
         t = np.concatenate([slides[s].targets[r][None] for s, r in train_pool[:4096]]).astype(np.float32)
         model.set_target_stats(torch.from_numpy(t).to(device))
-    weights = None
     from distill.student import FPDLoss
 
     loss_fn = FPDLoss(beta=cfg.loss_beta, cosine_weight=cfg.cosine_weight, whiten=cfg.whiten, stats_weight=cfg.stats_weight)
@@ -222,8 +221,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     # the draw weights of the run that is resumed, so its remaining epochs draw what an uninterrupted run would
     # (k-means is seeded, but another scikit-learn or BLAS could cluster a little differently)
     weights_file = ckpt_dir / "draw_weights.npy"
-    if resumed_from is not None and weights_file.exists():
-        weights = np.load(weights_file)
+    weights = np.load(weights_file) if resumed_from is not None and weights_file.exists() else None
     if weights is None or len(weights) != len(train_pool):
         weights = draw_weights(slides, train_pool, cfg)
         if weights is not None:
