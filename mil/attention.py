@@ -63,3 +63,34 @@ def slide_attention(model, features: np.ndarray, class_index: int | None = None,
         raise ValueError(f"class index {class_index} is out of range for {len(probs)} classes")
     branch = 0 if n_branches == 1 else (predicted if class_index is None else class_index)
     return SlideAttention(attention[branch].numpy().astype(np.float64), probs, predicted, branch)
+
+
+@dataclass
+class EnsembleAttention:
+    """Several CLAMs (a bundle's fold ensemble) on one bag: mean probabilities, and each member's attention."""
+
+    members: list[SlideAttention]  # each on the ensemble's branch
+    probabilities: np.ndarray  # (C,) mean of the members'
+    predicted: int
+    branch: int
+
+    def scores(self, raws: list[np.ndarray] | None = None) -> np.ndarray:
+        """One score per tile: a lone member's raw attention; several members' mean percentile, each within its
+        own attention over the bag (raw logits of different CLAMs share no scale). ``raws``: the members'
+        attention over other tiles (an overlapping second pass), scored against the bag's."""
+        raws = [m.raw for m in self.members] if raws is None else raws
+        if len(self.members) == 1:
+            return np.asarray(raws[0], dtype=np.float64)
+        return np.mean([percentile_of(r, m.raw) for r, m in zip(raws, self.members)], axis=0)
+
+
+def ensemble_attention(models: list, features: np.ndarray, class_index: int | None = None) -> EnsembleAttention:
+    """CLAM-MB draws the branch of ``class_index``, else of the ensemble's predicted class."""
+    members = [slide_attention(model, features) for model in models]
+    probabilities = np.mean([m.probabilities for m in members], axis=0)
+    predicted = int(probabilities.argmax())
+    wanted = predicted if class_index is None else class_index
+    if any(m.branch != wanted for m in members) and any(model.multi_branch for model in models):
+        members = [slide_attention(model, features, wanted) for model in models]
+    branch = members[0].branch
+    return EnsembleAttention(members, probabilities, predicted, branch)

@@ -132,23 +132,36 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
     """Run (or resume) every stage for every slide of SLIDES_CSV into OUT. Exit code 0 only when all is done."""
+    from pipelines.config import load_config
+
+    _run(slides_csv, out, lambda: load_config(config), until=until, only=only, force=force, scheduler=scheduler,
+         workers=workers, retries=retries, break_lock=break_lock, verbose=verbose)
+
+
+def _run(slides_csv: Path, out: Path, make_config, *, check=None, until=None, only=None, force=None, scheduler=None,
+         workers=None, retries=None, break_lock=False, verbose=False) -> None:
+    """What `run` and `predict` share: config (from ``make_config()``), manifest, ``check(entries)``, the runner,
+    the report; exits 0 only when every task is done."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import Progress
 
     console = Console(stderr=True, soft_wrap=True)
     _setup_logging(verbose, console)
-    from pipelines.config import ConfigError, load_config
+    from pipelines.bundle import BundleError
+    from pipelines.config import ConfigError
     from pipelines.live import LiveTasks
     from pipelines.manifest import ManifestError, read_manifest
     from pipelines.runner import ClusterError, run_cohort
     from pipelines.state import LockError
 
     try:
-        cfg = load_config(config)
+        cfg = make_config()
         overrides = {k: v for k, v in {"scheduler": scheduler, "n_workers": workers, "retries": retries}.items() if v is not None}
         cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update=overrides)})
         entries = read_manifest(slides_csv)
+        if check is not None:
+            check(entries)
         with Progress(console=console, transient=True) as progress, LiveTasks(progress, out) as live:
             bar = progress.add_task("tasks", total=None)
             report = run_cohort(
@@ -156,7 +169,7 @@ def run(
                 on_plan=lambda tasks: (progress.update(bar, total=len(tasks)), live.watch(tasks)),
                 on_start=lambda link: console.print(f"Dask dashboard: {link}", highlight=False),
                 on_settled=lambda task: progress.advance(bar))
-    except (ConfigError, ManifestError, LockError, ClusterError, ValueError) as exc:
+    except (ConfigError, ManifestError, LockError, ClusterError, BundleError, ValueError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     _print_report(console, report)
@@ -298,6 +311,57 @@ def heatmaps(
             continue
         typer.echo(f"{meta['caption']} → {heatmap_dir(paths, strategy, entry.slide_id)}")
     raise typer.Exit(1 if failed else 0)
+
+
+@app.command("export-model")
+def export_model(
+    out: Annotated[Path, typer.Argument(help="a finished training run directory")],
+    strategy: Annotated[str, typer.Option(help="results row: teacher, reuse, retrain, end2end or end2end:NAME")],
+    dest: Annotated[Path, typer.Option(help="the bundle folder to write (new or empty)")],
+    fold: Annotated[Optional[list[int]], typer.Option(help="keep only this fold's CLAM (repeatable; default: every fold "
+                                                           "for teacher/reuse/retrain, the best-validated fold for End2end)")] = None,
+) -> None:
+    """Write a model bundle (encoder + CLAMs + settings + card, safetensors and JSON only) for `predict`."""
+    from pipelines.bundle import BundleError, export_bundle
+
+    try:
+        meta = export_bundle(out, strategy, dest, fold)
+    except (BundleError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    cv = meta["card"]["cv"]
+    typer.echo(f"wrote {dest}: {strategy}, {meta['encoder']['kind']} encoder, CLAMs of folds {meta['clam']['folds']}, "
+               f"CV AUC {cv['auc_mean']:.3f}")
+    typer.echo(f"next: wsi-pipeline predict new_slides.csv --model {dest} --out predictions")
+
+
+@app.command()
+def predict(
+    slides_csv: Annotated[Path, typer.Argument(help="slides.csv of the slides to predict (label optional: metrics when given)")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="a model bundle from `wsi-pipeline export-model`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="prediction run directory (rerunning into it resumes)")] = Path("wsi_predict"),
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with runner, slides, features, heatmaps "
+                                                                         "or predict sections (tissue and tiling come from the bundle)")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(help="only these slide ids (repeatable); predictions.csv is not written")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(help="rerun this stage and its dependants even if done (repeatable)")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="existing Dask scheduler, tcp://HOST:PORT (overrides runner.scheduler)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="local cluster worker processes (overrides runner.n_workers)")] = None,
+    retries: Annotated[Optional[int], typer.Option(min=0, help="retries per failed task (overrides runner.retries)")] = None,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help="take over the run directory's lock even if it looks live")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+) -> None:
+    """Predict SLIDES_CSV with a model bundle into OUT: predictions.csv, heatmaps, metrics when labelled (resumable)."""
+    from pipelines.bundle import load_bundle
+    from pipelines.predict import check_predict_slides, predict_config
+
+    state: dict = {}
+
+    def make_config():
+        state["bundle"] = load_bundle(model)  # every file checked against its sha256
+        return predict_config(state["bundle"], config)
+
+    _run(slides_csv, out, make_config, check=lambda entries: check_predict_slides(state["bundle"], entries), only=only,
+         force=force, scheduler=scheduler, workers=workers, retries=retries, break_lock=break_lock, verbose=verbose)
 
 
 @app.command()

@@ -57,6 +57,22 @@ class RunnerConfig(BaseModel):
     worker_wait_s: float = Field(300, gt=0, description="with an existing scheduler: how long to wait for its first worker")
 
 
+class PredictConfig(BaseModel):
+    """A prediction run (`wsi-pipeline predict`): new slides through a trained model bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: Path | None = Field(
+        None, description="the model bundle (`wsi-pipeline export-model`) this run predicts with; set by `wsi-pipeline "
+                          "predict`, whose runs have only the tissue, tiles, qc, embed, predict, predictions and "
+                          "predict_heatmaps stages; null: a training run")
+    device: str = Field("auto", description="where the bundle's encoder and CLAMs run: auto (CUDA when the worker has a "
+                                            "GPU, else CPU), cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="the bundle encoder's inference precision (as `features.teacher.precision`: auto is bf16 "
+                            "only where the device runs it natively)")
+
+
 class RunConfig(BaseModel):
     """Everything a run needs besides slides.csv. Written back resolved to ``OUT/run.yaml``."""
 
@@ -70,6 +86,7 @@ class RunConfig(BaseModel):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     mil: MILConfig = Field(default_factory=MILConfig)
     heatmaps: HeatmapConfig = Field(default_factory=HeatmapConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
 
     @model_validator(mode="after")
     def _heatmap_strategy_is_run(self):

@@ -24,7 +24,7 @@ def _rate(paths: RunPaths, stage: str, entries: list[SlideEntry]) -> float | Non
     return round(tiles / seconds, 2) if seconds else None
 
 
-def _csv_text(rows: list[dict]) -> str:
+def csv_text(rows: list[dict]) -> str:
     buffer = io.StringIO()
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -62,9 +62,9 @@ def results_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
                     "encoder_params": student_params if on_student else teacher_params,
                     "encoder_patches_per_s": student_rate if on_student else teacher_rate})
     results = paths.root / "results"
-    write_text(results / "predictions.csv", _csv_text(predictions))
-    write_text(results / "fold_metrics.csv", _csv_text(fold_metrics))
-    write_text(results / "summary.csv", _csv_text(summary))
+    write_text(results / "predictions.csv", csv_text(predictions))
+    write_text(results / "fold_metrics.csv", csv_text(fold_metrics))
+    write_text(results / "summary.csv", csv_text(summary))
     write_text(results / "summary.md", results_markdown(summary, classes, n_folds, encoder_notes(cfg, paths, entries)))
     return {"n_slides": len({p["slide_id"] for p in predictions}), "folds": n_folds, "summary": summary, "warnings": []}
 
@@ -146,7 +146,17 @@ def stage_costs(out: Path) -> str:
 
 def read_report(out: Path) -> str:
     """The results table, then what each stage cost."""
-    path = RunPaths(Path(out)).root / "results" / "summary.md"
+    root = RunPaths(Path(out)).root
+    path = root / "results" / "summary.md"
+    if not path.exists() and (root / "predictions.csv").exists():  # a prediction run (`wsi-pipeline predict`)
+        with (root / "predictions.csv").open(newline="") as f:
+            counts: dict[str, int] = {}
+            for row in csv.DictReader(f):
+                counts[row["prediction"]] = counts.get(row["prediction"], 0) + 1
+        head = f"{sum(counts.values())} slides predicted: " + ", ".join(f"{n} {c}" for c, n in sorted(counts.items())) + "\n"
+        metrics = root / "metrics.md"
+        head += ("\n" + metrics.read_text()) if metrics.exists() else "(no labels in slides.csv: no metrics)\n"
+        return head + "\nStage costs (from the task states):\n\n" + stage_costs(out)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no results yet; run the pipeline through the mil stage")
     return path.read_text() + "\nStage costs (from the task states; peak RSS of the task's worker process and its loaders):\n\n" + stage_costs(out)

@@ -91,14 +91,6 @@ def _encoder(cfg: RunConfig, paths: RunPaths, strategy: str, student_weights: Pa
     return encoder
 
 
-def _embed(entry: SlideEntry, cfg: RunConfig, meta: dict, encoder, coords: np.ndarray, plan) -> np.ndarray:
-    from features.extract import TileDataset, embed_tiles
-
-    dataset = TileDataset.for_encoder(encoder, meta["slide_path"], coords, plan, backend=cfg.slides.backend, mpp=meta["mpp"],
-                                      slide_id=entry.slide_id)
-    return embed_tiles(dataset, encoder, cfg.features)
-
-
 def _fold_and_classes(paths: RunPaths, strategy: str, slide_id: str) -> tuple[int, bool, list[str]]:
     """(fold whose CLAM draws the slide, whether that fold held it out, class order) from the run's predictions."""
     predictions = paths.root / "results" / "predictions.csv"
@@ -127,16 +119,31 @@ def _load_clam(cfg: RunConfig, weights: Path, n_classes: int):
     return model.eval().to(pick_device(cfg.mil.device))
 
 
-def _overlap_pass(entry: SlideEntry, cfg: RunConfig, tissue, meta: dict, encoder, model, branch: int, first_raw):
-    """CLAM's second pass: tiles overlapping by ``heatmaps.overlap``, embedded now (not stored), scored vs the first."""
-    from mil.attention import slide_attention
-    from mil.heatmaps import score_tiles
+def overlap_grid(cfg: RunConfig, tissue, meta: dict):
+    """The tile grid of CLAM's second pass: the run's tiling with tiles overlapping by ``heatmaps.overlap``."""
     from wsi.tiling import tile_grid
 
     overlap = round(cfg.tiling.patch_size * cfg.heatmaps.overlap)
     tiling = cfg.tiling.model_copy(update={"overlap": min(overlap, cfg.tiling.patch_size - 1)})
-    grid = tile_grid(tuple(meta["dimensions"]), meta["mpp"], tuple(meta["level_downsamples"]), tissue, tiling)
-    raw = slide_attention(model, _embed(entry, cfg, meta, encoder, grid.coords, grid.plan), branch).raw
+    return tile_grid(tuple(meta["dimensions"]), meta["mpp"], tuple(meta["level_downsamples"]), tissue, tiling)
+
+
+def embed(entry: SlideEntry, cfg: RunConfig, meta: dict, encoder, coords: np.ndarray, plan) -> np.ndarray:
+    """Features of tiles embedded now (not stored): End2end's tuned students, overlapping second passes."""
+    from features.extract import TileDataset, embed_tiles
+
+    dataset = TileDataset.for_encoder(encoder, meta["slide_path"], coords, plan, backend=cfg.slides.backend, mpp=meta["mpp"],
+                                      slide_id=entry.slide_id)
+    return embed_tiles(dataset, encoder, cfg.features)
+
+
+def _overlap_pass(entry: SlideEntry, cfg: RunConfig, tissue, meta: dict, encoder, model, branch: int, first_raw):
+    """CLAM's second pass: tiles overlapping by ``heatmaps.overlap``, embedded now (not stored), scored vs the first."""
+    from mil.attention import slide_attention
+    from mil.heatmaps import score_tiles
+
+    grid = overlap_grid(cfg, tissue, meta)
+    raw = slide_attention(model, embed(entry, cfg, meta, encoder, grid.coords, grid.plan), branch).raw
     return score_tiles(grid.coords, grid.plan.level0_size, raw, reference=first_raw)
 
 
@@ -168,7 +175,7 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     else:  # End2end: the fold's fine-tuned student re-embeds every tile
         encoder = _encoder(cfg, paths, strategy, student_weights, adapter)
         coords = grid.coords
-        features = _embed(entry, cfg, meta, encoder, coords, grid.plan)
+        features = embed(entry, cfg, meta, encoder, coords, grid.plan)
     if len(features) == 0:
         raise ValueError(f"{entry.slide_id}: no tiles, so no attention to draw")
     attention = slide_attention(model, features, None if class_name is None else classes.index(class_name))

@@ -17,6 +17,17 @@ from pipelines.config import RunConfig
 from pipelines.evaluation import results_stage
 from pipelines.heatmaps import drawable, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
 from pipelines.manifest import SlideEntry
+from pipelines.predict import (
+    bundle_inputs,
+    embed_stage,
+    heatmap_folder,
+    predict_heatmaps_stage,
+    predict_stage,
+    predicting,
+    prediction_file,
+    predictions_stage,
+    run_bundle,
+)
 from pipelines.mil_stage import fold_artifacts, mil_fingerprint_stages, mil_fold_stage, mil_key_inputs, mil_keys, mil_needs
 from pipelines.stages import (
     distill_stage,
@@ -55,9 +66,14 @@ class Stage:
     pixels: bool = False  # needs the slide files (not only their features): refused on a features-only cohort
 
 
+def training(cfg: RunConfig) -> bool:
+    """A training run; a prediction run (``predict.bundle``) has the tissue, tiles, qc and prediction stages only."""
+    return not predicting(cfg)
+
+
 def needs_student(cfg: RunConfig) -> bool:
     """Distillation and student features only serve the MIL strategies that use the student."""
-    return any(s in ("reuse", "retrain", "end2end") for s in cfg.mil.strategies)
+    return training(cfg) and any(s in ("reuse", "retrain", "end2end") for s in cfg.mil.strategies)
 
 
 # The mil fields a CLAM's training depends on (End2end's own are added per task by mil_key_inputs): changing
@@ -78,6 +94,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
     Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher", "features.dtype"),
           artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, uses_torch=True,
+          enabled=training,
           extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
     Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
     Stage("distill", distill_stage, "cohort", after=("features",), config=("distill", "features.teacher", "features.dtype"),
@@ -90,16 +107,31 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           artifacts=lambda p, k, c: [store_path(p.root, student_label(c), k)], resources={"GPU": 1}, uses_torch=True,
           enabled=needs_student),
     Stage("mil", mil_fold_stage, "fold", after=("features", "student_features"), config=CLAM_FIELDS,
-          keys=mil_keys, needs=mil_needs, key_inputs=mil_key_inputs, fingerprint_stages=mil_fingerprint_stages,
+          keys=mil_keys, needs=mil_needs, key_inputs=mil_key_inputs, fingerprint_stages=mil_fingerprint_stages, enabled=training,
           artifacts=lambda p, k, c: fold_artifacts(p, k), resources={"GPU": 1}, uses_torch=True,
           encoders=lambda cfg: ["features.teacher"] if "end2end" in cfg.mil.strategies and "fpt" in cfg.mil.finetune else []),
     Stage("results", results_stage, "cohort", after=("mil",), config=("mil.strategies", "mil.finetune"),
-          artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"]),
+          artifacts=lambda p, k, c: [p.root / "results" / "summary.md", p.root / "results" / "predictions.csv"],
+          enabled=training),
     Stage("heatmaps", heatmaps_stage, "slide", after=("results",), config=("heatmaps",), pixels=True,
           artifacts=lambda p, k, c: [heatmap_dir(p, resolve_strategy(c), k) / "heatmap.json"],
-          enabled=lambda cfg: cfg.heatmaps.slides != "none" and bool(drawable(cfg)),
+          enabled=lambda cfg: training(cfg) and cfg.heatmaps.slides != "none" and bool(drawable(cfg)),
           applies=lambda cfg, entry: entry.has_pixels and wants_heatmap(cfg, entry), uses_torch=True, resources={"GPU": 1},
           encoders=lambda cfg: ["features.teacher"] if resolve_strategy(cfg) == "teacher" and cfg.heatmaps.overlap > 0 else []),
+    # a prediction run (`wsi-pipeline predict`): the bundle's encoder, its CLAMs, the table, the heatmaps
+    Stage("embed", embed_stage, "slide", after=("tiles",), config=("features.dtype", "predict.precision"), pixels=True,
+          applies=lambda cfg, entry: entry.has_pixels, enabled=predicting, resources={"GPU": 1}, uses_torch=True,
+          artifacts=lambda p, k, c: [store_path(p.root, run_bundle(c).encoder_label, k)],
+          extra_inputs=lambda cfg, hashes: bundle_inputs(cfg, "encoder")),
+    Stage("predict", predict_stage, "slide", after=("embed",), enabled=predicting, uses_torch=True,
+          applies=lambda cfg, entry: entry.has_pixels, artifacts=lambda p, k, c: [prediction_file(p, k)],
+          extra_inputs=lambda cfg, hashes: bundle_inputs(cfg, "clam")),
+    Stage("predictions", predictions_stage, "cohort", after=("predict",), enabled=predicting,
+          artifacts=lambda p, k, c: [p.root / "predictions.csv"]),
+    Stage("predict_heatmaps", predict_heatmaps_stage, "slide", after=("predict",), config=("heatmaps",), pixels=True,
+          enabled=lambda cfg: predicting(cfg) and cfg.heatmaps.slides != "none", uses_torch=True, resources={"GPU": 1},
+          applies=lambda cfg, entry: entry.has_pixels and wants_heatmap(cfg, entry),
+          artifacts=lambda p, k, c: [heatmap_folder(p, k) / "heatmap.json"]),
 ]}
 
 

@@ -113,7 +113,7 @@ def cached_encoder(spec_json: str):
     return create_encoder(EncoderConfig.model_validate_json(spec_json), field="features.teacher")
 
 
-def _extract(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder, label: str, extra_attrs: dict) -> dict:
+def extract_features(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder, label: str, extra_attrs: dict) -> dict:
     """Every tile of one slide through ``encoder`` into ``features/<label>/<slide_id>.zarr``."""
     from features.extract import TileDataset, encoder_attrs, extract_slide
 
@@ -132,7 +132,7 @@ def features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     if not entry.has_pixels:
         return imported_features_check(entry, cfg, paths)
     encoder = cached_encoder(cfg.features.teacher.model_dump_json())
-    return _extract(entry, cfg, paths, encoder, cfg.features.teacher.label, {})
+    return extract_features(entry, cfg, paths, encoder, cfg.features.teacher.label, {})
 
 
 def imported_features_check(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
@@ -171,7 +171,7 @@ def student_features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -
     st = weights.stat()
     encoder, card = cached_student(str(paths.student_dir), (st.st_size, st.st_mtime_ns), cfg.distill.student.precision)
     extra = {"distilled_from": card["teacher"].get("label", ""), "student_card": str(paths.student_dir / "student.json")}
-    return _extract(entry, cfg, paths, encoder, student_label(cfg), extra)
+    return extract_features(entry, cfg, paths, encoder, student_label(cfg), extra)
 
 
 def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
