@@ -209,7 +209,7 @@ def status(
 
     try:
         report = run_status(out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # not a run directory; a prediction run whose bundle is gone
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if as_json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,22 @@ def teacher_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProce
     result = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(csv_path), "--config", str(folder / "run.yaml"),
                              "--out", str(out)], capture_output=True, text=True, timeout=900)
     return folder, out, result
+
+
+@pytest.fixture(scope="session")
+def student_run(teacher_run, tmp_path_factory) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
+    """(slide folder, the teacher run, a copy of it that also distilled the README's student at fp32 — as a CPU
+    without bf16 runs it — and added the Reuse row, that run's completed process)."""
+    from pipelines.cli import DEMO_CONFIG
+
+    folder, teacher_out, first = teacher_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path_factory.mktemp("student_run") / "out"
+    shutil.copytree(teacher_out, out)  # the teacher's features and CLAMs are reused, not recomputed
+    distill = {**yaml.safe_load(DEMO_CONFIG)["distill"], "precision": "fp32"}
+    config = {**TEACHER_RUN_CONFIG, "distill": distill, "mil": {**TEACHER_RUN_CONFIG["mil"], "strategies": ["teacher", "reuse"]},
+              "heatmaps": {"slides": "none"}}
+    (out.parent / "run.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(folder / "slides.csv"), "--config",
+                             str(out.parent / "run.yaml"), "--out", str(out)], capture_output=True, text=True, timeout=900)
+    return folder, teacher_out, out, result

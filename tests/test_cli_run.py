@@ -168,6 +168,20 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     assert [r["strategy"] for r in summary] == ["teacher", "reuse", "retrain", "end2end"]
     for row in summary:  # every row has real metrics: ACC and balanced ACC on every fold, AUC where defined
         assert all(math.isfinite(float(row[k])) for k in ("acc_mean", "bacc_mean", "auc_mean")), row
+    # End2end's bundle: one fold (each fold tuned its own student), that fold's fine-tuned student and CLAM
+    exported = wsi("export-model", "runs/demo", "--strategy", "end2end", "--dest", "bundle", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    from safetensors.torch import load_file
+
+    from pipelines.bundle import load_bundle
+
+    bundle = load_bundle(tmp_path / "bundle")
+    (fold,) = bundle.meta["clam"]["folds"]
+    tuned = load_file(str(tmp_path / "runs/demo/models/mil/end2end" / f"fold_{fold}_student.safetensors"))
+    encoder = bundle.encoder(device="cpu", precision="fp32")
+    assert all((encoder.model.state_dict()[k] == v).all() for k, v in tuned.items())
+    assert bundle.clams("cpu")[0].state_dict()["fc.0.weight"].equal(
+        load_file(str(tmp_path / "runs/demo/models/mil/end2end" / f"fold_{fold}_clam.safetensors"))["fc.0.weight"])
 
 
 def test_help_is_fast_and_does_not_import_torch():

@@ -199,7 +199,7 @@ def test_heatmap_overlap_pass_and_fpt_rebuild_the_teacher_that_made_the_stored_f
     from features.extract import TileDataset, check_same_encoder
     from pipelines.config import load_config
     from pipelines.mil_stage import fpt_teacher
-    from pipelines.heatmaps import _embed, _encoder
+    from pipelines.heatmaps import _encoder, embed
     from pipelines.stages import load_tiles
 
     out = two_runs[0]
@@ -212,7 +212,7 @@ def test_heatmap_overlap_pass_and_fpt_rebuild_the_teacher_that_made_the_stored_f
     plan = load_tiles(paths, entry.slide_id).plan
 
     overlap_encoder = _encoder(cfg, paths, "teacher", None, None)  # what the heatmaps' second pass uses, in this process
-    again = _embed(entry, cfg, meta, overlap_encoder, coords, plan)
+    again = embed(entry, cfg, meta, overlap_encoder, coords, plan)
     np.testing.assert_allclose(again, stored, atol=2e-3, rtol=2e-3)  # equal up to the store's float16
 
     big = fpt_teacher(paths, cfg, entry.slide_id)  # what End2end's FPT row fine-tunes

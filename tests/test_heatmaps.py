@@ -86,6 +86,32 @@ def test_chunked_attention_matches_the_model_and_picks_the_branch(multi_branch):
         assert other.branch == 2 and np.allclose(other.raw, out["attention"][2].numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("multi_branch", [False, True])
+def test_an_ensemble_averages_probabilities_and_scores_tiles_by_mean_percentile(multi_branch):
+    import torch
+
+    from mil.attention import ensemble_attention
+    from mil.clam import CLAM
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(CLAM(16, 3, multi_branch=multi_branch).eval())
+    rng = np.random.default_rng(2)
+    bag, more = rng.normal(size=(40, 16)).astype(np.float32), rng.normal(size=(25, 16)).astype(np.float32)
+    alone = [slide_attention(m, bag) for m in models]
+    ensemble = ensemble_attention(models, bag)
+    assert np.allclose(ensemble.probabilities, np.mean([a.probabilities for a in alone], axis=0))
+    assert ensemble.predicted == int(ensemble.probabilities.argmax())
+    assert ensemble.branch == (ensemble.predicted if multi_branch else 0)  # every member on the ensemble's class
+    raws = [slide_attention(m, bag, ensemble.branch).raw for m in models]
+    assert np.allclose(ensemble.scores(), np.mean([percentile_of(r, r) for r in raws], axis=0))
+    second = [slide_attention(m, more, ensemble.branch).raw for m in models]  # a second pass: on each member's scale
+    assert np.allclose(ensemble.scores(second), np.mean([percentile_of(s, r) for s, r in zip(second, raws)], axis=0))
+    single = ensemble_attention(models[:1], bag)
+    assert np.array_equal(single.scores(), alone[0].raw) and np.allclose(single.probabilities, alone[0].probabilities)
+
+
 def test_config_selects_slides_and_rejects_a_strategy_the_run_lacks(tmp_path):
     from pipelines.artifacts import RunPaths
     from pipelines.config import RunConfig
