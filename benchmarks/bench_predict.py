@@ -6,8 +6,9 @@
 Without ``--run`` it trains first: the README demo cohort (24 slides, seed 0) with the demo's run.yaml and
 the rows teacher and reuse. It exports both rows as bundles (the Reuse bundle is the student with the
 teacher's fold CLAMs), writes a new demo cohort (``--seed``, never trained on) and predicts it with each
-bundle twice, into fresh run directories: predictions only (``heatmaps.slides: none``) and with the
-default heatmaps (teacher: one pass; student: CLAM's overlapping second pass, overlap 0.5). Prints per
+bundle three times, into fresh run directories: predictions only (``heatmaps.slides: none``), with the
+default heatmaps (teacher: one pass; student: CLAM's overlapping second pass, overlap 0.5), and with the
+same smooth heatmaps for both (overlap 0.5). Prints per
 run: wall time, the embed stage's patches/s (tiles / task seconds, summed over slides), end-to-end tiles
 per wall second, the largest peak RSS of a slide task, and slide AUC; then the student/teacher ratios.
 """
@@ -80,10 +81,13 @@ def main() -> None:
     if not (cohort / "slides.csv").exists():
         wsi("demo", cohort, "--n-slides", args.n_slides, "--size", args.size, "--seed", args.seed, cwd=work)
     (work / "no_maps.yaml").write_text(yaml.safe_dump({"heatmaps": {"slides": "none"}}))
+    (work / "smooth_maps.yaml").write_text(yaml.safe_dump({"heatmaps": {"overlap": 0.5}}))
+    modes = {"predictions only": ["--config", work / "no_maps.yaml"], "with default heatmaps": [],
+             "heatmaps with overlap 0.5 for both": ["--config", work / "smooth_maps.yaml"]}
     rows = []
-    for mode, config in (("predictions only", ["--config", work / "no_maps.yaml"]), ("with default heatmaps", [])):
+    for mode, config in modes.items():
         for row in ("teacher", "reuse"):
-            out = work / f"predict_{row}_{'maps' if not config else 'nomaps'}"
+            out = work / f"predict_{row}_{list(modes).index(mode)}"
             if out.exists():
                 import shutil
 
@@ -98,7 +102,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['mode']} | {r['bundle']} | {r['wall_s']:.1f} | {r['tiles']} | {r['embed_patches_per_s']:.1f} | "
               f"{r['tiles'] / r['wall_s']:.1f} | {r['heatmap_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['auc']:.3f} |")
-    for mode in ("predictions only", "with default heatmaps"):
+    for mode in modes:
         t, s = (next(r for r in rows if r["mode"] == mode and r["bundle"] == b) for b in ("teacher", "reuse"))
         print(f"\n{mode}: student/teacher embed patches/s {s['embed_patches_per_s'] / t['embed_patches_per_s']:.1f}x, "
               f"wall time teacher/student {t['wall_s'] / s['wall_s']:.2f}x")

@@ -30,6 +30,10 @@ class ExtractionConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="tiles per forward pass")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes reading and decoding tiles (0: in the main process)")
     prefetch_factor: int = Field(4, ge=1, description="batches each loader worker keeps ready")
+    loader_min_tiles: int = Field(1024, ge=0, description="slides (and heatmap passes) with fewer tiles are read in the "
+                                                         "task's own process: a loader process takes ~2 s to start in a "
+                                                         "Dask worker (it spawns a Python that imports torch), more than "
+                                                         "reading ~1,000 tiles costs")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads for the model (null: the cores the task's "
                                                             "Dask worker owns, all of the machine's for a one-slide run)")
     dtype: str = Field("float16", pattern="^(float16|float32)$", description="dtype of stored features")
@@ -67,8 +71,9 @@ class TileDataset:
 def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):
     import torch
 
-    # small slides: reading in this process (~3 ms a tile) costs less than starting loader processes
-    workers = cfg.num_workers if len(dataset) > 4 * cfg.batch_size else 0
+    # small slides: reading in this process (0.4-3 ms a tile) costs less than starting loader processes, which
+    # Dask workers spawn (a fresh interpreter importing torch: ~2 s per slide, measured in bench_predict.py)
+    workers = cfg.num_workers if len(dataset) >= max(cfg.loader_min_tiles, 1) else 0
     kwargs = dict(prefetch_factor=cfg.prefetch_factor, persistent_workers=False) if workers else {}
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda", **kwargs)

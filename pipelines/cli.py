@@ -50,6 +50,15 @@ mil:
 """
 
 
+# options `run` and `predict` share
+ForceOpt = Annotated[Optional[list[str]], typer.Option(help="rerun this stage and its dependants even if done (repeatable)")]
+SchedulerOpt = Annotated[Optional[str], typer.Option(help="existing Dask scheduler, tcp://HOST:PORT (overrides runner.scheduler)")]
+WorkersOpt = Annotated[Optional[int], typer.Option(min=1, help="local cluster worker processes (overrides runner.n_workers)")]
+RetriesOpt = Annotated[Optional[int], typer.Option(min=0, help="retries per failed task (overrides runner.retries)")]
+BreakLockOpt = Annotated[bool, typer.Option("--break-lock", help="take over the run directory's lock even if it looks live")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+
+
 def _setup_logging(verbose: bool, console=None) -> None:
     """Log through ``console`` (the one the live progress bar draws on), so log lines and warnings print above
     the bar instead of through it."""
@@ -124,12 +133,12 @@ def run(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="run config YAML (see `wsi-pipeline init`)")] = None,
     until: Annotated[Optional[str], typer.Option(help="run up to and including this stage")] = None,
     only: Annotated[Optional[list[str]], typer.Option(help="only these slide ids (repeatable); cohort stages are not run")] = None,
-    force: Annotated[Optional[list[str]], typer.Option(help="rerun this stage and its dependants even if done (repeatable)")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="existing Dask scheduler, tcp://HOST:PORT (overrides runner.scheduler)")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="local cluster worker processes (overrides runner.n_workers)")] = None,
-    retries: Annotated[Optional[int], typer.Option(min=0, help="retries per failed task (overrides runner.retries)")] = None,
-    break_lock: Annotated[bool, typer.Option("--break-lock", help="take over the run directory's lock even if it looks live")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    force: ForceOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    retries: RetriesOpt = None,
+    break_lock: BreakLockOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run (or resume) every stage for every slide of SLIDES_CSV into OUT. Exit code 0 only when all is done."""
     from pipelines.config import load_config
@@ -343,12 +352,12 @@ def predict(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with runner, slides, features, heatmaps "
                                                                          "or predict sections (tissue and tiling come from the bundle)")] = None,
     only: Annotated[Optional[list[str]], typer.Option(help="only these slide ids (repeatable); predictions.csv is not written")] = None,
-    force: Annotated[Optional[list[str]], typer.Option(help="rerun this stage and its dependants even if done (repeatable)")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="existing Dask scheduler, tcp://HOST:PORT (overrides runner.scheduler)")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="local cluster worker processes (overrides runner.n_workers)")] = None,
-    retries: Annotated[Optional[int], typer.Option(min=0, help="retries per failed task (overrides runner.retries)")] = None,
-    break_lock: Annotated[bool, typer.Option("--break-lock", help="take over the run directory's lock even if it looks live")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    force: ForceOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    retries: RetriesOpt = None,
+    break_lock: BreakLockOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Predict SLIDES_CSV with a model bundle into OUT: predictions.csv, heatmaps, metrics when labelled (resumable)."""
     from pipelines.bundle import load_bundle

@@ -81,7 +81,7 @@ def test_pipeline_features_equal_a_direct_forward_pass(slide_tiles, vit_tiny, tm
     path, grid, mpp = slide_tiles
     assert grid.plan.read_level == 1 and len(grid.coords) > 40
     dataset = TileDataset(path, grid.coords, grid.plan, mpp=mpp)
-    cfg = ExtractionConfig(batch_size=16, num_workers=2, chunk_rows=32)
+    cfg = ExtractionConfig(batch_size=16, num_workers=2, loader_min_tiles=0, chunk_rows=32)  # two loader processes
     out = tmp_path / "store.zarr"
     stats = extract_slide(dataset, vit_tiny, out, cfg, encoder_attrs(vit_tiny, grid.plan, "fp-123"))
     assert stats["n_tiles"] == len(grid.coords)

@@ -91,6 +91,29 @@ def test_bundles_hold_only_safetensors_and_json_and_refuse_a_changed_file(bundle
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(BundleError, match="fold_1.safetensors: its sha256 differs"):
         load_bundle(damaged)
+    # an end2end:lora bundle: the frozen student + the fold's adapter file, loaded onto it
+    import torch
+
+    from mil.finetune.lora import inject_lora, save_adapter
+    from pipelines.bundle import sha256_file
+
+    lora = tmp_path / "lora"
+    shutil.copytree(bundles["reuse"], lora)
+    tuned = load_bundle(lora).encoder(device="cpu", precision="fp32")
+    inject_lora(tuned.model, rank=2)
+    with torch.no_grad():
+        for name, p in tuned.model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    save_adapter(tuned.model, lora / "encoder" / "adapter.safetensors")
+    meta = json.loads((lora / "bundle.json").read_text())
+    meta["encoder"]["adapter"] = "encoder/adapter.safetensors"
+    meta["files"]["encoder/adapter.safetensors"] = sha256_file(lora / "encoder" / "adapter.safetensors")
+    (lora / "bundle.json").write_text(json.dumps(meta))
+    adapted = load_bundle(lora).encoder(device="cpu", precision="fp32")
+    tiles = torch.randint(0, 255, (3, 112, 112, 3), dtype=torch.uint8)
+    assert torch.allclose(adapted(tiles), tuned(tiles), atol=1e-5) and not torch.allclose(adapted(tiles), encoder(tiles), atol=1e-3)
+
     again = wsi("export-model", run, "--strategy", "retrain", "--dest", tmp_path / "nope")
     assert again.returncode == 2 and "'retrain' is not a row of this run" in again.stderr
 
