@@ -148,17 +148,19 @@ def clam_file(model_dir: Path, job: FoldJob) -> Path:
     raise ValueError(f"{job.key}: reuse saves no CLAM of its own (it applies the teacher's)")
 
 
-def load_clam(cfg: MILConfig, path: Path, in_dim: int, n_classes: int):
-    """A saved fold CLAM, rebuilt from the config and its safetensors (no pickle)."""
+def load_clam(cfg: MILConfig, path: Path, n_classes: int, device: str | None = None):
+    """A saved CLAM, rebuilt from the config and its safetensors (no pickle), in eval mode on ``device``
+    (default ``cfg.device``); its input dimension is read from the weights."""
     from safetensors.torch import load_file
 
     from features.encoders import pick_device
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: the fold's CLAM is missing; rerun the mil stage (--force mil)")
-    model = build_clam(cfg, in_dim, n_classes)
-    model.load_state_dict(load_file(str(path)))
-    return model.to(pick_device(cfg.device)).eval()
+    state = load_file(str(path))
+    model = build_clam(cfg, state["fc.0.weight"].shape[1], n_classes)
+    model.load_state_dict(state)
+    return model.to(pick_device(device or cfg.device)).eval()
 
 
 ProgressFn = Callable[..., None]  # progress(done=…, total=…, unit="epoch") from a long loop
@@ -178,11 +180,11 @@ def run_fold_job(job: FoldJob, split: Split, classes: list[str], labels: dict[st
                                     on_epoch=progress)
         save_safetensors(model.state_dict(), clam_file(model_dir, job))
     elif job.kind == "reuse":
-        model, bag = load_clam(cfg, clam_file(model_dir, job.needs[0]), dims["teacher"], n_classes), bags["student"]
+        model, bag = load_clam(cfg, clam_file(model_dir, job.needs[0]), n_classes), bags["student"]
     else:
         if end2end is None:
             raise ValueError("strategy 'end2end' needs the distilled student and the slides' tiles")
-        start = load_clam(cfg, clam_file(model_dir, job.needs[0]), dims[job.features], n_classes)
+        start = load_clam(cfg, clam_file(model_dir, job.needs[0]), n_classes)
         model, bag, cost, history = _end2end_fold(cfg, end2end, job, start, bags[job.features], split, labels, seed,
                                                   model_dir, progress)
     probs = predict(model, bag, split.test)

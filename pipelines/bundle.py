@@ -58,13 +58,21 @@ def _digest(obj) -> str:
 # ---------------------------------------------------------------------------------------------------- export
 
 
-def _fold_files(run: Path, row: str) -> list[dict]:
-    folder = run / "results" / "folds"
-    folds = sorted((json.loads(p.read_text()) for p in folder.glob(f"{row.replace(':', '-')}.fold*.json")),
-                   key=lambda f: f["fold"]) if folder.exists() else []
-    if not folds:
-        raise BundleError(f"{run}: no finished fold of strategy {row!r} (results/folds/): run the mil stage first")
-    return folds
+def _fold_results(paths, cfg, entries, row: str) -> list[dict]:
+    """The fold files of ``row``'s mil tasks as the run's config and slides define them now, each task done."""
+    from mil.strategies import FoldJob
+    from pipelines.mil_stage import fold_file, mil_keys
+    from pipelines.state import read_state
+
+    keys = [k for k in mil_keys(cfg, entries) if FoldJob.from_key(k).row == row]
+    results = []
+    for key in keys:
+        status = (read_state(paths, "mil", key) or {}).get("status", "pending")
+        if status != "done" or not fold_file(paths, key).exists():
+            raise BundleError(f"{paths.root}: mil task {key} is {status}, not done: finish the run "
+                              "(`wsi-pipeline run` into it, see `wsi-pipeline status`) before exporting")
+        results.append(json.loads(fold_file(paths, key).read_text()))
+    return results
 
 
 def _best_fold(folds: list[dict]) -> int:
@@ -111,14 +119,16 @@ def _teacher_reference(cfg, paths, entries) -> dict:
     if spec.weights is not None:
         spec = spec.model_copy(update={"weights": Path(spec.weights).absolute()})
     digest = None
-    for e in entries:
+    for e in entries:  # imported stores (CLAM/TRIDENT features) record no weights: their model is not rebuilt here
         try:
             digest = open_store(paths.root, spec.label, e.slide_id).attrs.get("weights_sha256")
-            break
         except FileNotFoundError:
             continue
-    if digest is None:
-        raise BundleError(f"{paths.root}: no teacher feature store to read the teacher's weights sha256 from")
+        if digest:
+            break
+    if not digest:
+        raise BundleError(f"{paths.root}: no teacher feature store this run extracted (imported features record no "
+                          "weights): a teacher bundle needs the teacher that made the features, to embed new slides")
     return {"kind": "teacher", "label": spec.label, "spec": spec.model_dump(mode="json"), "weights_sha256": digest,
             "weights": spec.weights_source(), "random_weights": spec.random_weights}
 
@@ -135,13 +145,16 @@ def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None 
     if strategy == "end2end:fpt":
         raise BundleError("end2end:fpt cannot be exported yet: its side network needs the teacher and FPT's own "
                           "inference path; export another row")
-    fold_results = _fold_files(paths.root, strategy)
+    fold_results = _fold_results(paths, cfg, entries, strategy)
     available = [f["fold"] for f in fold_results]
     end2end = strategy.startswith("end2end")
     chosen = folds or ([_best_fold(fold_results)] if end2end else available)
     unknown = sorted(set(chosen) - set(available))
     if unknown:
         raise BundleError(f"strategy {strategy!r} has no finished fold {unknown}; folds: {available}")
+    if end2end and len(set(chosen)) > 1:
+        raise BundleError(f"{strategy}: each fold fine-tuned its own encoder, so a bundle holds one fold; give one --fold")
+    chosen = sorted(set(chosen))
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise BundleError(f"{dest} exists and is not empty: give a new folder")
@@ -198,18 +211,25 @@ def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None 
             "encoder_params": int(float(summary["encoder_params"])) if summary.get("encoder_params") else None,
             "fingerprints": fingerprints, "toolkit_version": __version__, "run": str(paths.root),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    enc_files = sorted(n for n in files if n.startswith("encoder/"))
     meta = {"format": FORMAT, "strategy": strategy, "classes": by_fold[chosen[0]]["classes"], "encoder": encoder,
-            "clam": clam, "settings": settings, "files": shas,
-            "digests": {"encoder": _digest([encoder, {n: shas[n] for n in enc_files}]),
-                        "clam": _digest([clam, by_fold[chosen[0]]["classes"], {n: shas[n] for n in clam["files"]}])},
-            "card": card}
+            "clam": clam, "settings": settings, "files": shas, "card": card}
+    meta["digests"] = digests(meta)  # informational: loading recomputes them
     write_json(tmp / "bundle.json", meta)
     write_text(tmp / "card.md", card_markdown(meta))
     if dest.exists():
         dest.rmdir()
     tmp.rename(dest)
     return meta
+
+
+def digests(meta: dict) -> dict[str, str]:
+    """Identities of the bundle's encoder and of its CLAMs, from bundle.json's content and its files' sha256: what
+    a prediction run's fingerprints cover, so an edited bundle.json reruns what it changes."""
+    files = meta["files"]
+    encoder_files = {n: sha for n, sha in files.items() if n.startswith("encoder/")}
+    clam_files = {n: files[n] for n in meta["clam"]["files"]}
+    return {"encoder": _digest([meta["encoder"], encoder_files]),
+            "clam": _digest([meta["clam"], meta["classes"], clam_files])}
 
 
 def card_markdown(meta: dict) -> str:
@@ -236,12 +256,16 @@ def card_markdown(meta: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: workers cache the models built from one
 class Bundle:
     """A bundle folder as read from its bundle.json (files checked against their sha256)."""
 
     path: Path
     meta: dict
+
+    def digest(self, part: str) -> str:
+        """``encoder`` or ``clam``: recomputed from bundle.json, never read from it."""
+        return digests(self.meta)[part]
 
     @property
     def classes(self) -> list[str]:
@@ -285,19 +309,11 @@ class Bundle:
 
     def clams(self, device: str = "auto") -> list:
         """The bundle's CLAMs, in eval mode on ``device``."""
-        from safetensors.torch import load_file
-
-        from features.encoders import pick_device
-        from mil.train import MILConfig, build_clam
+        from mil.strategies import load_clam
+        from mil.train import MILConfig
 
         cfg = MILConfig.model_validate(self.meta["clam"]["config"])
-        models = []
-        for name in self.meta["clam"]["files"]:
-            state = load_file(str(self.file(name)))
-            model = build_clam(cfg, state["fc.0.weight"].shape[1], len(self.classes))
-            model.load_state_dict(state)
-            models.append(model.eval().to(pick_device(device)))
-        return models
+        return [load_clam(cfg, self.file(name), len(self.classes), device) for name in self.meta["clam"]["files"]]
 
 
 def load_bundle(path: Path, *, verify: bool = True) -> Bundle:

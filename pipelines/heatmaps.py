@@ -104,21 +104,6 @@ def _fold_and_classes(paths: RunPaths, strategy: str, slide_id: str) -> tuple[in
     return (tested[0], True, classes) if tested else (0, False, classes)
 
 
-def _load_clam(cfg: RunConfig, weights: Path, n_classes: int):
-    from safetensors.torch import load_file
-
-    from mil.train import build_clam
-
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} is missing: the mil stage did not finish this fold")
-    state = load_file(str(weights))
-    model = build_clam(cfg.mil, state["fc.0.weight"].shape[1], n_classes)
-    model.load_state_dict(state)
-    from features.encoders import pick_device
-
-    return model.eval().to(pick_device(cfg.mil.device))
-
-
 def overlap_grid(cfg: RunConfig, tissue, meta: dict):
     """The tile grid of CLAM's second pass: the run's tiling with tiles overlapping by ``heatmaps.overlap``."""
     from wsi.tiling import tile_grid
@@ -152,9 +137,8 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     """All heatmap files of one slide into ``OUT/heatmaps/<strategy>/<slide_id>/``; returns its metadata."""
     from features.store import open_store
     from mil.attention import slide_attention
-    from mil.heatmaps import score_tiles, write_heatmap
-    from pipelines.stages import load_tiles, load_tissue, student_label, tissue_outline_json
-    from wsi.slide import open_slide
+    from mil.heatmaps import score_tiles
+    from pipelines.stages import load_tiles, load_tissue, student_label
 
     strategy = resolve_strategy(cfg, strategy)
     fold, held_out, classes = _fold_and_classes(paths, strategy, entry.slide_id)
@@ -164,7 +148,9 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     if adapter is not None and strategy != "end2end:lora":
         raise ValueError(f"heatmaps: --adapter is for the end2end:lora row, not {strategy!r}")
     clam_weights, student_weights = _model_files(paths, strategy, fold)
-    model = _load_clam(cfg, clam_weights, len(classes))
+    from mil.strategies import load_clam
+
+    model = load_clam(cfg.mil, clam_weights, len(classes))
     grid = load_tiles(paths, entry.slide_id)
     tissue, meta = load_tissue(paths, entry.slide_id)
     encoder = None
@@ -196,11 +182,22 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
              "attention_class": classes[attention.branch] if model.multi_branch else None,
              "overlap": cfg.heatmaps.overlap, "adapter": str(adapter) if adapter else None,
              "params": cfg.heatmaps.model_dump(mode="json")}
-    out_dir = heatmap_dir(paths, strategy, entry.slide_id)
+    return write_slide_heatmap(heatmap_dir(paths, strategy, entry.slide_id), entry, cfg, meta, tissue, scores, grid.plan,
+                               caption, extra)
+
+
+def write_slide_heatmap(out_dir: Path, entry: SlideEntry, cfg: RunConfig, meta: dict, tissue, scores, plan, caption: str,
+                        extra: dict) -> dict:
+    """Every heatmap file of one slide into ``out_dir``, with the tissue outline beside tiles.geojson (import both
+    in QuPath); returns heatmap.json's content. Used by ``run``'s and ``predict``'s heatmaps alike."""
+    from mil.heatmaps import write_heatmap
+    from pipelines.stages import tissue_outline_json
+    from wsi.slide import open_slide
+
     with open_slide(meta["slide_path"], slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=meta["mpp"]) as slide:
         written = write_heatmap(out_dir, slide, entry.slide_id, scores, tissue.mask, cfg.heatmaps, caption=caption,
-                                plan=grid.plan, extra=extra)
-    write_text(out_dir / "tissue.geojson", tissue_outline_json(tissue))  # beside tiles.geojson: import both in QuPath
+                                plan=plan, extra=extra)
+    write_text(out_dir / "tissue.geojson", tissue_outline_json(tissue))
     return written
 
 

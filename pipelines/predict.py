@@ -34,43 +34,42 @@ def predicting(cfg: RunConfig) -> bool:
 
 
 @lru_cache(maxsize=4)
-def _read_bundle(path: str, mtime_ns: int) -> Bundle:
-    return load_bundle(Path(path), verify=False)
+def _read_bundle(path: str, mtime_ns: int, verify: bool) -> Bundle:
+    return load_bundle(Path(path), verify=verify)
 
 
-def run_bundle(cfg: RunConfig) -> Bundle:
-    """The bundle a prediction run uses (bundle.json read once per process and version)."""
+def run_bundle(cfg: RunConfig, verify: bool = False) -> Bundle:
+    """The bundle a prediction run uses, read once per process and version of bundle.json; ``verify``: its files
+    checked against their sha256 (before a model is built from them)."""
     path = Path(cfg.predict.bundle)
     try:
-        return _read_bundle(str(path), (path / "bundle.json").stat().st_mtime_ns)
+        return _read_bundle(str(path), (path / "bundle.json").stat().st_mtime_ns, verify)
     except FileNotFoundError:
         raise BundleError(f"predict.bundle {path}: not a model bundle (no bundle.json)") from None
 
 
 def bundle_inputs(cfg: RunConfig, part: str) -> list:
     """What enters a prediction stage's fingerprint from the bundle: the digest of its encoder or of its CLAMs."""
-    return [run_bundle(cfg).meta["digests"][part]] if predicting(cfg) else []
+    return [run_bundle(cfg).digest(part)] if predicting(cfg) else []
 
 
 @lru_cache(maxsize=2)
-def _encoder(path: str, digest: str, device: str, precision: str):
-    return load_bundle(Path(path)).encoder(device, precision)  # files checked against their sha256 before use
+def _encoder(bundle: Bundle, device: str, precision: str):
+    return bundle.encoder(device, precision)
 
 
 @lru_cache(maxsize=2)
-def _clams(path: str, digest: str, device: str):
-    return load_bundle(Path(path)).clams(device)
+def _clams(bundle: Bundle, device: str):
+    return bundle.clams(device)
 
 
 def bundle_encoder(cfg: RunConfig):
     """The bundle's encoder, built once per worker process."""
-    bundle = run_bundle(cfg)
-    return _encoder(str(bundle.path), bundle.meta["digests"]["encoder"], cfg.predict.device, cfg.predict.precision)
+    return _encoder(run_bundle(cfg, verify=True), cfg.predict.device, cfg.predict.precision)
 
 
 def bundle_clams(cfg: RunConfig) -> list:
-    bundle = run_bundle(cfg)
-    return _clams(str(bundle.path), bundle.meta["digests"]["clam"], cfg.predict.device)
+    return _clams(run_bundle(cfg, verify=True), cfg.predict.device)
 
 
 def prediction_file(paths: RunPaths, slide_id: str) -> Path:
@@ -86,8 +85,11 @@ def embed_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     from pipelines.stages import extract_features
 
     bundle = run_bundle(cfg)
-    extra = {"bundle": str(bundle.path), "bundle_encoder_digest": bundle.meta["digests"]["encoder"]}
+    extra = {"bundle": str(bundle.path), "bundle_encoder_digest": bundle.digest("encoder")}
     return extract_features(entry, cfg, paths, bundle_encoder(cfg), bundle.encoder_label, extra)
+
+
+NO_TILES = "no tiles (no tissue reaches tiling.min_tissue_fraction; see qc/slides.csv): nothing to predict from"
 
 
 def _bag(cfg: RunConfig, paths: RunPaths, slide_id: str):
@@ -95,17 +97,20 @@ def _bag(cfg: RunConfig, paths: RunPaths, slide_id: str):
 
     store = open_store(paths.root, run_bundle(cfg).encoder_label, slide_id)
     features, coords = store.load(np.float32)
-    if len(features) == 0:
-        raise ValueError(f"{slide_id}: no tiles, so nothing to predict from (see tiles/{slide_id}.jpg and qc/slides.csv)")
     return store, features, coords
 
 
 def predict_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
-    """The bundle's CLAMs on the slide's features: class probabilities (mean over the CLAMs) and the predicted class."""
+    """The bundle's CLAMs on the slide's features: class probabilities (mean over the CLAMs) and the predicted class.
+    A slide without tiles is done, with no prediction and a warning, as in training."""
     from mil.attention import ensemble_attention
 
     bundle = run_bundle(cfg)
     _, features, _ = _bag(cfg, paths, entry.slide_id)
+    if len(features) == 0:
+        write_json(prediction_file(paths, entry.slide_id), {"slide_id": entry.slide_id, "n_tiles": 0, "prediction": None,
+                                                            "probabilities": None, "warning": NO_TILES})
+        return {"n_tiles": 0, "prediction": None, "warnings": [NO_TILES]}
     attention = ensemble_attention(bundle_clams(cfg), features)
     classes = bundle.classes
     record = {"slide_id": entry.slide_id, "n_tiles": len(features), "prediction": classes[attention.predicted],
@@ -128,12 +133,14 @@ def predictions_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths
         records.append({**record, "label": e.label, "case_id": e.case_id or e.slide_id})
     labelled = all(r["label"] for r in records)
     rows = [{"slide_id": r["slide_id"], "case_id": r["case_id"], **({"label": r["label"]} if labelled else {}),
-             "prediction": r["prediction"], **{f"p_{c}": r["probabilities"][c] for c in classes}, "n_tiles": r["n_tiles"]}
+             "prediction": r["prediction"] or "", **{f"p_{c}": r["probabilities"][c] if r["probabilities"] else ""
+                                                    for c in classes}, "n_tiles": r["n_tiles"]}
             for r in records]
     write_text(paths.root / "predictions.csv", csv_text(rows))
     cases: dict[str, list[dict]] = {}
     for r in records:
-        cases.setdefault(r["case_id"], []).append(r)
+        if r["probabilities"]:  # a slide without tiles says nothing about its case
+            cases.setdefault(r["case_id"], []).append(r)
     case_rows = []
     for case_id, members in cases.items():
         probs = np.mean([[m["probabilities"][c] for c in classes] for m in members], axis=0)
@@ -141,11 +148,16 @@ def predictions_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths
         case_rows.append({"case_id": case_id, "n_slides": len(members),
                           **({"label": labels.pop() if len(labels) == 1 else "mixed"} if labelled else {}),
                           "prediction": classes[int(probs.argmax())], **{f"p_{c}": round(float(p), 6) for c, p in zip(classes, probs)}})
-    if len(case_rows) < len(rows):
+    grouped = len(case_rows) < sum(1 for r in records if r["probabilities"])
+    for name in ("cases.csv", "metrics.csv", "metrics.md"):  # tables that no longer apply (labels or cases removed)
+        (paths.root / name).unlink(missing_ok=True)
+    if grouped:
         write_text(paths.root / "cases.csv", csv_text(case_rows))
-    meta = {"n_slides": len(rows), "n_cases": len(case_rows), "warnings": []}
+    empty = [r["slide_id"] for r in records if not r["probabilities"]]
+    meta = {"n_slides": len(rows), "n_cases": len(case_rows),
+            "warnings": [f"{len(empty)} slide(s) without tiles have no prediction: {', '.join(empty[:10])}"] if empty else []}
     if labelled:
-        table = prediction_metrics(rows, case_rows, classes)
+        table = prediction_metrics([r for r in rows if r["prediction"]], case_rows if grouped else [], classes)
         write_text(paths.root / "metrics.csv", csv_text(table))
         write_text(paths.root / "metrics.md", metrics_markdown(table, bundle))
         meta["metrics"] = table
@@ -153,11 +165,11 @@ def predictions_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths
 
 
 def prediction_metrics(rows: list[dict], case_rows: list[dict], classes: list[str]) -> list[dict]:
-    """ACC, balanced ACC and AUC of the predictions against the labels: per slide, and per case when cases group slides."""
+    """ACC, balanced ACC and AUC of the predictions against the labels: per slide, and per case (when given)."""
     from mil.train import metrics
 
     table = []
-    for level, items in (("slide", rows), ("case", case_rows if len(case_rows) < len(rows) else [])):
+    for level, items in (("slide", rows), ("case", case_rows)):
         items = [i for i in items if i.get("label") in classes]
         if not items:
             continue
@@ -181,10 +193,9 @@ def predict_heatmaps_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -
     """The slide's attention heatmaps from the bundle's CLAMs into ``heatmaps/<slide_id>/`` (with its tissue outline)."""
     from features.extract import check_same_encoder
     from mil.attention import ensemble_attention, slide_attention
-    from mil.heatmaps import score_tiles, write_heatmap
-    from pipelines.heatmaps import embed, overlap_grid
+    from mil.heatmaps import score_tiles
+    from pipelines.heatmaps import embed, overlap_grid, write_slide_heatmap
     from pipelines.stages import load_tiles, load_tissue, tissue_outline_json
-    from wsi.slide import open_slide
 
     bundle = run_bundle(cfg)
     classes, models = bundle.classes, bundle_clams(cfg)
@@ -194,6 +205,11 @@ def predict_heatmaps_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -
     store, features, coords = _bag(cfg, paths, entry.slide_id)
     grid = load_tiles(paths, entry.slide_id)
     tissue, meta = load_tissue(paths, entry.slide_id)
+    out_dir = heatmap_folder(paths, entry.slide_id)
+    if len(features) == 0:  # nothing to draw: the outline, and a heatmap.json that says why
+        write_text(out_dir / "tissue.geojson", tissue_outline_json(tissue))
+        write_json(out_dir / "heatmap.json", {"slide_id": entry.slide_id, "n_tiles": 0, "note": NO_TILES})
+        return {"n_tiles": 0, "warnings": [NO_TILES]}
     attention = ensemble_attention(models, features, None if class_name is None else classes.index(class_name))
     first = attention.scores()
     scores = score_tiles(coords, grid.plan.level0_size, first)
@@ -205,20 +221,16 @@ def predict_heatmaps_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -
         raws = [slide_attention(model, more, attention.branch).raw for model in models]
         scores = score_tiles(second.coords, second.plan.level0_size, attention.scores(raws), reference=first)
     predicted = classes[attention.predicted]
-    caption = (f"{entry.slide_id}: predicted {predicted} (p = {attention.probabilities[attention.predicted]:.3f})"
-               f"{f', label {entry.label}' if entry.label else ''}; {bundle.meta['strategy']} bundle, "
-               f"{len(models)} CLAM{'s' if len(models) > 1 else ''}")
+    # no label in the picture: adding labels later reruns the predictions table, not the heatmaps
+    caption = (f"{entry.slide_id}: predicted {predicted} (p = {attention.probabilities[attention.predicted]:.3f}); "
+               f"{bundle.meta['strategy']} bundle, {len(models)} CLAM{'s' if len(models) > 1 else ''}")
     extra = {"strategy": bundle.meta["strategy"], "bundle": str(bundle.path), "folds": bundle.meta["clam"]["folds"],
-             "label": entry.label, "predicted": predicted,
+             "predicted": predicted,
              "probabilities": {c: round(float(p), 6) for c, p in zip(classes, attention.probabilities)},
              "attention_class": classes[attention.branch] if models[0].multi_branch else None,
              "score": "attention" if len(models) == 1 else f"mean within-slide attention percentile of {len(models)} CLAMs",
              "overlap": cfg.heatmaps.overlap, "params": cfg.heatmaps.model_dump(mode="json")}
-    out_dir = heatmap_folder(paths, entry.slide_id)
-    with open_slide(meta["slide_path"], slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=meta["mpp"]) as slide:
-        written = write_heatmap(out_dir, slide, entry.slide_id, scores, tissue.mask, cfg.heatmaps, caption=caption,
-                                plan=grid.plan, extra=extra)
-    write_text(out_dir / "tissue.geojson", tissue_outline_json(tissue))
+    written = write_slide_heatmap(out_dir, entry, cfg, meta, tissue, scores, grid.plan, caption, extra)
     return {"n_tiles": written["n_tiles"], "warnings": []}
 
 

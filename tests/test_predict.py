@@ -17,6 +17,7 @@ import geojson
 import pytest
 import yaml
 
+from conftest import write_glass_slide
 from pipelines.bundle import BundleError, load_bundle
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
@@ -57,11 +58,12 @@ def new_cohort(cohort, tmp_path_factory) -> tuple[Path, Path, Path]:
     for r in rows:
         r["slide_path"] = str(cohort / r["slide_path"])
     labelled, unlabelled = folder / "slides.csv", folder / "unlabelled.csv"
-    for path, fields in ((labelled, list(rows[0])), (unlabelled, ["slide_path", "slide_id"])):
+    glass = {"slide_path": str(write_glass_slide(folder / "glass.svs")), "slide_id": "glass"}  # no tissue: no tiles
+    for path, fields, extra in ((labelled, list(rows[0]), []), (unlabelled, ["slide_path", "slide_id"], [glass])):
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(rows + extra)
     (folder / "predict.yaml").write_text(yaml.safe_dump(SMALL_MAPS))
     return folder, labelled, unlabelled
 
@@ -124,17 +126,20 @@ def test_teacher_bundle_predicts_new_slides_without_then_with_labels(bundles, ne
     first = wsi("predict", unlabelled, "--model", bundles["teacher"], "--out", out, "--config", folder / "predict.yaml")
     assert first.returncode == 0, first.stderr[-3000:]
     rows = read_csv(out / "predictions.csv")
-    assert [r["slide_id"] for r in rows] == [f"demo_{i:03d}" for i in range(4)]
+    assert [r["slide_id"] for r in rows] == [f"demo_{i:03d}" for i in range(4)] + ["glass"]
+    assert rows[-1]["prediction"] == "" and rows[-1]["n_tiles"] == "0"  # a slide without tiles: done, no prediction
+    assert json.loads((out / "heatmaps" / "glass" / "heatmap.json").read_text())["n_tiles"] == 0
+    rows = rows[:-1]
     assert "label" not in rows[0] and not (out / "metrics.md").exists()
     assert all(abs(float(r["p_normal"]) + float(r["p_tumor"]) - 1) < 1e-4 for r in rows)
     assert json.loads((out / "heatmaps" / "demo_001" / "heatmap.json").read_text())["overlap"] == 0.0  # teacher: one pass
     status = wsi("status", out, "--json")
     assert status.returncode == 0 and {"embed", "predict", "predict_heatmaps"} <= set(json.loads(status.stdout)["stages"])
 
-    predicted_before = states(out, "predict")
+    predicted_before = {k: v for k, v in states(out, "predict").items() if k != "glass"}
     second = wsi("predict", labelled, "--model", bundles["teacher"], "--out", out, "--config", folder / "predict.yaml")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert states(out, "predict") == predicted_before  # labels change the table only, not one prediction
+    assert {k: v for k, v in states(out, "predict").items() if k != "glass"} == predicted_before  # labels: the table only
     metrics = {r["level"]: r for r in read_csv(out / "metrics.csv")}
     assert float(metrics["slide"]["auc"]) >= 0.9, metrics
     assert [r["prediction"] for r in read_csv(out / "predictions.csv")] == [r["prediction"] for r in rows]
@@ -142,13 +147,15 @@ def test_teacher_bundle_predicts_new_slides_without_then_with_labels(bundles, ne
     paired = folder / "paired.csv"  # demo_000 and demo_002 (both normal) from one patient
     paired.write_text(labelled.read_text().replace("patient_002", "patient_000"))
     third = wsi("predict", paired, "--model", bundles["teacher"], "--out", out, "--config", folder / "predict.yaml")
-    assert third.returncode == 0 and states(out, "predict") == predicted_before
+    assert third.returncode == 0 and {k: v for k, v in states(out, "predict").items() if k != "glass"} == predicted_before
     cases = {r["case_id"]: r for r in read_csv(out / "cases.csv")}
     assert len(cases) == 3 and cases["patient_000"]["n_slides"] == "2" and cases["patient_000"]["label"] == "normal"
     by_slide = {r["slide_id"]: float(r["p_tumor"]) for r in read_csv(out / "predictions.csv")}
     assert abs(float(cases["patient_000"]["p_tumor"]) - (by_slide["demo_000"] + by_slide["demo_002"]) / 2) < 1e-5
     report = wsi("report", out)
     assert report.returncode == 0 and "| slide | 4 |" in report.stdout and "| case | 3 |" in report.stdout
+    fourth = wsi("predict", unlabelled, "--model", bundles["teacher"], "--out", out, "--config", folder / "predict.yaml")
+    assert fourth.returncode == 0 and not (out / "metrics.md").exists() and not (out / "cases.csv").exists()  # no stale tables
 
     wrong = folder / "wrong.csv"
     wrong.write_text(labelled.read_text().replace("tumor", "tumour", 1))
