@@ -177,7 +177,7 @@ def _run_until_distill(cohort, tmp_path, epochs: int) -> tuple[list[str], str]:
         "tiling: {target_mpp: 1.0, patch_size: 128}\n"
         "features: {teacher: {model: resnet18, input_size: 96, seed: 0}, num_workers: 0}\n"
         f"distill: {{student: {{model: resnet18, input_size: 64}}, projector: linear, epochs: {epochs}, "
-        "tiles_per_epoch: 256, batch_size: 32, num_workers: 0, precision: fp32}\n")
+        "tiles_per_epoch: 128, batch_size: 32, num_workers: 0, precision: fp32}\n")
     cmd = [*CLI, "run", str(tmp_path / "slides.csv"), "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"),
            "--until", "student_features"]
     return cmd, str(tmp_path / "out")

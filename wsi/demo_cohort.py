@@ -168,12 +168,11 @@ class SlideRenderer:
         out[:] = GLASS
         out += self.noise_rng.normal(0, 1.2, size=(h, w, 1)).astype(np.float32)
         for code, texture in ((TISSUE, self.textures[level][0]), (TUMOUR, self.textures[level][1])):
-            where = labels == code
-            if where.any():
+            rows, cols = np.nonzero(labels == code)  # look up only the pixels of this class (glass is most of a slide)
+            if len(rows):
                 th, tw = texture.shape[:2]
                 d = self.downsamples[level]
-                patch = texture[((ys + self.offset[0] // d) % th)[:, None], ((xs + self.offset[1] // d) % tw)[None, :]]
-                out[where] = patch[where]
+                out[rows, cols] = texture[((ys + self.offset[0] // d) % th)[rows], ((xs + self.offset[1] // d) % tw)[cols]]
         out[labels == PEN_MARK] = 0.2 * out[labels == PEN_MARK] + 0.8 * PEN
         out[labels == DEBRIS_SPECK] = DEBRIS
         return np.clip(out, 0, 255).astype(np.uint8)
