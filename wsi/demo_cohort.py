@@ -216,34 +216,55 @@ def load_truth(slide_path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     return tissue, tumour, json.loads(Path(f"{stem}.truth.json").read_text())
 
 
+def _slide_spec(out_dir: Path, i: int, size: int, seed: int) -> tuple[dict, dict]:
+    """(write_demo_slide's arguments, slides.csv row) of demo slide ``i``: every fourth a 20x generic TIFF."""
+    positive, generic = i % 2 == 1, i % 4 == 2
+    height = size * 3 // 4
+    name = f"demo_{i:03d}" + (".tif" if generic else ".svs")
+    kwargs = dict(path=out_dir / name, height=height, width=size, positive=positive, seed=seed * 1000 + i)
+    if generic:
+        kwargs.update(height=height // 2, width=size // 2, flavour="generic", mpp=0.5, magnification=None)
+    row = {"slide_id": f"demo_{i:03d}", "slide_path": name, "label": "tumor" if positive else "normal",
+           "case_id": f"patient_{i:03d}"}
+    return kwargs, row
+
+
+def _write(kwargs: dict) -> None:
+    write_demo_slide(**kwargs)
+
+
 def make_demo_cohort(out_dir: Path, *, n_slides: int = 12, size: int = 8192, seed: int = 0,
-                     progress=None) -> Path:
+                     progress=None, workers: int | None = None) -> Path:
     """Write ``n_slides`` slides (every fourth a generic 20× TIFF, the rest 40× Aperio SVS) and ``slides.csv``.
 
     ``size`` is the level-0 width of a 40× slide; 20× slides cover the same area at half the pixels.
-    Half the slides (alternating) are tumour-positive. Returns the path of ``slides.csv``.
+    Half the slides (alternating) are tumour-positive. Each slide is seeded on its own (``seed * 1000 + i``),
+    so ``workers`` processes (default: one per core) write the same bytes as one. Returns slides.csv's path.
     """
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
     if n_slides < 1:
         raise ValueError("n_slides must be at least 1")
     if size < 1024:
         raise ValueError("size must be at least 1024 pixels")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n_slides):
-        positive = i % 2 == 1
-        generic = i % 4 == 2
-        height = size * 3 // 4
-        name = f"demo_{i:03d}" + (".tif" if generic else ".svs")
-        if generic:
-            write_demo_slide(out_dir / name, height=height // 2, width=size // 2, positive=positive, seed=seed * 1000 + i,
-                             flavour="generic", mpp=0.5, magnification=None)
-        else:
-            write_demo_slide(out_dir / name, height=height, width=size, positive=positive, seed=seed * 1000 + i)
-        rows.append({"slide_id": f"demo_{i:03d}", "slide_path": name, "label": "tumor" if positive else "normal",
-                     "case_id": f"patient_{i:03d}"})
-        if progress is not None:
-            progress(i + 1, n_slides)
+    specs = [_slide_spec(out_dir, i, size, seed) for i in range(n_slides)]
+    workers = min(workers or os.cpu_count() or 1, n_slides)
+    if workers == 1:
+        for done, (kwargs, _) in enumerate(specs, 1):
+            write_demo_slide(**kwargs)
+            if progress is not None:
+                progress(done, n_slides)
+    else:  # spawned: safe from a process that already runs threads (torch, Dask)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for done, future in enumerate(as_completed([pool.submit(_write, kwargs) for kwargs, _ in specs]), 1):
+                future.result()
+                if progress is not None:
+                    progress(done, n_slides)
+    rows = [row for _, row in specs]
     csv_path = out_dir / "slides.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
