@@ -82,8 +82,47 @@ def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float,
     return np.sqrt(u * u + v * v)
 
 
-def make_layout(rng: np.random.Generator, height: int, width: int, positive: bool) -> SlideLayout:
-    """Draw tissue islands, holes, tumour, pen and debris for one slide."""
+def focal_tumour(rng: np.random.Generator, tissue: np.ndarray, fraction: float, foci: int, noise: np.ndarray) -> np.ndarray:
+    """A tumour mask of ``foci`` irregular ellipses covering ``fraction`` of ``tissue`` (to a layout pixel).
+
+    Centres are drawn inside the tissue, apart from each other where the tissue allows; each focus gets a
+    relative size and shape. The common radius scale is then the ``fraction`` quantile of every tissue
+    pixel's smallest (noise-perturbed) elliptical distance to a centre, so the area is exact and the foci
+    stay compact whatever the tissue's shape.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"tumour fraction must be between 0 and 1, got {fraction}")
+    if foci < 1:
+        raise ValueError(f"foci must be at least 1, got {foci}")
+    shape = tissue.shape
+    radius = np.sqrt(fraction * tissue.sum() / foci / np.pi)  # of one circular focus of the mean size
+    depth = ndimage.distance_transform_edt(tissue)
+    candidates = np.argwhere(depth > min(0.6 * radius, 0.5 * depth.max()))
+    centres: list[np.ndarray] = []
+    for _ in range(foci):
+        pick = candidates[rng.integers(len(candidates))]
+        for _ in range(50):  # apart from the foci already placed, if the tissue has room
+            if all(np.hypot(*(pick - c)) > 2.5 * radius for c in centres):
+                break
+            pick = candidates[rng.integers(len(candidates))]
+        centres.append(pick)
+    distance = np.full(shape, np.inf, np.float32)
+    for cy, cx in centres:
+        size = rng.uniform(0.7, 1.3)
+        aspect = rng.uniform(0.7, 1.3)
+        ellipse = _ellipse(shape, cy, cx, size, size * aspect, rng.uniform(0, np.pi))
+        np.minimum(distance, ellipse / np.maximum(1 - 0.15 * noise, 0.2), out=distance)
+    scale = np.quantile(distance[tissue], fraction)
+    return tissue & (distance <= scale)
+
+
+def make_layout(rng: np.random.Generator, height: int, width: int, positive: bool,
+                tumour_fraction: float | None = None, foci: int | None = None) -> SlideLayout:
+    """Draw tissue islands, holes, tumour, pen and debris for one slide.
+
+    By default a positive slide carries one or two large tumour regions; ``tumour_fraction`` instead plants
+    ``foci`` (default 1) focal lesions covering exactly that share of the tissue, as real focal cancers are.
+    """
     ds = 8
     while width / ds > 1536:
         ds *= 2
@@ -112,9 +151,11 @@ def make_layout(rng: np.random.Generator, height: int, width: int, positive: boo
         hole = _ellipse(shape, cy, cx, r, r * rng.uniform(0.8, 1.4), rng.uniform(0, np.pi)) < 1.0
         labels[hole] = BACKGROUND
         depth[ndimage.binary_dilation(hole, iterations=int(2 * r))] = 0
-    if positive:
+    if positive and tumour_fraction is not None:
+        labels[focal_tumour(rng, labels == TISSUE, tumour_fraction, foci or 1, noise)] = TUMOUR
+    elif positive:
         depth = ndimage.distance_transform_edt(labels == TISSUE)
-        for _ in range(int(rng.integers(1, 3))):
+        for _ in range(int(foci or rng.integers(1, 3))):
             r = rng.uniform(0.08, 0.12) * unit
             candidates = np.argwhere(depth > 0.6 * r)
             if len(candidates) == 0:
@@ -188,10 +229,14 @@ def _label_image(text: str) -> np.ndarray:
 
 def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, seed: int, flavour: str = "aperio",
                      mpp: float | None = 0.25, magnification: float | None = 40.0,
-                     downsamples: tuple[int, ...] = (1, 4, 16)) -> SlideLayout:
-    """Write one demo slide plus its ground truth (``<stem>.tissue.png``, ``<stem>.tumour.png``, ``<stem>.truth.json``)."""
+                     downsamples: tuple[int, ...] = (1, 4, 16), tumour_fraction: float | None = None,
+                     foci: int | None = None) -> SlideLayout:
+    """Write one demo slide plus its ground truth (``<stem>.tissue.png``, ``<stem>.tumour.png``, ``<stem>.truth.json``).
+
+    ``tumour_fraction`` and ``foci``: see :func:`make_layout`.
+    """
     rng = np.random.default_rng(seed)
-    layout = make_layout(rng, height, width, positive)
+    layout = make_layout(rng, height, width, positive, tumour_fraction, foci)
     renderer = SlideRenderer(layout, downsamples, rng)
     thumb = renderer(len(downsamples) - 1, 0, 0, *renderer.shapes[-1])
     label = _label_image(path.stem)
@@ -216,12 +261,12 @@ def load_truth(slide_path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     return tissue, tumour, json.loads(Path(f"{stem}.truth.json").read_text())
 
 
-def _slide_spec(out_dir: Path, i: int, size: int, seed: int) -> tuple[dict, dict]:
+def _slide_spec(out_dir: Path, i: int, size: int, seed: int, tumour: dict) -> tuple[dict, dict]:
     """(write_demo_slide's arguments, slides.csv row) of demo slide ``i``: every fourth a 20x generic TIFF."""
     positive, generic = i % 2 == 1, i % 4 == 2
     height = size * 3 // 4
     name = f"demo_{i:03d}" + (".tif" if generic else ".svs")
-    kwargs = dict(path=out_dir / name, height=height, width=size, positive=positive, seed=seed * 1000 + i)
+    kwargs = dict(path=out_dir / name, height=height, width=size, positive=positive, seed=seed * 1000 + i, **tumour)
     if generic:
         kwargs.update(height=height // 2, width=size // 2, flavour="generic", mpp=0.5, magnification=None)
     row = {"slide_id": f"demo_{i:03d}", "slide_path": name, "label": "tumor" if positive else "normal",
@@ -234,11 +279,13 @@ def _write(kwargs: dict) -> None:
 
 
 def make_demo_cohort(out_dir: Path, *, n_slides: int = 12, size: int = 8192, seed: int = 0,
+                     tumour_fraction: float | None = None, foci: int | None = None,
                      progress=None, workers: int | None = None) -> Path:
     """Write ``n_slides`` slides (every fourth a generic 20× TIFF, the rest 40× Aperio SVS) and ``slides.csv``.
 
     ``size`` is the level-0 width of a 40× slide; 20× slides cover the same area at half the pixels.
-    Half the slides (alternating) are tumour-positive. Each slide is seeded on its own (``seed * 1000 + i``),
+    Half the slides (alternating) are tumour-positive; ``tumour_fraction`` / ``foci`` make their tumour
+    focal (:func:`make_layout`), the default draws one or two large regions. Each slide is seeded on its own (``seed * 1000 + i``),
     so ``workers`` processes (default: one per core) write the same bytes as one. Returns slides.csv's path.
     """
     import os
@@ -251,7 +298,12 @@ def make_demo_cohort(out_dir: Path, *, n_slides: int = 12, size: int = 8192, see
         raise ValueError("size must be at least 1024 pixels")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    specs = [_slide_spec(out_dir, i, size, seed) for i in range(n_slides)]
+    if tumour_fraction is not None and not 0 < tumour_fraction < 1:
+        raise ValueError(f"tumour_fraction must be between 0 and 1, got {tumour_fraction}")
+    if foci is not None and foci < 1:
+        raise ValueError(f"foci must be at least 1, got {foci}")
+    tumour = {k: v for k, v in (("tumour_fraction", tumour_fraction), ("foci", foci)) if v is not None}
+    specs = [_slide_spec(out_dir, i, size, seed, tumour) for i in range(n_slides)]
     workers = min(workers or os.cpu_count() or 1, n_slides)
     if workers == 1:
         for done, (kwargs, _) in enumerate(specs, 1):
