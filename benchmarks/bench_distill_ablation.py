@@ -1,17 +1,22 @@
-"""The distillation's ablation on a demo cohort: each variant's held-out cosine / R² and Reuse / Retrain ACC and AUC.
+"""The distillation's ablation on demo cohorts, focal lesions included: each variant's fidelity where it matters
+(R² on the truth's tumour tiles, worst label-free cluster) and every results row's ACC / AUC.
 
-    python benchmarks/bench_distill_ablation.py [--cohort-seed 1] [--variants default mlp ...] [--seeds 0]
+    python benchmarks/bench_distill_ablation.py [--cohort-seed 1] [--tumour-fraction 0.05 --foci 2]
+        [--n-slides 24] [--variants default uniform_draws ...] [--seeds 0 1 2] [--rows teacher reuse retrain]
         [--workdir /tmp/wsi-bench-ablation]
 
-Writes a demo cohort (24 slides, ``wsi-pipeline demo --seed COHORT_SEED``; seed 1 by default, a cohort
-the defaults were not tuned on) and runs it once with the demo's run.yaml and only the teacher row, up to
-the teacher's CLAMs. Each variant then runs in a copy of that run directory with the demo's distillation
-settings changed as the variant says and the rows teacher, reuse and retrain: distillation, student
-features and the student's CLAMs rerun, the teacher's features and CLAMs are reused (their fingerprints do
-not change), so every variant is scored on the same teacher folds. ``--seeds`` repeats each variant with
-those ``distill.seed`` values. Prints one markdown row per run: distillation seconds (the task's wall time),
-held-out cosine and R² to the teacher (the card's best epoch), and ACC / AUC (mean over the 4 folds) of
-Teacher, Reuse and Retrain.
+Writes a demo cohort (``wsi-pipeline demo --seed COHORT_SEED``, focal with ``--tumour-fraction``) and runs
+it once with the demo's run.yaml and only the teacher row, up to the teacher's CLAMs. Each variant then
+runs in a copy of that run directory with the demo's distillation settings changed as the variant says
+and the ``--rows`` asked for: distillation, student features and the student's CLAMs rerun, the teacher's
+features and CLAMs are reused (their fingerprints do not change), so every variant is scored on the same
+teacher folds. ``--seeds`` repeats each variant with those ``distill.seed`` values.
+
+Fidelity from the truth (no label reaches the distillation): every slide's student features against its
+teacher features, R² and cosine on the tiles whose centre lies in the truth's tumour mask and on the
+others (R² around each set's own mean). Prints one JSON line per run, then a markdown table: distillation
+seconds (the task's wall time) and epochs, the card's worst-cluster R² and verdict, the truth's tumour-tile
+R², and ACC / AUC (mean over the folds) of every row.
 """
 
 from __future__ import annotations
@@ -24,19 +29,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 VARIANTS: dict[str, dict] = {
-    "default": {},  # the demo's: TransScan, whitening, de-whitening head, balanced draws, tiles read at the input size
+    "default": {},  # the demo's run.yaml as written by `wsi-pipeline demo`
+    "legacy": {"hard_mining": 0.0, "select": "cosine", "tile_cache_mb": 0},  # the distillation before the rare-tile work
+    "no_hard_mining": {"hard_mining": 0.0},  # cluster-balanced draws only
+    "select_cosine": {"select": "cosine"},  # best epoch by the average cosine
+    "no_cache": {"tile_cache_mb": 0},  # every draw read from the slide
     "no_head": {"dewhiten_head": False},  # the pool's average mean / std for every tile
     "no_whiten": {"whiten": False},  # regress the raw teacher feature
     "mlp": {"projector": "mlp"},
     "linear": {"projector": "linear"},
-    "uniform_draws": {"balance": "none"},  # no cluster-balanced draws
+    "uniform_draws": {"balance": "none", "hard_mining": 0.0},  # neither balanced nor hard-example draws
     "tile_reads": {"read_at_input": False},  # the tiling's tiles (level 0), resized to the student's input
-    "budget_x2": {"epochs": 10},  # twice the demo's 5 epochs × 384 tiles
-    "budget_half": {"epochs": 3, "tiles_per_epoch": 320},
+    "budget_x2": {"epochs_x": 2},  # twice the demo's epochs
+    "budget_x4": {"epochs_x": 4},
+    "budget_half": {"epochs_x": 0.5},
 }
+ROWS = {"teacher": "teacher", "reuse": "reuse", "retrain": "retrain", "end2end": "end2end", "lora": "end2end:lora"}
 
 
 def wsi(*args, cwd: Path) -> subprocess.CompletedProcess:
@@ -46,62 +58,102 @@ def wsi(*args, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def prepare(workdir: Path, cohort_seed: int) -> tuple[Path, dict]:
+def prepare(workdir: Path, args) -> tuple[Path, dict]:
     """The demo cohort and a teacher-only run of it (tissue → features → teacher CLAMs)."""
     cohort = workdir / "demo"
     if not (cohort / "slides.csv").exists():
-        wsi("demo", cohort, "--seed", cohort_seed, cwd=workdir)
+        focal = [] if args.tumour_fraction is None else ["--tumour-fraction", args.tumour_fraction, "--foci", args.foci]
+        wsi("demo", cohort, "--seed", args.cohort_seed, "--n-slides", args.n_slides, *focal, cwd=workdir)
     config = yaml.safe_load((cohort / "run.yaml").read_text())
+    config["distill"] = {**config.get("distill", {}), "precision": args.precision}
     base = {**config, "mil": {**config["mil"], "strategies": ["teacher"]}, "heatmaps": {"slides": "none"}}
     (workdir / "base.yaml").write_text(yaml.safe_dump(base))
     wsi("run", cohort / "slides.csv", "--config", workdir / "base.yaml", "--out", workdir / "base", cwd=workdir)
     return cohort, config
 
 
-def run_variant(workdir: Path, cohort: Path, config: dict, name: str, overrides: dict, seed: int | None) -> dict:
+def truth_fidelity(out: Path, cohort: Path, teacher: str, student: str) -> dict:
+    """R² and cosine of the student's features to the teacher's on the truth's tumour tiles and on the rest."""
+    from distill.fidelity import subset_fidelity
+    from features.store import open_store
+    from wsi.demo_cohort import tumour_tiles
+
+    preds, targets, tumour = [], [], []
+    for row in csv.DictReader((cohort / "slides.csv").open()):
+        sid = row["slide_id"]
+        t, coords = open_store(out, teacher, sid).load(np.float32)
+        p, _ = open_store(out, student, sid).load(np.float32)
+        size = json.loads((out / "tiles" / f"{sid}.json").read_text())["level0_size"]
+        preds.append(p), targets.append(t), tumour.append(tumour_tiles(cohort / row["slide_path"], coords, size))
+    p, t, rare = np.concatenate(preds), np.concatenate(targets), np.concatenate(tumour)
+    return {"tumour": subset_fidelity(p, t, rare), "other": subset_fidelity(p, t, ~rare), "tumour_tile_share": float(rare.mean())}
+
+
+def run_variant(workdir: Path, cohort: Path, config: dict, name: str, overrides: dict, seed: int | None, rows: list[str]) -> dict:
     label = name if seed is None else f"{name}.seed{seed}"
     out = workdir / "runs" / label
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(workdir / "base", out)
     distill = {**config.get("distill", {}), **overrides, **({} if seed is None else {"seed": seed})}
-    variant = {**config, "distill": distill, "mil": {**config["mil"], "strategies": ["teacher", "reuse", "retrain"]},
-               "heatmaps": {"slides": "none"}}
+    if "epochs_x" in distill:
+        distill["epochs"] = max(1, round(distill.get("epochs", 20) * distill.pop("epochs_x")))
+    strategies = sorted({ROWS[r].split(":")[0] for r in rows} | {"teacher"})
+    mil = {**config["mil"], "strategies": strategies}
+    if "lora" in rows:
+        mil["finetune"] = ["full", "lora"]
+    variant = {**config, "distill": distill, "mil": mil, "heatmaps": {"slides": "none"}}
     (workdir / f"{label}.yaml").write_text(yaml.safe_dump(variant))
     wsi("run", cohort / "slides.csv", "--config", workdir / f"{label}.yaml", "--out", out, cwd=workdir)
     card = json.loads((out / "models" / "student" / "student.json").read_text())
     state = json.loads((out / "state" / "distill" / "_cohort.json").read_text())
     with (out / "results" / "summary.csv").open(newline="") as f:
-        rows = {r["strategy"]: r for r in csv.DictReader(f)}
+        summary = {r["strategy"]: r for r in csv.DictReader(f)}
     best = card["metrics"]["best"]
-    return {"variant": label, "distill_s": state["duration_s"], "precision": card["precision"], "cosine": best["cosine"],
-            "r2": best["r2"], **{f"{row}_{m}": float(rows[row][f"{m}_mean"]) for row in ("teacher", "reuse", "retrain")
-                                 for m in ("acc", "auc")}}
+    teacher = variant["features"]["teacher"]
+    teacher_label = f"{teacher['model']}-random-seed{teacher['seed']}" if not teacher.get("pretrained") else teacher["model"]
+    truth = truth_fidelity(out, cohort, teacher_label, f"student_{distill['student']['model']}")
+    result = {"variant": label, "distill_s": state["duration_s"], "epochs": card["metrics"]["epochs_run"],
+              "precision": card["precision"], "cosine": best["cosine"], "r2": best["r2"],
+              "worst_cluster_r2": best.get("worst_cluster_r2"), "faithful": card["fidelity"]["verdict"]["faithful"],
+              "tumour_r2": truth["tumour"].get("r2"), "tumour_cosine": truth["tumour"].get("cosine"),
+              "other_r2": truth["other"].get("r2"), "tumour_tile_share": round(truth["tumour_tile_share"], 4)}
+    for row in rows:
+        match = summary.get(ROWS[row])
+        result[f"{row}_acc"] = float(match["acc_mean"]) if match else None
+        result[f"{row}_auc"] = float(match["auc_mean"]) if match else None
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cohort-seed", type=int, default=1)
+    parser.add_argument("--n-slides", type=int, default=24)
+    parser.add_argument("--tumour-fraction", type=float, help="focal lesions: the tumour's share of a positive slide's tissue")
+    parser.add_argument("--foci", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, help="distill.seed values to repeat each variant with")
+    parser.add_argument("--rows", nargs="+", default=["teacher", "reuse", "retrain"], choices=list(ROWS))
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
                         help="the distillation's precision (fp32: what a CPU without native bf16 runs)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wsi-bench-ablation"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    cohort, config = prepare(args.workdir, args.cohort_seed)
-    config = {**config, "distill": {**config.get("distill", {}), "precision": args.precision}}
+    cohort, config = prepare(args.workdir, args)
     results = []
     for name in args.variants:
         for seed in args.seeds or [None]:
-            results.append(run_variant(args.workdir, cohort, config, name, VARIANTS[name], seed))
+            results.append(run_variant(args.workdir, cohort, config, name, VARIANTS[name], seed, args.rows))
             print(json.dumps(results[-1]), flush=True)
-    print(f"\ndemo cohort seed {args.cohort_seed} (24 slides, 4 folds), distillation at {args.precision}\n")
-    print("| variant | distill s | held-out cosine | R² | Teacher ACC / AUC | Reuse ACC / AUC | Retrain ACC / AUC |")
-    print("|---|---|---|---|---|---|---|")
+    focal = "large tumours" if args.tumour_fraction is None else f"tumour {args.tumour_fraction:.0%} of tissue, {args.foci} foci"
+    print(f"\ndemo cohort seed {args.cohort_seed} ({args.n_slides} slides, {focal}), distillation at {args.precision}\n")
+    head = " | ".join(f"{r} ACC / AUC" for r in args.rows)
+    print(f"| variant | distill s | epochs | worst cluster R² | faithful | tumour-tile R² | other R² | {head} |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(args.rows))
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     for r in results:
-        print(f"| {r['variant']} | {r['distill_s']:.0f} | {r['cosine']:.3f} | {r['r2']:.3f} | "
-              f"{r['teacher_acc']:.3f} / {r['teacher_auc']:.3f} | {r['reuse_acc']:.3f} / {r['reuse_auc']:.3f} | "
-              f"{r['retrain_acc']:.3f} / {r['retrain_auc']:.3f} |")
+        cells = " | ".join(f"{fmt(r[f'{row}_acc'])} / {fmt(r[f'{row}_auc'])}" for row in args.rows)
+        print(f"| {r['variant']} | {r['distill_s']:.0f} | {r['epochs']} | {fmt(r['worst_cluster_r2'])} | {r['faithful']} | "
+              f"{fmt(r['tumour_r2'])} | {fmt(r['other_r2'])} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,29 @@ class DistillConfig(BaseModel):
                                                        "standardised per-tile mean and log std)")
     loss_beta: float = Field(2.0, gt=0, description="Smooth-L1 beta (Feature Distillation uses 2.0)")
     cosine_weight: float = Field(0.5, ge=0, description="weight of the added (1 − cosine) term")
-    epochs: int = Field(20, ge=1, description="maximum epochs")
+    epochs: int = Field(20, ge=1, description="maximum epochs (a ceiling: `patience` stops earlier once the held-out "
+                                              "score stops improving)")
     tiles_per_epoch: int = Field(2048, ge=1, description="training tiles sampled per epoch (with replacement across epochs)")
     balance: Literal["clusters", "none"] = Field("clusters", description="how training tiles are drawn each epoch: "
                                                  "clusters: k-means on the whitened teacher features of the pool, each "
                                                  "cluster drawn in proportion to the square root of its size, so rare "
                                                  "tissue (a small tumour focus) is seen often enough; none: uniformly")
-    balance_clusters: int = Field(16, ge=2, description="number of k-means clusters for balance: clusters")
+    balance_clusters: int = Field(16, ge=2, description="number of k-means clusters of the teacher's features: for "
+                                                        "balance: clusters and for the per-cluster fidelity metrics")
+    hard_mining: float = Field(2.0, ge=0, description="hard-example draws: each training tile's draw weight is also "
+                                                      "multiplied by (its last training loss / the median) to this power "
+                                                      "(clipped to 0.25–8), so later epochs go to the tiles the student "
+                                                      "still gets wrong; 0: off")
+    select: Literal["balanced_r2", "worst_cluster_r2", "cosine"] = Field(
+        "balanced_r2", description="what picks the best epoch and drives early stopping, on held-out tiles: "
+                                   "balanced_r2: the mean R² over the teacher-feature clusters (every tissue counts "
+                                   "the same, rare or not); worst_cluster_r2: the worst cluster's; cosine: the average "
+                                   "cosine (before the per-cluster metrics)")
+    rare_r2_target: float = Field(0.8, le=1, description="the card's verdict: the student is faithful on rare tissue when "
+                                                         "the worst held-out cluster's R² reaches this")
+    tile_cache_mb: int = Field(1024, ge=0, description="decoded training tiles kept in memory across epochs (at the "
+                                                       "student's input size with read_at_input), so repeated draws cost "
+                                                       "model time only; 0: read every draw")
     max_train_tiles: int = Field(50_000, ge=1, description="size of the training pool drawn once across slides")
     max_val_tiles: int = Field(512, ge=1, description="held-out tiles used for validation")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="fraction of slides held out for validation (tiles, "
@@ -43,7 +59,9 @@ class DistillConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
-    patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation cosine")
+    patience: int = Field(5, ge=1, description="stop after this many epochs without the held-out score (`select`) "
+                                               "beating its best by `min_delta`: `epochs` is a ceiling")
+    min_delta: float = Field(0.002, ge=0, description="the smallest gain of the held-out score that counts as progress")
     read_at_input: bool = Field(True, description="read the student's tiles from the coarsest pyramid level that holds "
                                                   "its input resolution (a 112-px student on 512-px level-0 tiles "
                                                   "reads the 4× level: 1/16 of the pixels to decode), in distillation "

@@ -96,13 +96,18 @@ class FPDLoss(nn.Module):
     def target(self, teacher: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(teacher, teacher.shape[-1:], eps=LAYER_NORM_EPS) if self.whiten else teacher
 
-    def forward(self, prediction: torch.Tensor, teacher: torch.Tensor, stats: torch.Tensor | None = None,
-                model: DistilledStudent | None = None) -> torch.Tensor:
+    def per_tile(self, prediction: torch.Tensor, teacher: torch.Tensor, stats: torch.Tensor | None = None,
+                 model: DistilledStudent | None = None) -> torch.Tensor:
+        """The loss of every tile of the batch, (B,): what hard-example draws weigh tiles by."""
         target = self.target(teacher.float())
-        loss = F.smooth_l1_loss(prediction.float(), target, beta=self.beta)
+        loss = F.smooth_l1_loss(prediction.float(), target, beta=self.beta, reduction="none").mean(dim=-1)
         if self.cosine_weight:
-            loss = loss + self.cosine_weight * (1 - F.cosine_similarity(prediction.float(), target, dim=-1)).mean()
+            loss = loss + self.cosine_weight * (1 - F.cosine_similarity(prediction.float(), target, dim=-1))
         if stats is not None and model is not None:
             wanted = (feature_stats(teacher) - model.stats_center) / model.stats_scale
-            loss = loss + self.stats_weight * F.mse_loss(stats.float(), wanted)
+            loss = loss + self.stats_weight * F.mse_loss(stats.float(), wanted, reduction="none").mean(dim=-1)
         return loss
+
+    def forward(self, prediction: torch.Tensor, teacher: torch.Tensor, stats: torch.Tensor | None = None,
+                model: DistilledStudent | None = None) -> torch.Tensor:
+        return self.per_tile(prediction, teacher, stats, model).mean()

@@ -13,12 +13,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from distill.config import DistillConfig
+from distill.fidelity import fidelity
+from distill.pools import SlideTiles, prepare_pools, split_pools
+from distill.sampling import TileErrors, balance_weights, epoch_draws
 from features.precision import autocast_dtype, resolve_precision
 from features.store import save_safetensors
 from wsi.files import atomic_write, write_json
@@ -26,91 +28,53 @@ from wsi.files import atomic_write, write_json
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SlideTiles:
-    """One slide's contribution: where to read its tiles and the teacher's features for them."""
-
-    slide_id: str
-    slide_path: Path
-    mpp: float
-    plan: object  # wsi.tiling.ReadPlan
-    coords: np.ndarray  # (n, 2)
-    targets: np.ndarray  # (n, D) teacher features, float16
-    backend: str = "auto"  # the slide reader the teacher's features were extracted with (slides.backend)
-
-
 class DistillTiles:
-    """(tile uint8, teacher feature) pairs over several slides, read through one :class:`wsi.slide.SlidePool`."""
+    """(tile uint8, teacher feature, pool index) over several slides, read through one :class:`wsi.slide.SlidePool`.
 
-    def __init__(self, slides: list[SlideTiles], index: np.ndarray, input_size: int | None = None):
+    ``index`` rows are (slide number, row); ``draws`` picks the rows of an epoch (default: all). Decoded
+    tiles are kept in memory up to ``cache_mb`` (per process: with loader processes each has its own), so
+    a tile drawn again in a later epoch costs no read.
+    """
+
+    def __init__(self, slides: list[SlideTiles], index: np.ndarray, input_size: int | None = None,
+                 cache_mb: float = 0, draws: np.ndarray | None = None):
         from wsi.slide import SlidePool, SlideSource
 
-        self.slides, self.index = slides, index  # index rows: (slide number, row)
+        self.slides, self.index = slides, index
+        self.draws = np.arange(len(index)) if draws is None else draws
         self.input_size = input_size  # read at the student's input resolution (distill.read_at_input), else as tiled
         self.pool = SlidePool([SlideSource(s.slide_id, s.slide_path, s.mpp, s.backend) for s in slides])
+        self.cache: dict[int, np.ndarray] = {}
+        self.cache_bytes, self.cache_limit = 0, int(cache_mb * 2**20)
+
+    def epoch(self, draws: np.ndarray) -> DistillTiles:
+        """The same tiles and cache, drawing ``draws`` (pool indices) this epoch."""
+        view = object.__new__(DistillTiles)
+        view.__dict__.update(self.__dict__)
+        view.draws = draws
+        return view
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.draws)
 
-    def __getitem__(self, i: int):
+    def tile(self, i: int) -> np.ndarray:
+        tile = self.cache.get(i)
+        if tile is None:
+            s, row = (int(v) for v in self.index[i])
+            part = self.slides[s]
+            x, y = part.coords[row]
+            tile = np.array(self.pool.read_tile(part.slide_id, x, y, part.plan, self.input_size))
+            if self.cache_bytes + tile.nbytes <= self.cache_limit:
+                self.cache[i] = tile
+                self.cache_bytes += tile.nbytes
+        return tile
+
+    def __getitem__(self, k: int):
         import torch
 
+        i = int(self.draws[k])
         s, row = (int(v) for v in self.index[i])
-        part = self.slides[s]
-        x, y = part.coords[row]
-        tile = np.array(self.pool.read_tile(part.slide_id, x, y, part.plan, self.input_size))
-        return torch.from_numpy(tile), torch.from_numpy(part.targets[row].astype(np.float32))
-
-
-def split_pools(slides: list[SlideTiles], cfg: DistillConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Training and validation (slide, row) pools: held-out slides when there are ≥ 4, else held-out tiles."""
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(slides))
-    n_val = max(1, round(cfg.val_fraction * len(slides))) if len(slides) >= 4 else 0
-    val_slides = set(order[:n_val].tolist())
-    train, val = [], []
-    for s, part in enumerate(slides):
-        rows = np.stack([np.full(len(part.coords), s), np.arange(len(part.coords))], axis=1)
-        if s in val_slides:
-            val.append(rows)
-        elif n_val:
-            train.append(rows)
-        else:  # too few slides: hold out a fraction of each slide's tiles
-            perm = rng.permutation(len(rows))
-            cut = max(1, int(round(cfg.val_fraction * len(rows))))
-            val.append(rows[perm[:cut]])
-            train.append(rows[perm[cut:]])
-    train_pool = np.concatenate(train) if train else np.zeros((0, 2), np.int64)
-    val_pool = np.concatenate(val) if val else np.zeros((0, 2), np.int64)
-    if len(train_pool) > cfg.max_train_tiles:
-        train_pool = train_pool[rng.choice(len(train_pool), cfg.max_train_tiles, replace=False)]
-    if len(val_pool) > cfg.max_val_tiles:
-        val_pool = val_pool[rng.choice(len(val_pool), cfg.max_val_tiles, replace=False)]
-    return train_pool, val_pool, [slides[s].slide_id for s in sorted(val_slides)]
-
-
-def draw_weights(slides: list[SlideTiles], pool: np.ndarray, cfg: DistillConfig) -> np.ndarray | None:
-    """Each pool tile's probability of being drawn, or None for uniform draws (``distill.balance``).
-
-    Label-free balancing: k-means (seeded) on the LayerNorm-whitened teacher features, and every cluster
-    drawn in proportion to the square root of its size. Rare tissue that the CLAM attends to, such as a
-    small tumour focus, then gets far more steps than its share of tiles, and no tiny cluster (a pen mark)
-    takes over an epoch.
-    """
-    if cfg.balance == "none" or len(pool) < 2 * cfg.balance_clusters:
-        return None
-    from sklearn.cluster import MiniBatchKMeans
-
-    feats = np.empty((len(pool), slides[0].targets.shape[1]), np.float32)
-    for i, (s, r) in enumerate(pool):
-        feats[i] = slides[s].targets[r]
-    feats -= feats.mean(axis=1, keepdims=True)  # whitened like the targets, in place (the pool can be large)
-    feats /= feats.std(axis=1, keepdims=True) + 1e-5
-    labels = MiniBatchKMeans(n_clusters=cfg.balance_clusters, random_state=cfg.seed, n_init=3,
-                             batch_size=2048).fit_predict(feats)
-    sizes = np.bincount(labels, minlength=cfg.balance_clusters).astype(np.float64)
-    weights = sizes[labels] ** -0.5  # a cluster's total share ∝ sqrt(its size)
-    return weights / weights.sum()
+        return torch.from_numpy(self.tile(i)), torch.from_numpy(self.slides[s].targets[row].astype(np.float32)), i
 
 
 def augment(x, generator):
@@ -129,26 +93,56 @@ def augment(x, generator):
     return x * scale + shift
 
 
-def evaluate(model, loader, input_size, mean, std, device) -> dict:
-    """Cosine similarity and R² of the model's teacher-space features to the teacher's, on held-out tiles."""
+def evaluate(model, loader, input_size, mean, std, device, labels: np.ndarray | None = None,
+             weights: np.ndarray | None = None) -> dict:
+    """Fidelity of the model's teacher-space features to the teacher's on held-out tiles: cosine and R²
+    overall, per teacher-feature cluster (``labels``, in the loader's order) and on the worst tiles;
+    ``weights``: each tile's importance weight (:func:`distill.fidelity.stratified_sample`)."""
     import torch
-    import torch.nn.functional as F
 
     from features.encoders import to_model_input
 
     preds, targets = [], []
     model.eval()
     with torch.inference_mode():
-        for tiles, target in loader:
+        for tiles, target, _ in loader:
             preds.append(model(to_model_input(tiles, input_size, mean, std, device)).float().cpu())
             targets.append(target)
     model.train()
     if not preds:
         return {"cosine": float("nan"), "r2": float("nan"), "n": 0}
-    p, t = torch.cat(preds), torch.cat(targets)
-    cosine = F.cosine_similarity(p, t, dim=-1).mean().item()
-    r2 = 1 - ((t - p) ** 2).sum().item() / max(((t - t.mean(0)) ** 2).sum().item(), 1e-12)
-    return {"cosine": round(cosine, 5), "r2": round(r2, 5), "n": len(t)}
+    return fidelity(torch.cat(preds).numpy(), torch.cat(targets).numpy(), labels, weights)
+
+
+def without_clusters(record: dict) -> dict:
+    """A metrics record without its per-cluster table (kept once, for the best epoch, in the card)."""
+    return {k: v for k, v in record.items() if k != "clusters"}
+
+
+def held_out_score(metrics: dict, select: str) -> float | None:
+    """The number that picks the best epoch (``distill.select``); None without held-out tiles."""
+    if not metrics.get("n"):
+        return None
+    if select == "cosine" or select not in metrics:  # too few held-out tiles per cluster: the average decides
+        return metrics["cosine"]
+    return metrics[select]
+
+
+def verdict(best: dict, cfg: DistillConfig, epochs_run: int, stopped_early: bool) -> dict:
+    """Has the student learned the rare tissue? From the best epoch's worst cluster, in words a user can act on."""
+    worst = best.get("worst_cluster_r2")
+    if worst is None:
+        return {"faithful": None, "message": "too few held-out tiles per cluster to judge the rare tissue "
+                                             "(raise distill.max_val_tiles or hold out more slides)"}
+    if worst >= cfg.rare_r2_target:
+        return {"faithful": True, "worst_cluster_r2": worst, "target": cfg.rare_r2_target,
+                "message": f"faithful on every tissue cluster: worst held-out cluster R² {worst:.3f} ≥ {cfg.rare_r2_target}"}
+    why = ("it stopped improving (patience)" if stopped_early else
+           f"it was still improving when distill.epochs ({epochs_run}) ran out: raise distill.epochs")
+    return {"faithful": False, "worst_cluster_r2": worst, "target": cfg.rare_r2_target,
+            "message": f"NOT faithful on rare tissue: worst held-out cluster (#{best.get('worst_cluster')}) R² "
+                       f"{worst:.3f} < {cfg.rare_r2_target}; {why}. Slides whose diagnosis rests on such tissue may "
+                       f"be misread by Reuse"}
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -205,10 +199,8 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     workers = cfg.num_workers if cfg.num_workers is not None else (0 if device.type == "cpu" else 2)
     loader_kwargs = dict(batch_size=cfg.batch_size, num_workers=workers,
                          **({"persistent_workers": False, "prefetch_factor": 4} if workers else {}))
-    val_loader = torch.utils.data.DataLoader(DistillTiles(slides, val_pool, tile_input), shuffle=False, **loader_kwargs)
-
-    state = {"epoch": 0, "best_cosine": -2.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    resumed_from = None
+    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    resumed_from, saved = None, None
     if (ckpt_dir / "state.pt").exists() and (ckpt_dir / "last.safetensors").exists():
         saved = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
         if saved.get("fingerprint") == fingerprint:
@@ -218,17 +210,19 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
             state = json.loads(saved["progress"])
             resumed_from = state["epoch"]
             log.info("distillation resumes after epoch %d", resumed_from)
-    # the draw weights of the run that is resumed, so its remaining epochs draw what an uninterrupted run would
-    # (k-means is seeded, but another scikit-learn or BLAS could cluster a little differently)
-    weights_file = ckpt_dir / "draw_weights.npy"
-    weights = np.load(weights_file) if resumed_from is not None and weights_file.exists() else None
-    if weights is None or len(weights) != len(train_pool):
-        weights = draw_weights(slides, train_pool, cfg)
-        if weights is not None:
-            atomic_write(weights_file, lambda f: np.save(f, weights))
+        else:
+            saved = None
+    pools = prepare_pools(slides, train_pool, val_pool, cfg, ckpt_dir, resume=resumed_from is not None)
+    train_pool, val_pool, val_labels, val_weights, clusters = (pools.train, pools.val, pools.val_labels, pools.val_weights,
+                                                               pools.clusters)
+    weights = balance_weights(pools.train_labels, len(clusters.centres)) \
+        if cfg.balance == "clusters" and len(train_pool) >= 2 * cfg.balance_clusters else None
+    errors = TileErrors(len(train_pool), None if saved is None else saved.get("tile_errors", torch.zeros(0)).numpy())
+    val_loader = torch.utils.data.DataLoader(DistillTiles(slides, val_pool, tile_input), shuffle=False, **loader_kwargs)
+    train_tiles = DistillTiles(slides, train_pool, tile_input, cache_mb=cfg.tile_cache_mb)
     if resumed_from is None:
-        initial = evaluate(model, val_loader, input_size, mean, std, device)
-        state["history"].append({"epoch": 0, **initial})
+        initial = evaluate(model, val_loader, input_size, mean, std, device, val_labels, val_weights)
+        state["history"].append({"epoch": 0, **without_clusters(initial)})
     precision = resolve_precision(cfg.precision, device)
     autocast = torch.autocast(device.type, dtype=autocast_dtype(precision) or torch.float32, enabled=precision != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
@@ -237,20 +231,20 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"] + 1
         generator.manual_seed(cfg.seed * 1000 + epoch)  # resumable: each epoch's sampling depends only on its number
-        draw = np.random.default_rng(cfg.seed * 1000 + epoch)
-        rows = train_pool[draw.integers(0, len(train_pool), cfg.tiles_per_epoch) if weights is None
-                          else draw.choice(len(train_pool), cfg.tiles_per_epoch, p=weights)]
-        loader = torch.utils.data.DataLoader(DistillTiles(slides, rows, tile_input), shuffle=False, **loader_kwargs)
+        draws = epoch_draws(len(train_pool), cfg.tiles_per_epoch, weights, errors, cfg.hard_mining,
+                            np.random.default_rng(cfg.seed * 1000 + epoch))
+        loader = torch.utils.data.DataLoader(train_tiles.epoch(draws), shuffle=False, **loader_kwargs)
         start, losses, waited = time.perf_counter(), [], 0.0
         ready = start
-        for tiles, target in loader:
+        for tiles, target, rows in loader:
             waited += time.perf_counter() - ready  # the step waited this long for the loader's tiles
             x = to_model_input(tiles, input_size, mean, std, device)
             if cfg.augment:
                 x = augment(x, generator)
             with autocast:
                 prediction, stats = model.outputs(x)
-            loss = loss_fn(prediction, target.to(device), stats, model)
+            per_tile = loss_fn.per_tile(prediction, target.to(device), stats, model)
+            loss = per_tile.mean()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -259,28 +253,36 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
             scaler.update()
             scheduler.step()
             losses.append(loss.item())
+            errors.update(rows.numpy(), per_tile.detach().float().cpu().numpy())
             ready = time.perf_counter()
         train_seconds = time.perf_counter() - start
-        metrics = evaluate(model, val_loader, input_size, mean, std, device)
+        metrics = evaluate(model, val_loader, input_size, mean, std, device, val_labels, val_weights)
         record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5), "seconds": round(time.perf_counter() - start, 2),
                   "train_seconds": round(train_seconds, 2), "wait_seconds": round(waited, 2), **metrics}
-        state["history"].append(record)
+        state["history"].append(without_clusters(record))
         state["epoch"] = epoch
-        score = metrics["cosine"] if metrics["n"] else -record["loss"]  # no held-out tiles: training loss decides
-        if score > state["best_cosine"]:
-            state.update(best_cosine=score, best_epoch=epoch, bad_epochs=0)
+        score = held_out_score(metrics, cfg.select)
+        score = -record["loss"] if score is None else score  # no held-out tiles: training loss decides
+        if score > state["best_score"]:  # the best epoch so far is kept; only a gain of min_delta resets patience
+            state["bad_epochs"] = 0 if score >= state.get("progress_score", -math.inf) + cfg.min_delta else state["bad_epochs"] + 1
+            state.update(best_score=score, best_epoch=epoch, best=record)
             save_safetensors(model.state_dict(), ckpt_dir / "best.safetensors")
         else:
             state["bad_epochs"] += 1
+        if state["bad_epochs"] == 0:
+            state["progress_score"] = score
         save_safetensors(model.state_dict(), ckpt_dir / "last.safetensors")
         atomic_torch_save({"fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "progress": json.dumps(state)}, ckpt_dir / "state.pt")
-        log.info("distill epoch %d: loss %.4f, val cosine %.4f, R² %.4f", epoch, record["loss"], metrics["cosine"], metrics["r2"])
+                           "scheduler": scheduler.state_dict(), "progress": json.dumps(state),
+                           "tile_errors": torch.from_numpy(errors.errors)}, ckpt_dir / "state.pt")
+        log.info("distill epoch %d: loss %.4f, held-out cosine %.4f, R² %.4f, worst cluster R² %s", epoch, record["loss"],
+                 metrics["cosine"], metrics["r2"], metrics.get("worst_cluster_r2"))
         if on_epoch is not None:
             on_epoch(record)
 
     best = load_file(str(ckpt_dir / "best.safetensors"))
     model.load_state_dict(best)
+    best_record = state.get("best", state["history"][-1])
     card = {
         "kind": "wsi-pipeline distilled student",
         "student": cfg.student.model_dump(mode="json"), "student_init": cfg.student.weights_source(cfg.seed),
@@ -291,8 +293,10 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         "params": param_counts(model),
         "data": {"slides": [s.slide_id for s in slides], "val_slides": val_slides,
                  "train_tiles": int(len(train_pool)), "val_tiles": int(len(val_pool))},
-        "metrics": {"initial": state["history"][0], "best": next(h for h in state["history"] if h["epoch"] == state["best_epoch"]),
+        "metrics": {"initial": state["history"][0], "best": without_clusters(best_record), "selected_by": cfg.select,
                     "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "resumed_from_epoch": resumed_from},
+        "fidelity": {"clusters": best_record.get("clusters", {}), "n_clusters": len(clusters.centres),
+                     "verdict": verdict(best_record, cfg, state["epoch"], state["bad_epochs"] >= cfg.patience)},
         "history": state["history"], "config": cfg.model_dump(mode="json"), "fingerprint": fingerprint,
     }
     save_safetensors(model.state_dict(), out_dir / "student.safetensors", metadata={"card": "student.json"})

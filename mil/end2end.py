@@ -40,7 +40,7 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
                   train_ids: list[str], labels: dict[str, int], *, k_tiles: int, epochs: int, student_lr: float,
                   finetune: str = "full", finetune_options: dict | None = None, seed: int = 0,
                   val_ids: list[str] = (), n_rows: Callable[[str], int] | None = None,
-                  refresh_dir: Path | None = None, cache_bytes: int = 0,
+                  refresh_dir: Path | None = None, cache_bytes: int = 0, attended: float = 0.5,
                   on_step: Callable[..., None] | None = None) -> tuple[object, object, list[dict]]:
     """Fine-tune copies of ``student`` and ``clam`` together; returns (encoder, clam, history).
 
@@ -56,6 +56,9 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
     current encoder into ``refresh_dir/<slide>.npy`` (read back lazily, ``cache_bytes`` kept in memory),
     so CLAM trains on the features it is validated and tested on, not on the starting encoder's; without
     it the stored bags are used throughout and only the ``k_tiles`` rows are fresh.
+
+    ``attended``: the share of the ``k_tiles`` that are the bag's most-attended tiles under the current
+    CLAM (the rest drawn at random from the others; :func:`pick_rows`).
     """
     import torch
 
@@ -92,7 +95,7 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
             slide_id = train_ids[i]
             label = labels[slide_id]
             stored = bag_tensor(bag, slide_id, device)
-            rows = np.sort(rng.choice(len(stored), min(k_tiles, len(stored)), replace=False))
+            rows = pick_rows(clam, stored, label, k_tiles, attended, rng)
             index = torch.from_numpy(rows).to(device)
             with meter.step():
                 fresh = student(_to_input(tiles(slide_id, rows), **student_input, device=device))  # the only images in memory
@@ -118,6 +121,32 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
     student.eval()
     clam.eval()
     return student, clam, history
+
+
+def pick_rows(clam, stored, label: int, k_tiles: int, attended: float, rng: np.random.Generator) -> np.ndarray:
+    """The bag rows an End2end step re-reads with gradients: the ``attended`` share of ``k_tiles`` the current
+    CLAM attends to most (for the bag's label on a multi-branch CLAM), the rest at random from the others.
+
+    A focal lesion is a few tiles of thousands; k random tiles rarely include one, so the encoder would
+    never be tuned on the tiles that decide the slide. The attended ones are those, once CLAM has
+    learned where to look (End2end starts from the trained Retrain CLAM).
+    """
+    import torch
+
+    n = len(stored)
+    k = min(k_tiles, n)
+    n_top = min(k, int(round(attended * k)))
+    top = np.zeros(0, np.int64)
+    if n_top:
+        was_training = clam.training
+        clam.eval()
+        with torch.no_grad():
+            attention = clam.embed(stored)[1]
+        clam.train(was_training)
+        branch = attention[label] if attention.shape[0] > 1 else attention[0]
+        top = torch.topk(branch.float(), n_top).indices.cpu().numpy()
+    rest = np.setdiff1d(np.arange(n), top)
+    return np.sort(np.concatenate([top, rng.choice(rest, k - n_top, replace=False)]))
 
 
 def _refresh_bags(student, student_input: dict, tiles: TileFn, slide_ids: list[str], n_rows: Callable[[str], int],

@@ -231,7 +231,7 @@ def _end2end_fold(cfg: MILConfig, inputs: End2endInputs, job: FoldJob, start_cla
                                          finetune_options=cfg.finetune_options.get(finetune), seed=seed,
                                          val_ids=split.val, n_rows=inputs.n_rows,
                                          refresh_dir=scratch if cfg.end2end_refresh else None,
-                                         cache_bytes=cfg.bag_cache_mb * 2**20, on_step=progress)
+                                         attended=cfg.end2end_attended, cache_bytes=cfg.bag_cache_mb * 2**20, on_step=progress)
     shutil.rmtree(scratch, ignore_errors=True)
     save_safetensors(clam.state_dict(), out)
     stem = out.with_name(f"fold_{split.fold}")

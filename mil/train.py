@@ -46,6 +46,11 @@ class MILConfig(BaseModel):
         description="rows of the results table: CLAM on teacher features, that CLAM on student features, a CLAM "
                     "retrained on them, student and CLAM fine-tuned together")
     end2end_k_tiles: int = Field(16, ge=1, description="End2end: tiles per bag re-read and passed through the student with gradients")
+    end2end_attended: float = Field(0.5, ge=0, le=1, description="End2end: share of the k tiles that are the bag's "
+                                                                 "most-attended under the current CLAM (the rest at "
+                                                                 "random), so the encoder is tuned on the tiles that "
+                                                                 "decide the slide, such as a small tumour focus; 0: "
+                                                                 "all random")
     end2end_epochs: int = Field(5, ge=1, description="End2end: epochs of joint training, from the Retrain CLAM")
     end2end_student_lr: float = Field(1e-5, gt=0, description="End2end: student learning rate (CLAM keeps `lr`)")
     end2end_refresh: bool = Field(True, description="End2end: re-embed the training bags with the current encoder before "

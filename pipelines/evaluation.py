@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from pipelines.artifacts import RunPaths, write_text
+from pipelines.artifacts import RunPaths, write_json, write_text
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
 from pipelines.state import read_state
@@ -65,8 +65,56 @@ def results_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
     write_text(results / "predictions.csv", csv_text(predictions))
     write_text(results / "fold_metrics.csv", csv_text(fold_metrics))
     write_text(results / "summary.csv", csv_text(summary))
-    write_text(results / "summary.md", results_markdown(summary, classes, n_folds, encoder_notes(cfg, paths, entries)))
-    return {"n_slides": len({p["slide_id"] for p in predictions}), "folds": n_folds, "summary": summary, "warnings": []}
+    agreement = reuse_agreement(predictions, classes)
+    card = json.loads(card_path.read_text()) if card_path.exists() and student_params is not None else None
+    fidelity_lines = student_fidelity_lines(card, agreement)
+    write_text(results / "summary.md", results_markdown(summary, classes, n_folds,
+                                                        encoder_notes(cfg, paths, entries) + fidelity_lines))
+    if agreement is not None:
+        write_json(results / "reuse_agreement.json", agreement)
+    warnings = [line for line in fidelity_lines if "NOT" in line]
+    return {"n_slides": len({p["slide_id"] for p in predictions}), "folds": n_folds, "summary": summary,
+            "reuse_agreement": agreement, "warnings": warnings}
+
+
+def reuse_agreement(predictions: list[dict], classes: list[str]) -> dict | None:
+    """How well the student stands in for the teacher under the teacher's own CLAMs: per test slide, the
+    teacher CLAM's probabilities on teacher features vs on student features (the Reuse row).
+
+    Label-free in what it measures (agreement, not accuracy): the mean and the worst slide's largest
+    probability difference, and the share of slides whose predicted class is the same.
+    """
+    by_slide = {(p["fold"], p["slide_id"]): p for p in predictions if p["strategy"] == "teacher"}
+    pairs = [(by_slide[(p["fold"], p["slide_id"])], p) for p in predictions
+             if p["strategy"] == "reuse" and (p["fold"], p["slide_id"]) in by_slide]
+    if not pairs:
+        return None
+    gaps = [max(abs(float(t[f"p_{c}"]) - float(r[f"p_{c}"])) for c in classes) for t, r in pairs]
+    worst = max(range(len(pairs)), key=gaps.__getitem__)
+    return {"n_slides": len(pairs), "class_agreement": round(sum(t["prediction"] == r["prediction"] for t, r in pairs) / len(pairs), 4),
+            "mean_abs_diff": round(sum(gaps) / len(gaps), 4), "worst_abs_diff": round(gaps[worst], 4),
+            "worst_slide": pairs[worst][0]["slide_id"]}
+
+
+def student_fidelity_lines(card: dict | None, agreement: dict | None) -> list[str]:
+    """The student card's fidelity where it matters and the Reuse agreement, as lines under the results table."""
+    lines = []
+    if card is not None:
+        best = card["metrics"]["best"]
+        verdict = card.get("fidelity", {}).get("verdict", {})
+        worst = best.get("worst_cluster_r2")
+        lines.append(f"Student fidelity (held-out tiles, best epoch {card['metrics']['best_epoch']} of "
+                     f"{card['metrics']['epochs_run']}): cosine {best['cosine']:.3f}, R² {best['r2']:.3f}"
+                     + ("" if worst is None else f", cluster-balanced R² {best['balanced_r2']:.3f}, worst cluster R² "
+                                                 f"{worst:.3f}, worst-decile cosine {best['worst_decile_cosine']:.3f}")
+                     + (f" — {verdict['message']}." if verdict.get("message") else "."))
+    if agreement is not None:
+        lines.append(f"Reuse agreement (the teacher's CLAMs on teacher vs student features, {agreement['n_slides']} test "
+                     f"slides): same class on {agreement['class_agreement']:.0%}, probability difference mean "
+                     f"{agreement['mean_abs_diff']:.3f}, worst {agreement['worst_abs_diff']:.3f} "
+                     f"(`{agreement['worst_slide']}`)"
+                     + (" — NOT in agreement: the student misses what the teacher's CLAMs use." if agreement["class_agreement"] < 1 else "."))
+    return lines
 
 
 def imported_features(paths: RunPaths, cfg: RunConfig, entries: list[SlideEntry]) -> bool:

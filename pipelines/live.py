@@ -11,11 +11,15 @@ from pipelines.state import read_state
 
 
 def progress_text(progress: dict | None) -> str:
-    """`` (epoch 12/200)`` from a state's ``progress`` record; empty without one."""
+    """`` (epoch 12/200)`` from a state's ``progress`` record, with the distillation's held-out scores when it
+    reports them; empty without one."""
     if not progress or progress.get("done") is None:
         return ""
     total = f"/{progress['total']}" if progress.get("total") else ""
-    return f" ({progress.get('unit', 'step')} {progress['done']}{total})"
+    scores = "".join(f", {label} {progress[key]:.3f}" for key, label in (("val_cosine", "held-out cosine"),
+                                                                          ("worst_cluster_r2", "worst cluster R²"))
+                     if isinstance(progress.get(key), (int, float)))
+    return f" ({progress.get('unit', 'step')} {progress['done']}{total}{scores})"
 
 
 class LiveTasks:

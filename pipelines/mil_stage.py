@@ -50,7 +50,7 @@ def mil_key_inputs(cfg: RunConfig, key: str) -> list:
     if job.kind == "end2end":
         m = cfg.mil
         inputs.append({"k_tiles": m.end2end_k_tiles, "epochs": m.end2end_epochs, "student_lr": m.end2end_student_lr,
-                       "refresh": m.end2end_refresh, "options": m.finetune_options.get(job.finetune, {})})
+                       "refresh": m.end2end_refresh, "attended": m.end2end_attended, "options": m.finetune_options.get(job.finetune, {})})
     return inputs
 
 

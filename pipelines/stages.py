@@ -209,15 +209,19 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
         shutil.rmtree(paths.student_dir / "checkpoint", ignore_errors=True)
     report = progress_callback()
     on_epoch = None if report is None else (lambda record: report(done=record["epoch"], total=dcfg.epochs, unit="epoch",
-                                                                  val_cosine=record.get("cosine")))
+                                                                  val_cosine=record.get("cosine"),
+                                                                  worst_cluster_r2=record.get("worst_cluster_r2")))
     card = train(slides, dim, dcfg, paths.student_dir, fingerprint=TASK_FINGERPRINT.get() or "", on_epoch=on_epoch,
                  teacher={"label": teacher, "dim": dim, "spec": cfg.features.teacher.model_dump(mode="json"),
                           "weights": cfg.features.teacher.weights_source(),
                           "weights_sha256": next(iter(digests)),
                           "random_weights": cfg.features.teacher.random_weights})
-    best = card["metrics"]["best"]
+    best, verdict = card["metrics"]["best"], card["fidelity"]["verdict"]
     return {"n_slides": len(slides), "val_cosine": best.get("cosine"), "val_r2": best.get("r2"),
-            "initial_cosine": card["metrics"]["initial"].get("cosine"), "precision": card["precision"], "warnings": []}
+            "worst_cluster_r2": best.get("worst_cluster_r2"), "balanced_r2": best.get("balanced_r2"),
+            "faithful": verdict["faithful"], "epochs_run": card["metrics"]["epochs_run"],
+            "initial_cosine": card["metrics"]["initial"].get("cosine"), "precision": card["precision"],
+            "warnings": [] if verdict["faithful"] else [f"student: {verdict['message']}"]}
 
 
 def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:

@@ -57,8 +57,10 @@ def corrupt_jpeg_tiles(path: Path, level: int = -1) -> None:
             f.write(rng.integers(0, 256, size=min(64, count - 4), dtype=np.uint8).tobytes())
 
 
-# The cohort the teacher-baseline and heatmap tests share: 24 demo slides (12 with planted tumour),
+# The cohort the teacher-baseline, heatmap and student tests share: 24 demo slides, 12 with a focal tumour
+# (two foci, 10 % of the tissue: the case where a student that is only faithful on average fails),
 # run through tissue → tiles → teacher features → CLAM (teacher only, 4 folds) → heatmaps by the CLI.
+TEACHER_COHORT = {"n_slides": 24, "size": 8192, "seed": 3, "tumour_fraction": 0.1, "foci": 2}
 TEACHER_RUN_CONFIG = {
     "tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25},
     "tiling": {"target_mpp": 0.5, "patch_size": 256, "min_tissue_fraction": 0.25},
@@ -73,7 +75,7 @@ TEACHER_RUN_CONFIG = {
 def teacher_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """(slide folder, run directory, the run's completed process)."""
     folder = tmp_path_factory.mktemp("teacher_cohort")
-    csv_path = make_demo_cohort(folder, n_slides=24, size=8192, seed=3)
+    csv_path = make_demo_cohort(folder, **TEACHER_COHORT)
     (folder / "run.yaml").write_text(yaml.safe_dump(TEACHER_RUN_CONFIG))
     out = tmp_path_factory.mktemp("teacher_run") / "out"
     result = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(csv_path), "--config", str(folder / "run.yaml"),

@@ -90,7 +90,7 @@ def test_stats_head_dewhitens_each_tile_with_its_own_mean_and_scale():
 
 
 def test_cluster_balanced_draws_favour_rare_tissue_without_labels():
-    from distill.trainer import draw_weights
+    from distill.pools import draw_weights
 
     rng = np.random.default_rng(0)
     common = rng.normal(0, 1, (950, 32)) + 3 * np.sin(np.arange(32))  # one abundant kind of tissue

@@ -261,6 +261,16 @@ def load_truth(slide_path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     return tissue, tumour, json.loads(Path(f"{stem}.truth.json").read_text())
 
 
+def tumour_tiles(slide_path: Path, coords: np.ndarray, tile_size: float) -> np.ndarray:
+    """Which tiles (level-0 top-left ``coords``, ``tile_size`` level-0 px) of a demo slide have their centre in
+    its truth's tumour mask: the ground truth to score a model's tiles against."""
+    _, tumour, meta = load_truth(slide_path)
+    centres = (np.asarray(coords, np.float64) + tile_size / 2) / meta["downsample"]
+    ys = np.clip(centres[:, 1].astype(int), 0, tumour.shape[0] - 1)
+    xs = np.clip(centres[:, 0].astype(int), 0, tumour.shape[1] - 1)
+    return tumour[ys, xs]
+
+
 def _slide_spec(out_dir: Path, i: int, size: int, seed: int, tumour: dict) -> tuple[dict, dict]:
     """(write_demo_slide's arguments, slides.csv row) of demo slide ``i``: every fourth a 20x generic TIFF."""
     positive, generic = i % 2 == 1, i % 4 == 2

@@ -64,13 +64,14 @@ def lora_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 class LoRA(FineTuneStrategy):
-    """Adapters on q and v of every block (rank 4, alpha 4), base frozen, head trained (``train_head``)."""
+    """Adapters on q and v of every block (rank 4, alpha 4), base frozen, head trained (``train_head``) at
+    ``head_lr_scale`` times the adapters' rate."""
 
     name = "lora"
 
-    def __init__(self, rank: int = 4, alpha: float = 4.0, train_head: bool = True):
+    def __init__(self, rank: int = 4, alpha: float = 4.0, train_head: bool = True, head_lr_scale: float = 0.01):
         super().__init__()
-        self.rank, self.alpha, self.train_head = rank, alpha, train_head
+        self.rank, self.alpha, self.train_head, self.head_lr_scale = rank, alpha, train_head, head_lr_scale
 
     def prepare(self, model: nn.Module, *, epochs: int = 1) -> nn.Module:
         self.epochs = epochs
@@ -79,7 +80,18 @@ class LoRA(FineTuneStrategy):
         return model
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
-        return lora_params(model) + (head_params(model) if self.train_head and head_prefixes(model) else [])
+        return lora_params(model) + self._head(model)
+
+    def _head(self, model: nn.Module) -> list[nn.Parameter]:
+        return head_params(model) if self.train_head and head_prefixes(model) else []
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Adapters at ``lr`` (they start at zero); the head at ``lr × head_lr_scale``. MeLo's head is a fresh
+        classifier, ours a distilled projector whose output the CLAM was trained on: at the adapters' rate
+        it moves the features away from that CLAM in a few steps (End2end LoRA fell to chance AUC)."""
+        head = self._head(model)
+        groups = [{"params": lora_params(model), "lr": lr}]
+        return groups + ([{"params": head, "lr": lr * self.head_lr_scale}] if head else [])
 
 
 def adapter_tensors(model: nn.Module, *, with_head: bool = True) -> dict[str, torch.Tensor]:
