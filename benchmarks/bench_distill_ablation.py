@@ -34,7 +34,11 @@ import yaml
 
 VARIANTS: dict[str, dict] = {
     "default": {},  # the demo's run.yaml as written by `wsi-pipeline demo`
-    "legacy": {"hard_mining": 0.0, "select": "cosine", "tile_cache_mb": 0},  # the distillation before the rare-tile work
+    "old_budget": {"epochs": 5, "lr": 0.0005},  # the demo's budget before: 5 epochs × 384 tiles at lr 5e-4
+    # the distillation before the rare-tile work: the old demo budget, no hard-example draws, best epoch by the
+    # average cosine, every draw read from the slide, End2end's k tiles at random, LoRA's head at the adapters' rate
+    "legacy": {"hard_mining": 0.0, "select": "cosine", "tile_cache_mb": 0, "epochs": 5, "lr": 0.0005,
+               "mil": {"end2end_attended": 0.0, "finetune_options": {"lora": {"head_lr_scale": 1.0}}}},
     "no_hard_mining": {"hard_mining": 0.0},  # cluster-balanced draws only
     "select_cosine": {"select": "cosine"},  # best epoch by the average cosine
     "no_cache": {"tile_cache_mb": 0},  # every draw read from the slide
@@ -44,6 +48,8 @@ VARIANTS: dict[str, dict] = {
     "linear": {"projector": "linear"},
     "uniform_draws": {"balance": "none", "hard_mining": 0.0},  # neither balanced nor hard-example draws
     "tile_reads": {"read_at_input": False},  # the tiling's tiles (level 0), resized to the student's input
+    "e2e_random_tiles": {"mil": {"end2end_attended": 0.0}},  # End2end's k tiles all at random (before)
+    "lora_head_fast": {"mil": {"finetune_options": {"lora": {"head_lr_scale": 1.0}}}},  # the head at the adapters' rate
     "budget_x2": {"epochs_x": 2},  # twice the demo's epochs
     "budget_x4": {"epochs_x": 4},
     "budget_half": {"epochs_x": 0.5},
@@ -94,11 +100,13 @@ def run_variant(workdir: Path, cohort: Path, config: dict, name: str, overrides:
     out = workdir / "runs" / label
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(workdir / "base", out)
+    overrides = dict(overrides)
+    mil_overrides = overrides.pop("mil", {})
     distill = {**config.get("distill", {}), **overrides, **({} if seed is None else {"seed": seed})}
     if "epochs_x" in distill:
         distill["epochs"] = max(1, round(distill.get("epochs", 20) * distill.pop("epochs_x")))
     strategies = sorted({ROWS[r].split(":")[0] for r in rows} | {"teacher"})
-    mil = {**config["mil"], "strategies": strategies}
+    mil = {**config["mil"], "strategies": strategies, **mil_overrides}
     if "lora" in rows:
         mil["finetune"] = ["full", "lora"]
     variant = {**config, "distill": distill, "mil": mil, "heatmaps": {"slides": "none"}}

@@ -124,6 +124,7 @@ class Pools:
     val_labels: np.ndarray | None
     val_weights: np.ndarray | None  # importance weights of the stratified sample
     clusters: TileClusters
+    held_out_training_tiles: int = 0  # tiles of rare clusters moved from training to held out
 
 
 def prepare_pools(slides: list[SlideTiles], train: np.ndarray, val: np.ndarray, cfg: DistillConfig, ckpt_dir: Path, *,
@@ -137,6 +138,6 @@ def prepare_pools(slides: list[SlideTiles], train: np.ndarray, val: np.ndarray, 
         val, val_labels = np.concatenate([val, train[moved]]), np.concatenate([val_labels, labels[moved]])
         train, labels = train[keep], labels[keep]
     if not len(val):
-        return Pools(train, labels, val, None, None, clusters)
+        return Pools(train, labels, val, None, None, clusters, len(moved))
     chosen, weights = stratified_sample(val_labels, cfg.max_val_tiles, cfg.seed)
-    return Pools(train, labels, val[chosen], val_labels[chosen], weights, clusters)
+    return Pools(train, labels, val[chosen], val_labels[chosen], weights, clusters, len(moved))

@@ -158,7 +158,6 @@ def atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-
 def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_dir: Path, *,
           fingerprint: str = "", teacher: dict | None = None, on_epoch=None) -> dict:
     """Distil; writes ``out_dir/student.safetensors`` + ``student.json`` and returns the card.
@@ -292,7 +291,8 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         "input_size": input_size, "read_at_input": cfg.read_at_input, "mean": list(mean), "std": list(std),
         "params": param_counts(model),
         "data": {"slides": [s.slide_id for s in slides], "val_slides": val_slides,
-                 "train_tiles": int(len(train_pool)), "val_tiles": int(len(val_pool))},
+                 "train_tiles": int(len(train_pool)), "val_tiles": int(len(val_pool)),
+                 "held_out_training_tiles": pools.held_out_training_tiles},
         "metrics": {"initial": state["history"][0], "best": without_clusters(best_record), "selected_by": cfg.select,
                     "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "resumed_from_epoch": resumed_from},
         "fidelity": {"clusters": best_record.get("clusters", {}), "n_clusters": len(clusters.centres),
