@@ -151,7 +151,8 @@ def test_end2end_keeps_the_epoch_with_the_lowest_validation_loss_on_re_embedded_
     cfg = MILConfig(lr=5e-3)
     tuned, tuned_clam, history = train_end2end(cfg, student, spec, clam, stored.__getitem__, tiles, ["s0", "s1", "s2", "s3"],
                                                labels, k_tiles=4, epochs=4, student_lr=1e-3, val_ids=["s4", "s5"],
-                                               n_rows=lambda s: 12, refresh_dir=tmp_path / "bags")
+                                               n_rows=lambda s: 12, refresh_dir=tmp_path / "bags",
+                                               attended=0.0)  # random k tiles: a trajectory whose best epoch is not the last
     losses = [h["val_loss"] for h in history]
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert int(np.argmin(losses)) != len(losses) - 1, f"make the last epoch not the best, so the test means something: {losses}"
