@@ -72,7 +72,7 @@ def results_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
                                                         encoder_notes(cfg, paths, entries) + fidelity_lines))
     if agreement is not None:
         write_json(results / "reuse_agreement.json", agreement)
-    warnings = [line for line in fidelity_lines if "NOT" in line]
+    warnings = [line for line in fidelity_lines if "NOT faithful" in line or "WARNING" in line]
     return {"n_slides": len({p["slide_id"] for p in predictions}), "folds": n_folds, "summary": summary,
             "reuse_agreement": agreement, "warnings": warnings}
 
@@ -91,7 +91,8 @@ def reuse_agreement(predictions: list[dict], classes: list[str]) -> dict | None:
         return None
     gaps = [max(abs(float(t[f"p_{c}"]) - float(r[f"p_{c}"])) for c in classes) for t, r in pairs]
     worst = max(range(len(pairs)), key=gaps.__getitem__)
-    return {"n_slides": len(pairs), "class_agreement": round(sum(t["prediction"] == r["prediction"] for t, r in pairs) / len(pairs), 4),
+    same = sum(t["prediction"] == r["prediction"] for t, r in pairs)
+    return {"n_slides": len(pairs), "n_same_class": same, "class_agreement": round(same / len(pairs), 4),
             "mean_abs_diff": round(sum(gaps) / len(gaps), 4), "worst_abs_diff": round(gaps[worst], 4),
             "worst_slide": pairs[worst][0]["slide_id"]}
 
@@ -109,11 +110,12 @@ def student_fidelity_lines(card: dict | None, agreement: dict | None) -> list[st
                                                  f"{worst:.3f}, worst-decile cosine {best['worst_decile_cosine']:.3f}")
                      + (f" — {verdict['message']}." if verdict.get("message") else "."))
     if agreement is not None:
-        lines.append(f"Reuse agreement (the teacher's CLAMs on teacher vs student features, {agreement['n_slides']} test "
-                     f"slides): same class on {agreement['class_agreement']:.0%}, probability difference mean "
-                     f"{agreement['mean_abs_diff']:.3f}, worst {agreement['worst_abs_diff']:.3f} "
-                     f"(`{agreement['worst_slide']}`)"
-                     + (" — NOT in agreement: the student misses what the teacher's CLAMs use." if agreement["class_agreement"] < 1 else "."))
+        n, same = agreement["n_slides"], agreement["n_same_class"]
+        lines.append(f"Reuse agreement (the teacher's CLAMs on teacher vs student features): the same class on {same} of "
+                     f"{n} test slides ({agreement['class_agreement']:.0%}), probability difference mean "
+                     f"{agreement['mean_abs_diff']:.3f}, worst {agreement['worst_abs_diff']:.3f} (`{agreement['worst_slide']}`)"
+                     + (f" — WARNING: {n - same} slide(s) change class under the student's features, so the student "
+                        f"misses some of what the teacher's CLAMs use." if same < n else "."))
     return lines
 
 

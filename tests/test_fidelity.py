@@ -137,3 +137,21 @@ def test_the_live_display_shows_the_distillations_held_out_scores():
     assert progress_text({"done": 3, "total": 20, "unit": "epoch", "val_cosine": 0.95, "worst_cluster_r2": 0.7}) == \
         " (epoch 3/20, held-out cosine 0.950, worst cluster R² 0.700)"
     assert progress_text({"done": 3, "total": 20, "unit": "epoch", "worst_cluster_r2": None}) == " (epoch 3/20)"
+
+
+def test_reuse_agreement_compares_the_teacher_clams_on_teacher_and_student_features_slide_by_slide():
+    from pipelines.evaluation import reuse_agreement, student_fidelity_lines
+
+    def row(strategy, slide, p_tumor):
+        return {"strategy": strategy, "fold": 0, "slide_id": slide, "p_normal": 1 - p_tumor, "p_tumor": p_tumor,
+                "prediction": "tumor" if p_tumor >= 0.5 else "normal"}
+
+    predictions = [row("teacher", "a", 0.9), row("reuse", "a", 0.8), row("teacher", "b", 0.1), row("reuse", "b", 0.15),
+                   row("teacher", "c", 0.95), row("reuse", "c", 0.3), row("retrain", "c", 0.9)]
+    agreement = reuse_agreement(predictions, ["normal", "tumor"])
+    assert agreement["n_slides"] == 3 and agreement["n_same_class"] == 2
+    assert agreement["worst_slide"] == "c" and agreement["worst_abs_diff"] == pytest.approx(0.65)
+    assert agreement["mean_abs_diff"] == pytest.approx((0.1 + 0.05 + 0.65) / 3, abs=1e-4)
+    (line,) = student_fidelity_lines(None, agreement)
+    assert "2 of 3" in line and "WARNING: 1 slide(s) change class" in line
+    assert reuse_agreement([row("teacher", "a", 0.9)], ["normal", "tumor"]) is None  # no Reuse row
