@@ -73,15 +73,11 @@ def pool_targets(slides: list[SlideTiles], pool: np.ndarray) -> np.ndarray:
     return feats
 
 
-def draw_weights(slides: list[SlideTiles], pool: np.ndarray, cfg: DistillConfig) -> np.ndarray | None:
-    """Each pool tile's probability of being drawn, or None for uniform draws (``distill.balance``).
-
-    Label-free balancing (:mod:`distill.sampling`): k-means (seeded) on the LayerNorm-whitened teacher
-    features, every cluster drawn in proportion to the square root of its size.
-    """
-    if cfg.balance == "none" or len(pool) < 2 * cfg.balance_clusters:
+def draw_weights(labels: np.ndarray, cfg: DistillConfig) -> np.ndarray | None:
+    """Each training tile's probability of being drawn, or None for uniform draws (``distill.balance``):
+    every cluster's share ∝ sqrt(its size) (:func:`distill.sampling.balance_weights`)."""
+    if cfg.balance == "none" or len(labels) < 2 * cfg.balance_clusters:
         return None
-    _, labels = TileClusters.fit(pool_targets(slides, pool), cfg.balance_clusters, cfg.seed)
     return balance_weights(labels, cfg.balance_clusters)
 
 
@@ -95,10 +91,11 @@ def pool_clusters(slides: list[SlideTiles], pool: np.ndarray, cfg: DistillConfig
     path = ckpt_dir / "clusters.npz"
     if resume and path.exists():
         saved = np.load(path)
-        if len(saved["labels"]) == len(pool):
+        if len(saved["labels"]) == len(pool) and saved["setup"].tolist() == [cfg.balance_clusters, cfg.seed]:
             return TileClusters(saved["centres"]), saved["labels"]
     clusters, labels = TileClusters.fit(pool_targets(slides, pool), cfg.balance_clusters, cfg.seed)
-    atomic_write(path, lambda f: np.savez(f, centres=clusters.centres, labels=labels))
+    atomic_write(path, lambda f: np.savez(f, centres=clusters.centres, labels=labels,
+                                          setup=np.array([cfg.balance_clusters, cfg.seed])))
     return clusters, labels
 
 
@@ -125,6 +122,7 @@ class Pools:
     val_weights: np.ndarray | None  # importance weights of the stratified sample
     clusters: TileClusters
     held_out_training_tiles: int = 0  # tiles of rare clusters moved from training to held out
+    topped_up: list[int] = ()  # the clusters scored (partly) on those tiles
 
 
 def prepare_pools(slides: list[SlideTiles], train: np.ndarray, val: np.ndarray, cfg: DistillConfig, ckpt_dir: Path, *,
@@ -133,11 +131,12 @@ def prepare_pools(slides: list[SlideTiles], train: np.ndarray, val: np.ndarray, 
     clusters, labels = pool_clusters(slides, train, cfg, ckpt_dir, resume=resume)
     val_labels = clusters.assign(pool_targets(slides, val)) if len(val) else np.zeros(0, np.int64)
     moved = top_up_rare_clusters(labels, val_labels, cfg.seed)
+    topped_up = sorted(int(c) for c in np.unique(labels[moved]))
     if len(moved):
         keep = np.setdiff1d(np.arange(len(train)), moved)
         val, val_labels = np.concatenate([val, train[moved]]), np.concatenate([val_labels, labels[moved]])
         train, labels = train[keep], labels[keep]
     if not len(val):
-        return Pools(train, labels, val, None, None, clusters, len(moved))
+        return Pools(train, labels, val, None, None, clusters, len(moved), topped_up)
     chosen, weights = stratified_sample(val_labels, cfg.max_val_tiles, cfg.seed)
-    return Pools(train, labels, val[chosen], val_labels[chosen], weights, clusters, len(moved))
+    return Pools(train, labels, val[chosen], val_labels[chosen], weights, clusters, len(moved), topped_up)

@@ -29,6 +29,12 @@ class TileErrors:
         self.errors = np.full(n, np.nan) if saved is None or len(saved) != n else np.asarray(saved, np.float64).copy()
 
     def update(self, pool_rows: np.ndarray, losses: np.ndarray) -> None:
+        """Record the tiles' losses; a non-finite one counts as the largest finite loss seen (a hard tile, not unseen)."""
+        losses = np.asarray(losses, np.float64)
+        bad = ~np.isfinite(losses)
+        if bad.any():
+            finite = np.concatenate([losses[~bad], self.errors[np.isfinite(self.errors)]])
+            losses = np.where(bad, finite.max() if len(finite) else 1.0, losses)
         self.errors[pool_rows] = losses
 
     def factors(self, power: float) -> np.ndarray:

@@ -19,8 +19,8 @@ import numpy as np
 
 from distill.config import DistillConfig
 from distill.fidelity import fidelity
-from distill.pools import SlideTiles, prepare_pools, split_pools
-from distill.sampling import TileErrors, balance_weights, epoch_draws
+from distill.pools import SlideTiles, draw_weights, prepare_pools, split_pools
+from distill.sampling import TileErrors, epoch_draws
 from features.precision import autocast_dtype, resolve_precision
 from features.store import save_safetensors
 from wsi.files import atomic_write, write_json
@@ -28,34 +28,42 @@ from wsi.files import atomic_write, write_json
 log = logging.getLogger(__name__)
 
 
+class EpochTiles:
+    """One epoch's draws over a :class:`DistillTiles` (its cache and byte count shared across epochs)."""
+
+    def __init__(self, tiles: DistillTiles, draws: np.ndarray):
+        self.tiles, self.draws = tiles, draws
+
+    def __len__(self) -> int:
+        return len(self.draws)
+
+    def __getitem__(self, k: int):
+        return self.tiles[int(self.draws[k])]
+
+
 class DistillTiles:
     """(tile uint8, teacher feature, pool index) over several slides, read through one :class:`wsi.slide.SlidePool`.
 
-    ``index`` rows are (slide number, row); ``draws`` picks the rows of an epoch (default: all). Decoded
-    tiles are kept in memory up to ``cache_mb`` (per process: with loader processes each has its own), so
-    a tile drawn again in a later epoch costs no read.
+    ``index`` rows are (slide number, row). Decoded tiles are kept in memory up to ``cache_mb``, so a tile
+    drawn again in a later epoch costs no read — in the training process (a CPU's default); loader
+    processes (a GPU's) are started per epoch and read afresh.
     """
 
-    def __init__(self, slides: list[SlideTiles], index: np.ndarray, input_size: int | None = None,
-                 cache_mb: float = 0, draws: np.ndarray | None = None):
+    def __init__(self, slides: list[SlideTiles], index: np.ndarray, input_size: int | None = None, cache_mb: float = 0):
         from wsi.slide import SlidePool, SlideSource
 
         self.slides, self.index = slides, index
-        self.draws = np.arange(len(index)) if draws is None else draws
         self.input_size = input_size  # read at the student's input resolution (distill.read_at_input), else as tiled
         self.pool = SlidePool([SlideSource(s.slide_id, s.slide_path, s.mpp, s.backend) for s in slides])
         self.cache: dict[int, np.ndarray] = {}
         self.cache_bytes, self.cache_limit = 0, int(cache_mb * 2**20)
 
-    def epoch(self, draws: np.ndarray) -> DistillTiles:
+    def epoch(self, draws: np.ndarray) -> EpochTiles:
         """The same tiles and cache, drawing ``draws`` (pool indices) this epoch."""
-        view = object.__new__(DistillTiles)
-        view.__dict__.update(self.__dict__)
-        view.draws = draws
-        return view
+        return EpochTiles(self, draws)
 
     def __len__(self) -> int:
-        return len(self.draws)
+        return len(self.index)
 
     def tile(self, i: int) -> np.ndarray:
         tile = self.cache.get(i)
@@ -69,10 +77,9 @@ class DistillTiles:
                 self.cache_bytes += tile.nbytes
         return tile
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, i: int):
         import torch
 
-        i = int(self.draws[k])
         s, row = (int(v) for v in self.index[i])
         return torch.from_numpy(self.tile(i)), torch.from_numpy(self.slides[s].targets[row].astype(np.float32)), i
 
@@ -128,21 +135,26 @@ def held_out_score(metrics: dict, select: str) -> float | None:
     return metrics[select]
 
 
-def verdict(best: dict, cfg: DistillConfig, epochs_run: int, stopped_early: bool) -> dict:
+def verdict(best: dict, cfg: DistillConfig, epochs_run: int, best_epoch: int, on_training_slides: list[int] = ()) -> dict:
     """Has the student learned the rare tissue? From the best epoch's worst cluster, in words a user can act on."""
     worst = best.get("worst_cluster_r2")
     if worst is None:
         return {"faithful": None, "message": "too few held-out tiles per cluster to judge the rare tissue "
                                              "(raise distill.max_val_tiles or hold out more slides)"}
+    where = (f" (clusters {', '.join(f'#{c}' for c in on_training_slides)} scored on tiles held out from training "
+             f"slides: no held-out slide had enough of them)" if on_training_slides else "")
     if worst >= cfg.rare_r2_target:
         return {"faithful": True, "worst_cluster_r2": worst, "target": cfg.rare_r2_target,
-                "message": f"faithful on every tissue cluster: worst held-out cluster R² {worst:.3f} ≥ {cfg.rare_r2_target}"}
-    why = ("it stopped improving (patience)" if stopped_early else
-           f"it was still improving when distill.epochs ({epochs_run}) ran out: raise distill.epochs")
+                "message": f"faithful on every tissue cluster: worst held-out cluster R² {worst:.3f} ≥ "
+                           f"{cfg.rare_r2_target}{where}"}
+    why = (f"it was still improving at the distill.epochs ceiling ({epochs_run}): raise distill.epochs"
+           if best_epoch == epochs_run else
+           f"it stopped improving (best epoch {best_epoch} of {epochs_run}): a larger student or input size, "
+           f"or more tiles of that tissue, may reproduce it")
     return {"faithful": False, "worst_cluster_r2": worst, "target": cfg.rare_r2_target,
             "message": f"NOT faithful on rare tissue: worst held-out cluster (#{best.get('worst_cluster')}) R² "
-                       f"{worst:.3f} < {cfg.rare_r2_target}; {why}. Slides whose diagnosis rests on such tissue may "
-                       f"be misread by Reuse"}
+                       f"{worst:.3f} < {cfg.rare_r2_target}{where}; {why}. Slides whose diagnosis rests on such "
+                       f"tissue may be misread by Reuse"}
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -214,8 +226,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     pools = prepare_pools(slides, train_pool, val_pool, cfg, ckpt_dir, resume=resumed_from is not None)
     train_pool, val_pool, val_labels, val_weights, clusters = (pools.train, pools.val, pools.val_labels, pools.val_weights,
                                                                pools.clusters)
-    weights = balance_weights(pools.train_labels, len(clusters.centres)) \
-        if cfg.balance == "clusters" and len(train_pool) >= 2 * cfg.balance_clusters else None
+    weights = draw_weights(pools.train_labels, cfg)
     errors = TileErrors(len(train_pool), None if saved is None else saved.get("tile_errors", torch.zeros(0)).numpy())
     val_loader = torch.utils.data.DataLoader(DistillTiles(slides, val_pool, tile_input), shuffle=False, **loader_kwargs)
     train_tiles = DistillTiles(slides, train_pool, tile_input, cache_mb=cfg.tile_cache_mb)
@@ -296,7 +307,8 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         "metrics": {"initial": state["history"][0], "best": without_clusters(best_record), "selected_by": cfg.select,
                     "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "resumed_from_epoch": resumed_from},
         "fidelity": {"clusters": best_record.get("clusters", {}), "n_clusters": len(clusters.centres),
-                     "verdict": verdict(best_record, cfg, state["epoch"], state["bad_epochs"] >= cfg.patience)},
+                     "scored_on_training_slides": pools.topped_up,
+                     "verdict": verdict(best_record, cfg, state["epoch"], state["best_epoch"], pools.topped_up)},
         "history": state["history"], "config": cfg.model_dump(mode="json"), "fingerprint": fingerprint,
     }
     save_safetensors(model.state_dict(), out_dir / "student.safetensors", metadata={"card": "student.json"})

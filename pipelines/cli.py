@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -204,9 +203,13 @@ def _print_report(console, report) -> None:
         console.print(f"[red]failed[/red] {escape(task.id)}: {escape(task.reason)}", highlight=False)
     for note in report.notes:
         console.print(f"note: {escape(note)}", highlight=False)
-    for state_file in sorted(Path(report.out).glob("state/*/_cohort.json")):  # e.g. a student not faithful on rare tissue
-        for warning in json.loads(state_file.read_text()).get("warnings", []):
-            console.print(f"[yellow]warning[/yellow] {state_file.parent.name}: {escape(warning)}", highlight=False)
+    from pipelines.artifacts import RunPaths
+    from pipelines.state import read_state
+
+    for task in report.tasks.values():  # this run's cohort tasks' warnings, e.g. a student not faithful on rare tissue
+        if task.scope == "cohort" and task.status in ("done", "up-to-date"):
+            for warning in (read_state(RunPaths(Path(report.out)), task.stage, task.key) or {}).get("warnings", []):
+                console.print(f"[yellow]warning[/yellow] {task.stage}: {escape(warning)}", highlight=False)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     console.print(f"{len(report.tasks)} tasks: {summary}; run directory {report.out}", highlight=False)
     console.print(f"see `wsi-pipeline status {report.out}`", highlight=False)
@@ -218,6 +221,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Show every slide × stage of a run: done, failed (with the error), stale, interrupted or pending."""
+    import json
     import sys
 
     from rich.console import Console

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from distill.config import DistillConfig
 from features.store import store_path
 from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
@@ -83,6 +84,10 @@ CLAM_FIELDS = tuple(f"mil.{name}" for name in ("model", "size", "dropout", "k_sa
                                                "folds", "val_fraction", "seed", "classes", "device", "standardize"))
 
 
+# The distill fields a student depends on: how its tiles are cached or loaded does not change it.
+DISTILL_FIELDS = tuple(f"distill.{name}" for name in DistillConfig.model_fields if name not in ("tile_cache_mb", "num_workers"))
+
+
 # All stages in run order. A slide stage runs per slide after the stages in ``after`` (same slide);
 # a cohort stage runs once, on the slides whose ``after`` stages are done; a fold stage runs one such
 # task per key (mil: per results row and fold), each after the same-stage keys it ``needs``.
@@ -97,7 +102,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           enabled=training,
           extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
     Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
-    Stage("distill", distill_stage, "cohort", after=("features",), config=("distill", "features.teacher", "features.dtype"),
+    Stage("distill", distill_stage, "cohort", after=("features",), config=(*DISTILL_FIELDS, "features.teacher", "features.dtype"),
           pixels=True,
           artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
           resources={"GPU": 1}, uses_torch=True, enabled=needs_student, extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "distill.student", hashes),

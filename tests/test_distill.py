@@ -90,21 +90,21 @@ def test_stats_head_dewhitens_each_tile_with_its_own_mean_and_scale():
 
 
 def test_cluster_balanced_draws_favour_rare_tissue_without_labels():
+    from distill.fidelity import TileClusters
     from distill.pools import draw_weights
 
     rng = np.random.default_rng(0)
     common = rng.normal(0, 1, (950, 32)) + 3 * np.sin(np.arange(32))  # one abundant kind of tissue
     rare = rng.normal(0, 1, (50, 32)) + 3 * np.cos(np.arange(32))  # a small focus of another
     targets = np.concatenate([common, rare]).astype(np.float16)
-    slides = [SlideTiles("s", None, 0.5, None, np.zeros((1000, 2), np.int64), targets)]
-    pool = np.stack([np.zeros(1000, np.int64), np.arange(1000)], axis=1)
     cfg = DistillConfig(balance_clusters=8, seed=3)
-    weights = draw_weights(slides, pool, cfg)
+    _, labels = TileClusters.fit(targets, cfg.balance_clusters, cfg.seed)
+    weights = draw_weights(labels, cfg)
     assert weights.shape == (1000,) and weights.sum() == pytest.approx(1.0)
     assert weights[950:].min() > weights[:950].max()  # each tile of the focus is drawn more often than any other
     assert 1.5 * 0.05 < weights[950:].sum() < 0.5  # well above its 5 % share of the tiles, and no takeover
-    np.testing.assert_array_equal(weights, draw_weights(slides, pool, cfg))  # seeded: every rerun draws the same
-    assert draw_weights(slides, pool, cfg.model_copy(update={"balance": "none"})) is None
+    np.testing.assert_array_equal(labels, TileClusters.fit(targets, cfg.balance_clusters, cfg.seed)[1])  # seeded
+    assert draw_weights(labels, cfg.model_copy(update={"balance": "none"})) is None
 
 
 def test_a_student_card_from_before_the_head_and_the_input_reads_still_loads(tmp_path):

@@ -70,17 +70,21 @@ def test_hard_example_draws_favour_the_tiles_with_high_loss():
     assert counts[:90].min() > 0 and capped[:90].sum() > 0  # clipped: no tile starves
     assert np.array_equal(epoch_draws(100, 50, None, errors, 0.0, np.random.default_rng(3)),
                           np.random.default_rng(3).integers(0, 100, 50))  # off: the old uniform draws
+    errors.update(np.array([0]), np.array([np.nan]))  # a diverged tile counts as the hardest, not as unseen
+    assert errors.errors[0] == 0.5 and errors.factors(1.0)[0] == errors.factors(1.0)[95]
 
 
 def test_the_card_verdict_says_whether_the_rare_tissue_was_learned_and_what_to_do():
     cfg = DistillConfig(rare_r2_target=0.8)
-    good = verdict({"worst_cluster_r2": 0.86, "worst_cluster": 3}, cfg, 20, False)
+    good = verdict({"worst_cluster_r2": 0.86, "worst_cluster": 3}, cfg, 20, 19)
     assert good["faithful"] is True and "0.860" in good["message"]
-    short = verdict({"worst_cluster_r2": 0.41, "worst_cluster": 7}, cfg, 5, False)
+    short = verdict({"worst_cluster_r2": 0.41, "worst_cluster": 7}, cfg, 5, 5)  # best at the ceiling: still improving
     assert short["faithful"] is False and "raise distill.epochs" in short["message"] and "#7" in short["message"]
-    stuck = verdict({"worst_cluster_r2": 0.41, "worst_cluster": 7}, cfg, 12, True)
-    assert "stopped improving" in stuck["message"]
-    assert verdict({"cosine": 0.9}, cfg, 5, False)["faithful"] is None
+    stuck = verdict({"worst_cluster_r2": 0.41, "worst_cluster": 7}, cfg, 20, 9)
+    assert "stopped improving (best epoch 9 of 20)" in stuck["message"] and "larger student" in stuck["message"]
+    judged = verdict({"worst_cluster_r2": 0.9, "worst_cluster": 2}, cfg, 20, 20, [2, 5])
+    assert "#2, #5 scored on tiles held out from training slides" in judged["message"]
+    assert verdict({"cosine": 0.9}, cfg, 5, 5)["faithful"] is None
 
 
 def test_end2end_re_reads_the_bags_most_attended_tiles():
@@ -155,3 +159,13 @@ def test_reuse_agreement_compares_the_teacher_clams_on_teacher_and_student_featu
     (line,) = student_fidelity_lines(None, agreement)
     assert "2 of 3" in line and "WARNING: 1 slide(s) change class" in line
     assert reuse_agreement([row("teacher", "a", 0.9)], ["normal", "tumor"]) is None  # no Reuse row
+
+
+def test_how_tiles_are_cached_or_loaded_does_not_rerun_the_distillation():
+    from pipelines.config import RunConfig
+    from pipelines.plan import config_values
+    from pipelines.registry import STAGES
+
+    values = lambda distill: config_values(RunConfig.model_validate({"distill": distill}), STAGES["distill"].config)  # noqa: E731
+    assert values({}) == values({"tile_cache_mb": 0, "num_workers": 1})
+    assert values({}) != values({"hard_mining": 1.0}) and values({}) != values({"student": {"model": "resnet18"}})
