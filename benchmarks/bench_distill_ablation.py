@@ -35,11 +35,16 @@ import yaml
 VARIANTS: dict[str, dict] = {
     "default": {},  # the demo's run.yaml as written by `wsi-pipeline demo`
     "old_budget": {"epochs": 5, "lr": 0.0005},  # the demo's budget before: 5 epochs × 384 tiles at lr 5e-4
-    # the distillation before the rare-tile work: the old demo budget, no hard-example draws, best epoch by the
-    # average cosine, every draw read from the slide, End2end's k tiles at random, LoRA's head at the adapters' rate
-    "legacy": {"hard_mining": 0.0, "select": "cosine", "tile_cache_mb": 0, "epochs": 5, "lr": 0.0005,
+    # the distillation before the rare-tile work: the old demo budget in steps of 32, augmented inputs, no hard-example
+    # draws, best epoch by the average cosine, every draw read from the slide, End2end's k tiles at random, LoRA's
+    # head at the adapters' rate
+    "legacy": {"hard_mining": 0.0, "select": "cosine", "tile_cache_mb": 0, "epochs": 5, "lr": 0.0005, "batch_size": 32,
+               "augment": True,
                "mil": {"end2end_attended": 0.0, "finetune_options": {"lora": {"head_lr_scale": 1.0}}}},
     "no_hard_mining": {"hard_mining": 0.0},  # cluster-balanced draws only
+    "augment": {"augment": True},  # flips, rot90 and jitter on the student's input (the default before)
+    "batch_32": {"batch_size": 32},  # the demo's steps before: half as many steps for the same tiles
+    "lr_5e-4": {"lr": 0.0005},  # the demo's learning rate before
     "select_cosine": {"select": "cosine"},  # best epoch by the average cosine
     "no_cache": {"tile_cache_mb": 0},  # every draw read from the slide
     "no_head": {"dewhiten_head": False},  # the pool's average mean / std for every tile

@@ -49,7 +49,8 @@ class DistillConfig(BaseModel):
                                                          "the worst held-out cluster's R² reaches this")
     tile_cache_mb: int = Field(1024, ge=0, description="decoded training tiles kept in memory across epochs (at the "
                                                        "student's input size with read_at_input), so repeated draws cost "
-                                                       "model time only; 0: read every draw")
+                                                       "model time only, and the held-out tiles likewise (each set up to "
+                                                       "this size); 0: read every draw")
     max_train_tiles: int = Field(50_000, ge=1, description="size of the training pool drawn once across slides")
     max_val_tiles: int = Field(512, ge=1, description="held-out tiles used for validation")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="fraction of slides held out for validation (tiles, "
@@ -67,7 +68,9 @@ class DistillConfig(BaseModel):
                                                   "reads the 4× level: 1/16 of the pixels to decode), in distillation "
                                                   "and wherever the student runs after it; false: the tiling's tiles, "
                                                   "resized")
-    augment: bool = Field(True, description="flips, 90° rotations and light brightness/contrast jitter on the student's input")
+    augment: bool = Field(True, description="flips, 90° rotations and light brightness/contrast jitter on the student's "
+                                            "input; the target stays the teacher's feature of the unaugmented tile, so "
+                                            "turn it off for a teacher far from invariant to them (a random-weight ViT)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="training autocast precision; auto as for encoders: bf16 on GPUs that support it (else "
                             "fp16 with loss scaling), bf16 on CPUs with native bf16, else fp32")

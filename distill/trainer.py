@@ -228,7 +228,8 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
                                                                pools.clusters)
     weights = draw_weights(pools.train_labels, cfg)
     errors = TileErrors(len(train_pool), None if saved is None else saved.get("tile_errors", torch.zeros(0)).numpy())
-    val_loader = torch.utils.data.DataLoader(DistillTiles(slides, val_pool, tile_input), shuffle=False, **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(DistillTiles(slides, val_pool, tile_input, cache_mb=cfg.tile_cache_mb),
+                                             shuffle=False, **loader_kwargs)
     train_tiles = DistillTiles(slides, train_pool, tile_input, cache_mb=cfg.tile_cache_mb)
     if resumed_from is None:
         initial = evaluate(model, val_loader, input_size, mean, std, device, val_labels, val_weights)

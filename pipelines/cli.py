@@ -32,8 +32,8 @@ features:
     seed: 0
     pool: mean
 # EFCM stage 1: a ViT-Ti/16 student on 112-px inputs (7×7 token grid) with a TransScan projector,
-# 20 epochs × 384 tiles (about 3 min on 2 cores at fp32): enough to learn a tumour that is a few per
-# cent of the tiles, which the card's verdict checks (5 epochs learn the average, not the tumour).
+# 20 epochs × 384 tiles in steps of 16 (about 3 min on 2 cores at fp32): enough to learn a tumour that is
+# a few per cent of the tiles, which the card's verdict checks (5 epochs learn the average, not the tumour).
 distill:
   student:
     model: vit_tiny
@@ -41,7 +41,9 @@ distill:
     model_kwargs: {img_size: 112}
   epochs: 20
   tiles_per_epoch: 384
+  batch_size: 16
   lr: 0.001
+  augment: false  # the random ViT teacher's features change under flips and rotations
   max_val_tiles: 128
 # EFCM stage 2 on the 24 demo slides: 4 stratified folds by case (6 test, 3 validation, 15 training
 # slides each), CLAM's own training schedule. With fewer slides, early stopping on one or two
