@@ -37,6 +37,7 @@ def results_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
     """Gather the ``mil`` tasks' fold files into ``results/``: predictions, fold metrics, the summary table."""
     from features.encoders import count_parameters
     from mil.strategies import FoldJob, row_features, strategy_rows, summarise
+    from pipelines.attended_fidelity import attended_fidelity, attended_fidelity_line
     from pipelines.mil_stage import fold_file, mil_keys
     from pipelines.stages import student_label
 
@@ -67,14 +68,18 @@ def results_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
     write_text(results / "summary.csv", csv_text(summary))
     agreement = reuse_agreement(predictions, classes)
     card = json.loads(card_path.read_text()) if card_path.exists() and student_params is not None else None
-    fidelity_lines = student_fidelity_lines(card, agreement)
+    attended = attended_fidelity(entries, cfg, paths) if card is not None else None
+    fidelity_lines = student_fidelity_lines(card, agreement) + attended_fidelity_line(attended, cfg.distill.rare_r2_target)
     write_text(results / "summary.md", results_markdown(summary, classes, n_folds,
                                                         encoder_notes(cfg, paths, entries) + fidelity_lines))
     if agreement is not None:
         write_json(results / "reuse_agreement.json", agreement)
+    if attended is not None:
+        write_json(results / "attended_fidelity.json", attended)
     warnings = [line for line in fidelity_lines if "WARNING" in line]  # an unfaithful student: the distill task's
     return {"n_slides": len({p["slide_id"] for p in predictions}), "folds": n_folds, "summary": summary,
-            "reuse_agreement": agreement, "warnings": warnings}
+            "reuse_agreement": agreement, "attended_fidelity": None if attended is None else
+            {k: v for k, v in attended.items() if k != "slides"}, "warnings": warnings}
 
 
 def reuse_agreement(predictions: list[dict], classes: list[str]) -> dict | None:

@@ -63,3 +63,16 @@ def test_the_card_scores_every_tissue_cluster_and_gives_a_verdict(student_run):
     agreement = json.loads((out / "results" / "reuse_agreement.json").read_text())
     assert agreement["n_slides"] == 24 and agreement["class_agreement"] >= 0.9, agreement
     assert (verdict["faithful"] is False) == ("warning" in result.stdout + result.stderr and "NOT faithful" in result.stdout + result.stderr)
+
+
+def test_the_teacher_clams_attended_tiles_are_scored_on_their_training_slides(student_run):
+    """After stage 2, the tiles that decide each slide for the teacher's CLAMs (their top-k attention) are scored:
+    the student reproduces them on both classes, and no CLAM is asked about its own test slides."""
+    _, _, out, result = student_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    attended = json.loads((out / "results" / "attended_fidelity.json").read_text())
+    assert attended["n_slides"] == 24 and set(attended["by_class"]) == {"normal", "tumor"}
+    assert all(1 <= s["folds"] <= 3 for s in attended["slides"])  # 4 folds: each slide is one fold's test slide
+    assert attended["worst_r2"] == min(c["worst_r2"] for c in attended["by_class"].values()) <= attended["mean_r2"]
+    assert attended["by_class"]["tumor"]["mean_r2"] >= TUMOUR_R2, attended["by_class"]
+    assert "top 8 attended tiles" in (out / "results" / "summary.md").read_text()
