@@ -16,7 +16,8 @@ Fidelity from the truth (no label reaches the distillation): every slide's stude
 teacher features, R² and cosine on the tiles whose centre lies in the truth's tumour mask and on the
 others (R² around each set's own mean). Prints one JSON line per run, then a markdown table: distillation
 seconds (the task's wall time) and epochs, the card's worst-cluster R² and verdict, the truth's tumour-tile
-R², and ACC / AUC (mean over the folds) of every row.
+R², the R² on the teacher CLAMs' top-attended tiles (tumour slides' mean / worst slide), and ACC / AUC (mean
+over the folds) of every row.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ ROWS = {"teacher": "teacher", "reuse": "reuse", "retrain": "retrain", "end2end":
 
 
 def wsi(*args, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], check=False, cwd=cwd,
+                            capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"wsi-pipeline {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
     return result
@@ -130,6 +132,11 @@ def run_variant(workdir: Path, cohort: Path, config: dict, name: str, overrides:
               "worst_cluster_r2": best.get("worst_cluster_r2"), "faithful": card["fidelity"]["verdict"]["faithful"],
               "tumour_r2": truth["tumour"].get("r2"), "tumour_cosine": truth["tumour"].get("cosine"),
               "other_r2": truth["other"].get("r2"), "tumour_tile_share": round(truth["tumour_tile_share"], 4)}
+    attended_file = out / "results" / "attended_fidelity.json"
+    if attended_file.exists():  # the teacher CLAMs' top-attended tiles: the tumour slides' mean, the worst slide
+        attended = json.loads(attended_file.read_text())
+        result.update(attended_tumour_r2=attended["by_class"].get("tumor", {}).get("mean_r2"),
+                      attended_worst_r2=attended["worst_r2"])
     for row in rows:
         match = summary.get(ROWS[row])
         result[f"{row}_acc"] = float(match["acc_mean"]) if match else None
@@ -160,13 +167,15 @@ def main() -> None:
     focal = "large tumours" if args.tumour_fraction is None else f"tumour {args.tumour_fraction:.0%} of tissue, {args.foci} foci"
     print(f"\ndemo cohort seed {args.cohort_seed} ({args.n_slides} slides, {focal}), distillation at {args.precision}\n")
     head = " | ".join(f"{r} ACC / AUC" for r in args.rows)
-    print(f"| variant | distill s | epochs | worst cluster R² | faithful | tumour-tile R² | other R² | {head} |")
-    print("|---|---|---|---|---|---|---|" + "---|" * len(args.rows))
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"| variant | distill s | epochs | worst cluster R² | faithful | tumour-tile R² | other R² | attended R² tumour "
+          f"/ worst slide | {head} |")
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(args.rows))
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"
     for r in results:
         cells = " | ".join(f"{fmt(r[f'{row}_acc'])} / {fmt(r[f'{row}_auc'])}" for row in args.rows)
         print(f"| {r['variant']} | {r['distill_s']:.0f} | {r['epochs']} | {fmt(r['worst_cluster_r2'])} | {r['faithful']} | "
-              f"{fmt(r['tumour_r2'])} | {fmt(r['other_r2'])} | {cells} |")
+              f"{fmt(r['tumour_r2'])} | {fmt(r['other_r2'])} | {fmt(r.get('attended_tumour_r2'))} / "
+              f"{fmt(r.get('attended_worst_r2'))} | {cells} |")
 
 
 if __name__ == "__main__":
