@@ -44,7 +44,7 @@ def attended_fidelity(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths
     per_slide = []
     for slide_id, folds in in_training.items():
         teacher, _ = open_store(paths.root, cfg.features.teacher.label, slide_id).load(np.float32)
-        total = teacher.sum(0) if total.size == 0 else total + teacher.sum(0)
+        total = teacher.sum(0, dtype=np.float64) + (total if total.size else 0)
         sum_sq, count = sum_sq + float((teacher.astype(np.float64) ** 2).sum()), count + len(teacher)
         if not folds or len(teacher) == 0:
             continue
