@@ -32,7 +32,7 @@ features:
     seed: 0
     pool: mean
 # EFCM stage 1: a ViT-Ti/16 student on 112-px inputs (7×7 token grid) with a TransScan projector,
-# 20 epochs × 384 tiles in steps of 16 (about 3 min on 2 cores at fp32): enough to learn a tumour that is
+# 20 epochs × 384 tiles in steps of 16 (about 4 min on 2 cores at fp32): enough to learn a tumour that is
 # a few per cent of the tiles, which the card's verdict checks (5 epochs learn the average, not the tumour).
 distill:
   student:
