@@ -14,6 +14,7 @@ private RNG stream, so every worker process and every run builds the same model.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +22,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from features.loading import NoWeightsError, WeightsError, load_state_dict, weights_digest
 from features.precision import autocast_dtype, resolve_precision
 
-# Presets: name → timm model + kwargs + pooling. Hub presets need `pretrained: true` and access.
-PRESETS: dict[str, dict[str, Any]] = {
-    "resnet50_trunc": {"model": "resnet50", "truncate_resnet": True, "pool": "avg"},  # CLAM's 1024-d encoder
+__all__ = ["Encoder", "EncoderConfig", "NoWeightsError", "WeightsError", "create_encoder", "load_state_dict",
+           "weights_digest", "count_parameters", "build_backbone", "wrap_encoder", "to_model_input", "pick_device"]
+log = logging.getLogger(__name__)
+
+# Plain timm architectures under short names (demos, tests, students); the foundation models live in features.zoo.
+GENERIC: dict[str, dict[str, Any]] = {
     "resnet18": {"model": "resnet18", "pool": "avg"},
     "vit_tiny": {"model": "vit_tiny_patch16_224", "pool": "cls"},
     "vit_small": {"model": "vit_small_patch16_224", "pool": "cls"},
     "vit_base": {"model": "vit_base_patch16_224", "pool": "cls"},
-    "uni": {"model": "hf-hub:MahmoodLab/uni", "pool": "cls", "model_kwargs": {"init_values": 1e-5, "dynamic_img_size": True}},
-    "hoptimus0": {"model": "hf-hub:bioptimus/H-optimus-0", "pool": "cls",
-                  "model_kwargs": {"init_values": 1e-5, "dynamic_img_size": False}},
-    "gigapath": {"model": "hf-hub:prov-gigapath/prov-gigapath", "pool": "cls"},
 }
+PRESET_FIELDS = ("pool", "input_size", "resize", "interpolation", "mean", "std")
+BUILD_FIELDS = ("name", "version", "arch", "kwargs", "layout", "pool", "input_size", "resize", "interpolation", "mean",
+                "std", "fp16_safe")
 
 
 class EncoderConfig(BaseModel):
@@ -42,18 +46,27 @@ class EncoderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field("vit_tiny", description="a preset (resnet50_trunc, resnet18, vit_tiny, vit_small, vit_base, uni, "
-                                                "hoptimus0, gigapath) or any timm model name, incl. hf-hub:ORG/NAME")
-    pretrained: bool = Field(False, description="load the model's pretrained weights from timm / the Hugging Face hub "
-                                                "(needs network access or a filled cache)")
+    model: str = Field("vit_tiny", description="a foundation model of the zoo (uni, uni2_h, virchow2, hoptimus0, gigapath, "
+                                                "conch_v1_5, phikon_v2, ctranspath, ...: `wsi-pipeline encoders` lists "
+                                                "them), a short name (resnet18, vit_tiny, vit_small, vit_base) or any timm "
+                                                "model name, incl. hf-hub:ORG/NAME")
+    pretrained: bool = Field(False, description="fetch the model's official weights (a zoo model's file from the Hugging "
+                                                "Face hub, else timm's): needs network access or a filled cache")
     weights: Path | None = Field(None, description="local weights: .safetensors, or a PyTorch checkpoint loadable with "
-                                                   "weights_only=True (plain pickles are refused)")
-    pool: Literal["cls", "mean", "avg"] | None = Field(
-        None, description="ViT: cls token or mean of patch tokens; CNN: avg (global average pool); null: the preset's or the model's own")
-    input_size: int | None = Field(None, ge=16, description="tiles are resized to this before the model (null: the model's default)")
-    mean: tuple[float, float, float] | None = Field(None, description="normalisation mean (null: the model's)")
-    std: tuple[float, float, float] | None = Field(None, description="normalisation std (null: the model's)")
-    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for timm.create_model")
+                                                   "weights_only=True (plain pickles are refused); a zoo model's file in "
+                                                   "its official key layout, loaded strictly")
+    pool: Literal["cls", "mean", "cls_mean", "attn", "avg"] | None = Field(
+        None, description="ViT: cls token, mean of patch tokens (registers skipped) or cls_mean (both, concatenated); "
+                          "attn: CONCH's attention pooler; CNN: avg. null: the zoo model's or the model's own")
+    input_size: int | None = Field(None, ge=16, description="the side the model sees (null: the zoo model's, else timm's)")
+    resize: int | None = Field(None, ge=16, description="tiles are resized to this side, then centre-cropped to "
+                                                        "input_size (null: the zoo model's; else no crop)")
+    interpolation: Literal["bilinear", "bicubic"] | None = Field(
+        None, description="resize interpolation, antialiased (null: the zoo model's, else bilinear)")
+    mean: tuple[float, float, float] | None = Field(None, description="normalisation mean (null: the zoo model's, else timm's)")
+    std: tuple[float, float, float] | None = Field(None, description="normalisation std (null: the zoo model's, else timm's)")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the architecture "
+                                                                           "(a zoo model's own are set: overriding warns)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="inference precision (autocast). auto: on CUDA bf16 where supported, else fp16; on a CPU bf16 "
                             "only with native bf16 (AMX / AVX512-BF16), else fp32 (bf16 is ~5x slower there)")
@@ -73,6 +86,20 @@ class EncoderConfig(BaseModel):
         """A folder-safe name for this encoder's feature stores; random weights say so, with their seed."""
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model.removeprefix("hf-hub:")).strip("_")
         return f"{name}-random-seed{self.seed}" if self.random_weights and self.seed is not None else name
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What makes this encoder's features what they are, for fingerprints: the resolved architecture,
+        preprocessing and pooling, not where the weights file lies nor which device runs it (the file's
+        content enters separately)."""
+        from features.zoo import zoo_model
+
+        data = self.model_dump(mode="json", exclude={"weights", "device"})
+        data["weights"] = "local file" if self.weights is not None else None
+        entry = zoo_model(self.model)
+        if entry is not None:
+            data["zoo"] = {k: v for k, v in entry.card().items() if k in BUILD_FIELDS}
+        return data
 
     def weights_source(self, default_seed: int | None = None) -> str:
         """Where the weights come from, in words (model cards, reports, store attributes)."""
@@ -101,6 +128,9 @@ class Encoder:
     # read its tiles at its input resolution (wsi.tiling.plan_for_input) rather than as the tiling delivers them:
     # a distilled student, trained on tiles read that way (distill.read_at_input)
     read_at_input: bool = False
+    resize: int | None = None  # resize to this side, then centre-crop input_size (None: resize to input_size)
+    interpolation: str = "bilinear"
+    zoo: Any = None  # the features.zoo.ZooModel it was built from, if any
 
     @property
     def digest(self) -> str:
@@ -111,10 +141,12 @@ class Encoder:
 
     def preprocess(self, tiles):
         """uint8 (B, H, W, 3) tensor → normalised float (B, 3, S, S) on the device."""
-        return to_model_input(tiles, self.input_size, self.mean, self.std, self.device)
+        return to_model_input(tiles, self.input_size, self.mean, self.std, self.device, resize=self.resize,
+                              interpolation=self.interpolation)
 
     def __call__(self, tiles):
-        """Features (B, dim) float32 for a uint8 (B, H, W, 3) batch of tiles."""
+        """Features (B, dim) float32 for a uint8 (B, H, W, 3) batch of tiles. Non-finite features (an overflow at
+        reduced precision) raise NonFiniteFeatures rather than reach a store."""
         import torch
 
         with torch.inference_mode():
@@ -124,28 +156,33 @@ class Encoder:
                     out = self.model(x)
             else:
                 out = self.model(x)
-            return out.float()
+            out = out.float()
+            if not bool(torch.isfinite(out).all()):
+                bad = int((~torch.isfinite(out)).any(dim=1).sum())
+                raise NonFiniteFeatures(f"encoder {self.config.model!r} at {self.precision} gave non-finite features for "
+                                        f"{bad} of {len(out)} tiles: nothing was stored; run it at `precision: fp32` "
+                                        "(or bf16)")
+            return out
 
 
-def to_model_input(tiles, size: int, mean, std, device):
-    """uint8 (B, H, W, 3) tiles → float (B, 3, size, size), antialiased resize, normalised, on ``device``."""
+def to_model_input(tiles, size: int, mean, std, device, *, resize: int | None = None, interpolation: str = "bilinear"):
+    """uint8 (B, H, W, 3) tiles → float (B, 3, size, size) on ``device``: antialiased resize to ``resize`` (default
+    ``size``), centre crop to ``size``, normalised. Square tiles, as the tiling delivers them."""
     import torch
     import torch.nn.functional as F
 
     x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    side = resize or size
+    if x.shape[-1] != side or x.shape[-2] != side:
+        x = F.interpolate(x, size=(side, side), mode=interpolation, antialias=True, align_corners=False)
+        if interpolation == "bicubic":
+            x = x.clamp_(0.0, 1.0)  # as PIL and torchvision on uint8 images: no overshoot past black and white
+    if side != size:
+        top = int(round((side - size) / 2.0))
+        x = x[..., top:top + size, top:top + size]
     mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - mean_t) / std_t
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be loaded safely or does not fit the model."""
-
-
-class NoWeightsError(ValueError):
-    """An encoder with no pretrained or local weights and no seed for random ones."""
 
 
 def no_weights_message(cfg: EncoderConfig, field: str) -> str:
@@ -155,76 +192,8 @@ def no_weights_message(cfg: EncoderConfig, field: str) -> str:
             f"`{field}.seed: 0` (their features mean nothing clinically: demos and tests only)")
 
 
-def weights_digest(model) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes, bytes), independent of its device."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def load_state_dict(path: Path) -> dict:
-    """Tensors from a .safetensors file or a weights-only PyTorch checkpoint. Never unpickles code."""
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"{path}: weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: refused: not loadable with torch.load(weights_only=True) ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0]}). Plain pickles can run code; convert the checkpoint to "
-                           "safetensors or save only tensors (model.state_dict()).") from None
-    for key in ("state_dict", "model", "teacher", "student"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    return {re.sub(r"^(module\.|backbone\.|encoder\.)", "", k): v for k, v in state.items()}
-
-
-class _TruncatedResNet:
-    """CLAM's ResNet-50 truncated after stage 3 (layer3), average-pooled: 1024-d."""
-
-    @staticmethod
-    def build(model):
-        import torch.nn as nn
-
-        return nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool, model.layer1, model.layer2, model.layer3,
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
-def _pooled(model, pool: str | None):
-    """Make ``model(x)`` return one vector per image with the requested pooling."""
-    if pool is None:
-        return model
-    if hasattr(model, "global_pool") and hasattr(model, "forward_features") and hasattr(model, "cls_token"):
-        model.global_pool = {"cls": "token", "mean": "avg"}.get(pool, "avg")  # timm ViT / DeiT
-        return model
-    if pool in ("cls", "mean") and not hasattr(model, "cls_token"):
-        raise ValueError(f"pool={pool!r} needs a ViT-style model with a cls token; use 'avg' for CNNs")
-    return model  # CNNs built with num_classes=0 already average-pool
-
-
-def resolve(cfg: EncoderConfig) -> dict[str, Any]:
-    """The preset (if any) merged under the explicit config values."""
-    preset = dict(PRESETS.get(cfg.model, {"model": cfg.model}))
-    if cfg.pool is not None:
-        preset["pool"] = cfg.pool
-    preset["model_kwargs"] = {**preset.get("model_kwargs", {}), **cfg.model_kwargs}
-    return preset
+class NonFiniteFeatures(ValueError):
+    """An encoder produced NaN or infinite features."""
 
 
 def pick_device(device: str):
@@ -235,25 +204,65 @@ def pick_device(device: str):
     return torch.device(device)
 
 
-def _timm_model(cfg: EncoderConfig, spec: dict, pretrained: bool):
-    import timm
+@dataclass
+class Spec:
+    """What to build: a zoo model's values under the config's explicit ones, or a plain timm model."""
 
-    try:
-        return timm.create_model(spec["model"], pretrained=pretrained, num_classes=0, **spec["model_kwargs"])
-    except RuntimeError as exc:
-        raise ValueError(f"encoder {cfg.model!r}: timm cannot build {spec['model']!r}: {exc}") from None
+    model: str  # architecture
+    kwargs: dict[str, Any]
+    layout: str
+    pool: str | None
+    input_size: int | None
+    resize: int | None
+    interpolation: str | None
+    mean: tuple | None
+    std: tuple | None
+    zoo: Any = None  # ZooModel
+    truncate_resnet: bool = False
+
+
+def resolve(cfg: EncoderConfig, field: str = "encoder") -> Spec:
+    """The zoo model (or short name) a config names, with the config's explicit values on top. Overriding a zoo
+    model's preprocessing, pooling or architecture is allowed but warned about: its features then differ from
+    the authors'."""
+    from features.zoo import zoo_model
+
+    entry = zoo_model(cfg.model)
+    if entry is None:
+        base = GENERIC.get(cfg.model, {"model": cfg.model})
+        return Spec(base["model"], dict(cfg.model_kwargs), "timm", cfg.pool or base.get("pool"), cfg.input_size,
+                    cfg.resize, cfg.interpolation, cfg.mean, cfg.std)
+    preset = {"pool": entry.pool, "input_size": entry.input_size, "resize": entry.resize,
+              "interpolation": entry.interpolation, "mean": entry.mean, "std": entry.std}
+    values = {k: getattr(cfg, k) if getattr(cfg, k) is not None else preset[k] for k in PRESET_FIELDS}
+    changed = [f"{k} {preset[k]} → {values[k]}" for k in PRESET_FIELDS if tuple_or(values[k]) != tuple_or(preset[k])]
+    changed += [f"model_kwargs.{k} {entry.kwargs.get(k)} → {v}" for k, v in cfg.model_kwargs.items()
+                if entry.kwargs.get(k) != v]
+    if changed:
+        log.warning("%s: overrides %s's published setup (%s): its features will differ from its authors'", field,
+                    entry.name, "; ".join(changed))
+    if values["input_size"] != preset["input_size"] and cfg.resize is None:
+        values["resize"] = values["input_size"] * entry.resize // entry.input_size  # keep the crop ratio
+    return Spec(entry.arch, {**entry.kwargs, **cfg.model_kwargs}, entry.layout, values["pool"], values["input_size"],
+                values["resize"], values["interpolation"], values["mean"], values["std"], zoo=entry,
+                truncate_resnet=entry.name == "resnet50_trunc")
+
+
+def tuple_or(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def build_backbone(cfg: EncoderConfig, *, default_seed: int | None = None, field: str = "encoder"):
-    """The timm model a config names, with its weights (pretrained, local, or seeded random), and timm's data config.
+    """The model a config names, with its weights (pretrained, local, or seeded random), and its data config.
 
     Random weights are drawn from ``cfg.seed`` (else ``default_seed``) in a private, portable stream
     (``features.portable_random``), so they depend on the seed alone: not on what the process did
-    before, nor on the CPU's instruction set. With neither a seed nor weights, it refuses.
+    before, nor on the CPU's instruction set. With neither a seed nor weights, it refuses. Nothing touches
+    the network unless ``pretrained: true``.
     """
-    import timm
+    from features.loading import build_architecture, load_exact, load_state_dict, pretrained_file
 
-    spec = resolve(cfg)
+    spec = resolve(cfg, field)
     if cfg.random_weights:
         seed = cfg.seed if cfg.seed is not None else default_seed
         if seed is None:
@@ -261,21 +270,30 @@ def build_backbone(cfg: EncoderConfig, *, default_seed: int | None = None, field
         from features.portable_random import seeded
 
         with seeded(seed):
-            model = _timm_model(cfg, spec, pretrained=False)
+            model = build_architecture(spec, cfg.model)
+    elif spec.zoo is None and cfg.pretrained:
+        model = build_architecture(spec, cfg.model, timm_pretrained=True)
     else:
-        model = _timm_model(cfg, spec, pretrained=cfg.pretrained)
-    data_cfg = timm.data.resolve_data_config({}, model=model)
-    if cfg.weights is not None:  # into the full timm model, so checkpoints of the whole network fit
-        state = load_state_dict(cfg.weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        unexpected = [k for k in unexpected if not k.startswith(("head.", "fc.", "classifier."))]
-        if missing or unexpected:
-            raise WeightsError(f"{cfg.weights}: does not fit {cfg.model}: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-                               f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
-    return model, data_cfg, spec
+        if spec.zoo is not None and spec.zoo.timm_pretrained and cfg.pretrained and cfg.weights is None:
+            model = build_architecture(spec, cfg.model, timm_pretrained=True)
+            return model, data_config(spec, model), spec
+        model = build_architecture(spec, cfg.model)
+        path = cfg.weights if cfg.weights is not None else pretrained_file(spec.zoo)
+        load_exact(model, load_state_dict(path), spec, path, cfg.model)
+    return model, data_config(spec, model), spec
 
 
-def wrap_encoder(model, cfg: EncoderConfig, data_cfg: dict, device=None) -> Encoder:
+def data_config(spec: Spec, model) -> dict:
+    """Input size, resize, interpolation, mean and std: the spec's, else (plain timm models) timm's for the model."""
+    import timm
+
+    timm_cfg = timm.data.resolve_data_config({}, model=model) if spec.zoo is None else {}
+    size = spec.input_size or int(timm_cfg["input_size"][-1])
+    return {"input_size": (3, size, size), "resize": spec.resize or size, "interpolation": spec.interpolation or "bilinear",
+            "mean": tuple(spec.mean or timm_cfg["mean"]), "std": tuple(spec.std or timm_cfg["std"])}
+
+
+def wrap_encoder(model, cfg: EncoderConfig, data_cfg: dict, device=None, zoo=None) -> Encoder:
     """Freeze ``model`` (returning one vector per image), measure its dimension, attach preprocessing."""
     import torch
 
@@ -286,30 +304,45 @@ def wrap_encoder(model, cfg: EncoderConfig, data_cfg: dict, device=None) -> Enco
     input_size = cfg.input_size or int(data_cfg["input_size"][-1])
     with torch.inference_mode():
         dim = int(model(torch.zeros(1, 3, input_size, input_size, device=device)).shape[-1])
-    precision = resolve_precision(cfg.precision, device)
+    precision = model_precision(cfg, device, zoo)
     mean = tuple(cfg.mean or data_cfg["mean"])
     std = tuple(cfg.std or data_cfg["std"])
-    return Encoder(model, dim, input_size, mean, std, device, autocast_dtype(precision), cfg, precision)
+    resize = cfg.resize or data_cfg.get("resize") or input_size
+    interpolation = cfg.interpolation or data_cfg.get("interpolation") or "bilinear"
+    return Encoder(model, dim, input_size, mean, std, device, autocast_dtype(precision), cfg, precision,
+                   resize=resize, interpolation=interpolation, zoo=zoo)
 
 
-def _headless(model, spec: dict):
-    """The backbone as a one-vector-per-image model: CLAM's truncated ResNet, or the requested pooling."""
-    if spec.get("truncate_resnet"):
-        return _TruncatedResNet.build(model)
-    return _pooled(model, spec.get("pool"))
+def model_precision(cfg: EncoderConfig, device, zoo=None) -> str:
+    """``precision`` resolved for the device, except that a zoo model known to overflow in fp16 never runs there:
+    bf16 where the device has it, else fp32."""
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "fp16" and zoo is not None and not zoo.fp16_safe:
+        import torch
+
+        safe = "bf16" if (device.type == "cuda" and torch.cuda.is_bf16_supported()) else "fp32"
+        log.warning("%s overflows in fp16 (its authors run it in %s): running it at %s instead", zoo.name, zoo.precision,
+                    safe)
+        return safe
+    return precision
 
 
 def create_encoder(cfg: EncoderConfig, *, default_seed: int | None = None, field: str = "encoder") -> Encoder:
     """Build the encoder a config describes, in eval mode on its device."""
+    from features.loading import headless
+
     model, data_cfg, spec = build_backbone(cfg, default_seed=default_seed, field=field)
-    return wrap_encoder(_headless(model, spec), cfg, data_cfg)
+    return wrap_encoder(headless(model, spec), cfg, data_cfg, zoo=spec.zoo)
 
 
 def count_parameters(cfg: EncoderConfig) -> int:
-    """Parameters of the encoder a config describes, built on the meta device: no weights, no memory, no init."""
+    """Parameters of the encoder a config describes, built on the meta device: no weights, no memory, no network
+    for a zoo model or a plain timm name."""
     import torch
+
+    from features.loading import build_architecture, headless
 
     spec = resolve(cfg)
     with torch.device("meta"):
-        model = _headless(_timm_model(cfg, spec, pretrained=False), spec)
+        model = headless(build_architecture(spec, cfg.model), spec)
     return int(sum(p.numel() for p in model.parameters()))
