@@ -120,8 +120,12 @@ def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: Extrac
 
 def encoder_attrs(encoder: Encoder, plan: ReadPlan, fingerprint: str | None = None) -> dict:
     """What a store records about how its features were made."""
+    from features.zoo import provenance
+
     cfg: EncoderConfig = encoder.config
-    return {"encoder": cfg.model_dump(mode="json"), "encoder_label": cfg.label, "input_size": encoder.input_size,
+    return {"encoder": cfg.model_dump(mode="json"), "encoder_label": cfg.label, "provenance": provenance(cfg.model),
+            "resize": encoder.resize, "interpolation": encoder.interpolation, "mean": list(encoder.mean),
+            "std": list(encoder.std), "input_size": encoder.input_size,
             "weights": cfg.weights_source(), "weights_sha256": encoder.digest, "precision": encoder.precision,
             "patch_size": plan.patch_size, "target_mpp": plan.target_mpp, "read_level": plan.read_level,
             "read_size": plan.read_size, "level0_size": plan.level0_size, "read_at_input": encoder.read_at_input,

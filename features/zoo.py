@@ -221,3 +221,39 @@ def zoo_model(name: str) -> ZooModel | None:
 ALIASES = {"uni2h": "uni2_h", "conchv1_5": "conch_v1_5", "conch": "conch_v1", "h_optimus_0": "hoptimus0",
            "h_optimus_1": "hoptimus1", "hoptimus_0": "hoptimus0", "hoptimus_1": "hoptimus1", "h0mini": "h0_mini",
            "prov_gigapath": "gigapath", "phikonv2": "phikon_v2", "midnight12k": "midnight"}
+
+
+def provenance(model: str) -> dict[str, Any]:
+    """Which model, which version, under which licence: recorded in stores, student cards and bundles, so a
+    model distilled from a non-commercial teacher says so wherever it goes."""
+    entry = zoo_model(model)
+    if entry is None:
+        return {"model": model, "title": model, "version": None, "licence": "unknown (not a zoo model: check its source)",
+                "non_commercial": None, "gated": None}
+    return {"model": entry.name, "title": entry.title, "version": entry.version, "licence": entry.licence,
+            "non_commercial": entry.non_commercial, "gated": entry.gated}
+
+
+def licence_note(prov: dict[str, Any]) -> str | None:
+    """The sentence a model card carries for a student or CLAM built on a restricted teacher (None: no restriction known)."""
+    if prov.get("non_commercial"):
+        return (f"Distilled from / built on {prov['title']}, licensed {prov['licence']}: non-commercial use only; "
+                "its terms bind this model too.")
+    if prov.get("non_commercial") is None:
+        return f"Built on {prov['title']}, whose licence is unknown to wsi-pipeline: check its terms before any use."
+    return None
+
+
+MPP_TOLERANCE = 1.3  # a tiling this many times finer or coarser than the model's training tiles is warned about
+
+
+def mpp_mismatch(entry: ZooModel | None, target_mpp: float | None) -> str | None:
+    """A warning when tiles are cut at a scale the model was not trained at (None: fine, or nothing known)."""
+    if entry is None or entry.mpp is None or not target_mpp:
+        return None
+    low, high = entry.mpp if isinstance(entry.mpp, tuple) else (entry.mpp, entry.mpp)
+    if low / MPP_TOLERANCE <= target_mpp <= high * MPP_TOLERANCE:
+        return None
+    trained = f"{low}–{high}" if low != high else f"{low}"
+    return (f"tiles are cut at {target_mpp:g} µm/px but {entry.title} was trained on {trained} µm/px tiles: set "
+            f"tiling.target_mpp near {trained} for features as its authors' (more than {MPP_TOLERANCE}× apart)")

@@ -28,12 +28,13 @@ STRATEGY_LR = {"lora": 1e-3, "fpt": 1e-4}
 TileFn = Callable[[str, np.ndarray], "np.ndarray"]
 
 
-def _to_input(tiles: np.ndarray, size: int, mean, std, device):
+def _to_input(tiles: np.ndarray, size: int, mean, std, device, resize: int | None = None, interpolation: str = "bilinear"):
     import torch
 
     from features.encoders import to_model_input
 
-    return to_model_input(torch.from_numpy(np.asarray(tiles)), size, mean, std, device)
+    return to_model_input(torch.from_numpy(np.asarray(tiles)), size, mean, std, device, resize=resize,
+                          interpolation=interpolation)
 
 
 def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn, tiles: TileFn,

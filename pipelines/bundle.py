@@ -114,6 +114,7 @@ def _cohort_summary(paths, entries) -> dict:
 def _teacher_reference(cfg, paths, entries) -> dict:
     """The teacher as a reference: its spec (weights path made absolute) and the sha256 of the weights used."""
     from features.store import open_store
+    from features.zoo import provenance
 
     spec = cfg.features.teacher
     if spec.weights is not None:
@@ -130,7 +131,7 @@ def _teacher_reference(cfg, paths, entries) -> dict:
         raise BundleError(f"{paths.root}: no teacher feature store this run extracted (imported features record no "
                           "weights): a teacher bundle needs the teacher that made the features, to embed new slides")
     return {"kind": "teacher", "label": spec.label, "spec": spec.model_dump(mode="json"), "weights_sha256": digest,
-            "weights": spec.weights_source(), "random_weights": spec.random_weights}
+            "weights": spec.weights_source(), "random_weights": spec.random_weights, "provenance": provenance(spec.model)}
 
 
 def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None = None) -> dict:
@@ -212,7 +213,7 @@ def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None 
             "fingerprints": fingerprints, "toolkit_version": __version__, "run": str(paths.root),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     meta = {"format": FORMAT, "strategy": strategy, "classes": by_fold[chosen[0]]["classes"], "encoder": encoder,
-            "clam": clam, "settings": settings, "files": shas, "card": card}
+            "clam": clam, "settings": settings, "files": shas, "card": card, "licence": bundle_licence(encoder)}
     meta["digests"] = digests(meta)  # informational: loading recomputes them
     write_json(tmp / "bundle.json", meta)
     write_text(tmp / "card.md", card_markdown(meta))
@@ -232,6 +233,17 @@ def digests(meta: dict) -> dict[str, str]:
             "clam": _digest([meta["clam"], meta["classes"], clam_files])}
 
 
+def bundle_licence(encoder: dict) -> dict:
+    """The teacher's licence, carried into the bundle: a student distilled from a non-commercial teacher is bound by it."""
+    from features.zoo import licence_note, provenance
+
+    teacher = encoder if encoder["kind"] == "teacher" else encoder.get("teacher", {})
+    prov = teacher.get("provenance") or provenance(teacher.get("spec", {}).get("model", "unknown"))
+    note = None if teacher.get("random_weights") else licence_note(prov)
+    return {"teacher": prov["title"], "teacher_licence": prov["licence"], "non_commercial": prov["non_commercial"],
+            "note": note}
+
+
 def card_markdown(meta: dict) -> str:
     card, enc = meta["card"], meta["encoder"]
     cv = card["cv"]
@@ -248,6 +260,8 @@ def card_markdown(meta: dict) -> str:
              f"Encoder speed in training: {card['encoder_patches_per_s']} patches/s; {card['encoder_params']} parameters.",
              f"Made by wsi-pipeline {card['toolkit_version']} on {card['created']} from `{card['run']}`."]
     teacher = enc if enc["kind"] == "teacher" else enc.get("teacher", {})
+    if meta.get("licence", {}).get("note"):
+        lines += ["", f"**Licence: {meta['licence']['note']}**"]
     if teacher.get("random_weights"):
         lines += ["", "**The teacher had random weights: this model tests the machinery, it is not a diagnostic model.**"]
     return "\n".join(lines) + "\n"

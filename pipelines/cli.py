@@ -339,6 +339,34 @@ def heatmaps(
     raise typer.Exit(1 if failed else 0)
 
 
+@app.command()
+def encoders(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    check: Annotated[bool, typer.Option("--check", help="build every model on the meta device (no memory, no network) and "
+                                                        "show its measured dimension and parameters beside the published")] = False,
+) -> None:
+    """List the model zoo: dimension, parameters, input, normalisation, pooling, µm/px, precision, licence (--json: also
+    where the weights come from)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from features.zoo_check import JSON_FIELDS, zoo_rows, zoo_table
+
+    rows = zoo_rows(check)
+    if as_json:
+        print(json.dumps([{**{k: r[k] for k in JSON_FIELDS}, "weights_from": r["weights_from"], "hub": r["hub"]}
+                          for r in rows], indent=1))
+        return
+    table = Table("model", "dim", "params", "input", "mean / std", "pool", "µm/px", "precision", "licence")
+    for cells in zoo_table(rows):
+        table.add_row(*cells)
+    Console().print(table)
+    if check:
+        Console().print("In brackets: measured on the meta device; '!' marks a figure more than 0.5 % off the published.")
+
+
 @app.command("export-model")
 def export_model(
     out: Annotated[Path, typer.Argument(help="a finished training run directory")],

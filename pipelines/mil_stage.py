@@ -188,7 +188,8 @@ def end2end_inputs(paths: RunPaths, cfg: RunConfig, with_teacher: bool, referenc
     teacher = teacher_input = teacher_tiles = None
     if with_teacher:  # FPT fine-tunes the (frozen) teacher through a side network, on the tiles as the teacher reads them
         big = fpt_teacher(paths, cfg, reference_slide)
-        teacher, teacher_input = big.model, {"size": big.input_size, "mean": big.mean, "std": big.std}
+        teacher, teacher_input = big.model, {"size": big.input_size, "mean": big.mean, "std": big.std,
+                                                 "resize": big.resize, "interpolation": big.interpolation}
         teacher_tiles = SlideTileReader(paths, cfg.slides.backend).tiles
     return End2endInputs(encoder.model, {"size": encoder.input_size, "mean": encoder.mean, "std": encoder.std},
                          reader.tiles, reader.n_rows, teacher, teacher_input, teacher_tiles)

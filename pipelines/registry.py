@@ -84,8 +84,10 @@ CLAM_FIELDS = tuple(f"mil.{name}" for name in ("model", "size", "dropout", "k_sa
                                                "folds", "val_fraction", "seed", "classes", "device", "standardize"))
 
 
-# The distill fields a student depends on: how its tiles are cached or loaded does not change it.
-DISTILL_FIELDS = tuple(f"distill.{name}" for name in DistillConfig.model_fields if name not in ("tile_cache_mb", "num_workers"))
+# The distill fields a student depends on: how its tiles are cached or loaded does not change it, nor where its
+# starting weights lie or which device trains it (the student's identity: its weights file's content enters apart).
+DISTILL_FIELDS = tuple(f"distill.{name}.identity" if name == "student" else f"distill.{name}"
+                       for name in DistillConfig.model_fields if name not in ("tile_cache_mb", "num_workers"))
 
 
 # All stages in run order. A slide stage runs per slide after the stages in ``after`` (same slide);
@@ -97,12 +99,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("tiles", tiles_stage, "slide", after=("tissue",), config=("tiling",), pixels=True,
           applies=lambda cfg, entry: entry.has_pixels,
           artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
-    Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher", "features.dtype"),
+    Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher.identity", "features.dtype"),
           artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, uses_torch=True,
           enabled=training,
           extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
     Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
-    Stage("distill", distill_stage, "cohort", after=("features",), config=(*DISTILL_FIELDS, "features.teacher", "features.dtype"),
+    Stage("distill", distill_stage, "cohort", after=("features",), config=(*DISTILL_FIELDS, "features.teacher.identity", "features.dtype"),
           pixels=True,
           artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
           resources={"GPU": 1}, uses_torch=True, enabled=needs_student, extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "distill.student", hashes),

@@ -116,6 +116,7 @@ def cached_encoder(spec_json: str):
 def extract_features(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder, label: str, extra_attrs: dict) -> dict:
     """Every tile of one slide through ``encoder`` into ``features/<label>/<slide_id>.zarr``."""
     from features.extract import TileDataset, encoder_attrs, extract_slide
+    from features.zoo import mpp_mismatch
 
     grid = load_tiles(paths, entry.slide_id)
     slide_meta = json.loads(paths.tissue_meta(entry.slide_id).read_text())
@@ -123,7 +124,10 @@ def extract_features(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder
                                       mpp=slide_meta["mpp"], slide_id=entry.slide_id)
     attrs = {**encoder_attrs(encoder, grid.plan, TASK_FINGERPRINT.get()), **extra_attrs, "encoder_label": label}
     stats = extract_slide(dataset, encoder, store_path(paths.root, label, entry.slide_id), cfg.features, attrs)
-    return {**stats, "encoder": label, "dim": encoder.dim, "warnings": []}
+    warnings = [w for w in [mpp_mismatch(encoder.zoo, grid.plan.target_mpp)] if w]
+    for message in warnings:
+        log.warning("%s: %s", entry.slide_id, message)
+    return {**stats, "encoder": label, "dim": encoder.dim, "warnings": warnings}
 
 
 def features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
@@ -176,6 +180,7 @@ def student_features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -
 
 def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
     """EFCM stage 1: distil the student from the teacher's stored features (labels unused)."""
+    from features.zoo import provenance
     from distill.trainer import SlideTiles, train
     from features.store import open_store
 
@@ -214,7 +219,7 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
     card = train(slides, dim, dcfg, paths.student_dir, fingerprint=TASK_FINGERPRINT.get() or "", on_epoch=on_epoch,
                  teacher={"label": teacher, "dim": dim, "spec": cfg.features.teacher.model_dump(mode="json"),
                           "weights": cfg.features.teacher.weights_source(),
-                          "weights_sha256": next(iter(digests)),
+                          "weights_sha256": next(iter(digests)), "provenance": provenance(cfg.features.teacher.model),
                           "random_weights": cfg.features.teacher.random_weights})
     best, verdict = card["metrics"]["best"], card["fidelity"]["verdict"]
     return {"n_slides": len(slides), "val_cosine": best.get("cosine"), "val_r2": best.get("r2"),
