@@ -159,24 +159,29 @@ class Encoder:
             out = out.float()
             if not bool(torch.isfinite(out).all()):
                 bad = int((~torch.isfinite(out)).any(dim=1).sum())
+                hint = ("its weights hold non-finite values or overflow" if self.precision == "fp32" else
+                        f"{self.precision} overflowed: run it at `precision: fp32` (or bf16)")
                 raise NonFiniteFeatures(f"encoder {self.config.model!r} at {self.precision} gave non-finite features for "
-                                        f"{bad} of {len(out)} tiles: nothing was stored; run it at `precision: fp32` "
-                                        "(or bf16)")
+                                        f"{bad} of {len(out)} tiles, nothing was stored: {hint}")
             return out
 
 
 def to_model_input(tiles, size: int, mean, std, device, *, resize: int | None = None, interpolation: str = "bilinear"):
     """uint8 (B, H, W, 3) tiles → float (B, 3, size, size) on ``device``: antialiased resize to ``resize`` (default
-    ``size``), centre crop to ``size``, normalised. Square tiles, as the tiling delivers them."""
+    ``size``) back to 8-bit values, centre crop to ``size``, normalised: torchvision's Resize → CenterCrop →
+    ToTensor → Normalize on uint8 tiles, which the models' authors use. Square tiles, as the tiling delivers them."""
     import torch
     import torch.nn.functional as F
 
-    x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    x = tiles.permute(0, 3, 1, 2)
     side = resize or size
     if x.shape[-1] != side or x.shape[-2] != side:
-        x = F.interpolate(x, size=(side, side), mode=interpolation, antialias=True, align_corners=False)
-        if interpolation == "bicubic":
-            x = x.clamp_(0.0, 1.0)  # as PIL and torchvision on uint8 images: no overshoot past black and white
+        if x.dtype == torch.uint8 and x.device.type == "cpu":  # torchvision's own uint8 kernels: PIL-like, exact
+            x = F.interpolate(x.contiguous(), size=(side, side), mode=interpolation, antialias=True, align_corners=False)
+        else:  # elsewhere in float, rounded back to 8-bit values
+            x = F.interpolate(x.to(device).float(), size=(side, side), mode=interpolation, antialias=True,
+                              align_corners=False).round_().clamp_(0.0, 255.0)
+    x = x.to(device, non_blocking=True).float().div_(255.0)
     if side != size:
         top = int(round((side - size) / 2.0))
         x = x[..., top:top + size, top:top + size]

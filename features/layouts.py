@@ -66,7 +66,7 @@ def hf_dinov2(state: dict, model) -> dict:
 
     The CLS position is folded into the CLS token where the model keeps positions for patches only (register
     models, as timm's DINOv2-registers port does); a stored position grid other than the model's is resampled
-    bicubically without antialiasing, which is what transformers does on every forward pass."""
+    once, bicubically, as transformers does on every forward pass (so a fixed input size gives its numbers)."""
     from timm.layers import resample_abs_pos_embed
 
     state = strip_prefix(state)
@@ -74,8 +74,10 @@ def hf_dinov2(state: dict, model) -> dict:
     pos = state.pop("embeddings.position_embeddings")
     cls = state.pop("embeddings.cls_token")
     grid = model.patch_embed.grid_size
-    if (pos.shape[1] - 1) != grid[0] * grid[1]:
-        pos = resample_abs_pos_embed(pos, list(grid), num_prefix_tokens=1, interpolation="bicubic", antialias=False)
+    if (pos.shape[1] - 1) != grid[0] * grid[1]:  # transformers' Dinov2 resamples without antialiasing, its
+        # registers variant (Hibou) with, as the DINOv2-registers code it ports
+        antialias = "embeddings.register_tokens" in state
+        pos = resample_abs_pos_embed(pos, list(grid), num_prefix_tokens=1, interpolation="bicubic", antialias=antialias)
     out = {"patch_embed.proj.weight": state.pop("embeddings.patch_embeddings.projection.weight"),
            "patch_embed.proj.bias": state.pop("embeddings.patch_embeddings.projection.bias"),
            "norm.weight": state.pop("layernorm.weight"), "norm.bias": state.pop("layernorm.bias")}

@@ -102,15 +102,19 @@ def pretrained_file(entry) -> Path:
         raise WeightsError(f"{entry.name if entry else 'this model'}: no hub copy of its weights is known: download "
                            f"{entry.weights_file if entry else 'them'} from {where} and give `weights: /path/to/it`")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     errors = []
     for filename in dict.fromkeys((entry.weights_file, *HF_FALLBACK_FILES)):
         try:
             return Path(hf_hub_download(entry.hub, filename))
         except EntryNotFoundError as exc:
+            if isinstance(exc, LocalEntryNotFoundError):  # offline and not in the cache: look no further
+                raise WeightsError(f"{entry.name}: `pretrained: true` could not fetch {entry.hub}/{filename}: no hub "
+                                   f"access and not in the Hugging Face cache. Without hub access, download "
+                                   f"{entry.weights_file} from {entry.weights_from} and give `weights: /path/to/it`") from None
             errors.append(f"{filename}: {type(exc).__name__}")
-        except Exception as exc:  # offline, gated, no token: say what to do instead
+        except Exception as exc:  # gated, no token, network errors: say what to do instead
             raise WeightsError(f"{entry.name}: `pretrained: true` could not fetch {entry.hub}/{filename} "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Without hub access, download "
                                f"{entry.weights_file} from {entry.weights_from} and give `weights: /path/to/it`") from None
