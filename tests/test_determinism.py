@@ -223,3 +223,30 @@ def test_heatmap_overlap_pass_and_fpt_rebuild_the_teacher_that_made_the_stored_f
     other = create_encoder(cfg.features.teacher.model_copy(update={"seed": 1}))
     with pytest.raises(ValueError, match="came from other weights"):
         check_same_encoder(other, store.attrs, "features/x.zarr")
+
+
+def test_moving_the_weights_or_changing_device_reruns_nothing(cohort, tmp_path):
+    """Same weights content at another path, on another device: every task keeps its fingerprint; new content
+    changes the features (and, through them, everything after) but not tissue or tiles."""
+    csv_path = tmp_path / "slides.csv"
+    csv_path.write_text(f"slide_path,slide_id\n{cohort / 'demo_002.tif'},s1\n")
+
+    def fingerprints(weights: Path, device: str) -> dict[str, str]:
+        cfg = RunConfig.model_validate(RUN_CONFIG)
+        cfg.features.teacher = cfg.features.teacher.model_copy(update={"weights": weights, "device": device, "seed": None})
+        tasks = build_plan(read_manifest(csv_path), cfg, RunPaths(tmp_path / "plan"))
+        return {t.stage: t.fingerprint for t in tasks.values() if t.fingerprint}
+
+    first = tmp_path / "a" / "pytorch_model.bin"
+    first.parent.mkdir()
+    first.write_bytes(b"W" * 128)
+    moved = tmp_path / "scratch" / "copy.bin"
+    moved.parent.mkdir()
+    moved.write_bytes(first.read_bytes())
+    before = fingerprints(first, "cuda:0")
+    assert {"tissue", "tiles", "features"} <= set(before)
+    assert fingerprints(moved, "cuda:1") == before
+    moved.write_bytes(b"V" * 128)
+    after = fingerprints(moved, "cuda:1")
+    assert after["features"] != before["features"]
+    assert (after["tissue"], after["tiles"]) == (before["tissue"], before["tiles"])
