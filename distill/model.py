@@ -46,7 +46,8 @@ def load_student(model_dir: Path, *, device: str = "auto", precision: str = "fp3
     model.load_state_dict(load_file(str(model_dir / "student.safetensors")))
     spec = EncoderConfig.model_validate({**card["student"], "pretrained": False, "weights": model_dir / "student.safetensors",
                                          "device": device, "precision": precision,
-                                         "input_size": card["input_size"], "mean": card["mean"], "std": card["std"]})
+                                         "input_size": card["input_size"], "mean": card["mean"], "std": card["std"],
+                                         "resize": card.get("resize"), "interpolation": card.get("interpolation")})
     encoder = wrap_encoder(model, spec, data_cfg)
     encoder.read_at_input = bool(card.get("read_at_input", False))  # read as it was trained
     return encoder, card

@@ -100,11 +100,12 @@ def augment(x, generator):
     return x * scale + shift
 
 
-def evaluate(model, loader, input_size, mean, std, device, labels: np.ndarray | None = None,
+def evaluate(model, loader, prep: dict, device, labels: np.ndarray | None = None,
              weights: np.ndarray | None = None) -> dict:
     """Fidelity of the model's teacher-space features to the teacher's on held-out tiles: cosine and R²
     overall, per teacher-feature cluster (``labels``, in the loader's order) and on the worst tiles;
-    ``weights``: each tile's importance weight (:func:`distill.fidelity.stratified_sample`)."""
+    ``weights``: each tile's importance weight (:func:`distill.fidelity.stratified_sample`); ``prep``: the
+    student's preprocessing (``to_model_input``'s size, mean, std, resize, interpolation)."""
     import torch
 
     from features.encoders import to_model_input
@@ -113,7 +114,7 @@ def evaluate(model, loader, input_size, mean, std, device, labels: np.ndarray | 
     model.eval()
     with torch.inference_mode():
         for tiles, target, _ in loader:
-            preds.append(model(to_model_input(tiles, input_size, mean, std, device)).float().cpu())
+            preds.append(model(to_model_input(tiles, device=device, **prep)).float().cpu())
             targets.append(target)
     model.train()
     if not preds:
@@ -192,6 +193,9 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     model = model.to(device)
     input_size = cfg.student.input_size or int(data_cfg["input_size"][-1])
     mean, std = tuple(cfg.student.mean or data_cfg["mean"]), tuple(cfg.student.std or data_cfg["std"])
+    resize = cfg.student.resize or data_cfg.get("resize") or input_size  # a zoo student's own crop and interpolation
+    interpolation = cfg.student.interpolation or data_cfg.get("interpolation") or "bilinear"
+    prep = {"size": input_size, "mean": mean, "std": std, "resize": resize, "interpolation": interpolation}
     tile_input = input_size if cfg.read_at_input else None
 
     train_pool, val_pool, val_slides = split_pools(slides, cfg)
@@ -232,7 +236,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
                                              shuffle=False, **loader_kwargs)
     train_tiles = DistillTiles(slides, train_pool, tile_input, cache_mb=cfg.tile_cache_mb)
     if resumed_from is None:
-        initial = evaluate(model, val_loader, input_size, mean, std, device, val_labels, val_weights)
+        initial = evaluate(model, val_loader, prep, device, val_labels, val_weights)
         state["history"].append({"epoch": 0, **without_clusters(initial)})
     precision = resolve_precision(cfg.precision, device)
     autocast = torch.autocast(device.type, dtype=autocast_dtype(precision) or torch.float32, enabled=precision != "fp32")
@@ -249,7 +253,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         ready = start
         for tiles, target, rows in loader:
             waited += time.perf_counter() - ready  # the step waited this long for the loader's tiles
-            x = to_model_input(tiles, input_size, mean, std, device)
+            x = to_model_input(tiles, device=device, **prep)
             if cfg.augment:
                 x = augment(x, generator)
             with autocast:
@@ -267,7 +271,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
             errors.update(rows.numpy(), per_tile.detach().float().cpu().numpy())
             ready = time.perf_counter()
         train_seconds = time.perf_counter() - start
-        metrics = evaluate(model, val_loader, input_size, mean, std, device, val_labels, val_weights)
+        metrics = evaluate(model, val_loader, prep, device, val_labels, val_weights)
         record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5), "seconds": round(time.perf_counter() - start, 2),
                   "train_seconds": round(train_seconds, 2), "wait_seconds": round(waited, 2), **metrics}
         state["history"].append(without_clusters(record))
@@ -301,6 +305,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         "projector": cfg.projector, "projector_width": cfg.projector_width,
         "whiten": cfg.whiten, "dewhiten_head": model.stats_head is not None, "teacher": teacher or {}, "teacher_dim": teacher_dim,
         "input_size": input_size, "read_at_input": cfg.read_at_input, "mean": list(mean), "std": list(std),
+        "resize": resize, "interpolation": interpolation,
         "params": param_counts(model),
         "data": {"slides": [s.slide_id for s in slides], "val_slides": val_slides,
                  "train_tiles": int(len(train_pool)), "val_tiles": int(len(val_pool)),

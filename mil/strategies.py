@@ -39,7 +39,7 @@ class End2endInputs:
     """
 
     student: object  # torch module: uint8-derived input → teacher-space features
-    student_input: dict  # {"size", "mean", "std"}
+    student_input: dict  # {"size", "mean", "std", "resize", "interpolation"}
     tiles: object  # mil.end2end.TileFn
     n_rows: object  # slide id → number of tiles
     teacher: object | None = None

@@ -191,5 +191,6 @@ def end2end_inputs(paths: RunPaths, cfg: RunConfig, with_teacher: bool, referenc
         teacher, teacher_input = big.model, {"size": big.input_size, "mean": big.mean, "std": big.std,
                                                  "resize": big.resize, "interpolation": big.interpolation}
         teacher_tiles = SlideTileReader(paths, cfg.slides.backend).tiles
-    return End2endInputs(encoder.model, {"size": encoder.input_size, "mean": encoder.mean, "std": encoder.std},
+    return End2endInputs(encoder.model, {"size": encoder.input_size, "mean": encoder.mean, "std": encoder.std,
+                                         "resize": encoder.resize, "interpolation": encoder.interpolation},
                          reader.tiles, reader.n_rows, teacher, teacher_input, teacher_tiles)

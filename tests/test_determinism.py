@@ -250,3 +250,22 @@ def test_moving_the_weights_or_changing_device_reruns_nothing(cohort, tmp_path):
     after = fingerprints(moved, "cuda:1")
     assert after["features"] != before["features"]
     assert (after["tissue"], after["tiles"]) == (before["tissue"], before["tiles"])
+
+
+def test_a_zoo_teacher_records_its_licence_and_warns_about_the_tile_scale(cohort, tmp_path):
+    """UNI (reduced, random weights) on 1 µm/px tiles: trained at 0.5, so every slide's features task warns; the
+    store records the model, its version and its non-commercial licence, and its own preprocessing."""
+    cfg = {**RUN_CONFIG, "features": {"teacher": {"model": "uni", "seed": 0, "precision": "fp32", "input_size": 112,
+                                                  "model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2}},
+                                      "num_workers": 0, "batch_size": 16}}
+    (tmp_path / "slides.csv").write_text(f"slide_path,slide_id\n{cohort / 'demo_002.tif'},s1\n")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([*CLI, "run", str(tmp_path / "slides.csv"), "--config", str(tmp_path / "run.yaml"),
+                             "--out", str(tmp_path / "out"), "--until", "features", "--workers", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    state = json.loads((tmp_path / "out" / "state" / "features" / "s1.json").read_text())
+    assert any("trained on 0.5 µm/px tiles" in w for w in state["warnings"]), state["warnings"]
+    attrs = open_store(tmp_path / "out", "uni-random-seed0", "s1").attrs
+    assert attrs["provenance"]["licence"] == "CC-BY-NC-ND-4.0" and attrs["provenance"]["non_commercial"]
+    assert (attrs["input_size"], attrs["interpolation"], attrs["mean"]) == (112, "bilinear", [0.485, 0.456, 0.406])

@@ -26,6 +26,9 @@ DOCUMENTED = {
     "ctranspath": (224, 224, "bilinear", IMAGENET[0], "avg"), "midnight": (224, 224, "bilinear", (0.5, 0.5, 0.5), "cls"),
     "lunit_s8": (224, 224, "bilinear", (0.70322989, 0.53606487, 0.66096631), "cls"),
     "hibou_b": (224, 224, "bicubic", (0.7068, 0.5755, 0.722), "cls"), "resnet50_trunc": (224, 224, "bilinear", IMAGENET[0], "avg"),
+    "lunit_s16": (224, 224, "bilinear", (0.70322989, 0.53606487, 0.66096631), "cls"),
+    "hibou_l": (224, 224, "bicubic", (0.7068, 0.5755, 0.722), "cls"),
+    **{f"kaiko_{v}": (224, 224, "bilinear", (0.5, 0.5, 0.5), "cls") for v in ("vits16", "vits8", "vitb16", "vitb8", "vitl14")},
 }
 REQUIRED = {"uni", "uni2_h", "virchow", "virchow2", "hoptimus0", "hoptimus1", "h0_mini", "gigapath", "conch_v1_5", "conch_v1",
             "phikon", "phikon_v2", "ctranspath", "lunit_s8", "lunit_s16", "hibou_b", "hibou_l", "kaiko_vits16",
@@ -53,6 +56,7 @@ def test_every_preset_builds_offline_at_its_published_size(offline):
 
 
 def test_presets_match_the_documented_preprocessing():
+    assert set(DOCUMENTED) == set(ZOO)
     for name, (size, resize, interp, mean, pool) in DOCUMENTED.items():
         entry = ZOO[name]
         assert (entry.input_size, entry.resize, entry.interpolation, entry.pool) == (size, resize, interp, pool), name
@@ -310,3 +314,97 @@ def test_fingerprint_identity_ignores_path_and_device():
     b = EncoderConfig(model="uni", weights="/home/b/pytorch_model.bin", device="cuda:1")
     assert a.identity == b.identity and a.identity["zoo"]["arch"] == "vit_large_patch16_224"
     assert EncoderConfig(model="uni", weights="/x", pool="mean").identity != a.identity
+
+
+def test_a_zoo_student_starts_from_its_weights_with_its_preprocessing(tmp_path):
+    """distill.student from the zoo (H0-mini: registers, SwiGLU) at reduced size: its checkpoint loads strictly, the
+    projector maps to the teacher's dimension (Virchow's 2,560), and its preset's preprocessing comes along."""
+    import timm
+    from safetensors.torch import save_file
+
+    from distill.config import DistillConfig
+    from distill.model import build_student
+    from features.loading import timm_kwargs
+
+    small = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+    entry = ZOO["h0_mini"]
+    source = timm.create_model(entry.arch, pretrained=False, num_classes=0, **timm_kwargs({**entry.kwargs, **small}))
+    save_file(source.state_dict(), tmp_path / "h0_mini.safetensors")
+    cfg = DistillConfig(student={"model": "h0_mini", "weights": tmp_path / "h0_mini.safetensors", "model_kwargs": small},
+                        seed=0)
+    student, data_cfg = build_student(cfg, 2560)
+    assert torch.equal(student.backbone.model.reg_token, source.reg_token)
+    assert (data_cfg["interpolation"], data_cfg["mean"]) == ("bicubic", HOPTIMUS[0])
+    with torch.no_grad():
+        assert student(torch.zeros(2, 3, 224, 224)).shape == (2, 2560)
+
+
+def test_a_bundle_carries_its_teachers_licence():
+    from pipelines.bundle import bundle_licence
+
+    student = {"kind": "student", "teacher": {"provenance": provenance("uni2_h"), "random_weights": False}}
+    licence = bundle_licence(student)
+    assert licence["non_commercial"] and "UNI2-h" in licence["note"] and "CC-BY-NC-ND-4.0" in licence["note"]
+    assert bundle_licence({"kind": "teacher", "provenance": provenance("hoptimus0"), "random_weights": False})["note"] is None
+    assert bundle_licence({"kind": "teacher", "provenance": provenance("vit_small"), "random_weights": True})["note"] is None
+
+
+def test_conch_v1_from_the_whole_coca_checkpoint(tmp_path, offline):
+    """CONCH v1's checkpoint is the whole CoCa model: the image embedding is taken from visual.trunk,
+    visual.attn_pool_contrast (nn.MultiheadAttention, kdim ≠ dim) and visual.ln_contrast; the text tower, the
+    caption pooler and proj_contrast are left out. Checked against torch's functional attention on the tensors."""
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from features.arch import build_conch
+
+    small = {"embed_dim": 32, "depth": 1, "num_heads": 2, "pool_dim": 16, "pool_heads": 2}
+    torch.manual_seed(5)
+    source = build_conch("v1", img_size=448, patch_size=16, **small)
+    for p in source.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    state = {f"visual.{k}": v.clone() for k, v in source.state_dict().items()}
+    state.update({"visual.proj_contrast": torch.randn(16, 16), "visual.attn_pool_caption.query": torch.randn(4, 32),
+                  "visual.ln_caption.weight": torch.ones(32), "text.token_embedding.weight": torch.randn(10, 16),
+                  "logit_scale": torch.ones(())})
+    save_file(state, tmp_path / "conch.safetensors")
+    enc = create_encoder(EncoderConfig(model="conch_v1", weights=tmp_path / "conch.safetensors", model_kwargs=small,
+                                       precision="fp32", device="cpu"))
+    tiles = _tiles(side=96)
+    x = _reference_input(tiles, 448, OPENAI_CLIP[0], OPENAI_CLIP[1], "bicubic")
+    p = "visual.attn_pool_contrast"
+    with torch.no_grad():
+        tokens = source.trunk.forward_features(x)
+        context = F.layer_norm(tokens, (32,), state[f"{p}.ln_k.weight"], state[f"{p}.ln_k.bias"]).transpose(0, 1)
+        query = F.layer_norm(state[f"{p}.query"], (16,), state[f"{p}.ln_q.weight"], state[f"{p}.ln_q.bias"])
+        query = query.unsqueeze(1).expand(-1, x.shape[0], -1)
+        pooled, _ = F.multi_head_attention_forward(
+            query, context, context, 16, 2, None, state[f"{p}.attn.in_proj_bias"], None, None, False, 0.0,
+            state[f"{p}.attn.out_proj.weight"], state[f"{p}.attn.out_proj.bias"], training=False, need_weights=False,
+            use_separate_proj_weight=True, q_proj_weight=state[f"{p}.attn.q_proj_weight"],
+            k_proj_weight=state[f"{p}.attn.k_proj_weight"], v_proj_weight=state[f"{p}.attn.v_proj_weight"])
+        want = F.layer_norm(pooled[0], (16,), state["visual.ln_contrast.weight"], state["visual.ln_contrast.bias"])
+    torch.testing.assert_close(enc(tiles), want, atol=2e-4, rtol=1e-4)
+
+
+def test_pretrained_reads_a_filled_hub_cache_offline(offline, monkeypatch, tmp_path):
+    """`pretrained: true` with the official file already in the Hugging Face cache works without the network."""
+    import huggingface_hub.constants as hub_constants
+    import timm
+
+    from features.loading import timm_kwargs
+
+    revision = "0" * 40
+    repo = tmp_path / "models--bioptimus--H0-mini"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    small = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+    entry = ZOO["h0_mini"]
+    source = timm.create_model(entry.arch, pretrained=False, num_classes=0, **timm_kwargs({**entry.kwargs, **small}))
+    torch.save(source.state_dict(), repo / "snapshots" / revision / "pytorch_model.bin")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    enc = create_encoder(EncoderConfig(model="h0_mini", pretrained=True, model_kwargs=small, device="cpu"))
+    assert torch.equal(enc.model.pos_embed, source.pos_embed)
+    assert enc.config.weights_source().startswith("pretrained")
