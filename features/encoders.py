@@ -276,12 +276,9 @@ def build_backbone(cfg: EncoderConfig, *, default_seed: int | None = None, field
 
         with seeded(seed):
             model = build_architecture(spec, cfg.model)
-    elif spec.zoo is None and cfg.pretrained:
-        model = build_architecture(spec, cfg.model, timm_pretrained=True)
+    elif cfg.weights is None and cfg.pretrained and (spec.zoo is None or spec.zoo.timm_pretrained):
+        model = build_architecture(spec, cfg.model, timm_pretrained=True)  # timm's own pretrained weights
     else:
-        if spec.zoo is not None and spec.zoo.timm_pretrained and cfg.pretrained and cfg.weights is None:
-            model = build_architecture(spec, cfg.model, timm_pretrained=True)
-            return model, data_config(spec, model), spec
         model = build_architecture(spec, cfg.model)
         if spec.zoo is None and (cfg.mean is None or cfg.std is None):
             log.warning("%s: %s is not a zoo model: its normalisation is timm's default for the architecture, not "
