@@ -181,3 +181,33 @@ def test_decoded_tile_cache_stays_within_its_byte_budget():
     assert cache.bytes == 3 * tiles[0].nbytes
     cache.put((0, 9), np.zeros((128, 128, 3), np.uint8))  # larger than the whole budget: not kept
     assert cache.get((0, 9)) is None and cache.bytes == 3 * tiles[0].nbytes
+
+
+def test_ome_tiff_mpp_from_its_ome_xml_and_its_subifd_pyramid(tmp_path):
+    """An OME-TIFF whose only scale is the OME-XML's PhysicalSizeX (here in nm), its pyramid in SubIFDs: the mpp comes
+    from the XML, `auto` opens it with the reader that sees the pyramid, and both levels give the written pixels."""
+    base = np.random.default_rng(3).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    half = base[::2, ::2].copy()
+    path = tmp_path / "scan.ome.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(base, subifds=1, tile=(256, 256), photometric="rgb", compression="zlib",
+                  metadata={"axes": "YXS", "PhysicalSizeX": 460.0, "PhysicalSizeXUnit": "nm",
+                            "PhysicalSizeY": 460.0, "PhysicalSizeYUnit": "nm"})
+        tif.write(half, subfiletype=1, tile=(256, 256), photometric="rgb", compression="zlib")
+    with open_slide(path) as slide:
+        assert (slide.mpp, slide.mpp_source) == (pytest.approx(0.46), "ome-xml")
+        assert slide.backend == "tiffslide" and slide.level_dimensions == ((1024, 768), (512, 384))
+        np.testing.assert_array_equal(slide.read_region((256, 128), 0, (300, 200)), base[128:328, 256:556])
+        np.testing.assert_array_equal(slide.read_region((512, 256), 1, (100, 80)), half[128:208, 256:356])
+
+
+def test_objective_power_is_the_last_resort_for_mpp(tmp_path, caplog):
+    """An Aperio file with AppMag but no MPP: a configured default wins; without one the mpp is estimated from the
+    objective (10 / 20× = 0.5 µm/px) with a warning that says so."""
+    path = write_glass_slide(tmp_path / "appmag_only.svs", mpp=None, magnification=20.0)
+    with open_slide(path, default_mpp=0.3) as slide:
+        assert (slide.mpp, slide.mpp_source) == (0.3, "default")
+    with open_slide(path) as slide:
+        assert (slide.mpp, slide.mpp_source) == (0.5, "objective-power") and slide.objective_power == 20
+        assert any("20× objective" in w for w in slide.warnings)
+    assert "estimated 0.5 µm/px" in caplog.text

@@ -1,8 +1,9 @@
 """A slide opened for the pipeline: a backend reader plus its resolved mpp, id and helpers.
 
-mpp resolution chain (first that gives a value wins): the ``mpp`` passed in (the CSV's ``mpp``
-column) → slide properties (``openslide.mpp-x``) → TIFF resolution tags → ``default_mpp`` (with a
-warning) → a :class:`SlideError` naming the slide.
+mpp resolution chain (first that gives a plausible value wins): the ``mpp`` passed in (the CSV's
+``mpp`` column) → slide properties (``openslide.mpp-x``, ``aperio.MPP``) → an OME-TIFF's OME-XML
+(``PhysicalSizeX`` in its unit) → TIFF resolution tags → ``default_mpp`` (with a warning) → the
+objective power, 10 / magnification (with a warning) → a :class:`SlideError` naming the slide.
 
 Level rounding: locations are always level-0 pixels. Pyramid levels are stored with rounded
 sizes, so a level's true downsample can be e.g. 4.0029 instead of 4; we use the backend's
@@ -51,6 +52,41 @@ def _tiff_tag_mpp(path: Path) -> float | None:
     return microns_per_unit / px_per_unit
 
 
+OME_UNITS_IN_MICRONS = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_mpp(path: Path) -> float | None:
+    """µm per pixel from an OME-TIFF's OME-XML (the first image's ``Pixels`` ``PhysicalSizeX`` in its unit,
+    micrometres when none is given), or None: OpenSlide and tiffslide do not read it."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata if tif.is_ome else None
+        if not xml:
+            return None
+        pixels = next((e for e in ET.fromstring(xml).iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    except (tifffile.TiffFileError, OSError, ValueError, ET.ParseError):
+        return None
+    if pixels is None or pixels.get("PhysicalSizeX") in (None, ""):
+        return None
+    factor = OME_UNITS_IN_MICRONS.get(pixels.get("PhysicalSizeXUnit", "µm"))
+    try:
+        return float(pixels.get("PhysicalSizeX")) * factor if factor else None
+    except ValueError:
+        return None
+
+
+def _objective_power(properties: dict[str, str]) -> float | None:
+    power = properties.get("openslide.objective-power") or properties.get("aperio.AppMag")
+    try:
+        return float(power) if power not in (None, "", "None") and float(power) > 0 else None
+    except ValueError:
+        return None
+
+
 def _property_mpp(properties: dict[str, str]) -> float | None:
     for key in ("openslide.mpp-x", "aperio.MPP"):
         value = properties.get(key)
@@ -70,7 +106,7 @@ class Slide:
     path: Path
     reader: SlideReader
     mpp: float
-    mpp_source: str  # "csv", "properties", "tiff-tags" or "default"
+    mpp_source: str  # "csv", "properties", "ome-xml", "tiff-tags", "default" or "objective-power"
     objective_power: float | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -186,11 +222,12 @@ def open_slide(path: str | Path, *, slide_id: str | None = None, backend: str = 
         reader.close()
         raise SlideError(slide_id, f"mpp {mpp:g} given for this slide is outside {PLAUSIBLE_MPP[0]}–{PLAUSIBLE_MPP[1]} µm/px")
     props = reader.properties
-    found = [(mpp, "csv"), (_property_mpp(props), "properties"), (None, "tiff-tags")]
+    objective = _objective_power(props)
+    sources = [("csv", lambda: mpp), ("properties", lambda: _property_mpp(props)), ("ome-xml", lambda: _ome_mpp(path)),
+               ("tiff-tags", lambda: _tiff_tag_mpp(path))]
     resolved, source = None, ""
-    for value, where in found:
-        if where == "tiff-tags":
-            value = _tiff_tag_mpp(path)
+    for where, find in sources:
+        value = find()
         if value is not None and PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:
             resolved, source = float(value), where
             break
@@ -198,18 +235,19 @@ def open_slide(path: str | Path, *, slide_id: str | None = None, backend: str = 
             notes.append(f"ignored implausible mpp {value:g} from {where}")
     if resolved is None and default_mpp is not None:
         resolved, source = float(default_mpp), "default"
-        notes.append(f"no mpp in the CSV, slide properties or TIFF tags: using the configured default {default_mpp:g} µm/px")
+        notes.append(f"no mpp in the CSV, slide properties, OME-XML or TIFF tags: using the configured default "
+                     f"{default_mpp:g} µm/px")
+    if resolved is None and objective is not None:  # the last resort: the scanner convention, 10 / magnification
+        resolved, source = 10.0 / objective, "objective-power"
+        notes.append(f"no mpp in the CSV, slide properties, OME-XML or TIFF tags: estimated {resolved:g} µm/px from "
+                     f"the {objective:g}× objective (scanners differ by ±10 %); give an `mpp` to be exact")
     if resolved is None:
         reader.close()
-        raise SlideError(slide_id, f"no mpp found (CSV `mpp` column, slide properties, TIFF resolution tags); "
-                                   f"add an `mpp` value for this slide or set `slides.default_mpp` [{path}]")
+        raise SlideError(slide_id, f"no mpp found (CSV `mpp` column, slide properties, OME-XML, TIFF resolution tags, "
+                                   f"objective power); add an `mpp` value for this slide or set `slides.default_mpp` "
+                                   f"[{path}]")
     for note in notes:
         log.warning("%s: %s", slide_id, note)
-    power = props.get("openslide.objective-power") or props.get("aperio.AppMag")
-    try:
-        objective = float(power) if power not in (None, "", "None") else None
-    except ValueError:
-        objective = None
     return Slide(slide_id, path, reader, resolved, source, objective, notes)
 
 
