@@ -98,7 +98,10 @@ class EncoderConfig(BaseModel):
         data["weights"] = "local file" if self.weights is not None else None
         entry = zoo_model(self.model)
         if entry is not None:
+            from features.layouts import LAYOUTS_VERSION
+
             data["zoo"] = {k: v for k, v in entry.card().items() if k in BUILD_FIELDS}
+            data["zoo"]["layouts_version"] = LAYOUTS_VERSION  # a fixed key conversion reruns what it loaded
         return data
 
     def weights_source(self, default_seed: int | None = None) -> str:
@@ -166,6 +169,24 @@ class Encoder:
             return out
 
 
+PREPROCESSING = ("input_size", "resize", "interpolation", "mean", "std")
+
+
+def preprocessing(encoder: Encoder) -> dict[str, Any]:
+    """How an encoder turns tiles into its input, as plain data (stores and bundles record it)."""
+    return {"input_size": encoder.input_size, "resize": encoder.resize, "interpolation": encoder.interpolation,
+            "mean": list(encoder.mean), "std": list(encoder.std)}
+
+
+def preprocessing_mismatch(encoder: Encoder, recorded: dict[str, Any]) -> str | None:
+    """What differs between ``encoder``'s preprocessing and a recorded one (keys it lacks are not compared:
+    stores and bundles written before they were recorded), or None."""
+    now = preprocessing(encoder)
+    diffs = [f"{k} {recorded[k]} → {now[k]}" for k in PREPROCESSING
+             if recorded.get(k) is not None and tuple_or(recorded[k]) != tuple_or(now[k])]
+    return "; ".join(diffs) or None
+
+
 def to_model_input(tiles, size: int, mean, std, device, *, resize: int | None = None, interpolation: str = "bilinear"):
     """uint8 (B, H, W, 3) tiles → float (B, 3, size, size) on ``device``: antialiased resize to ``resize`` (default
     ``size``) back to 8-bit values, centre crop to ``size``, normalised: torchvision's Resize → CenterCrop →
@@ -176,7 +197,8 @@ def to_model_input(tiles, size: int, mean, std, device, *, resize: int | None = 
     x = tiles.permute(0, 3, 1, 2)
     side = resize or size
     if x.shape[-1] != side or x.shape[-2] != side:
-        if x.dtype == torch.uint8 and x.device.type == "cpu":  # torchvision's own uint8 kernels: PIL-like, exact
+        if x.dtype == torch.uint8 and x.device.type == "cpu" and torch.device(device).type == "cpu":
+            # torchvision's own uint8 kernels: PIL-like and exact (a GPU resizes in float below: ±1-5 levels apart)
             x = F.interpolate(x, size=(side, side), mode=interpolation, antialias=True, align_corners=False)  # NHWC: fastest
         else:  # elsewhere in float, rounded back to 8-bit values
             x = F.interpolate(x.to(device).float(), size=(side, side), mode=interpolation, antialias=True,
@@ -235,6 +257,7 @@ def resolve(cfg: EncoderConfig, field: str = "encoder") -> Spec:
     entry = zoo_model(cfg.model)
     if entry is None:
         base = GENERIC.get(cfg.model, {"model": cfg.model})
+        check_crop(cfg.resize, cfg.input_size, field)
         return Spec(base["model"], dict(cfg.model_kwargs), "timm", cfg.pool or base.get("pool"), cfg.input_size,
                     cfg.resize, cfg.interpolation, cfg.mean, cfg.std)
     preset = {"pool": entry.pool, "input_size": entry.input_size, "resize": entry.resize,
@@ -246,11 +269,24 @@ def resolve(cfg: EncoderConfig, field: str = "encoder") -> Spec:
     if changed:
         log.warning("%s: overrides %s's published setup (%s): its features will differ from its authors'", field,
                     entry.name, "; ".join(changed))
-    if values["input_size"] != preset["input_size"] and cfg.resize is None:
-        values["resize"] = values["input_size"] * entry.resize // entry.input_size  # keep the crop ratio
-    return Spec(entry.arch, {**entry.kwargs, **cfg.model_kwargs}, entry.layout, values["pool"], values["input_size"],
+    kwargs = {**entry.kwargs, **cfg.model_kwargs}
+    if values["input_size"] != preset["input_size"]:
+        if cfg.resize is None:
+            values["resize"] = values["input_size"] * entry.resize // entry.input_size  # keep the crop ratio
+        if "img_size" in entry.kwargs and entry.arch not in ("conch_v1", "conch_v1_5", "ctranspath"):
+            # the position table interpolated to the other size on each forward pass, unless the user says otherwise
+            kwargs["dynamic_img_size"] = cfg.model_kwargs.get("dynamic_img_size", True)
+    check_crop(values["resize"], values["input_size"], field)
+    return Spec(entry.arch, kwargs, entry.layout, values["pool"], values["input_size"],
                 values["resize"], values["interpolation"], values["mean"], values["std"], zoo=entry,
                 truncate_resnet=entry.name == "resnet50_trunc")
+
+
+def check_crop(resize: int | None, input_size: int | None, field: str) -> None:
+    """A centre crop takes ``input_size`` out of a ``resize``-sided image: it cannot be the larger."""
+    if resize is not None and input_size is not None and resize < input_size:
+        raise ValueError(f"{field}: resize {resize} is smaller than input_size {input_size}: tiles are resized to "
+                         "`resize`, then centre-cropped to `input_size`")
 
 
 def tuple_or(value):
@@ -313,7 +349,8 @@ def wrap_encoder(model, cfg: EncoderConfig, data_cfg: dict, device=None, zoo=Non
     precision = model_precision(cfg, device, zoo)
     mean = tuple(cfg.mean or data_cfg["mean"])
     std = tuple(cfg.std or data_cfg["std"])
-    resize = cfg.resize or data_cfg.get("resize") or input_size
+    data_size = int(data_cfg["input_size"][-1])
+    resize = cfg.resize or (data_cfg.get("resize") or data_size) * input_size // data_size  # the data config's crop ratio
     interpolation = cfg.interpolation or data_cfg.get("interpolation") or "bilinear"
     return Encoder(model, dim, input_size, mean, std, device, autocast_dtype(precision), cfg, precision,
                    resize=resize, interpolation=interpolation, zoo=zoo)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from features.encoders import Encoder, EncoderConfig
+from features.encoders import Encoder, EncoderConfig, preprocessing, preprocessing_mismatch
 from features.store import write_store
 from wsi.tiling import ReadPlan
 
@@ -124,8 +124,7 @@ def encoder_attrs(encoder: Encoder, plan: ReadPlan, fingerprint: str | None = No
 
     cfg: EncoderConfig = encoder.config
     return {"encoder": cfg.model_dump(mode="json"), "encoder_label": cfg.label, "provenance": provenance(cfg.model),
-            "resize": encoder.resize, "interpolation": encoder.interpolation, "mean": list(encoder.mean),
-            "std": list(encoder.std), "input_size": encoder.input_size,
+            **preprocessing(encoder), "input_size": encoder.input_size,
             "weights": cfg.weights_source(), "weights_sha256": encoder.digest, "precision": encoder.precision,
             "patch_size": plan.patch_size, "target_mpp": plan.target_mpp, "read_level": plan.read_level,
             "read_size": plan.read_size, "level0_size": plan.level0_size, "read_at_input": encoder.read_at_input,
@@ -139,3 +138,7 @@ def check_same_encoder(encoder: Encoder, attrs: dict, store: str) -> None:
         raise ValueError(f"{store}: its features came from other weights (sha256 {recorded[:12]}…) than the encoder "
                          f"built now ({encoder.digest[:12]}…): the weights file, seed or torch build changed; "
                          "rerun the features (--force features)")
+    changed = preprocessing_mismatch(encoder, attrs)
+    if changed:
+        raise ValueError(f"{store}: its features came from tiles preprocessed otherwise than the encoder built now "
+                         f"does ({changed}); rerun the features (--force features)")

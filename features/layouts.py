@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+LAYOUTS_VERSION = 1  # raise when a converter changes what it loads: features made with the old one rerun
 PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "visual.", "vit.", "dinov2.")
 
 
@@ -23,16 +24,26 @@ def strip_prefix(state: dict, prefixes: tuple[str, ...] = PREFIXES) -> dict:
     return state
 
 
+HEADS = ("head.", "fc.", "classifier.")  # classifiers (and DINO's projection head) a headless model does not have
+
+
+def unwrap_key(key: str) -> str:
+    """A timm key without the wrapper prefixes training code adds (``module.``, ``backbone.``, ...): timm's own
+    names never start with them."""
+    while key.startswith(PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def timm_layout(state: dict, model) -> dict:
-    """timm's own names (UNI, UNI2-h, Virchow, H-optimus, GigaPath, Lunit, Kaiko): a shared prefix stripped and
-    the classifier head, which the headless model does not have, dropped."""
-    state = strip_prefix(state)
-    return {k: v for k, v in state.items() if not k.startswith(("head.", "fc.")) or k in model.state_dict()}
+    """timm's own names (UNI, UNI2-h, Virchow, H-optimus, GigaPath, Lunit, Kaiko, plain timm models): wrapper
+    prefixes stripped and a classifier head the headless model does not have dropped."""
+    own = model.state_dict()
+    state = {unwrap_key(k): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith(HEADS) or k in own}
 
 
-def torchvision_resnet(state: dict, model) -> dict:
-    """torchvision / timm ResNet names; the classifier dropped (the zoo's ResNet-50 is cut after layer 3 later)."""
-    return {k: v for k, v in strip_prefix(state).items() if not k.startswith("fc.")}
+torchvision_resnet = timm_layout  # torchvision and timm name ResNets alike; layer4 is cut after loading
 
 
 def _qkv(state: dict, base: str, names: tuple[str, str, str]) -> tuple:
@@ -46,6 +57,7 @@ def _qkv(state: dict, base: str, names: tuple[str, str, str]) -> tuple:
 def hf_vit(state: dict, model) -> dict:
     """transformers ``ViTModel`` (Phikon) → timm ViT. The pooler (``add_pooling_layer``) is not part of the embedding."""
     state = {k: v for k, v in strip_prefix(state).items() if not k.startswith("pooler.")}
+    state.pop("embeddings.mask_token", None)  # masked image modelling only
     out = {"cls_token": state.pop("embeddings.cls_token"), "pos_embed": state.pop("embeddings.position_embeddings"),
            "patch_embed.proj.weight": state.pop("embeddings.patch_embeddings.projection.weight"),
            "patch_embed.proj.bias": state.pop("embeddings.patch_embeddings.projection.bias"),

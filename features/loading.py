@@ -104,20 +104,21 @@ def pretrained_file(entry) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    errors = []
+    errors, offline = [], False
     for filename in dict.fromkeys((entry.weights_file, *HF_FALLBACK_FILES)):
         try:
             return Path(hf_hub_download(entry.hub, filename))
-        except EntryNotFoundError as exc:
-            if isinstance(exc, LocalEntryNotFoundError):  # offline and not in the cache: look no further
-                raise WeightsError(f"{entry.name}: `pretrained: true` could not fetch {entry.hub}/{filename}: no hub "
-                                   f"access and not in the Hugging Face cache. Without hub access, download "
-                                   f"{entry.weights_file} from {entry.weights_from} and give `weights: /path/to/it`") from None
+        except EntryNotFoundError as exc:  # LocalEntryNotFoundError: offline and not in the cache under this name
             errors.append(f"{filename}: {type(exc).__name__}")
+            offline = isinstance(exc, LocalEntryNotFoundError)
         except Exception as exc:  # gated, no token, network errors: say what to do instead
             raise WeightsError(f"{entry.name}: `pretrained: true` could not fetch {entry.hub}/{filename} "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Without hub access, download "
                                f"{entry.weights_file} from {entry.weights_from} and give `weights: /path/to/it`") from None
+    if offline:
+        raise WeightsError(f"{entry.name}: `pretrained: true` could not fetch {entry.hub} ({', '.join(errors)}): no hub "
+                           f"access and not in the Hugging Face cache. Without hub access, download "
+                           f"{entry.weights_file} from {entry.weights_from} and give `weights: /path/to/it`")
     raise WeightsError(f"{entry.name}: {entry.hub} has none of {', '.join(errors)}")
 
 
@@ -181,6 +182,8 @@ def headless(model, spec):
     if pool == "attn":
         raise ValueError("pool: attn is CONCH's attention pooler; this model has none")
     is_vit = hasattr(model, "cls_token") and hasattr(model, "forward_features")
+    if pool == "avg" and is_vit:
+        pool = "mean"  # a ViT's average is the mean of its patch tokens
     if pool == "cls_mean":
         if not is_vit:
             raise ValueError("pool='cls_mean' needs a ViT-style model with a cls token")

@@ -227,8 +227,10 @@ def provenance(model: str) -> dict[str, Any]:
 def licence_note(prov: dict[str, Any]) -> str | None:
     """The sentence a model card carries for a student or CLAM built on a restricted teacher (None: no restriction known)."""
     if prov.get("non_commercial"):
-        return (f"Distilled from / built on {prov['title']}, licensed {prov['licence']}: non-commercial use only; "
-                "its terms bind this model too.")
+        no_derivatives = "-ND" in prov["licence"]
+        return (f"Distilled from / built on {prov['title']}, licensed {prov['licence']}: non-commercial use only"
+                + ("; the licence does not permit sharing adapted material, so check its terms before distributing "
+                   "this model" if no_derivatives else "") + "; its terms bind this model too.")
     if prov.get("non_commercial") is None:
         return f"Built on {prov['title']}, whose licence is unknown to wsi-pipeline: check its terms before any use."
     return None

@@ -113,29 +113,33 @@ def _cohort_summary(paths, entries) -> dict:
 
 def _teacher_reference(cfg, paths, entries) -> dict:
     """The teacher as a reference: its spec (weights path made absolute) and the sha256 of the weights used."""
+    from features.encoders import PREPROCESSING
     from features.store import open_store
     from features.zoo import provenance
 
     spec = cfg.features.teacher
     if spec.weights is not None:
         spec = spec.model_copy(update={"weights": Path(spec.weights).absolute()})
-    digest = None
+    digest, attrs = None, {}
     for e in entries:  # imported stores (CLAM/TRIDENT features) record no weights: their model is not rebuilt here
         try:
-            digest = open_store(paths.root, spec.label, e.slide_id).attrs.get("weights_sha256")
+            attrs = dict(open_store(paths.root, spec.label, e.slide_id).attrs)
         except FileNotFoundError:
             continue
+        digest = attrs.get("weights_sha256")
         if digest:
             break
     if not digest:
         raise BundleError(f"{paths.root}: no teacher feature store this run extracted (imported features record no "
                           "weights): a teacher bundle needs the teacher that made the features, to embed new slides")
     return {"kind": "teacher", "label": spec.label, "spec": spec.model_dump(mode="json"), "weights_sha256": digest,
-            "weights": spec.weights_source(), "random_weights": spec.random_weights, "provenance": provenance(spec.model)}
+            "weights": spec.weights_source(), "random_weights": spec.random_weights, "provenance": provenance(spec.model),
+            "preprocessing": {k: attrs[k] for k in PREPROCESSING if k in attrs}}
 
 
 def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None = None) -> dict:
     """Write the bundle of results row ``strategy`` of the finished run ``run`` into ``dest``; returns bundle.json."""
+    from features.zoo import provenance
     from mil.strategies import FoldJob, clam_file, job_files, strategy_rows
     from pipelines.heatmaps import read_run
 
@@ -170,9 +174,10 @@ def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None 
     else:
         card_path = paths.student_dir / "student.json"
         card = json.loads(card_path.read_text())
+        start = cfg.distill.student
         encoder = {"kind": "student", "label": f"student_{cfg.distill.student.label}", "teacher": card["teacher"],
                    "card": "encoder/student.json", "weights": "encoder/student.safetensors", "adapter": None,
-                   "tuned": None}
+                   "tuned": None, "student_start": None if start.random_weights else provenance(start.model)}
         files["encoder/student.json"] = card_path
         files["encoder/student.safetensors"] = paths.student_dir / "student.safetensors"
         if end2end:
@@ -239,9 +244,14 @@ def bundle_licence(encoder: dict) -> dict:
 
     teacher = encoder if encoder["kind"] == "teacher" else encoder.get("teacher", {})
     prov = teacher.get("provenance") or provenance(teacher.get("spec", {}).get("model", "unknown"))
-    note = None if teacher.get("random_weights") else licence_note(prov)
-    return {"teacher": prov["title"], "teacher_licence": prov["licence"], "non_commercial": prov["non_commercial"],
-            "note": note}
+    notes = [] if teacher.get("random_weights") else [licence_note(prov)]
+    start = encoder.get("student_start") or {}  # a student started from a zoo model's weights is bound by it too
+    if start.get("non_commercial") is not None:
+        notes.append(licence_note(start))
+    notes = [n for n in notes if n]
+    return {"teacher": prov["title"], "teacher_licence": prov["licence"], "student_start": start.get("title"),
+            "non_commercial": bool(prov["non_commercial"] or start.get("non_commercial")),
+            "note": " ".join(notes) or None}
 
 
 def card_markdown(meta: dict) -> str:
@@ -299,7 +309,7 @@ class Bundle:
 
     def encoder(self, device: str = "auto", precision: str = "auto"):
         """The bundle's encoder (an ``Encoder``), checked to be the model its CLAMs were trained on."""
-        from features.encoders import EncoderConfig, create_encoder
+        from features.encoders import EncoderConfig, create_encoder, preprocessing_mismatch
 
         enc = self.meta["encoder"]
         if enc["kind"] == "teacher":
@@ -309,6 +319,10 @@ class Bundle:
                 raise BundleError(f"{self.path / 'bundle.json'}: the teacher built from encoder.spec has weights sha256 "
                                   f"{encoder.digest[:12]}…, not the {enc['weights_sha256'][:12]}… its CLAMs were trained on "
                                   "(another weights file, hub revision or seed)")
+            changed = preprocessing_mismatch(encoder, enc.get("preprocessing", {}))
+            if changed:
+                raise BundleError(f"{self.path / 'bundle.json'}: the teacher built from encoder.spec preprocesses tiles "
+                                  f"otherwise than when its CLAMs were trained ({changed}): pin them in encoder.spec")
             return encoder
         from distill.model import load_student
 

@@ -162,6 +162,7 @@ def check_encoders(cfg: RunConfig, stages: set[str], entries: list[SlideEntry] =
     random ones), and every local weights file exists. Raises ValueError naming the field. On a
     features-only cohort (``entries`` without slide files) the features are imported: no teacher is built."""
     from features.encoders import NoWeightsError, WeightsError, no_weights_message
+    from features.zoo import zoo_model
 
     if entries and not any(e.has_pixels for e in entries):
         stages = stages - {"features"}
@@ -172,6 +173,10 @@ def check_encoders(cfg: RunConfig, stages: set[str], entries: list[SlideEntry] =
             raise NoWeightsError(no_weights_message(spec, dotted))
         if spec.weights is not None and not Path(spec.weights).is_file():
             raise WeightsError(f"{dotted}.weights: {spec.weights}: file not found")
+        entry = zoo_model(spec.model)
+        if spec.pretrained and spec.weights is None and entry is not None and not (entry.hub or entry.timm_pretrained):
+            raise WeightsError(f"{dotted}: {entry.name} has no hub copy of its weights for `pretrained: true`: download "
+                               f"{entry.weights_file} from {entry.weights_from} and give `{dotted}.weights`")
 
 
 def check_pixels(cfg: RunConfig, entries: list[SlideEntry], stages: set[str]) -> None:

@@ -408,3 +408,74 @@ def test_pretrained_reads_a_filled_hub_cache_offline(offline, monkeypatch, tmp_p
     enc = create_encoder(EncoderConfig(model="h0_mini", pretrained=True, model_kwargs=small, device="cpu"))
     assert torch.equal(enc.model.pos_embed, source.pos_embed)
     assert enc.config.weights_source().startswith("pretrained")
+
+
+def test_checkpoint_wrappers_heads_and_pooling_of_plain_timm_models(tmp_path, caplog):
+    """A DINO-style checkpoint (backbone.* with a projection head.*) loads into a plain ViT; a CNN's classifier.*
+    is ignored; `pool: avg` on a ViT is the mean of its patch tokens, as `pool: mean`."""
+    import timm
+    from safetensors.torch import save_file
+
+    small = {"depth": 1, "img_size": 32}
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **small)
+    dino = {f"backbone.{k}": v for k, v in vit.state_dict().items()}
+    dino.update({"head.mlp.0.weight": torch.zeros(8, 192), "head.last_layer.weight": torch.zeros(4, 8)})
+    torch.save({"teacher": dino}, tmp_path / "dino.pth")
+    with caplog.at_level(logging.WARNING):
+        enc = create_encoder(EncoderConfig(model="vit_tiny", weights=tmp_path / "dino.pth", model_kwargs=small,
+                                           input_size=32))
+    assert "not a zoo model" in caplog.text  # its normalisation is only timm's guess
+    assert torch.equal(enc.model.pos_embed, vit.pos_embed)
+    cnn = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    save_file(cnn.state_dict(), tmp_path / "mobilenet.safetensors")
+    assert create_encoder(EncoderConfig(model="mobilenetv3_small_050", weights=tmp_path / "mobilenet.safetensors")).dim
+    avg = create_encoder(EncoderConfig(model="vit_tiny", seed=0, pool="avg", model_kwargs=small, input_size=32))
+    mean = create_encoder(EncoderConfig(model="vit_tiny", seed=0, pool="mean", model_kwargs=small, input_size=32))
+    torch.testing.assert_close(avg(_tiles()), mean(_tiles()))
+
+
+def test_pretrained_tries_the_hub_mirrors_file_names_offline(offline, monkeypatch, tmp_path):
+    """Lunit's official file name is not the mirror's: a cached model.safetensors is found all the same."""
+    import huggingface_hub.constants as hub_constants
+    import timm
+    from safetensors.torch import save_file
+
+    revision = "1" * 40
+    repo = tmp_path / "models--1aurent--vit_small_patch16_224.lunit_dino"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    small = {"depth": 1}
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **small)
+    save_file(vit.state_dict(), repo / "snapshots" / revision / "model.safetensors")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    enc = create_encoder(EncoderConfig(model="lunit_s16", pretrained=True, model_kwargs=small))
+    assert torch.equal(enc.model.cls_token, vit.cls_token)
+
+
+def test_input_size_overrides_and_their_limits(offline):
+    """Another input size on a fixed-size zoo ViT interpolates its position table; a crop larger than the resize
+    is refused; a zoo model without a hub copy is refused before any task with `pretrained: true`."""
+    from pipelines.config import RunConfig
+    from pipelines.registry import check_encoders
+
+    enc = create_encoder(EncoderConfig(model="phikon_v2", seed=0, input_size=112, device="cpu",
+                                       model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}))
+    assert enc(_tiles()).shape == (2, 32) and enc.resize == 112
+    with pytest.raises(ValueError, match="resize 200 is smaller than input_size 224"):
+        resolve(EncoderConfig(model="uni", resize=200))
+    cfg = RunConfig.model_validate({"features": {"teacher": {"model": "ctranspath", "pretrained": True}}})
+    with pytest.raises(WeightsError, match="ctranspath has no hub copy.*ctranspath.pth"):
+        check_encoders(cfg, {"features"})
+
+
+def test_stores_and_bundles_refuse_other_preprocessing():
+    from features.extract import check_same_encoder
+
+    enc = create_encoder(EncoderConfig(model="vit_tiny", seed=0, model_kwargs={"depth": 1}))
+    attrs = {"weights_sha256": enc.digest, "input_size": 224, "resize": 256, "interpolation": "bilinear"}
+    with pytest.raises(ValueError, match="preprocessed otherwise.*resize 256 → 224"):
+        check_same_encoder(enc, attrs, "features/x/s1.zarr")
+    check_same_encoder(enc, {"weights_sha256": enc.digest, "input_size": 224}, "old store")  # older stores: not recorded
+    assert "does not permit sharing adapted material" in licence_note(provenance("uni"))
