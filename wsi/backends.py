@@ -213,8 +213,15 @@ def read_tiled_page(page, x: int, y: int, w: int, h: int, cache: DecodedTiles | 
     if not missing:
         return out
     handle = page.parent.filehandle
-    segments = handle.read_segments([page.dataoffsets[i] for i in missing], [page.databytecounts[i] for i in missing],
-                                    missing, lock=handle.lock)
+    segments = []
+    with handle.lock:  # seek + read as one step: the file position is shared by every thread reading this slide
+        for index in missing:
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            if offset and count:
+                handle.seek(offset)
+                segments.append((handle.read(count), index))
+            else:
+                segments.append((None, index))
     for data, index in segments:
         tile = None if data is None else page.decode(data, index, jpegtables=page.jpegtables)[0][0]
         if tile is not None and cache is not None:
