@@ -387,24 +387,30 @@ def test_conch_v1_from_the_whole_coca_checkpoint(tmp_path, offline):
     torch.testing.assert_close(enc(tiles), want, atol=2e-4, rtol=1e-4)
 
 
+def hub_cache_snapshot(monkeypatch, cache, repo: str):
+    """A Hugging Face cache (offline) holding one snapshot of ``repo``: the folder to put its files in."""
+    import huggingface_hub.constants as hub_constants
+
+    revision = "0" * 40
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return folder / "snapshots" / revision
+
+
 def test_pretrained_reads_a_filled_hub_cache_offline(offline, monkeypatch, tmp_path):
     """`pretrained: true` with the official file already in the Hugging Face cache works without the network."""
-    import huggingface_hub.constants as hub_constants
     import timm
 
     from features.loading import timm_kwargs
 
-    revision = "0" * 40
-    repo = tmp_path / "models--bioptimus--H0-mini"
-    (repo / "snapshots" / revision).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
     small = {"depth": 1, "embed_dim": 48, "num_heads": 2}
     entry = ZOO["h0_mini"]
     source = timm.create_model(entry.arch, pretrained=False, num_classes=0, **timm_kwargs({**entry.kwargs, **small}))
-    torch.save(source.state_dict(), repo / "snapshots" / revision / "pytorch_model.bin")
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    torch.save(source.state_dict(), hub_cache_snapshot(monkeypatch, tmp_path, "bioptimus/H0-mini") / "pytorch_model.bin")
     enc = create_encoder(EncoderConfig(model="h0_mini", pretrained=True, model_kwargs=small, device="cpu"))
     assert torch.equal(enc.model.pos_embed, source.pos_embed)
     assert enc.config.weights_source().startswith("pretrained")
@@ -436,20 +442,13 @@ def test_checkpoint_wrappers_heads_and_pooling_of_plain_timm_models(tmp_path, ca
 
 def test_pretrained_tries_the_hub_mirrors_file_names_offline(offline, monkeypatch, tmp_path):
     """Lunit's official file name is not the mirror's: a cached model.safetensors is found all the same."""
-    import huggingface_hub.constants as hub_constants
     import timm
     from safetensors.torch import save_file
 
-    revision = "1" * 40
-    repo = tmp_path / "models--1aurent--vit_small_patch16_224.lunit_dino"
-    (repo / "snapshots" / revision).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
     small = {"depth": 1}
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **small)
-    save_file(vit.state_dict(), repo / "snapshots" / revision / "model.safetensors")
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    save_file(vit.state_dict(),
+              hub_cache_snapshot(monkeypatch, tmp_path, "1aurent/vit_small_patch16_224.lunit_dino") / "model.safetensors")
     enc = create_encoder(EncoderConfig(model="lunit_s16", pretrained=True, model_kwargs=small))
     assert torch.equal(enc.model.cls_token, vit.cls_token)
 
