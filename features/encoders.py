@@ -378,14 +378,18 @@ def create_encoder(cfg: EncoderConfig, *, default_seed: int | None = None, field
     return wrap_encoder(headless(model, spec), cfg, data_cfg, zoo=spec.zoo)
 
 
-def count_parameters(cfg: EncoderConfig) -> int:
-    """Parameters of the encoder a config describes, built on the meta device: no weights, no memory, no network
-    for a zoo model or a plain timm name."""
+def meta_model(cfg: EncoderConfig):
+    """The encoder a config describes, built on the meta device (no weights, no memory, no network for a zoo
+    model or a plain timm name), with its resolved spec."""
     import torch
 
     from features.loading import build_architecture, headless
 
     spec = resolve(cfg)
     with torch.device("meta"):
-        model = headless(build_architecture(spec, cfg.model), spec)
-    return int(sum(p.numel() for p in model.parameters()))
+        return headless(build_architecture(spec, cfg.model), spec), spec
+
+
+def count_parameters(cfg: EncoderConfig) -> int:
+    """Parameters of the encoder a config describes, counted on the meta device."""
+    return int(sum(p.numel() for p in meta_model(cfg)[0].parameters()))

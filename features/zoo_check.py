@@ -19,12 +19,10 @@ def measure(entry: ZooModel) -> tuple[int, int]:
     """(output dimension, parameters) of the full model, built on the meta device."""
     import torch
 
-    from features.encoders import EncoderConfig, resolve
-    from features.loading import build_architecture, headless
+    from features.encoders import EncoderConfig, meta_model
 
-    spec = resolve(EncoderConfig(model=entry.name))
+    model, spec = meta_model(EncoderConfig(model=entry.name))
     with torch.device("meta"):
-        model = headless(build_architecture(spec, entry.name), spec)
         out = model(torch.zeros(1, 3, spec.input_size, spec.input_size))
     return int(out.shape[-1]), int(sum(p.numel() for p in model.parameters()))
 
