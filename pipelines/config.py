@@ -25,11 +25,19 @@ class SlidesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["auto", "openslide", "tiffslide"] = Field(
-        "auto", description="slide reader: auto (tiffslide for Aperio SVS / generic TIFF / OME-TIFF, OpenSlide for other "
-                           "vendor formats), openslide or tiffslide")
+        "auto", description="slide reader: auto (per file, the reader that is correct and fastest for its format: see "
+                           "docs/slides-and-tiles.md; the one used is in qc/slides.csv), openslide or tiffslide")
     default_mpp: float | None = Field(
         None, gt=0, description="µm/px for slides with no mpp in the CSV, properties or TIFF tags (a warning is logged); "
                                 "null: such slides fail with a clear error")
+    verify_tiles: bool = Field(
+        True, description="the tiles stage reads every tile at its read level once and leaves out of the grid those "
+                          "that fail to decode (recorded in tiles/<id>.json and qc/slides.csv); false: a tile that "
+                          "fails later fails its slide")
+    max_unreadable_fraction: float = Field(
+        0.05, ge=0, le=1, description="a slide fails when more than this share of its tissue tiles (tiles stage) or of "
+                                      "its area (tissue stage's overview read) cannot be decoded; below it, those parts "
+                                      "count as background and the slide finishes with a warning")
     fingerprint: Literal["stat", "content"] = Field(
         "stat", description="how a slide file is recognised as unchanged: stat (size + mtime, instant) or content "
                             "(sha256 of the file; survives copies and touch, costs a full read)")

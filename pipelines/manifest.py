@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsi.units import PLAUSIBLE_MPP
+from wsi.units import PLAUSIBLE_MPP, plausible_mpp
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,10 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         if values.get("mpp"):
             try:
                 mpp = float(values["mpp"])
-                if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+                if not plausible_mpp(mpp):
                     raise ValueError
             except ValueError:
-                problems.append(f"line {line}, column mpp: {values['mpp']!r} is not a number of µm per pixel between "
+                problems.append(f"line {line}, column mpp: {values['mpp']!r} is not a number of µm per pixel strictly between "
                                 f"{PLAUSIBLE_MPP[0]} and {PLAUSIBLE_MPP[1]}")
                 continue
         split = values.get("split") or None

@@ -94,9 +94,11 @@ DISTILL_FIELDS = tuple(f"distill.{name}.identity" if name == "student" else f"di
 # a cohort stage runs once, on the slides whose ``after`` stages are done; a fold stage runs one such
 # task per key (mil: per results row and fold), each after the same-stage keys it ``needs``.
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("tissue", tissue_stage, "slide", config=("slides.backend", "slides.default_mpp", "tissue"), reads_slide=True,
+    Stage("tissue", tissue_stage, "slide", config=("slides.backend", "slides.default_mpp", "slides.max_unreadable_fraction",
+                                                  "tissue"), reads_slide=True,
           pixels=True, applies=lambda cfg, entry: entry.has_pixels, artifacts=lambda p, k, c: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_outline(k), p.tissue_meta(k)]),
-    Stage("tiles", tiles_stage, "slide", after=("tissue",), config=("tiling",), pixels=True,
+    Stage("tiles", tiles_stage, "slide", after=("tissue",),
+          config=("tiling", "slides.verify_tiles", "slides.max_unreadable_fraction"), pixels=True,
           applies=lambda cfg, entry: entry.has_pixels,
           artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
     Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher.identity", "features.dtype"),

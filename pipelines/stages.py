@@ -21,7 +21,8 @@ from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
 from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, progress_callback
 from wsi.slide import open_slide
-from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
+from wsi.errors import SlideError
+from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid, unreadable_tiles
 from wsi.tissue import TissueMask, load_mask_png, mask_slide, qc_image, save_mask_png
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     with open_slide(entry.slide_path, slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=entry.mpp,
                     default_mpp=cfg.slides.default_mpp) as slide:
         tissue, overview = mask_slide(slide, cfg.tissue)
+        unreadable = unreadable_share(slide)
         meta = {
             "slide_id": entry.slide_id,
             "slide_path": str(entry.slide_path),
@@ -41,9 +43,22 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
             "level_downsamples": list(slide.level_downsamples),
             "mpp": slide.mpp,
             "mpp_source": slide.mpp_source,
+            "mpp_detail": slide.mpp_detail,
             "objective_power": slide.objective_power,
             "warnings": list(slide.warnings),
+            "unreadable_fraction": unreadable,
+            "unreadable": slide.unreadable[:MAX_LISTED],
+            "n_unreadable_regions": len(slide.unreadable),
         }
+        if slide.unreadable:
+            first = slide.unreadable[0]
+            what = (f"{len(slide.unreadable)} region(s) of level {first['level']} ({unreadable:.1%} of the slide) could "
+                    f"not be decoded; first at level-0 ({first['x']}, {first['y']}): {first['error']}")
+            if unreadable > cfg.slides.max_unreadable_fraction:
+                raise SlideError(entry.slide_id, f"{what} — more than slides.max_unreadable_fraction "
+                                                 f"({cfg.slides.max_unreadable_fraction:g})")
+            meta["warnings"].append(f"{what}: masked as background")
+            log.warning("%s: %s", entry.slide_id, meta["warnings"][-1])
     meta.update({
         "mask_shape": list(tissue.mask.shape),
         "mask_downsample": list(tissue.downsample),
@@ -62,6 +77,16 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     write_text(paths.tissue_outline(entry.slide_id), tissue_outline_json(tissue))
     write_json(paths.tissue_meta(entry.slide_id), meta)
     return meta
+
+
+MAX_LISTED = 100  # unreadable regions or tiles listed one by one in a stage's JSON (all are counted)
+
+
+def unreadable_share(slide) -> float:
+    """The share of the slide's level-0 area its tolerant overview read could not decode."""
+    width, height = slide.dimensions
+    area = sum(min(r["width"], width - r["x"]) * min(r["height"], height - r["y"]) for r in slide.unreadable)
+    return float(area) / float(width * height)
 
 
 def tissue_outline_json(tissue: TissueMask) -> str:
@@ -86,6 +111,8 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     meta = {"slide_id": entry.slide_id, **grid.metadata(), "slide_mpp": slide_meta["mpp"],
             "dimensions": slide_meta["dimensions"], "params": cfg.tiling.model_dump(mode="json"),
             "version": __version__, "warnings": []}
+    if cfg.slides.verify_tiles and len(grid.coords):
+        grid, meta = leave_out_unreadable(entry, cfg, slide_meta, grid, meta)
     if len(grid.coords) == 0:
         message = "no tiles: no part of the tissue mask reaches min_tissue_fraction" if tissue.n_regions else "no tiles: no tissue"
         meta["warnings"].append(message)
@@ -95,6 +122,48 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     write_npy(paths.tile_coords(entry.slide_id), grid.coords)
     write_json(paths.tile_meta(entry.slide_id), meta)
     return meta
+
+
+def leave_out_unreadable(entry: SlideEntry, cfg: RunConfig, slide_meta: dict, grid: TileGrid, meta: dict
+                         ) -> tuple[TileGrid, dict]:
+    """Read every tile once at its read level; those that fail to decode leave the grid and are recorded.
+
+    Tiles under the overview's undecodable regions count as unreadable too (their tissue is unknown), so
+    the share compared with ``slides.max_unreadable_fraction`` is of all tissue tiles, seen or not.
+    """
+    with open_slide(slide_meta["slide_path"], slide_id=entry.slide_id, backend=cfg.slides.backend,
+                    mpp=slide_meta["mpp"]) as slide:
+        bad = unreadable_tiles(slide, grid.coords, grid.plan)
+    keep = np.ones(len(grid.coords), bool)
+    keep[list(bad)] = False
+    hidden = unseen_tiles(slide_meta.get("unreadable", []), grid.plan, tuple(slide_meta["dimensions"]))
+    n_bad = len(bad) + hidden
+    total = len(grid.coords) + hidden
+    meta.update(n_unreadable_tiles=n_bad, unreadable_tiles=[
+        {"x": int(grid.coords[i][0]), "y": int(grid.coords[i][1]), "level": grid.plan.read_level, "error": error}
+        for i, error in sorted(bad.items())[:MAX_LISTED]])
+    if n_bad:
+        first = f"; first: {next(iter(bad.values()))}" if bad else ""
+        what = f"{n_bad} of {total} tissue tiles ({n_bad / total:.1%}) could not be decoded{first}"
+        if n_bad / total > cfg.slides.max_unreadable_fraction:
+            raise SlideError(entry.slide_id, f"{what} — more than slides.max_unreadable_fraction "
+                                             f"({cfg.slides.max_unreadable_fraction:g})")
+        meta["warnings"].append(f"{what}: left out of the grid")
+        log.warning("%s: %s", entry.slide_id, meta["warnings"][-1])
+    grid = TileGrid(grid.coords[keep], grid.tissue_fraction[keep], grid.plan)
+    meta["n_tiles"] = len(grid.coords)
+    return grid, meta
+
+
+def unseen_tiles(regions: list[dict], plan: ReadPlan, dimensions: tuple[int, int]) -> int:
+    """How many grid positions fall inside the overview's undecodable regions (no tissue could be seen there)."""
+    stride, size = plan.level0_stride, plan.level0_size
+    count = 0
+    for r in regions:
+        cols = max(0, (min(r["x"] + r["width"], dimensions[0]) - r["x"]) // stride)
+        rows = max(0, (min(r["y"] + r["height"], dimensions[1]) - r["y"]) // stride)
+        count += cols * rows
+    return int(count)
 
 
 def load_tiles(paths: RunPaths, slide_id: str) -> TileGrid:
@@ -230,12 +299,17 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
 
 
 def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
-    """Cohort QC table ``qc/slides.csv``: per slide its mpp and source, tissue, tiles and read plan."""
+    """Cohort QC table ``qc/slides.csv``: per slide its reader, mpp and where it came from, tissue, tiles, unreadable
+    parts and read plan; then a row per slide of the manifest that failed tissue or tiles, with the reason."""
     import csv
     import io
 
-    columns = ["slide_id", "label", "case_id", "backend", "width", "height", "mpp", "mpp_source", "tissue_fraction",
-               "n_regions", "n_holes", "n_tiles", "read_level", "read_size", "level0_size", "delivered_mpp", "warnings"]
+    from pipelines.manifest import read_manifest
+    from pipelines.state import read_state
+
+    columns = ["slide_id", "status", "label", "case_id", "backend", "width", "height", "mpp", "mpp_source", "mpp_detail",
+               "tissue_fraction", "n_regions", "n_holes", "n_tiles", "n_unreadable_tiles", "unreadable_fraction",
+               "read_level", "read_size", "level0_size", "delivered_mpp", "warnings"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -243,12 +317,25 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
         tissue = json.loads(paths.tissue_meta(entry.slide_id).read_text())
         tiles = json.loads(paths.tile_meta(entry.slide_id).read_text())
         writer.writerow({
-            "slide_id": entry.slide_id, "label": entry.label or "", "case_id": entry.case_id or "",
+            "slide_id": entry.slide_id, "status": "ok", "label": entry.label or "", "case_id": entry.case_id or "",
             "backend": tissue["backend"], "width": tissue["dimensions"][0], "height": tissue["dimensions"][1],
-            "mpp": tissue["mpp"], "mpp_source": tissue["mpp_source"], "tissue_fraction": round(tissue["tissue_fraction"], 4),
-            "n_regions": tissue["n_regions"], "n_holes": tissue["n_holes"], "n_tiles": tiles["n_tiles"],
+            "mpp": tissue["mpp"], "mpp_source": tissue["mpp_source"], "mpp_detail": tissue.get("mpp_detail", ""),
+            "tissue_fraction": round(tissue["tissue_fraction"], 4), "n_regions": tissue["n_regions"],
+            "n_holes": tissue["n_holes"], "n_tiles": tiles["n_tiles"], "n_unreadable_tiles": tiles.get("n_unreadable_tiles", 0),
+            "unreadable_fraction": round(tissue.get("unreadable_fraction", 0.0), 4),
             "read_level": tiles["read_level"], "read_size": tiles["read_size"], "level0_size": tiles["level0_size"],
             "delivered_mpp": round(tiles["delivered_mpp"], 4), "warnings": "; ".join(tissue["warnings"] + tiles["warnings"]),
         })
+    included = {e.slide_id for e in entries}
+    others = read_manifest(paths.manifest) if paths.manifest.exists() else []
+    for entry in others:
+        if entry.slide_id in included or not entry.has_pixels:
+            continue
+        for stage in ("tissue", "tiles"):
+            state = read_state(paths, stage, entry.slide_id) or {}
+            if state.get("status") == "failed":
+                writer.writerow({"slide_id": entry.slide_id, "status": f"failed {stage}", "label": entry.label or "",
+                                 "case_id": entry.case_id or "", "warnings": state.get("error", "")})
+                break
     write_text(paths.qc_table, buffer.getvalue())
     return {"n_slides": len(entries), "slides": [e.slide_id for e in entries]}

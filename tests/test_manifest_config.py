@@ -50,7 +50,7 @@ def test_bom_and_blank_lines_are_fine(tmp_path):
         ("slide_path\nx/a.svs\ny/a.svs\n", "add a `slide_id` column"),
         ("slide_path,mpp\na.svs,fast\n", "line 2, column mpp: 'fast' is not a number of µm per pixel"),
         ("slide_path,mpp\na.svs,-0.5\n", "line 2, column mpp"),
-        ("slide_path,mpp\na.svs,500\n", "between 0.05 and 100"),
+        ("slide_path,mpp\na.svs,500\n", "strictly between 0.05 and 20"),
         ("slide_path,split\na.svs,holdout\n", "line 2, column split: 'holdout'"),
         ("slide_path,label\n,x\n", "line 2, column slide_path: empty"),
         ("slide_path\n", "no slides"),

@@ -24,6 +24,7 @@ class SlideReader(Protocol):
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
     properties: dict[str, str]
+    notes: list[str]  # what the user should know about how the file was opened (a fallback reader, odd metadata)
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
 
@@ -53,6 +54,8 @@ class OpenSlideReader:
     def __init__(self, path: Path):
         import openslide
 
+        self.path = Path(path)
+        self.notes: list[str] = []
         self._slide = openslide.OpenSlide(str(path))
         self.level_count = self._slide.level_count
         self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
@@ -61,7 +64,16 @@ class OpenSlideReader:
         self.properties.setdefault("wsi.vendor", self.properties.get("openslide.vendor", ""))
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        rgba = np.asarray(self._slide.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1]))))
+        import openslide
+
+        slide = self._slide
+        try:
+            rgba = np.asarray(slide.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1]))))
+        except openslide.OpenSlideError:
+            # OpenSlide's errors are sticky: every later read of this handle would fail too. A fresh handle reads the
+            # slide's good tiles again (the old one is dropped, not closed: another thread may still be using it).
+            self._slide = openslide.OpenSlide(str(self.path))
+            raise
         return rgba_to_rgb_on_white(rgba)
 
     def associated_image_names(self) -> list[str]:
@@ -83,6 +95,7 @@ class TiffSlideReader:
         """``direct_tile_reads=False``: every read through tiffslide's Zarr layer (for comparisons)."""
         import tiffslide
 
+        self.notes: list[str] = []
         self._slide = tiffslide.TiffSlide(str(path))
         self.level_count = self._slide.level_count
         self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
@@ -285,7 +298,10 @@ def open_reader(path: Path, backend: str = "auto") -> SlideReader:
     reasons = []
     for name in order:
         try:
-            return BACKENDS[name](path)
+            reader = BACKENDS[name](path)
         except Exception as exc:
             reasons.append(f"{name}: {type(exc).__name__}: {exc}".strip())
+            continue
+        reader.notes += [f"read with {name}: {reason}" for reason in reasons]  # e.g. tiffslide refusing Latin-1 metadata
+        return reader
     raise SlideError(path, "not a readable slide (" + "; ".join(reasons) + ")")

@@ -1,9 +1,12 @@
 """A slide opened for the pipeline: a backend reader plus its resolved mpp, id and helpers.
 
-mpp resolution chain (first that gives a plausible value wins): the ``mpp`` passed in (the CSV's
-``mpp`` column) → slide properties (``openslide.mpp-x``, ``aperio.MPP``) → an OME-TIFF's OME-XML
-(``PhysicalSizeX`` in its unit) → TIFF resolution tags → ``default_mpp`` (with a warning) → the
-objective power, 10 / magnification (with a warning) → a :class:`SlideError` naming the slide.
+mpp resolution chain (the first source that has a value decides): the ``mpp`` passed in (the CSV's
+``mpp`` column) → slide properties (``openslide.mpp-x``, which OpenSlide derives from each vendor's
+metadata, then ``aperio.MPP``, ``tiffslide.mpp-x``) → an OME-TIFF's OME-XML (``PhysicalSizeX`` in
+its unit) → TIFF resolution tags → ``default_mpp`` (with a warning) → the objective power,
+10 / magnification (with a warning) → a :class:`SlideError` naming the slide. A value no scan has
+(≤ 0.05 or ≥ 20 µm/px) fails the slide with the value and its source, except TIFF resolution tags,
+which image editors fill with 72 dpi: those are skipped with a note.
 
 Level rounding: locations are always level-0 pixels. Pyramid levels are stored with rounded
 sizes, so a level's true downsample can be e.g. 4.0029 instead of 4; we use the backend's
@@ -26,10 +29,15 @@ from PIL import Image
 
 from wsi.backends import SlideReader, open_reader
 from wsi.errors import SlideError
-from wsi.units import PLAUSIBLE_MPP
+from wsi.units import PLAUSIBLE_MPP, plausible_mpp
 
 log = logging.getLogger(__name__)
 
+
+
+# what tifffile raises on a file it cannot parse as TIFF, or parses to no pages (an NDPI without its 64-bit
+# extension, say): that source of metadata is then absent, never an error of the slide
+TIFF_ERRORS = (OSError, ValueError, IndexError, KeyError, AttributeError)
 
 
 def _tiff_tag_mpp(path: Path) -> float | None:
@@ -45,7 +53,7 @@ def _tiff_tag_mpp(path: Path) -> float | None:
             num, den = res.value
             px_per_unit = num / den if den else 0.0
             microns_per_unit = {2: 25_400.0, 3: 10_000.0}.get(int(unit.value))
-    except (tifffile.TiffFileError, OSError, ValueError):
+    except TIFF_ERRORS:
         return None
     if not microns_per_unit or px_per_unit <= 0:
         return None
@@ -68,7 +76,7 @@ def _ome_mpp(path: Path) -> float | None:
         if not xml:
             return None
         pixels = next((e for e in ET.fromstring(xml).iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    except (tifffile.TiffFileError, OSError, ValueError, ET.ParseError):
+    except (*TIFF_ERRORS, ET.ParseError):
         return None
     if pixels is None or pixels.get("PhysicalSizeX") in (None, ""):
         return None
@@ -87,15 +95,80 @@ def _objective_power(properties: dict[str, str]) -> float | None:
         return None
 
 
-def _property_mpp(properties: dict[str, str]) -> float | None:
-    for key in ("openslide.mpp-x", "aperio.MPP"):
+# the slide properties that carry a scan's µm/px: OpenSlide's own (it derives it from every vendor's metadata —
+# Aperio MPP, DICOM PixelSpacing, Philips DICOM_PIXEL_SPACING, Leica nm/px, Ventana ScanRes, TIFF resolution),
+# then the vendor keys tiffslide leaves as they are
+MPP_PROPERTIES = ("openslide.mpp-x", "aperio.MPP", "tiffslide.mpp-x")
+
+
+def _property_mpp(properties: dict[str, str]) -> tuple[float, str] | None:
+    """(µm/px, the property it came from), or None."""
+    for key in MPP_PROPERTIES:
         value = properties.get(key)
         if value not in (None, "", "None"):
             try:
-                return float(value)
+                return float(value), key
             except ValueError:
                 continue
     return None
+
+
+def description_note(path: Path) -> str | None:
+    """A note when the first page's ImageDescription is not UTF-8 (a scanner writing Latin-1, say): it is read
+    with replacement characters by whichever reader accepts it, and the user is told."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tag = tif.pages[0].tags.get("ImageDescription")
+            raw = tag.valuebytes if tag is not None else b""
+    except TIFF_ERRORS:
+        return None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (f"the TIFF ImageDescription is not UTF-8 (byte {raw[exc.start]:#04x} at {exc.start}): its text was read "
+                f"with that character replaced")
+    return None
+
+
+def resolve_mpp(path: Path, properties: dict[str, str], mpp: float | None, default_mpp: float | None
+                ) -> tuple[float, str, str, list[str]]:
+    """(µm/px, source, detail, notes) by the chain in the module docstring; :class:`ValueError` with the reason when
+    no source gives one, or when the first that does gives a value no scan has."""
+    notes: list[str] = []
+    found = _property_mpp(properties)
+    chain = [("csv", "the CSV's mpp column", lambda: mpp),
+             ("properties", found[1] if found else "", lambda: found[0] if found else None),
+             ("ome-xml", "OME-XML PhysicalSizeX", lambda: _ome_mpp(path)),
+             ("tiff-tags", "TIFF XResolution/ResolutionUnit", lambda: _tiff_tag_mpp(path))]
+    for source, detail, find in chain:
+        value = find()
+        if value is None:
+            continue
+        if plausible_mpp(value):
+            return float(value), source, detail, notes
+        if source == "tiff-tags":  # 72/96/300 dpi from an image editor: a print resolution, not the scan's
+            notes.append(f"ignored TIFF resolution tags giving {value:g} µm/px: not a scan resolution")
+            continue
+        raise ValueError(f"mpp {value:g} µm/px from {source} ({detail}) is not a scan resolution (a scan is strictly "
+                         f"between {PLAUSIBLE_MPP[0]} and {PLAUSIBLE_MPP[1]} µm/px): correct it, or give this slide an "
+                         f"`mpp` in the CSV")
+    if default_mpp is not None:
+        notes.append(f"no mpp in the CSV, slide properties, OME-XML or TIFF tags: using the configured default "
+                     f"{default_mpp:g} µm/px")
+        return float(default_mpp), "default", "slides.default_mpp", notes
+    objective = _objective_power(properties)
+    if objective is not None:  # the last resort: the scanner convention, 10 / magnification
+        value = 10.0 / objective
+        if not plausible_mpp(value):
+            raise ValueError(f"mpp {value:g} µm/px estimated from the {objective:g}× objective power is not a scan "
+                             f"resolution: give this slide an `mpp` in the CSV")
+        notes.append(f"no mpp in the CSV, slide properties, OME-XML or TIFF tags: estimated {value:g} µm/px from "
+                     f"the {objective:g}× objective (scanners differ by ±10 %); give an `mpp` to be exact")
+        return value, "objective-power", "objective power", notes
+    raise ValueError("no mpp found (CSV `mpp` column, slide properties, OME-XML, TIFF resolution tags, objective "
+                     "power); add an `mpp` value for this slide or set `slides.default_mpp`")
 
 
 @dataclass
@@ -107,8 +180,11 @@ class Slide:
     reader: SlideReader
     mpp: float
     mpp_source: str  # "csv", "properties", "ome-xml", "tiff-tags", "default" or "objective-power"
+    mpp_detail: str = ""  # which property, tag or field within that source
     objective_power: float | None = None
     warnings: list[str] = field(default_factory=list)
+    # regions a tolerant read could not decode and painted as background: level-0 x, y, width, height, level, error
+    unreadable: list[dict] = field(default_factory=list)
 
     def __enter__(self) -> Slide:
         return self
@@ -159,11 +235,38 @@ class Slide:
                 best = level
         return best
 
-    def read_downsampled(self, downsample: float, block: int = 1024) -> np.ndarray:
+    def read_level_tolerant(self, x: int, y: int, w: int, h: int, level: int, unit: int = 256) -> np.ndarray:
+        """``w``×``h`` px of ``level`` from its pixel (``x``, ``y``), with undecodable parts as background.
+
+        A region that fails to read is split in halves until the failing parts are at most ``unit`` px a side;
+        those are painted white (glass: no tissue) and recorded in :attr:`unreadable`, so one corrupt tile
+        costs the mask a tile's area, not the slide.
+        """
+        lds = self.level_downsamples[level]
+        try:
+            return self.read_region((round(x * lds), round(y * lds)), level, (w, h))
+        except SlideError as exc:
+            if w <= unit and h <= unit:
+                self.unreadable.append({"x": round(x * lds), "y": round(y * lds), "width": round(w * lds),
+                                        "height": round(h * lds), "level": level, "error": exc.reason})
+                return np.full((h, w, 3), 255, np.uint8)
+        if w >= h:
+            half = w // 2
+            parts = [self.read_level_tolerant(x, y, half, h, level, unit),
+                     self.read_level_tolerant(x + half, y, w - half, h, level, unit)]
+            return np.concatenate(parts, axis=1)
+        half = h // 2
+        return np.concatenate([self.read_level_tolerant(x, y, w, half, level, unit),
+                               self.read_level_tolerant(x, y + half, w, h - half, level, unit)], axis=0)
+
+    def read_downsampled(self, downsample: float, block: int = 1024, max_read: int = 4096) -> np.ndarray:
         """The whole slide at ``downsample`` (level-0 px per output px), read block by block.
 
-        Reads from the best level at or below that downsample and box-filters each output block,
-        so memory is bounded by the output plus one block, never a full high-resolution level.
+        Reads from the best level at or below that downsample and box-filters each output block. No read
+        is larger than ``max_read`` px a side at that level, so a slide without a pyramid (or without small
+        levels) is reduced from level 0 in strips of blocks: memory is bounded by the output plus one
+        block, never a whole high-resolution level. Undecodable parts come back as background and are
+        recorded in :attr:`unreadable` (:meth:`read_level_tolerant`).
         """
         if downsample < 1:
             raise ValueError(f"downsample must be ≥ 1, got {downsample}")
@@ -172,8 +275,8 @@ class Slide:
         level = self.best_level_for_downsample(downsample)
         lw, lh = self.level_dimensions[level]
         scale_x, scale_y = lw / out_w, lh / out_h  # level px per output px
+        block = max(1, min(block, int(max_read / max(scale_x, scale_y))))
         out = np.empty((out_h, out_w, 3), np.uint8)
-        lds = self.level_downsamples[level]
         for oy in range(0, out_h, block):
             for ox in range(0, out_w, block):
                 bw, bh = min(block, out_w - ox), min(block, out_h - oy)
@@ -181,7 +284,7 @@ class Slide:
                 x1, y1 = min(lw, (ox + bw) * scale_x), min(lh, (oy + bh) * scale_y)
                 ix0, iy0 = int(math.floor(x0)), int(math.floor(y0))
                 iw, ih = max(1, int(math.ceil(x1)) - ix0), max(1, int(math.ceil(y1)) - iy0)
-                region = self.read_region((round(ix0 * lds), round(iy0 * lds)), level, (iw, ih))
+                region = self.read_level_tolerant(ix0, iy0, iw, ih, level)
                 if (iw, ih) == (bw, bh) and x0 == ix0 and y0 == iy0:
                     out[oy : oy + bh, ox : ox + bw] = region
                     continue
@@ -217,38 +320,19 @@ def open_slide(path: str | Path, *, slide_id: str | None = None, backend: str = 
     if reader.level_count < 1 or min(reader.level_dimensions[0]) < 1:
         reader.close()
         raise SlideError(slide_id, f"slide has no image data [{path}]")
-    notes: list[str] = []
-    if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+    if mpp is not None and not plausible_mpp(mpp):
         reader.close()
-        raise SlideError(slide_id, f"mpp {mpp:g} given for this slide is outside {PLAUSIBLE_MPP[0]}–{PLAUSIBLE_MPP[1]} µm/px")
-    props = reader.properties
-    objective = _objective_power(props)
-    sources = [("csv", lambda: mpp), ("properties", lambda: _property_mpp(props)), ("ome-xml", lambda: _ome_mpp(path)),
-               ("tiff-tags", lambda: _tiff_tag_mpp(path))]
-    resolved, source = None, ""
-    for where, find in sources:
-        value = find()
-        if value is not None and PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:
-            resolved, source = float(value), where
-            break
-        if value is not None:
-            notes.append(f"ignored implausible mpp {value:g} from {where}")
-    if resolved is None and default_mpp is not None:
-        resolved, source = float(default_mpp), "default"
-        notes.append(f"no mpp in the CSV, slide properties, OME-XML or TIFF tags: using the configured default "
-                     f"{default_mpp:g} µm/px")
-    if resolved is None and objective is not None:  # the last resort: the scanner convention, 10 / magnification
-        resolved, source = 10.0 / objective, "objective-power"
-        notes.append(f"no mpp in the CSV, slide properties, OME-XML or TIFF tags: estimated {resolved:g} µm/px from "
-                     f"the {objective:g}× objective (scanners differ by ±10 %); give an `mpp` to be exact")
-    if resolved is None:
+        raise SlideError(slide_id, f"mpp {mpp:g} given for this slide is not strictly between {PLAUSIBLE_MPP[0]} and "
+                                   f"{PLAUSIBLE_MPP[1]} µm/px")
+    try:
+        resolved, source, detail, notes = resolve_mpp(path, reader.properties, mpp, default_mpp)
+    except ValueError as exc:
         reader.close()
-        raise SlideError(slide_id, f"no mpp found (CSV `mpp` column, slide properties, OME-XML, TIFF resolution tags, "
-                                   f"objective power); add an `mpp` value for this slide or set `slides.default_mpp` "
-                                   f"[{path}]")
+        raise SlideError(slide_id, f"{exc} [{path}]") from exc
+    notes = list(getattr(reader, "notes", [])) + [n for n in [description_note(path)] if n] + notes
     for note in notes:
         log.warning("%s: %s", slide_id, note)
-    return Slide(slide_id, path, reader, resolved, source, objective, notes)
+    return Slide(slide_id, path, reader, resolved, source, detail, _objective_power(reader.properties), notes)
 
 
 @dataclass(frozen=True)

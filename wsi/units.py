@@ -6,8 +6,14 @@ from typing import NewType
 
 Microns = NewType("Microns", float)
 MicronsPerPixel = NewType("MicronsPerPixel", float)
-# µm/px outside this range is a typo or a unit mix-up (nm, mm, pixels per cm), never a real scan
-PLAUSIBLE_MPP = (0.05, 100.0)
+# µm/px at or outside these bounds is a typo or a unit mix-up (nm, mm, pixels per cm), never a scan a model can use:
+# 0.05 µm/px is beyond any optical objective, 20 µm/px a 0.5× overview (a macro photo, not a slide scan)
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+
+def plausible_mpp(mpp: float) -> bool:
+    """True for a scan resolution strictly inside :data:`PLAUSIBLE_MPP`."""
+    return PLAUSIBLE_MPP[0] < mpp < PLAUSIBLE_MPP[1]
 
 Level0Pixels = NewType("Level0Pixels", int)  # a length in pixels of pyramid level 0
 TargetPixels = NewType("TargetPixels", int)  # a length in pixels at the tiling's target resolution
