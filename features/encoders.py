@@ -315,12 +315,12 @@ def build_backbone(cfg: EncoderConfig, *, default_seed: int | None = None, field
     elif cfg.weights is None and cfg.pretrained and (spec.zoo is None or spec.zoo.timm_pretrained):
         model = build_architecture(spec, cfg.model, timm_pretrained=True)  # timm's own pretrained weights
     else:
+        path = cfg.weights if cfg.weights is not None else pretrained_file(spec.zoo)  # before a ViT-H is built for nothing
         model = build_architecture(spec, cfg.model)
         if spec.zoo is None and (cfg.mean is None or cfg.std is None):
             log.warning("%s: %s is not a zoo model: its normalisation is timm's default for the architecture, not "
                         "necessarily the one its weights were trained with; give `mean` and `std`, or use the zoo's "
                         "name if these are a foundation model's weights (`wsi-pipeline encoders`)", field, cfg.model)
-        path = cfg.weights if cfg.weights is not None else pretrained_file(spec.zoo)
         load_exact(model, load_state_dict(path), spec, path, cfg.model)
     return model, data_config(spec, model), spec
 

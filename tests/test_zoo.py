@@ -44,6 +44,11 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # read once at import: when another test imported the hub first, the variable alone would leave it online,
+    # retrying refused connections
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def test_every_preset_builds_offline_at_its_published_size(offline):

@@ -5,7 +5,7 @@ tiffslide read (the vendor's description, XML and private tags, as their readers
 ``openslide/src/openslide-vendor-*.c``). Pixels go in as whole levels (``pyramid``): these files are
 test- and benchmark-sized, never a 100,000-px slide (``wsi.tiff_writer`` streams those).
 
-Formats: ``svs`` (Aperio, JPEG tiles), ``svs-j2k`` (Aperio with JPEG 2000 tiles, the TCGA case),
+Formats: ``svs`` (Aperio, JPEG tiles), ``svs-j2k`` (Aperio with lossless JPEG 2000 tiles, the TCGA layout),
 ``ome-tiff`` (SubIFD pyramid, mpp in OME-XML), ``philips-tiff``, ``ventana`` (Ventana TIFF/BIF
 without stitching overlaps), ``leica-scn`` (the scan placed on the collection's glass, with a macro),
 ``ndpi`` (Hamamatsu: one JPEG per level, restart markers for random access), ``bigtiff`` (generic
@@ -56,10 +56,11 @@ JPEG = {"compression": "jpeg", "compressionargs": {"level": 90}}
 
 
 def write_svs(path: Path, levels: list[np.ndarray], mpp: float, *, j2k: bool = False) -> Path:
-    """Aperio SVS: level 0, a stripped thumbnail, the other levels; ``j2k``: tiles in Aperio's JPEG 2000 (33005)."""
+    """Aperio SVS: level 0, a stripped thumbnail, the other levels; ``j2k``: tiles in Aperio's RGB JPEG 2000 (33005),
+    lossless, so a J2K file holds exactly the pixels it was given (TCGA's are lossy: the reading is the same)."""
     h, w = levels[0].shape[:2]
-    codec = {"compression": 33005, "compressionargs": {"level": 90}} if j2k else JPEG
-    name = "J2K/KDU Q=70" if j2k else "JPEG/RGB Q=90"
+    codec = {"compression": 33005} if j2k else JPEG
+    name = "J2K/KDU Q=100" if j2k else "JPEG/RGB Q=90"
     head = "Aperio Image Library v12.0.15"
     with tifffile.TiffWriter(path) as tif:
         for index, level in enumerate(levels):
