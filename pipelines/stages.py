@@ -32,8 +32,9 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     """Mask the tissue; write the QC thumbnail, the mask PNG and the slide's geometry and mpp."""
     with open_slide(entry.slide_path, slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=entry.mpp,
                     default_mpp=cfg.slides.default_mpp) as slide:
+        slide.max_unreadable_fraction = cfg.slides.max_unreadable_fraction
         tissue, overview = mask_slide(slide, cfg.tissue)
-        unreadable = unreadable_share(slide)
+        unreadable = slide.unreadable_fraction
         meta = {
             "slide_id": entry.slide_id,
             "slide_path": str(entry.slide_path),
@@ -80,13 +81,6 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
 
 
 MAX_LISTED = 100  # unreadable regions or tiles listed one by one in a stage's JSON (all are counted)
-
-
-def unreadable_share(slide) -> float:
-    """The share of the slide's level-0 area its tolerant overview read could not decode."""
-    width, height = slide.dimensions
-    area = sum(min(r["width"], width - r["x"]) * min(r["height"], height - r["y"]) for r in slide.unreadable)
-    return float(area) / float(width * height)
 
 
 def tissue_outline_json(tissue: TissueMask) -> str:

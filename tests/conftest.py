@@ -45,16 +45,46 @@ def write_glass_slide(path: Path, **kwargs) -> Path:
     return write_pyramid(path, 3072, 4096, glass_render, **kwargs)
 
 
-def corrupt_jpeg_tiles(path: Path, level: int = -1) -> None:
-    """Overwrite the JPEG headers of every tile of one pyramid level with random bytes."""
+def corrupt_jpeg_tiles(path: Path, level: int = -1, indices: list[int] | None = None) -> None:
+    """Overwrite the JPEG headers of the tiles ``indices`` (default: every tile) of one pyramid level with random bytes."""
     with tifffile.TiffFile(path) as tif:
         page = tif.series[0].levels[level].keyframe
         offsets, counts = page.dataoffsets, page.databytecounts
     rng = np.random.default_rng(0)
     with open(path, "r+b") as f:
-        for offset, count in zip(offsets, counts):
-            f.seek(offset + 2)
-            f.write(rng.integers(0, 256, size=min(64, count - 4), dtype=np.uint8).tobytes())
+        for index in range(len(offsets)) if indices is None else indices:
+            f.seek(offsets[index] + 2)
+            f.write(rng.integers(0, 256, size=min(64, counts[index] - 4), dtype=np.uint8).tobytes())
+
+
+def tissue_tile_indices(slide_path: Path, n: int, tile: int = 256) -> list[int]:
+    """``n`` level-0 TIFF tiles of a demo slide that lie wholly in its tissue (from the truth mask beside it)."""
+    from wsi.demo_cohort import load_truth
+
+    tissue, _, meta = load_truth(slide_path)
+    ds = meta["downsample"]
+    across = -(-meta["width"] // tile)
+    found = []
+    for row in range(meta["height"] // tile):
+        for col in range(meta["width"] // tile):
+            window = tissue[int(row * tile / ds):int((row + 1) * tile / ds) + 1, int(col * tile / ds):int((col + 1) * tile / ds) + 1]
+            if window.size and window.all():
+                found.append(row * across + col)
+    step = max(1, len(found) // n)
+    return found[::step][:n]
+
+
+def write_latin1_description(source: Path, path: Path) -> Path:
+    """A copy of an Aperio slide whose ImageDescription holds a Latin-1 byte (ä), as some scanners write."""
+    shutil.copy(source, path)
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[0].tags["ImageDescription"]
+        tif.filehandle.seek(tag.valueoffset)
+        at = tag.valueoffset + tif.filehandle.read(tag.count).index(b"Library")
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write("Libräry".encode("latin-1"))
+    return path
 
 
 # The cohort the teacher-baseline, heatmap and student tests share: 24 demo slides, 12 with a focal tumour

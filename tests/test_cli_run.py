@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import corrupt_jpeg_tiles, write_glass_slide
+from conftest import corrupt_jpeg_tiles, tissue_tile_indices, write_glass_slide, write_latin1_description
 from pipelines.config import RunConfig
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
@@ -41,9 +41,13 @@ def mixed_cohort(cohort, tmp_path_factory) -> Path:
     corrupt_jpeg_tiles(folder / "corrupt.svs", level=-1)  # the level the tissue mask reads
     write_glass_slide(folder / "nompp.tif", flavour="generic", mpp=None)
     write_glass_slide(folder / "glass.svs")
+    shutil.copy(cohort / "demo_001.svs", folder / "partly.svs")
+    corrupt_jpeg_tiles(folder / "partly.svs", level=0, indices=tissue_tile_indices(cohort / "demo_001.svs", 3))
+    write_latin1_description(cohort / "demo_003.svs", folder / "latin1.svs")
     rows = ["slide_path,slide_id,label", "demo_000.svs,good_svs,normal", "missing.svs,missing,tumor",
             "notes.svs,not_a_slide,normal", "truncated.svs,truncated,tumor", "corrupt.svs,corrupt_jpeg,tumor",
-            "nompp.tif,no_mpp,normal", "glass.svs,no_tissue,normal", "demo_002.tif,good_tif,normal"]
+            "nompp.tif,no_mpp,normal", "glass.svs,no_tissue,normal", "demo_002.tif,good_tif,normal",
+            "partly.svs,partly_corrupt,tumor", "latin1.svs,latin1,tumor"]
     (folder / "slides.csv").write_text("\n".join(rows) + "\n")
     (folder / "run.yaml").write_text("tissue:\n  preset: bwh_biopsy\n  area_reference_mpp: 0.25\n"
                                      "features:\n  teacher:\n    model: vit_tiny\n    seed: 0\n")
@@ -54,6 +58,7 @@ def mixed_cohort(cohort, tmp_path_factory) -> Path:
 def mixed_run(mixed_cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     result = wsi("run", mixed_cohort / "slides.csv", "--config", mixed_cohort / "run.yaml", "--out", out, "--until", "features")
+    wsi("run", mixed_cohort / "slides.csv", "--config", mixed_cohort / "run.yaml", "--out", out, "--until", "qc")  # + QC
     return result, out
 
 
@@ -99,6 +104,29 @@ def test_each_bad_slide_is_reported_with_its_reason(mixed_run, slide_id, reason)
     assert _state(out, "tiles", slide_id)["status"] == "skipped"
     assert slide_id in result.stderr + result.stdout
     assert not (out / "tiles" / f"{slide_id}.json").exists()
+
+
+def test_a_few_corrupt_tiles_are_left_out_and_odd_metadata_reported(mixed_run):
+    """Three undecodable level-0 tiles under the tissue: the slide finishes without them, counted in its tiles JSON
+    and QC; a Latin-1 description: read, and said so; the failed slides are QC rows with their reasons."""
+    import csv
+
+    result, out = mixed_run
+    tiles = json.loads((out / "tiles" / "partly_corrupt.json").read_text())
+    assert _state(out, "tiles", "partly_corrupt")["status"] == "done"
+    assert tiles["n_unreadable_tiles"] == 3 and len(tiles["unreadable_tiles"]) == 3
+    assert all(t["level"] == 0 and "cannot read region" in t["error"] for t in tiles["unreadable_tiles"])
+    coords = {tuple(c) for c in np.load(out / "tiles" / "partly_corrupt.coords.npy").tolist()}
+    assert not coords & {(t["x"], t["y"]) for t in tiles["unreadable_tiles"]} and len(coords) == tiles["n_tiles"]
+    reference = {tuple(c) for c in np.load(out / "tiles" / "latin1.coords.npy").tolist()}  # demo_003: another slide
+    assert len(coords) > 30 and reference
+    rows = {r["slide_id"]: r for r in csv.DictReader((out / "qc" / "slides.csv").open())}
+    assert rows["partly_corrupt"]["n_unreadable_tiles"] == "3" and "left out of the grid" in rows["partly_corrupt"]["warnings"]
+    assert rows["latin1"]["status"] == "ok" and "not UTF-8 (byte 0xe4" in rows["latin1"]["warnings"]
+    assert rows["good_svs"]["n_unreadable_tiles"] == "0" and rows["good_svs"]["mpp_detail"]
+    assert rows["no_mpp"]["status"] == "failed tissue" and "no mpp found" in rows["no_mpp"]["warnings"]
+    assert rows["corrupt_jpeg"]["status"] == "failed tissue" and "slides.max_unreadable_fraction" in rows["corrupt_jpeg"]["warnings"]
+    assert "missing" in rows and "not_a_slide" in rows
 
 
 def test_slide_without_tissue_gives_empty_tiles_and_a_warning(mixed_run):

@@ -19,9 +19,9 @@ MPP = 0.25
 # format: (the backend `auto` must choose, the mpp source and detail, level-0 offset of the image in the slide,
 #          exact pixels?). The matrix of docs/slides-and-tiles.md.
 MATRIX = {
-    "svs-j2k": ("openslide", "properties", "openslide.mpp-x", 0, True),
+    "svs-j2k": ("tiffslide", "properties", "openslide.mpp-x", 0, True),
     "ome-tiff": ("tiffslide", "ome-xml", "OME-XML PhysicalSizeX", 0, True),
-    "philips-tiff": ("openslide", "properties", "openslide.mpp-x", 0, True),
+    "philips-tiff": ("tiffslide", "properties", "openslide.mpp-x", 0, True),
     "ventana": ("openslide", "properties", "openslide.mpp-x", 0, True),
     "leica-scn": ("openslide", "properties", "openslide.mpp-x", 512, True),
     "ndpi": ("openslide", "properties", "openslide.mpp-x", 0, False),
@@ -29,21 +29,30 @@ MATRIX = {
     "flat-tiff": ("tiffslide", "properties", "openslide.mpp-x", 0, True),
 }
 CONFIG = {"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25},
-          "tiling": {"target_mpp": 0.5, "patch_size": 256},
+          "tiling": {"target_mpp": 0.5, "patch_size": 128},
           "features": {"teacher": {"model": "vit_tiny", "seed": 0}}}
+
+
+def decode(path) -> list[np.ndarray]:
+    reader = open_reader(path, "tiffslide")
+    levels = [reader.read_region((0, 0), level, size) for level, size in enumerate(reader.level_dimensions)]
+    reader.close()
+    return levels
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    """(the reference SVS, its decoded levels, {format: file}) — every format holds the reference's pixels."""
+    """(the plain SVS, its decoded levels, {format: file}) — every format holds the SVS's pixels: the JPEG-tiled ones
+    encode the same tiles with the same encoder (the same bytes), JPEG 2000 is lossless from the decoded pixels,
+    NDPI's one JPEG per level re-encodes them (the only lossy copy)."""
     folder = tmp_path_factory.mktemp("formats")
-    reference = folder / "reference.svs"
-    write_demo_slide(reference, height=3072, width=4096, positive=True, seed=21)
-    reader = open_reader(reference, "tiffslide")
-    levels = [reader.read_region((0, 0), level, size) for level, size in enumerate(reader.level_dimensions)]
-    reader.close()
-    svs = write_format("svs", folder, "svs", levels, MPP)  # the decoded pixels re-encoded: the plain SVS compared with
-    return svs, levels, {fmt: write_format(fmt, folder, fmt, levels, MPP) for fmt in MATRIX}
+    demo = folder / "demo.svs"
+    write_demo_slide(demo, height=3072, width=4096, positive=True, seed=21)
+    source = decode(demo)
+    svs = write_format("svs", folder, "svs", source, MPP)
+    pixels = decode(svs)
+    files = {fmt: write_format(fmt, folder, fmt, pixels if fmt in ("svs-j2k", "ndpi") else source, MPP) for fmt in MATRIX}
+    return svs, pixels, files
 
 
 def run_slide(path, slide_id: str, out) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -98,7 +107,7 @@ def test_format_reads_the_same_slide(fmt, written, reference_run, tmp_path):
     ours = {(int(x) - offset, int(y) - offset): i for i, (x, y) in enumerate(coords)}
     theirs = {(int(x), int(y)): i for i, (x, y) in enumerate(ref_coords)}
     shared = sorted(set(ours) & set(theirs))
-    assert len(shared) >= 0.9 * max(len(ours), len(theirs)) and len(shared) > 10
+    assert len(shared) >= 0.9 * max(len(ours), len(theirs)) and len(shared) > 30
     a = features[[ours[c] for c in shared]]
     b = ref_features[[theirs[c] for c in shared]]
     if exact:  # same pixels, same features: float16 storage is the only difference

@@ -121,7 +121,10 @@ def description_note(path: Path) -> str | None:
     try:
         with tifffile.TiffFile(path) as tif:
             tag = tif.pages[0].tags.get("ImageDescription")
-            raw = tag.valuebytes if tag is not None else b""
+            if tag is None:
+                return None
+            tif.filehandle.seek(tag.valueoffset)  # the bytes as stored: tifffile's str has already replaced them
+            raw = tif.filehandle.read(tag.count)
     except TIFF_ERRORS:
         return None
     try:
@@ -185,6 +188,9 @@ class Slide:
     warnings: list[str] = field(default_factory=list)
     # regions a tolerant read could not decode and painted as background: level-0 x, y, width, height, level, error
     unreadable: list[dict] = field(default_factory=list)
+    # a tolerant read gives up (SlideError) once more than this share of the slide's area is unreadable: by
+    # default at the first undecodable part (strict); the tissue stage sets `slides.max_unreadable_fraction`
+    max_unreadable_fraction: float = 0.0
 
     def __enter__(self) -> Slide:
         return self
@@ -240,7 +246,8 @@ class Slide:
 
         A region that fails to read is split in halves until the failing parts are at most ``unit`` px a side;
         those are painted white (glass: no tissue) and recorded in :attr:`unreadable`, so one corrupt tile
-        costs the mask a tile's area, not the slide.
+        costs the mask a tile's area, not the slide — up to :attr:`max_unreadable_fraction` of the slide's
+        area (0 by default: strict), beyond which it raises :class:`SlideError`.
         """
         lds = self.level_downsamples[level]
         try:
@@ -249,6 +256,12 @@ class Slide:
             if w <= unit and h <= unit:
                 self.unreadable.append({"x": round(x * lds), "y": round(y * lds), "width": round(w * lds),
                                         "height": round(h * lds), "level": level, "error": exc.reason})
+                share = self.unreadable_fraction
+                if share > self.max_unreadable_fraction:  # a truncated file: stop splitting, it cannot pass
+                    raise SlideError(self.slide_id, f"{len(self.unreadable)} region(s) of level {level} ({share:.1%} "
+                                                    f"of the slide so far) could not be decoded — more than "
+                                                    f"slides.max_unreadable_fraction ({self.max_unreadable_fraction:g}); "
+                                                    f"last: {exc.reason}") from exc
                 return np.full((h, w, 3), 255, np.uint8)
         if w >= h:
             half = w // 2
@@ -258,6 +271,13 @@ class Slide:
         half = h // 2
         return np.concatenate([self.read_level_tolerant(x, y, w, half, level, unit),
                                self.read_level_tolerant(x, y + half, w, h - half, level, unit)], axis=0)
+
+    @property
+    def unreadable_fraction(self) -> float:
+        """The share of the slide's level-0 area that tolerant reads could not decode."""
+        width, height = self.dimensions
+        area = sum(min(r["width"], width - r["x"]) * min(r["height"], height - r["y"]) for r in self.unreadable)
+        return float(area) / float(width * height)
 
     def read_downsampled(self, downsample: float, block: int = 1024, max_read: int = 4096) -> np.ndarray:
         """The whole slide at ``downsample`` (level-0 px per output px), read block by block.
