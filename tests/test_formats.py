@@ -107,7 +107,8 @@ def test_format_reads_the_same_slide(fmt, written, reference_run, tmp_path):
     ours = {(int(x) - offset, int(y) - offset): i for i, (x, y) in enumerate(coords)}
     theirs = {(int(x), int(y)): i for i, (x, y) in enumerate(ref_coords)}
     shared = sorted(set(ours) & set(theirs))
-    assert len(shared) >= 0.9 * max(len(ours), len(theirs)) and len(shared) > 30
+    # NDPI's lossy copy, masked from OpenSlide's DCT-scaled 16× level, loses a few edge tiles of the tissue
+    assert len(shared) >= (0.9 if exact else 0.8) * max(len(ours), len(theirs)) and len(shared) > 30
     a = features[[ours[c] for c in shared]]
     b = ref_features[[theirs[c] for c in shared]]
     if exact:  # same pixels, same features: float16 storage is the only difference

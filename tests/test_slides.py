@@ -95,6 +95,22 @@ def test_mpp_chain_csv_override_then_default_then_error(cohort, tmp_path, caplog
     assert "default" in caplog.text
 
 
+def test_an_absurd_mpp_fails_the_slide_naming_value_and_source_but_print_dpi_is_skipped(tmp_path):
+    nm_as_um = write_glass_slide(tmp_path / "nm.svs", mpp=250.0)  # a scanner that wrote nanometres
+    with pytest.raises(SlideError, match=r"mpp 250 µm/px from properties \(openslide.mpp-x\) is not a scan resolution"):
+        open_slide(nm_as_um)
+    with pytest.raises(SlideError, match="0.01 given for this slide is not strictly between 0.05 and 20"):
+        open_slide(cohort_free := write_glass_slide(tmp_path / "ok.svs"), mpp=0.01)
+    with open_slide(cohort_free) as slide:
+        assert slide.mpp_detail == "openslide.mpp-x"
+    dpi72 = tmp_path / "dpi72.tif"
+    tifffile.imwrite(dpi72, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb",
+                     resolution=(72, 72), resolutionunit="INCH")
+    with open_slide(dpi72, default_mpp=0.5) as slide:  # 352.778 µm/px (72 dpi) is a print resolution: skipped, noted
+        assert (slide.mpp, slide.mpp_source) == (0.5, "default")
+        assert any("ignored TIFF resolution tags giving 352.778 µm/px" in w for w in slide.warnings)
+
+
 def test_tiff_resolution_tags_in_cm_and_inch(tmp_path):
     data = np.zeros((64, 64, 3), np.uint8)
     tifffile.imwrite(tmp_path / "cm.tif", data, resolution=(20000, 20000), resolutionunit="CENTIMETER")
@@ -116,6 +132,31 @@ def test_read_downsampled_matches_levels_and_box_filter(cohort):
         assert np.abs(over.astype(float) - expected).mean() < 2.0
         thumb = slide.thumbnail(500)
         assert max(thumb.shape[:2]) <= 500 and thumb.shape[1] > thumb.shape[0]
+
+
+def test_a_flat_slide_is_masked_in_bounded_strips_like_its_pyramid(cohort, tmp_path):
+    """A one-level TIFF: the overview is reduced from level 0 in reads of at most `max_read` px a side (never the
+    whole level), and its tissue mask is the pyramidal file's, up to the reduction's rounding; the pyramidal demo
+    file's own overview does not change when it is read in strips."""
+    from wsi.tissue import TissueConfig, mask_slide
+    from wsi.vendor_writers import write_format
+
+    cfg = TissueConfig(preset="bwh_biopsy", area_reference_mpp=0.25)
+    with open_slide(cohort / "demo_001.svs") as pyramid:
+        strips = pyramid.read_downsampled(16.0, max_read=300)
+        np.testing.assert_array_equal(strips, pyramid.read_downsampled(16.0))  # level 2 (16×) read whole or in strips
+        reference, _ = mask_slide(pyramid, cfg)
+        base = pyramid.read_region((0, 0), 0, pyramid.dimensions)
+    flat = write_format("flat-tiff", tmp_path, "flat", [base], 0.25)
+    with open_slide(flat) as slide:
+        assert slide.level_count == 1
+        sizes = []
+        read = slide.reader.read_region
+        slide.reader.read_region = lambda loc, level, size: sizes.append(size) or read(loc, level, size)
+        mask, overview = mask_slide(slide, cfg)
+    assert max(max(s) for s in sizes) <= 4096 and len(sizes) > 1
+    assert overview.shape == strips.shape and np.abs(overview.astype(int) - strips).mean() < 5  # level 2 has its own noise
+    assert mask.mask.shape == reference.mask.shape and (mask.mask != reference.mask).mean() < 0.01
 
 
 def test_missing_not_a_slide_and_truncated_files_raise_slide_errors(cohort, tmp_path):

@@ -113,6 +113,10 @@ def _property_mpp(properties: dict[str, str]) -> tuple[float, str] | None:
     return None
 
 
+def _same(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and abs(a - b) <= 1e-3 * abs(b)
+
+
 def description_note(path: Path) -> str | None:
     """A note when the first page's ImageDescription is not UTF-8 (a scanner writing Latin-1, say): it is read
     with replacement characters by whichever reader accepts it, and the user is told."""
@@ -151,7 +155,8 @@ def resolve_mpp(path: Path, properties: dict[str, str], mpp: float | None, defau
             continue
         if plausible_mpp(value):
             return float(value), source, detail, notes
-        if source == "tiff-tags":  # 72/96/300 dpi from an image editor: a print resolution, not the scan's
+        from_tags = source == "tiff-tags" or (source == "properties" and _same(value, _tiff_tag_mpp(path)))
+        if from_tags:  # 72/96/300 dpi from an image editor (readers turn the tags into properties): a print resolution
             notes.append(f"ignored TIFF resolution tags giving {value:g} µm/px: not a scan resolution")
             continue
         raise ValueError(f"mpp {value:g} µm/px from {source} ({detail}) is not a scan resolution (a scan is strictly "

@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 REFERENCE_PATCH = 512  # CLAM's area unit: one 512×512 level-0 patch
+PYRAMID_STEP = 4  # the downsample between levels of a standard pyramid (Aperio, Philips, OME...)
 
 PRESETS: dict[str, dict[str, float | int | bool]] = {
     # CLAM's create_patches_fp.py defaults and its presets/*.csv
@@ -202,13 +203,16 @@ def mask_slide(slide, cfg: TissueConfig) -> tuple[TissueMask, np.ndarray]:
     """Mask a :class:`wsi.slide.Slide`; returns the mask and the RGB overview it was computed on.
 
     Uses the level CLAM would (the largest downsample ≤ ``seg_downsample``), so CLAM's kernel
-    sizes mean the same here. When that level is larger than ``max_mask_pixels`` (a slide
-    without a pyramid, say) the overview is read block-wise at a coarser downsample instead,
-    so memory stays bounded.
+    sizes mean the same here. A slide without such a level within a 4× pyramid step (no pyramid,
+    or no small levels) is reduced to ``seg_downsample / 4`` — the scale a standard pyramid gives —
+    by :meth:`wsi.slide.Slide.read_downsampled`, in bounded strips from the finest level it needs;
+    the overview is also coarsened until it fits ``max_mask_pixels``.
     """
     level = slide.best_level_for_downsample(cfg.seg_downsample)
     width0, height0 = slide.dimensions
     downsample = slide.level_downsamples[level]
+    if downsample < cfg.seg_downsample / PYRAMID_STEP:  # no pyramid, or no small levels: the scale a 4×-step one gives
+        downsample = cfg.seg_downsample / PYRAMID_STEP
     if width0 * height0 / downsample**2 > cfg.max_mask_pixels:
         downsample = (width0 * height0 / cfg.max_mask_pixels) ** 0.5
     rgb = slide.read_downsampled(downsample)
