@@ -13,6 +13,8 @@ slide prints, best of ``repeats``:
   alone and with the files its script writes (mask JPEG, coords h5) — the like-for-like comparison
   with our stages, which write the QC JPEG, mask PNG, coords and metadata;
 - the floor: reading the masking level, which no implementation can avoid;
+- what ``slides.verify_tiles`` (on by default, off in the comparison: CLAM checks no tile) adds to the
+  tiles stage: one read of every tile at its read level;
 - tile precision / recall against the slide's true tissue mask (area of the tiles that is tissue;
   area of the tissue the tiles cover), for both.
 """
@@ -59,13 +61,17 @@ def precision_recall(coords: np.ndarray, size: int, truth: np.ndarray, downsampl
 
 
 def bench_slide(path: Path, repeats: int) -> None:
-    cfg = RunConfig.model_validate({"tissue": {"preset": "tcga"}, "tiling": {"target_mpp": 0.5, "patch_size": 256}})
+    settings = {"tissue": {"preset": "tcga"}, "tiling": {"target_mpp": 0.5, "patch_size": 256}}
+    cfg = RunConfig.model_validate({**settings, "slides": {"verify_tiles": False}})  # CLAM checks no tile either
+    checked = RunConfig.model_validate(settings)
     entry = SlideEntry("bench", path, line=2)
     truth, _, meta = load_truth(path)
     with tempfile.TemporaryDirectory() as tmp:
         paths = RunPaths(Path(tmp))
         stages_s, _ = _best(lambda: (tissue_stage(entry, cfg, paths), tiles_stage(entry, cfg, paths)), repeats)
         ours = np.load(paths.tile_coords("bench"))
+        check_s, _ = _best(lambda: tiles_stage(entry, checked, paths), repeats)
+        check_s -= _best(lambda: tiles_stage(entry, cfg, paths), repeats)[0]
     with open_slide(path, backend="auto") as slide:
         level = slide.best_level_for_downsample(cfg.tissue.seg_downsample)
         size = slide.level_dimensions[level]
@@ -91,7 +97,7 @@ def bench_slide(path: Path, repeats: int) -> None:
     print(f"| {path.name} | {size[0]}×{size[1]} | {floor_s:.3f} | {stages_s:.3f} | {clam_s + write_s:.3f} | "
           f"**{(clam_s + write_s) / stages_s:.2f}×** | {core_s:.3f} | {seg_s:.3f} + {patch_s:.3f} | "
           f"**{clam_s / core_s:.2f}×** | {stages_s / floor_s:.1f}× | "
-          f"{len(ours)}: {p_ours:.3f} / {r_ours:.3f} | {len(clam)}: {p_clam:.3f} / {r_clam:.3f} |")
+          f"{len(ours)}: {p_ours:.3f} / {r_ours:.3f} | {len(clam)}: {p_clam:.3f} / {r_clam:.3f} | {check_s:.2f} |")
 
 
 def main() -> None:
@@ -105,8 +111,9 @@ def main() -> None:
     print(f"slides {width}×{height} at 0.25 µm/px; CLAM preset tcga; 512-px level-0 tiles; best of {args.repeats}; seconds\n")
     print("| slide | mask level | floor: read it | ours: tissue + tiles stages | CLAM: seg + patch + its writes "
           "| CLAM / our stages | ours: mask + grid | CLAM: seg + patch | CLAM / our mask + grid | our stages / floor "
-          "| ours: tiles, precision / recall | CLAM: tiles, precision / recall |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ours: tiles, precision / recall | CLAM: tiles, precision / recall | + reading every tile once "
+          "(`slides.verify_tiles`) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for pyramid in ((1, 4, 16, 64), (1, 4, 16)):
         path = args.workdir / f"clam_{width}_{'-'.join(map(str, pyramid))}.svs"
         if not path.exists():
