@@ -27,6 +27,7 @@ MATRIX = {
     "ndpi": ("openslide", "properties", "openslide.mpp-x", 0, False),
     "bigtiff": ("tiffslide", "properties", "openslide.mpp-x", 0, True),
     "flat-tiff": ("tiffslide", "properties", "openslide.mpp-x", 0, True),
+    "dicom": ("openslide", "properties", "openslide.mpp-x", 0, True),
 }
 CONFIG = {"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25},
           "tiling": {"target_mpp": 0.5, "patch_size": 128},
@@ -51,7 +52,12 @@ def written(tmp_path_factory):
     source = decode(demo)
     svs = write_format("svs", folder, "svs", source, MPP)
     pixels = decode(svs)
-    files = {fmt: write_format(fmt, folder, fmt, pixels if fmt in ("svs-j2k", "ndpi") else source, MPP) for fmt in MATRIX}
+    files = {}
+    for fmt in MATRIX:
+        try:
+            files[fmt] = write_format(fmt, folder, fmt, pixels if fmt in ("svs-j2k", "ndpi") else source, MPP)
+        except RuntimeError as exc:  # DICOM only: wsidicomizer without the OS's libturbojpeg0 (.ci/run installs it)
+            files[fmt] = exc
     return svs, pixels, files
 
 
@@ -88,6 +94,8 @@ def test_format_reads_the_same_slide(fmt, written, reference_run, tmp_path):
     equal to the plain SVS's (on the tiles both grids share; a flat TIFF's mask comes from level 0)."""
     backend, source, detail, offset, exact = MATRIX[fmt]
     _, levels, files = written
+    if isinstance(files[fmt], Exception):
+        pytest.skip(str(files[fmt]))
     with open_slide(files[fmt]) as slide:
         assert slide.backend == backend
         assert (slide.mpp, slide.mpp_source, slide.mpp_detail) == (pytest.approx(MPP), source, detail)

@@ -9,7 +9,8 @@ Formats: ``svs`` (Aperio, JPEG tiles), ``svs-j2k`` (Aperio with lossless JPEG 20
 ``ome-tiff`` (SubIFD pyramid, mpp in OME-XML), ``philips-tiff``, ``ventana`` (Ventana TIFF/BIF
 without stitching overlaps), ``leica-scn`` (the scan placed on the collection's glass, with a macro),
 ``ndpi`` (Hamamatsu: one JPEG per level, restart markers for random access), ``bigtiff`` (generic
-pyramidal BigTIFF), ``flat-tiff`` (one tiled level, no pyramid).
+pyramidal BigTIFF), ``flat-tiff`` (one tiled level, no pyramid), ``dicom`` (DICOM-WSI through
+wsidicomizer, a test dependency).
 """
 
 from __future__ import annotations
@@ -215,6 +216,27 @@ def write_ndpi(path: Path, levels: list[np.ndarray], mpp: float) -> Path:
     return path
 
 
+def write_dicom(path: Path, levels: list[np.ndarray], mpp: float) -> Path:
+    """DICOM-WSI (VL Whole Slide Microscopy, TILED_FULL): the levels written as Aperio SVS, then converted by
+    wsidicomizer, which copies the JPEG tiles as they are (the same pixels). ``path`` becomes a folder of one
+    ``.dcm`` per level; returns the level-0 file, which OpenSlide opens with the rest of its series."""
+    try:
+        from turbojpeg import TurboJPEG
+        from wsidicomizer import WsiDicomizer
+
+        TurboJPEG()  # loads the OS library
+    except (ImportError, RuntimeError, OSError) as exc:  # test dependencies, not the toolkit's
+        raise RuntimeError(f"writing DICOM-WSI needs wsidicomizer and the OS package libturbojpeg0: {exc}") from exc
+    import pydicom
+
+    path.mkdir(parents=True, exist_ok=True)
+    svs = write_svs(path / "source.svs", levels, mpp)
+    files = [Path(f) for f in WsiDicomizer.convert(svs, path / "dicom")]
+    svs.unlink()
+    width = levels[0].shape[1]
+    return next(f for f in files if pydicom.dcmread(f, stop_before_pixels=True).TotalPixelMatrixColumns == width)
+
+
 WRITERS: dict[str, Callable[[Path, list[np.ndarray], float], Path]] = {
     "svs": write_svs,
     "svs-j2k": lambda path, levels, mpp: write_svs(path, levels, mpp, j2k=True),
@@ -225,9 +247,10 @@ WRITERS: dict[str, Callable[[Path, list[np.ndarray], float], Path]] = {
     "ndpi": write_ndpi,
     "bigtiff": lambda path, levels, mpp: write_generic(path, levels, mpp, bigtiff=True),
     "flat-tiff": lambda path, levels, mpp: write_generic(path, levels[:1], mpp),
+    "dicom": write_dicom,
 }
 SUFFIX = {"svs": ".svs", "svs-j2k": ".svs", "ome-tiff": ".ome.tif", "philips-tiff": ".tiff", "ventana": ".bif",
-          "leica-scn": ".scn", "ndpi": ".ndpi", "bigtiff": ".tif", "flat-tiff": ".tif"}
+          "leica-scn": ".scn", "ndpi": ".ndpi", "bigtiff": ".tif", "flat-tiff": ".tif", "dicom": ""}
 
 
 def write_format(fmt: str, folder: Path, name: str, levels: list[np.ndarray], mpp: float) -> Path:
