@@ -248,10 +248,11 @@ def status(
     table.add_column("slide")
     for stage in slide_stages:
         table.add_column(stage)
-    table.add_column("first error", overflow="fold")
+    table.add_column("first error, else first warning", overflow="fold")
     for slide_id, row in report["slides"].items():
         cells = [f"[{colours[row[s]['status']]}]{row[s]['status']}[/]" if s in row else "" for s in slide_stages]
-        error = next((row[s]["error"] for s in slide_stages if s in row and row[s]["error"]), "")
+        error = next((row[s]["error"] for s in slide_stages if s in row and row[s]["error"]), "") or next(
+            (f"warning ({s}): {row[s]['warnings'][0]}" for s in slide_stages if row.get(s, {}).get("warnings")), "")
         table.add_row(escape(slide_id), *cells, escape(error))
     console = Console() if sys.stdout.isatty() else Console(width=200)  # piped or logged: do not squeeze the table
     console.print(table)

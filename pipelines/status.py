@@ -17,7 +17,8 @@ from pipelines.state import COHORT, HashCache, RunLock, read_state
 
 
 def run_status(out: Path) -> dict:
-    """``{"slides": {slide_id: {stage: {"status", "error"}}}, "cohort": {...}, "stages": [...], "locked_by": ...}``."""
+    """``{"slides": {slide_id: {stage: {"status", "error", ["warnings"]}}}, "cohort": {...}, "stages": [...],
+    "locked_by": ...}``."""
     paths = RunPaths(Path(out).absolute())
     if not paths.manifest.exists() or not paths.config.exists():
         raise FileNotFoundError(f"{out} is not a run directory (no slides.csv / run.yaml): run `wsi-pipeline run` first")
@@ -49,6 +50,8 @@ def run_status(out: Path) -> dict:
         cell = {"status": status, "error": ((state or {}).get("error") or "").splitlines()[0] if state and state.get("error") else ""}
         if state and state.get("attempts"):
             cell["attempts"] = state["attempts"]
+        if state and state.get("warnings"):  # a slide that finished with parts left out, an estimated mpp, ...
+            cell["warnings"] = list(state["warnings"])
         if status == "running" and state.get("progress"):
             cell["progress"] = state["progress"]
         if task.scope == "fold":

@@ -127,6 +127,10 @@ def test_a_few_corrupt_tiles_are_left_out_and_odd_metadata_reported(mixed_run):
     assert rows["no_mpp"]["status"] == "failed tissue" and "no mpp found" in rows["no_mpp"]["warnings"]
     assert rows["corrupt_jpeg"]["status"] == "failed tissue" and "slides.max_unreadable_fraction" in rows["corrupt_jpeg"]["warnings"]
     assert "missing" in rows and "not_a_slide" in rows
+    report = json.loads(wsi("status", out, "--json").stdout)
+    assert "left out of the grid" in report["slides"]["partly_corrupt"]["tiles"]["warnings"][0]
+    assert "not UTF-8" in report["slides"]["latin1"]["tissue"]["warnings"][0]
+    assert "warning (tiles): 3 of" in " ".join(wsi("status", out).stdout.split())
 
 
 def test_slide_without_tissue_gives_empty_tiles_and_a_warning(mixed_run):
