@@ -61,6 +61,10 @@ class RunPaths:
     def tissue_outline(self, slide_id: str) -> Path:
         return self.root / "tissue" / f"{slide_id}.geojson"  # the mask's outline as a QuPath annotation
 
+    def tissue_excluded(self, slide_id: str, kind: str) -> Path:
+        """An excluded region's mask (``ink``), beside the tissue mask; written only when the slide has one."""
+        return self.root / "tissue" / "masks" / f"{slide_id}.{kind}.png"
+
     def tissue_meta(self, slide_id: str) -> Path:
         return self.root / "tissue" / f"{slide_id}.json"
 

@@ -66,6 +66,7 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         "tissue_fraction": tissue.tissue_fraction,
         "n_regions": tissue.n_regions,
         "n_holes": tissue.n_holes,
+        "excluded": {kind: float(part.mean()) for kind, part in tissue.excluded.items()},  # share of the overview
         "params": cfg.tissue.model_dump(mode="json"),
         "version": __version__,
     })
@@ -74,6 +75,12 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         meta["warnings"].append(message)
         log.warning("%s: %s", entry.slide_id, message)
     write_image(paths.tissue_qc(entry.slide_id), qc_image(overview, tissue, cfg.tissue.qc_max_size))
+    for kind, part in tissue.excluded.items():
+        target = paths.tissue_excluded(entry.slide_id, kind)
+        if part.any():
+            atomic_write(target, lambda f, part=part: save_mask_png(part, f))
+        else:
+            target.unlink(missing_ok=True)  # a rerun that no longer finds any
     atomic_write(paths.tissue_mask(entry.slide_id), lambda f: save_mask_png(tissue.mask, f))
     write_text(paths.tissue_outline(entry.slide_id), tissue_outline_json(tissue))
     write_json(paths.tissue_meta(entry.slide_id), meta)
@@ -84,17 +91,24 @@ MAX_LISTED = 100  # unreadable regions or tiles listed one by one in a stage's J
 
 
 def tissue_outline_json(tissue: TissueMask) -> str:
-    """The mask's regions and holes as one QuPath annotation (GeoJSON, level-0 pixels)."""
+    """The mask's regions and holes as one QuPath annotation (GeoJSON, level-0 pixels), and each excluded kind
+    (ink) as another, classified by its name capitalised (QuPath class ``Ink``)."""
     from wsi.annotations import tissue_geojson
 
-    return json.dumps(tissue_geojson(tissue.mask, tissue.downsample), separators=(",", ":"))
+    collection = tissue_geojson(tissue.mask, tissue.downsample)
+    for kind, part in tissue.excluded.items():
+        if part.any():
+            collection["features"] += tissue_geojson(part, tissue.downsample, name=kind.capitalize())["features"]
+    return json.dumps(collection, separators=(",", ":"))
 
 
 def load_tissue(paths: RunPaths, slide_id: str) -> tuple[TissueMask, dict]:
     """The tissue stage's mask and metadata for ``slide_id``."""
     meta = json.loads(paths.tissue_meta(slide_id).read_text())
     mask = load_mask_png(paths.tissue_mask(slide_id))
-    return TissueMask(mask, tuple(meta["mask_downsample"]), meta["n_regions"], meta["n_holes"]), meta
+    excluded = {kind: load_mask_png(paths.tissue_excluded(slide_id, kind)) for kind in meta.get("excluded", {})
+                if paths.tissue_excluded(slide_id, kind).exists()}
+    return TissueMask(mask, tuple(meta["mask_downsample"]), meta["n_regions"], meta["n_holes"], excluded), meta
 
 
 def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
@@ -302,7 +316,8 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
     from pipelines.state import read_state
 
     columns = ["slide_id", "status", "label", "case_id", "backend", "width", "height", "mpp", "mpp_source", "mpp_detail",
-               "tissue_fraction", "n_regions", "n_holes", "n_tiles", "n_unreadable_tiles", "unreadable_fraction",
+               "tissue_fraction", "ink_fraction", "n_regions", "n_holes", "n_tiles", "n_unreadable_tiles",
+               "unreadable_fraction",
                "read_level", "read_size", "level0_size", "delivered_mpp", "warnings"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -315,6 +330,7 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
             "backend": tissue["backend"], "width": tissue["dimensions"][0], "height": tissue["dimensions"][1],
             "mpp": tissue["mpp"], "mpp_source": tissue["mpp_source"], "mpp_detail": tissue.get("mpp_detail", ""),
             "tissue_fraction": round(tissue["tissue_fraction"], 4), "n_regions": tissue["n_regions"],
+            "ink_fraction": round(tissue.get("excluded", {}).get("ink", 0.0), 4),
             "n_holes": tissue["n_holes"], "n_tiles": tiles["n_tiles"], "n_unreadable_tiles": tiles.get("n_unreadable_tiles", 0),
             "unreadable_fraction": round(tissue.get("unreadable_fraction", 0.0), 4),
             "read_level": tiles["read_level"], "read_size": tiles["read_size"], "level0_size": tiles["level0_size"],

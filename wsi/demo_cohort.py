@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage.transform import rescale
 
+from wsi.demo_artefacts import ARTEFACTS, INK, draw_ink, paint_ink
 from wsi.tiff_writer import level_shapes, write_pyramid
 
 GLASS = np.array([244, 242, 245], np.float32)
@@ -54,7 +55,7 @@ def _base_textures() -> tuple[np.ndarray, np.ndarray]:
 class SlideLayout:
     """Label map of one synthetic slide at ``downsample`` level-0 pixels per layout pixel."""
 
-    labels: np.ndarray  # uint8 codes BACKGROUND..DEBRIS_SPECK
+    labels: np.ndarray  # uint8 codes BACKGROUND..DEBRIS_SPECK, then wsi.demo_artefacts' (ink)
     downsample: int
     height: int  # level-0
     width: int
@@ -66,6 +67,10 @@ class SlideLayout:
     @property
     def tumour_mask(self) -> np.ndarray:
         return self.labels == TUMOUR
+
+    @property
+    def ink_mask(self) -> np.ndarray:
+        return np.isin(self.labels, list(INK))
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -216,6 +221,7 @@ class SlideRenderer:
                 out[rows, cols] = texture[((ys + self.offset[0] // d) % th)[rows], ((xs + self.offset[1] // d) % tw)[cols]]
         out[labels == PEN_MARK] = 0.2 * out[labels == PEN_MARK] + 0.8 * PEN
         out[labels == DEBRIS_SPECK] = DEBRIS
+        paint_ink(out, labels)
         return np.clip(out, 0, 255).astype(np.uint8)
 
 
@@ -230,13 +236,20 @@ def _label_image(text: str) -> np.ndarray:
 def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, seed: int, flavour: str = "aperio",
                      mpp: float | None = 0.25, magnification: float | None = 40.0,
                      downsamples: tuple[int, ...] = (1, 4, 16), tumour_fraction: float | None = None,
-                     foci: int | None = None) -> SlideLayout:
-    """Write one demo slide plus its ground truth (``<stem>.tissue.png``, ``<stem>.tumour.png``, ``<stem>.truth.json``).
+                     foci: int | None = None, artefacts: tuple[str, ...] = ()) -> SlideLayout:
+    """Write one demo slide plus its ground truth (``<stem>.tissue.png``, ``<stem>.tumour.png``, ``<stem>.truth.json``,
+    and ``<stem>.ink.png`` with ink).
 
-    ``tumour_fraction`` and ``foci``: see :func:`make_layout`.
+    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of ``("ink",)``
+    (:mod:`wsi.demo_artefacts`), drawn with their own generator: the tissue is the same slide's.
     """
+    unknown = set(artefacts) - set(ARTEFACTS)
+    if unknown:
+        raise ValueError(f"unknown artefacts {sorted(unknown)}; choose from {list(ARTEFACTS)}")
     rng = np.random.default_rng(seed)
     layout = make_layout(rng, height, width, positive, tumour_fraction, foci)
+    if "ink" in artefacts:
+        draw_ink(np.random.default_rng([seed, 1]), layout.labels, layout.tissue_mask, (mpp or 0.25) * layout.downsample)
     renderer = SlideRenderer(layout, downsamples, rng)
     thumb = renderer(len(downsamples) - 1, 0, 0, *renderer.shapes[-1])
     label = _label_image(path.stem)
@@ -246,8 +259,10 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
     stem = path.with_suffix("")
     Image.fromarray((layout.tissue_mask * 255).astype(np.uint8)).save(f"{stem}.tissue.png")
     Image.fromarray((layout.tumour_mask * 255).astype(np.uint8)).save(f"{stem}.tumour.png")
+    if artefacts:
+        Image.fromarray((layout.ink_mask * 255).astype(np.uint8)).save(f"{stem}.ink.png")
     truth = {"downsample": layout.downsample, "width": width, "height": height, "positive": positive,
-             "mpp": mpp, "tissue_fraction": float(layout.tissue_mask.mean()),
+             "mpp": mpp, "tissue_fraction": float(layout.tissue_mask.mean()), "artefacts": list(artefacts),
              "tumour_fraction_of_tissue": float(layout.tumour_mask.sum() / max(1, layout.tissue_mask.sum()))}
     Path(f"{stem}.truth.json").write_text(json.dumps(truth, indent=2))
     return layout

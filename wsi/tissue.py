@@ -14,12 +14,14 @@ even kernel (CLAM's ``close`` 2 or 4) does not shift the mask by a pixel as ``cv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from wsi.artefacts import InkConfig, ink_mask
 
 REFERENCE_PATCH = 512  # CLAM's area unit: one 512×512 level-0 patch
 PYRAMID_STEP = 4  # the downsample between levels of a standard pyramid (Aperio, Philips, OME...)
@@ -52,6 +54,7 @@ class TissueConfig(BaseModel):
         None, gt=0, description="null: a_t/a_h count 512×512 level-0 patches (CLAM); a value: 512×512 patches at this "
                                 "µm/px, i.e. physical areas that mean the same on 20× and 40× scans")
     max_n_holes: int = Field(8, ge=0, description="at most this many holes per tissue region (largest first)")
+    ink: InkConfig = Field(default_factory=InkConfig, description="pen-ink exclusion (wsi/artefacts.py)")
     max_mask_pixels: int = Field(50_000_000, ge=10_000, description="cap on the mask's pixel count; a larger level is read at a coarser downsample")
     qc_max_size: int = Field(1024, ge=64, description="longer side of the QC thumbnail in pixels")
 
@@ -79,6 +82,8 @@ class TissueMask:
     downsample: tuple[float, float]  # level-0 pixels per mask pixel, (x, y)
     n_regions: int
     n_holes: int
+    # what was taken out of the tissue, by kind ("ink"), each a bool mask like ``mask``
+    excluded: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def tissue_fraction(self) -> float:
@@ -92,8 +97,10 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
 
 
-def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float, max_n_holes: int) -> tuple[np.ndarray, int, int]:
-    """CLAM's contour filtering with connected components: keep big regions, keep their big holes."""
+def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float, max_n_holes: int,
+                    open_near: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+    """CLAM's contour filtering with connected components: keep big regions, keep their big holes. Holes that
+    touch ``open_near`` (excluded ink) are never filled: glass a pen circle encloses is not tissue."""
     import cv2
 
     binary = np.asarray(binary, dtype=bool)
@@ -116,6 +123,7 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
         first = left + int(np.argmax(bg_labels[row, left:left + width] == hole_id))
         parent = int(fg_labels[row, first - 1])
         holes_of.setdefault(parent, []).append((int(bg_area[hole_id]), hole_id))
+    never_fill = set(np.unique(bg_labels[open_near]).tolist()) if open_near is not None and open_near.any() else set()
     keep_region = np.zeros(n_fg + 1, bool)
     n_holes, fill = 0, []
     for region in range(1, n_fg + 1):
@@ -125,7 +133,7 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
         holes = sorted(holes_of.get(region, []), reverse=True)
         kept = {h for area, h in holes[:max_n_holes] if area > min_hole_px}
         n_holes += len(kept)
-        fill += [h for _, h in holes if h not in kept]
+        fill += [h for _, h in holes if h not in kept and h not in never_fill]
     mask = binary.copy()
     _paint(mask, fg_labels, fg_stats, np.flatnonzero(~keep_region[1:]) + 1, False)
     _paint(mask, bg_labels, bg_stats, np.asarray(fill, np.int64), True)
@@ -176,7 +184,9 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
                    slide_mpp: float | None = None) -> TissueMask:
     """Tissue mask of an RGB overview image taken at ``downsample`` (level-0 px per pixel, (x, y)).
 
-    ``slide_mpp`` (level-0 µm/px) is needed only when ``cfg.area_reference_mpp`` is set.
+    ``slide_mpp`` (level-0 µm/px) is needed when ``cfg.area_reference_mpp`` is set, and for ink exclusion
+    (``cfg.ink``, by physical size; skipped without it). Ink is removed after the regions are filtered, so
+    tissue that a stroke crosses is judged by its whole region's size, and a stroke is never a hole to fill.
     """
     import cv2
 
@@ -190,13 +200,21 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
         dilated = cv2.dilate(padded, kernel, anchor=(anchor, anchor))
         binary = cv2.erode(dilated, kernel, anchor=(cfg.close - 1 - anchor,) * 2)[pad:-pad, pad:-pad]
     binary = binary.astype(bool)
+    excluded = {}
+    if cfg.ink.enabled and slide_mpp is not None:  # ink is found by physical size: it needs the scale
+        excluded["ink"] = ink_mask(rgb, slide_mpp * downsample[0], cfg.ink)
     unit = REFERENCE_PATCH**2 / (downsample[0] * downsample[1])
     if cfg.area_reference_mpp is not None:
         if slide_mpp is None:
             raise ValueError("area_reference_mpp is set but the slide's mpp is unknown")
         unit *= (cfg.area_reference_mpp / slide_mpp) ** 2
-    mask, n_regions, n_holes = _filter_regions(binary, cfg.a_t * unit, cfg.a_h * unit, cfg.max_n_holes)
-    return TissueMask(mask, downsample, n_regions, n_holes)
+    near_ink = None
+    if "ink" in excluded and excluded["ink"].any():
+        near_ink = cv2.dilate(excluded["ink"].view(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    mask, n_regions, n_holes = _filter_regions(binary, cfg.a_t * unit, cfg.a_h * unit, cfg.max_n_holes, near_ink)
+    for part in excluded.values():  # after the filter: tissue a stroke crosses keeps its region's size
+        mask &= ~part
+    return TissueMask(mask, downsample, n_regions, n_holes, excluded)
 
 
 def mask_slide(slide, cfg: TissueConfig) -> tuple[TissueMask, np.ndarray]:
@@ -219,8 +237,12 @@ def mask_slide(slide, cfg: TissueConfig) -> tuple[TissueMask, np.ndarray]:
     return segment_tissue(rgb, (width0 / rgb.shape[1], height0 / rgb.shape[0]), cfg, slide.mpp), rgb
 
 
+EXCLUDED_COLOURS = {"ink": (255, 128, 0)}  # QC colour of each kind of excluded region (RGB)
+
+
 def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.ndarray:
-    """The overview with the mask outline in green and everything outside the tissue dimmed."""
+    """The overview with the mask outline in green, everything outside the tissue dimmed, excluded regions
+    (ink) tinted in their colour, and a legend naming what each colour is."""
     import cv2
 
     h, w = tissue.mask.shape
@@ -230,10 +252,22 @@ def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.nd
     mask = cv2.resize(tissue.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     dimmed = cv2.addWeighted(image, 0.6, np.full_like(image, 60), 0.4, 0)
     image = np.where(mask[..., None] == 0, dimmed, image)
+    legend = [("tissue", (0, 200, 0))]
+    for kind, part in tissue.excluded.items():
+        shown = cv2.resize(part.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        if shown.any():
+            colour = np.asarray(EXCLUDED_COLOURS.get(kind, (255, 0, 255)), np.float32)
+            image[shown] = (0.4 * image[shown] + 0.6 * colour).astype(np.uint8)
+            legend.append((f"{kind} (excluded)", tuple(int(c) for c in colour)))
     cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
     inner = mask.astype(bool) & ~cv2.erode(mask, cross, borderType=cv2.BORDER_REPLICATE).astype(bool)  # the mask's rim
     edge = cv2.dilate(inner.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=1 if max(size) < 600 else 2) > 0
     image[edge] = (0, 200, 0)
+    if len(legend) > 1 and min(size) >= 64:
+        for row, (text, colour) in enumerate(legend):
+            y = 6 + 14 * row
+            cv2.rectangle(image, (4, y), (14, y + 10), colour, -1)
+            cv2.putText(image, text, (18, y + 9), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
     return image
 
 

@@ -1,0 +1,71 @@
+"""Artefacts on real glass, found on the tissue stage's overview: pathologists' pen ink (so far).
+
+Ink is found by colour and by shape. Marker colours that H&E never shows at overview scale (green,
+saturated blue, neutral black) or shows only in small amounts (saturated red: blood) are candidates.
+Only coherent components above a physical area count as ink: a stroke is millimetres long, while
+haematoxylin-dark nuclei and red cells are specks of a few µm that the overview averages into the
+tissue colour. A red candidate must also be a stroke, elongated rather than a blob, so a
+haemorrhage is not ink. The ink mask is widened by a few pixels for the anti-aliased rim of a stroke.
+The hue bands are OpenCV's (0–180); H&E's stains sit at 125–180 and 0–8 (measured on the H&E and IHC
+textures the demo uses).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+INK_COLOURS = ("green", "blue", "black", "red")
+
+
+class InkConfig(BaseModel):
+    """Pen-ink exclusion (``tissue.ink``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="exclude pen ink (green, blue, black, red marker) from the tissue mask")
+    colours: tuple[str, ...] = Field(INK_COLOURS, description="which marker colours to look for")
+    min_area_um2: float = Field(8_000, gt=0, description="smallest ink component, µm² (a 80 × 100 µm piece of stroke): "
+                                                         "smaller same-coloured specks are nuclei or blood, not ink")
+    min_saturation: int = Field(70, ge=0, le=255, description="saturation (0–255) a coloured marker pixel has at least")
+    rim_um: float = Field(4.0, ge=0, description="the ink mask is widened by this, µm (a stroke's anti-aliased rim)")
+
+
+def ink_candidates(rgb: np.ndarray, cfg: InkConfig) -> dict[str, np.ndarray]:
+    """Per marker colour, the pixels of that colour (before the shape rule)."""
+    import cv2
+
+    hsv = cv2.cvtColor(cv2.medianBlur(np.ascontiguousarray(rgb), 3), cv2.COLOR_RGB2HSV)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    rules = {
+        "green": (h >= 35) & (h < 95) & (s >= cfg.min_saturation) & (v < 235),
+        "blue": (h >= 95) & (h < 125) & (s >= cfg.min_saturation + 30),  # haematoxylin sits at ≥ 125, or is pale
+        "black": (v < 70) & (s < 110),  # neutral dark: stained tissue this dark keeps its colour
+        "red": ((h <= 8) | (h >= 174)) & (s >= 150) & (v >= 70),  # marker red; eosin's pink is paler
+    }
+    return {colour: rules[colour] for colour in cfg.colours}
+
+
+def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
+    """Pen ink on an overview whose pixels are ``px_um`` µm wide: boolean, same shape as ``rgb``'s first two axes."""
+    import cv2
+
+    out = np.zeros(rgb.shape[:2], bool)
+    if not cfg.enabled:
+        return out
+    min_px = cfg.min_area_um2 / px_um**2
+    for colour, candidate in ink_candidates(rgb, cfg).items():
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(candidate.view(np.uint8), connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
+        if colour == "red":  # a stroke, not a blob of blood: its area is many times its half-width squared
+            for label in np.flatnonzero(keep):
+                x, y, w, h = stats[label, :4]
+                part = (labels[y:y + h, x:x + w] == label).astype(np.uint8)
+                half_width = cv2.distanceTransform(np.pad(part, 1), cv2.DIST_L2, 3).max()
+                keep[label] = stats[label, cv2.CC_STAT_AREA] >= 6 * half_width**2  # a disc: π
+        out |= keep[labels]
+    rim = int(round(cfg.rim_um / px_um))
+    if rim > 0 and out.any():
+        out = cv2.dilate(out.view(np.uint8), np.ones((2 * rim + 1, 2 * rim + 1), np.uint8)).astype(bool)
+    return out

@@ -1,0 +1,58 @@
+"""Artefacts for demo and test slides, each with its truth: pathologists' pen ink (strokes and a circle).
+
+Drawn into a :class:`wsi.demo_cohort.SlideLayout`'s label map after the tissue, with their own random
+generator, so a slide without artefacts is the same slide as before and one with them differs only
+where they are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+# label codes after wsi.demo_cohort's (0–4), with the RGB the renderer blends over what lies beneath
+INK = {5: ("blue", (35, 70, 170)), 6: ("green", (30, 125, 60)), 7: ("black", (32, 30, 36)), 8: ("red", (190, 32, 42))}
+INK_OPACITY = 0.85  # markers are translucent: a little of the tissue shows through
+ARTEFACTS = ("ink",)
+
+
+def _stroke(shape: tuple[int, int], ys: np.ndarray, xs: np.ndarray, half_width: int) -> np.ndarray:
+    h, w = shape
+    line = np.zeros(shape, bool)
+    line[np.clip(ys.astype(int), 0, h - 1), np.clip(xs.astype(int), 0, w - 1)] = True
+    return ndimage.binary_dilation(line, structure=np.ones((3, 3), bool), iterations=max(1, half_width))
+
+
+def draw_ink(rng: np.random.Generator, labels: np.ndarray, tissue: np.ndarray, layout_um: float,
+             colours: int = 2) -> np.ndarray:
+    """Pen marks into ``labels`` (in place): ``colours`` strokes of different marker colours across the slide,
+    over glass and tissue alike, and a circle around part of the tissue, as pathologists mark a lesion.
+    ``layout_um``: µm per layout pixel. Strokes are 100 µm wide, a fine marker's line, or 2 % of the slide's
+    shorter side if that is wider. Returns the ink mask."""
+    h, w = labels.shape
+    unit = min(h, w)
+    half = max(1, round(0.01 * unit), round(50 / layout_um))
+    codes = rng.choice(list(INK), size=min(colours, len(INK)), replace=False)
+    t = np.linspace(0, 1, 4 * max(h, w))
+    for code in codes:
+        y0, y1 = rng.uniform(0.1, 0.9, size=2) * h
+        phase, amp = rng.uniform(0, 2 * np.pi), rng.uniform(0.02, 0.08) * h
+        xs = (0.08 + 0.84 * t) * w
+        ys = y0 + (y1 - y0) * t + amp * np.sin(3 * np.pi * t + phase)
+        labels[_stroke(labels.shape, ys, xs, half)] = code
+    candidates = np.argwhere(tissue)
+    if len(candidates):
+        cy, cx = candidates[rng.integers(len(candidates))]
+        r = rng.uniform(0.15, 0.25) * unit
+        angle = np.linspace(0, 2 * np.pi, 8 * int(r) + 8)
+        ring = _stroke(labels.shape, cy + r * np.sin(angle), cx + 1.2 * r * np.cos(angle), half)
+        labels[ring] = int(rng.choice(list(INK)))
+    return np.isin(labels, list(INK))
+
+
+def paint_ink(out: np.ndarray, labels: np.ndarray) -> None:
+    """Blend each marker colour over the rendered pixels (float RGB, in place) where its label is."""
+    for code, (_, rgb) in INK.items():
+        where = labels == code
+        if where.any():
+            out[where] = (1 - INK_OPACITY) * out[where] + INK_OPACITY * np.asarray(rgb, np.float32)
