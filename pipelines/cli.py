@@ -103,17 +103,24 @@ def demo(
                                                                   "large tumour regions")] = None,
     foci: Annotated[Optional[int], typer.Option(min=1, help="number of tumour foci per positive slide "
                                                             "(default: 1 with --tumour-fraction, else 1 or 2)")] = None,
+    artefacts: Annotated[Optional[list[str]], typer.Option(help="artefacts to draw on every slide, with their truth "
+                                                                 "(<id>.ink.png): ink (pen strokes and a circle)")] = None,
 ) -> None:
     """Write a small cohort of real pyramidal slides (Aperio SVS + generic TIFF) with ground truth."""
     from rich.progress import Progress
 
     from pipelines.artifacts import write_text
+    from wsi.demo_artefacts import ARTEFACTS
     from wsi.demo_cohort import make_demo_cohort
 
+    if set(artefacts or ()) - set(ARTEFACTS):
+        raise typer.BadParameter(f"unknown {sorted(set(artefacts) - set(ARTEFACTS))}; choose from {list(ARTEFACTS)}",
+                                 param_hint="--artefacts")
     with Progress(transient=True) as progress:
         task = progress.add_task("writing demo slides", total=n_slides)
-        csv_path = make_demo_cohort(out_dir, n_slides=n_slides, size=size, seed=seed,
-                                    tumour_fraction=tumour_fraction, foci=foci, progress=lambda done, total: progress.update(task, completed=done))
+        csv_path = make_demo_cohort(out_dir, n_slides=n_slides, size=size, seed=seed, tumour_fraction=tumour_fraction,
+                                    foci=foci, artefacts=tuple(artefacts or ()),
+                                    progress=lambda done, total: progress.update(task, completed=done))
     folds = max(2, min(4, n_slides // 2))  # stratified folds: at most one per slide of the rarer label
     write_text(out_dir / "run.yaml", DEMO_CONFIG.replace("  folds: 4\n", f"  folds: {folds}\n"))
     typer.echo(f"wrote {n_slides} slides and {csv_path}")

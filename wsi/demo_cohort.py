@@ -286,12 +286,14 @@ def tumour_tiles(slide_path: Path, coords: np.ndarray, tile_size: float) -> np.n
     return tumour[ys, xs]
 
 
-def _slide_spec(out_dir: Path, i: int, size: int, seed: int, tumour: dict) -> tuple[dict, dict]:
+def _slide_spec(out_dir: Path, i: int, size: int, seed: int, tumour: dict, artefacts: tuple[str, ...] = ()
+                ) -> tuple[dict, dict]:
     """(write_demo_slide's arguments, slides.csv row) of demo slide ``i``: every fourth a 20x generic TIFF."""
     positive, generic = i % 2 == 1, i % 4 == 2
     height = size * 3 // 4
     name = f"demo_{i:03d}" + (".tif" if generic else ".svs")
-    kwargs = dict(path=out_dir / name, height=height, width=size, positive=positive, seed=seed * 1000 + i, **tumour)
+    kwargs = dict(path=out_dir / name, height=height, width=size, positive=positive, seed=seed * 1000 + i,
+                  artefacts=artefacts, **tumour)
     if generic:
         kwargs.update(height=height // 2, width=size // 2, flavour="generic", mpp=0.5, magnification=None)
     row = {"slide_id": f"demo_{i:03d}", "slide_path": name, "label": "tumor" if positive else "normal",
@@ -305,12 +307,13 @@ def _write(kwargs: dict) -> None:
 
 def make_demo_cohort(out_dir: Path, *, n_slides: int = 12, size: int = 8192, seed: int = 0,
                      tumour_fraction: float | None = None, foci: int | None = None,
-                     progress=None, workers: int | None = None) -> Path:
+                     artefacts: tuple[str, ...] = (), progress=None, workers: int | None = None) -> Path:
     """Write ``n_slides`` slides (every fourth a generic 20× TIFF, the rest 40× Aperio SVS) and ``slides.csv``.
 
     ``size`` is the level-0 width of a 40× slide; 20× slides cover the same area at half the pixels.
     Half the slides (alternating) are tumour-positive; ``tumour_fraction`` / ``foci`` make their tumour
-    focal (:func:`make_layout`), the default draws one or two large regions. Each slide is seeded on its own (``seed * 1000 + i``),
+    focal (:func:`make_layout`), the default draws one or two large regions; ``artefacts`` go on every slide
+    (:func:`write_demo_slide`). Each slide is seeded on its own (``seed * 1000 + i``),
     so ``workers`` processes (default: one per core) write the same bytes as one. Returns slides.csv's path.
     """
     import os
@@ -327,8 +330,10 @@ def make_demo_cohort(out_dir: Path, *, n_slides: int = 12, size: int = 8192, see
         raise ValueError(f"tumour_fraction must be between 0 and 1, got {tumour_fraction}")
     if foci is not None and foci < 1:
         raise ValueError(f"foci must be at least 1, got {foci}")
+    if set(artefacts) - set(ARTEFACTS):
+        raise ValueError(f"unknown artefacts {sorted(set(artefacts) - set(ARTEFACTS))}; choose from {list(ARTEFACTS)}")
     tumour = {k: v for k, v in (("tumour_fraction", tumour_fraction), ("foci", foci)) if v is not None}
-    specs = [_slide_spec(out_dir, i, size, seed, tumour) for i in range(n_slides)]
+    specs = [_slide_spec(out_dir, i, size, seed, tumour, tuple(artefacts)) for i in range(n_slides)]
     workers = min(workers or os.cpu_count() or 1, n_slides)
     if workers == 1:
         for done, (kwargs, _) in enumerate(specs, 1):
