@@ -114,6 +114,11 @@ def slide_fingerprint(cfg: RunConfig, task: Task, entry: SlideEntry, dep_fps: li
     inputs: list[Any] = []
     if stage.reads_slide:
         inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint, hashes), "mpp": entry.mpp})
+        if task.stage == "tissue" and cfg.tissue.mask_dir is not None:  # a corrected mask: its content, or none
+            from wsi.mask_override import find_override
+
+            override = find_override(cfg.tissue.mask_dir, entry.slide_id)
+            inputs.append({"mask": file_fingerprint(override, "content", hashes) if override else None})
     inputs.extend(dep_fps)
     inputs.extend(stage.extra_inputs(cfg, hashes))
     return fingerprint(stage.name, config_values(cfg, stage.config), inputs)

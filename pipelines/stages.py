@@ -23,7 +23,8 @@ from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, progress_callb
 from wsi.slide import open_slide
 from wsi.errors import SlideError
 from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid, unreadable_tiles
-from wsi.tissue import TissueMask, load_mask_png, mask_slide, qc_image, save_mask_png
+from wsi.mask_override import find_override, load_override
+from wsi.tissue import TissueMask, load_mask_png, mask_from, mask_slide, qc_image, save_mask_png
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,13 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
                     default_mpp=cfg.slides.default_mpp) as slide:
         slide.max_unreadable_fraction = cfg.slides.max_unreadable_fraction
         tissue, overview = mask_slide(slide, cfg.tissue)
+        override = find_override(cfg.tissue.mask_dir, entry.slide_id)
+        if override is not None:  # a person's corrected mask replaces ours; what we found is kept for the QC
+            try:
+                corrected = load_override(override, tissue.mask.shape, tissue.downsample)
+            except ValueError as exc:
+                raise SlideError(entry.slide_id, f"tissue.mask_dir: {exc}") from exc
+            tissue = mask_from(corrected, tissue.downsample, tissue.excluded)
         unreadable = slide.unreadable_fraction
         meta = {
             "slide_id": entry.slide_id,
@@ -67,6 +75,7 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         "n_regions": tissue.n_regions,
         "n_holes": tissue.n_holes,
         "excluded": {kind: float(part.mean()) for kind, part in tissue.excluded.items()},  # share of the overview
+        "mask_source": str(override) if override is not None else "computed",
         "params": cfg.tissue.model_dump(mode="json"),
         "version": __version__,
     })

@@ -90,3 +90,66 @@ def test_a_slide_with_ink_is_masked_without_it_and_the_qc_shows_it(tmp_path):
     row = paths.qc_table.read_text().splitlines()
     header = row[0].split(",")
     assert float(row[1].split(",")[header.index("ink_fraction")]) == pytest.approx(meta["excluded"]["ink"], abs=1e-4)
+
+
+def test_a_corrected_mask_replaces_ours_and_the_tiles_follow_it(cohort, tmp_path):
+    """tissue.mask_dir: a QuPath GeoJSON with one region left and an `Ignore*` box cut out of it, then a PNG keeping
+    the left half; the tiles follow each, and the tissue fingerprint follows the file's content, not its mtime."""
+    import os
+
+    from pipelines.artifacts import RunPaths
+    from pipelines.config import RunConfig
+    from pipelines.manifest import SlideEntry
+    from pipelines.plan import build_plan
+    from pipelines.stages import tiles_stage, tissue_stage
+
+    entry = SlideEntry("demo_001", cohort / "demo_001.svs", line=2)
+    settings = {"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}, "tiling": {"target_mpp": 0.5}}
+    ours = RunPaths(tmp_path / "ours")
+    tissue_stage(entry, RunConfig.model_validate(settings), ours)
+    tiles_stage(entry, RunConfig.model_validate(settings), ours)
+    before = np.load(ours.tile_coords("demo_001"))
+    outline = json.loads(ours.tissue_outline("demo_001").read_text())
+    polygons = outline["features"][0]["geometry"]["coordinates"]
+    biggest = max(polygons, key=lambda rings: cv2.contourArea(np.asarray(rings[0], np.float32)))
+    xs, ys = np.asarray(biggest[0])[:, 0], np.asarray(biggest[0])[:, 1]
+    cx, cy = float(np.median(xs)), float(np.median(ys))
+    cut = [[cx - 600, cy - 600], [cx + 600, cy - 600], [cx + 600, cy + 600], [cx - 600, cy + 600], [cx - 600, cy - 600]]
+    edited = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": biggest}, "properties": {"classification": {"name": "Tissue"}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [cut]}, "properties": {"classification": {"name": "Ignore*"}}}]}
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "demo_001.geojson").write_text(json.dumps(edited))
+    cfg = RunConfig.model_validate({**settings, "tissue": {**settings["tissue"], "mask_dir": str(masks)}})
+    paths = RunPaths(tmp_path / "edited")
+    meta = tissue_stage(entry, cfg, paths)
+    tiles_stage(entry, cfg, paths)
+    after = np.load(paths.tile_coords("demo_001"))
+    assert meta["mask_source"].endswith("demo_001.geojson") and meta["n_regions"] == 1
+    assert 0 < len(after) < len(before)
+    centres = after + 256
+    inside_cut = (np.abs(centres[:, 0] - cx) < 600 - 256) & (np.abs(centres[:, 1] - cy) < 600 - 256)
+    assert not inside_cut.any()
+    ring = np.asarray(biggest[0], np.float32)
+    distance = [cv2.pointPolygonTest(ring, (float(x), float(y)), True) for x, y in centres]
+    assert min(distance) >= -256 * 2**0.5  # every tile touches the kept region: the other regions' tiles are gone
+
+    def tissue_fp(config):
+        plan = build_plan([entry], config, RunPaths(tmp_path / "plan"))
+        return next(t.fingerprint for t in plan.values() if t.stage == "tissue")
+
+    first = tissue_fp(cfg)
+    os.utime(masks / "demo_001.geojson", ns=(1, 10**18))
+    assert tissue_fp(cfg) == first  # touched, same content: nothing to redo
+    (masks / "demo_001.geojson").unlink()
+    width, height = json.loads(ours.tissue_meta("demo_001").read_text())["dimensions"]
+    half = np.zeros((300, 400), np.uint8)
+    half[:, :200] = 255
+    Image.fromarray(half).save(masks / "demo_001.png")
+    assert tissue_fp(cfg) != first
+    tissue_stage(entry, cfg, paths)
+    tiles_stage(entry, cfg, paths)
+    left = np.load(paths.tile_coords("demo_001"))
+    assert (left[:, 0] + 512 <= width / 2 + 64).all()  # the PNG's left half, glass included, is the tissue now
+    assert len(left) > (before[:, 0] + 512 <= width / 2).sum()

@@ -55,6 +55,10 @@ class TissueConfig(BaseModel):
                                 "µm/px, i.e. physical areas that mean the same on 20× and 40× scans")
     max_n_holes: int = Field(8, ge=0, description="at most this many holes per tissue region (largest first)")
     ink: InkConfig = Field(default_factory=InkConfig, description="pen-ink exclusion (wsi/artefacts.py)")
+    mask_dir: Path | None = Field(
+        None, description="folder of corrected masks, <slide_id>.geojson (QuPath export, level-0 px) or <slide_id>.png: "
+                          "a slide with one uses it instead of the computed mask (wsi/mask_override.py); its content "
+                          "enters the tissue fingerprint. Give an absolute path on a cluster")
     max_mask_pixels: int = Field(50_000_000, ge=10_000, description="cap on the mask's pixel count; a larger level is read at a coarser downsample")
     qc_max_size: int = Field(1024, ge=64, description="longer side of the QC thumbnail in pixels")
 
@@ -238,6 +242,20 @@ def mask_slide(slide, cfg: TissueConfig) -> tuple[TissueMask, np.ndarray]:
 
 
 EXCLUDED_COLOURS = {"ink": (255, 128, 0)}  # QC colour of each kind of excluded region (RGB)
+
+
+def mask_from(mask: np.ndarray, downsample: tuple[float, float], excluded: dict[str, np.ndarray] | None = None
+              ) -> TissueMask:
+    """A :class:`TissueMask` of a given mask (a corrected one), its regions and holes counted as the filter counts
+    them: 8-connected tissue, 4-connected enclosed background."""
+    import cv2
+
+    binary = np.ascontiguousarray(mask, dtype=bool)
+    n_regions = cv2.connectedComponents(binary.view(np.uint8), connectivity=8)[0] - 1
+    n_bg, bg = cv2.connectedComponents((~binary).view(np.uint8), connectivity=4)
+    border = np.unique(np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]]))
+    n_holes = len(np.setdiff1d(np.arange(1, n_bg), border))
+    return TissueMask(binary, downsample, int(n_regions), int(n_holes), dict(excluded or {}))
 
 
 def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.ndarray:
