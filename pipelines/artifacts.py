@@ -74,6 +74,10 @@ class RunPaths:
     def tile_meta(self, slide_id: str) -> Path:
         return self.root / "tiles" / f"{slide_id}.json"
 
+    def tile_sharpness(self, slide_id: str) -> Path:
+        """Each kept tile's focus score (float32, aligned with the coords), when the tiles stage read them."""
+        return self.root / "tiles" / f"{slide_id}.sharpness.npy"
+
     def tile_overlay(self, slide_id: str) -> Path:
         return self.root / "tiles" / f"{slide_id}.jpg"
 

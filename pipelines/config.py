@@ -106,6 +106,13 @@ class RunConfig(BaseModel):
         return self
 
 
+    @model_validator(mode="after")
+    def _sharpness_needs_the_read(self):
+        if self.tiling.min_sharpness is not None and not self.slides.verify_tiles:
+            raise ValueError("tiling.min_sharpness needs slides.verify_tiles: true (the pass that reads every tile)")
+        return self
+
+
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and each bad field."""
 

@@ -100,7 +100,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("tiles", tiles_stage, "slide", after=("tissue",),
           config=("tiling", "slides.verify_tiles", "slides.max_unreadable_fraction"), pixels=True,
           applies=lambda cfg, entry: entry.has_pixels,
-          artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]),
+          artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]
+          + ([p.tile_sharpness(k)] if c.slides.verify_tiles else [])),
     Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher.identity", "features.dtype"),
           artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, uses_torch=True,
           enabled=training,

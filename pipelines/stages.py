@@ -19,10 +19,11 @@ from pipelines import __version__
 from pipelines.artifacts import RunPaths, atomic_write, write_json, write_image, write_npy, write_text
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
+from pipelines.tile_inspection import MAX_LISTED, inspect_grid
 from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, progress_callback
 from wsi.slide import open_slide
 from wsi.errors import SlideError
-from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid, unreadable_tiles
+from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
 from wsi.mask_override import find_override, load_override
 from wsi.tissue import TissueMask, load_mask_png, mask_from, mask_slide, qc_image, save_mask_png
 
@@ -96,9 +97,6 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     return meta
 
 
-MAX_LISTED = 100  # unreadable regions or tiles listed one by one in a stage's JSON (all are counted)
-
-
 def tissue_outline_json(tissue: TissueMask) -> str:
     """The mask's regions and holes as one QuPath annotation (GeoJSON, level-0 pixels), and each excluded kind
     (ink) as another, classified by its name capitalised (QuPath class ``Ink``)."""
@@ -128,8 +126,13 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     meta = {"slide_id": entry.slide_id, **grid.metadata(), "slide_mpp": slide_meta["mpp"],
             "dimensions": slide_meta["dimensions"], "params": cfg.tiling.model_dump(mode="json"),
             "version": __version__, "warnings": []}
-    if cfg.slides.verify_tiles and len(grid.coords):
-        grid, meta = leave_out_unreadable(entry, cfg, slide_meta, grid, meta)
+    if cfg.slides.verify_tiles:
+        scores = np.zeros(0, np.float32)
+        if len(grid.coords):
+            grid, meta, scores = inspect_grid(entry, cfg, slide_meta, grid, meta)
+        write_npy(paths.tile_sharpness(entry.slide_id), scores)
+    else:
+        paths.tile_sharpness(entry.slide_id).unlink(missing_ok=True)
     if len(grid.coords) == 0:
         message = "no tiles: no part of the tissue mask reaches min_tissue_fraction" if tissue.n_regions else "no tiles: no tissue"
         meta["warnings"].append(message)
@@ -139,48 +142,6 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     write_npy(paths.tile_coords(entry.slide_id), grid.coords)
     write_json(paths.tile_meta(entry.slide_id), meta)
     return meta
-
-
-def leave_out_unreadable(entry: SlideEntry, cfg: RunConfig, slide_meta: dict, grid: TileGrid, meta: dict
-                         ) -> tuple[TileGrid, dict]:
-    """Read every tile once at its read level; those that fail to decode leave the grid and are recorded.
-
-    Tiles under the overview's undecodable regions count as unreadable too (their tissue is unknown), so
-    the share compared with ``slides.max_unreadable_fraction`` is of all tissue tiles, seen or not.
-    """
-    with open_slide(slide_meta["slide_path"], slide_id=entry.slide_id, backend=cfg.slides.backend,
-                    mpp=slide_meta["mpp"]) as slide:
-        bad = unreadable_tiles(slide, grid.coords, grid.plan)
-    keep = np.ones(len(grid.coords), bool)
-    keep[list(bad)] = False
-    hidden = unseen_tiles(slide_meta.get("unreadable", []), grid.plan, tuple(slide_meta["dimensions"]))
-    n_bad = len(bad) + hidden
-    total = len(grid.coords) + hidden
-    meta.update(n_unreadable_tiles=n_bad, unreadable_tiles=[
-        {"x": int(grid.coords[i][0]), "y": int(grid.coords[i][1]), "level": grid.plan.read_level, "error": error}
-        for i, error in sorted(bad.items())[:MAX_LISTED]])
-    if n_bad:
-        first = f"; first: {next(iter(bad.values()))}" if bad else ""
-        what = f"{n_bad} of {total} tissue tiles ({n_bad / total:.1%}) could not be decoded{first}"
-        if n_bad / total > cfg.slides.max_unreadable_fraction:
-            raise SlideError(entry.slide_id, f"{what} — more than slides.max_unreadable_fraction "
-                                             f"({cfg.slides.max_unreadable_fraction:g})")
-        meta["warnings"].append(f"{what}: left out of the grid")
-        log.warning("%s: %s", entry.slide_id, meta["warnings"][-1])
-    grid = TileGrid(grid.coords[keep], grid.tissue_fraction[keep], grid.plan)
-    meta["n_tiles"] = len(grid.coords)
-    return grid, meta
-
-
-def unseen_tiles(regions: list[dict], plan: ReadPlan, dimensions: tuple[int, int]) -> int:
-    """How many grid positions fall inside the overview's undecodable regions (no tissue could be seen there)."""
-    stride, size = plan.level0_stride, plan.level0_size
-    count = 0
-    for r in regions:
-        cols = max(0, (min(r["x"] + r["width"], dimensions[0]) - r["x"]) // stride)
-        rows = max(0, (min(r["y"] + r["height"], dimensions[1]) - r["y"]) // stride)
-        count += cols * rows
-    return int(count)
 
 
 def load_tiles(paths: RunPaths, slide_id: str) -> TileGrid:
@@ -326,7 +287,7 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
 
     columns = ["slide_id", "status", "label", "case_id", "backend", "width", "height", "mpp", "mpp_source", "mpp_detail",
                "tissue_fraction", "ink_fraction", "n_regions", "n_holes", "n_tiles", "n_unreadable_tiles",
-               "unreadable_fraction",
+               "unreadable_fraction", "blurred_fraction", "n_blurry_dropped",
                "read_level", "read_size", "level0_size", "delivered_mpp", "warnings"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -342,6 +303,8 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
             "ink_fraction": round(tissue.get("excluded", {}).get("ink", 0.0), 4),
             "n_holes": tissue["n_holes"], "n_tiles": tiles["n_tiles"], "n_unreadable_tiles": tiles.get("n_unreadable_tiles", 0),
             "unreadable_fraction": round(tissue.get("unreadable_fraction", 0.0), 4),
+            "blurred_fraction": "" if tiles.get("blurred_fraction") is None else round(tiles["blurred_fraction"], 4),
+            "n_blurry_dropped": tiles.get("n_blurry_dropped", 0),
             "read_level": tiles["read_level"], "read_size": tiles["read_size"], "level0_size": tiles["level0_size"],
             "delivered_mpp": round(tiles["delivered_mpp"], 4), "warnings": "; ".join(tissue["warnings"] + tiles["warnings"]),
         })

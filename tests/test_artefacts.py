@@ -153,3 +153,45 @@ def test_a_corrected_mask_replaces_ours_and_the_tiles_follow_it(cohort, tmp_path
     left = np.load(paths.tile_coords("demo_001"))
     assert (left[:, 0] + 512 <= width / 2 + 64).all()  # the PNG's left half, glass included, is the tissue now
     assert len(left) > (before[:, 0] + 512 <= width / 2).sum()
+
+
+def test_sharpness_separates_out_of_focus_tissue_from_smooth_tissue_and_glass():
+    from wsi.tiling import sharpness
+
+    he, ihc = (np.clip(t, 0, 255).astype(np.uint8)[:256, :256] for t in _base_textures())
+    sharp = sharpness(he)
+    assert sharpness(cv2.GaussianBlur(he, (0, 0), 6)) < 0.1 * sharp  # 3 µm at 0.5 µm/px: out of focus
+    assert sharpness(ihc) > 0.1 * sharp  # smooth but in focus (the demo's tumour): not blurred
+    quarter = he.copy()
+    quarter[:128, :128] = cv2.GaussianBlur(he, (0, 0), 6)[:128, :128]
+    assert sharpness(quarter) > 0.5 * sharp  # the tile's majority decides
+    assert np.isnan(sharpness(np.full((256, 256, 3), 244, np.uint8)))  # glass: nothing to judge
+
+
+def test_blurred_fields_are_flagged_and_can_be_dropped(tmp_path):
+    """A demo slide with two out-of-focus fields: the tiles mostly inside them are flagged blurred (recall and
+    precision ≥ 0.8 on this one slide), QC gets the share, and `tiling.min_sharpness` drops them."""
+    from pipelines.artifacts import RunPaths
+    from pipelines.config import RunConfig
+    from pipelines.manifest import SlideEntry
+    from pipelines.stages import tiles_stage, tissue_stage
+
+    path = tmp_path / "blurred.svs"
+    write_demo_slide(path, height=6144, width=8192, positive=True, seed=51, artefacts=("blur",))
+    settings = {"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}}
+    entry, paths = SlideEntry("blurred", path, line=2), RunPaths(tmp_path / "out")
+    tissue_stage(entry, RunConfig.model_validate(settings), paths)
+    meta = tiles_stage(entry, RunConfig.model_validate(settings), paths)
+    coords, scores = np.load(paths.tile_coords("blurred")), np.load(paths.tile_sharpness("blurred"))
+    assert scores.shape == (len(coords),)
+    blur = np.asarray(Image.open(tmp_path / "blurred.blur.png")) > 0
+    size = meta["level0_size"]
+    truth = np.array([blur[y // 8:(y + size) // 8, x // 8:(x + size) // 8].mean() >= 0.5 for x, y in coords])
+    flagged = scores < 0.1 * np.nanmedian(scores)
+    assert truth.sum() >= 5 and (flagged & truth).sum() >= 0.8 * truth.sum() and (flagged & truth).sum() >= 0.8 * flagged.sum()
+    assert meta["blurred_fraction"] == pytest.approx(flagged.mean())
+    threshold = float(0.1 * np.nanmedian(scores))
+    dropped = tiles_stage(entry, RunConfig.model_validate({**settings, "tiling": {"min_sharpness": threshold}}), paths)
+    assert dropped["n_blurry_dropped"] == flagged.sum() and dropped["n_tiles"] == len(coords) - flagged.sum()
+    with pytest.raises(ValueError, match="min_sharpness needs slides.verify_tiles"):
+        RunConfig.model_validate({"tiling": {"min_sharpness": 1.0}, "slides": {"verify_tiles": False}})

@@ -1,4 +1,5 @@
-"""Artefacts for demo and test slides, each with its truth: pathologists' pen ink (strokes and a circle).
+"""Artefacts for demo and test slides, each with its truth: pathologists' pen ink (strokes and a circle) and
+out-of-focus fields.
 
 Drawn into a :class:`wsi.demo_cohort.SlideLayout`'s label map after the tissue, with their own random
 generator, so a slide without artefacts is the same slide as before and one with them differs only
@@ -13,7 +14,9 @@ from scipy import ndimage
 # label codes after wsi.demo_cohort's (0–4), with the RGB the renderer blends over what lies beneath
 INK = {5: ("blue", (35, 70, 170)), 6: ("green", (30, 125, 60)), 7: ("black", (32, 30, 36)), 8: ("red", (190, 32, 42))}
 INK_OPACITY = 0.85  # markers are translucent: a little of the tissue shows through
-ARTEFACTS = ("ink",)
+ARTEFACTS = ("ink", "blur")
+BLUR_SIGMA_UM = 3.0  # an out-of-focus field: fine detail (nuclear edges) gone, tissue architecture kept
+MPP = 0.25  # the demo's level-0 µm/px
 
 
 def _stroke(shape: tuple[int, int], ys: np.ndarray, xs: np.ndarray, half_width: int) -> np.ndarray:
@@ -56,3 +59,31 @@ def paint_ink(out: np.ndarray, labels: np.ndarray) -> None:
         where = labels == code
         if where.any():
             out[where] = (1 - INK_OPACITY) * out[where] + INK_OPACITY * np.asarray(rgb, np.float32)
+
+
+def draw_blur(rng: np.random.Generator, tissue: np.ndarray, patches: int = 2) -> np.ndarray:
+    """Out-of-focus fields: ``patches`` ellipses centred in the tissue, each 15–25 % of the slide's shorter side
+    across. Returns the blur mask (the renderer blurs what lies there, tissue and glass alike)."""
+    h, w = tissue.shape
+    unit = min(h, w)
+    yy, xx = np.mgrid[:h, :w]
+    blur = np.zeros((h, w), bool)
+    candidates = np.argwhere(tissue)
+    for _ in range(patches if len(candidates) else 0):
+        cy, cx = candidates[rng.integers(len(candidates))]
+        ry, rx = rng.uniform(0.15, 0.25, size=2) * unit / 2
+        blur |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    return blur
+
+
+def blurred_window(render, level: int, y0: int, x0: int, h: int, w: int, downsample: int) -> np.ndarray:
+    """``render``'s window, Gaussian-blurred by :data:`BLUR_SIGMA_UM` (in that level's pixels), rendered with a
+    margin so the blur near the window's edge sees real neighbours."""
+    import cv2
+
+    sigma = BLUR_SIGMA_UM / (MPP * downsample)
+    if sigma < 0.3:  # a coarse level: the blur is below a pixel
+        return render(level, y0, x0, h, w)
+    margin = int(np.ceil(3 * sigma))
+    big = render(level, y0 - margin, x0 - margin, h + 2 * margin, w + 2 * margin)
+    return cv2.GaussianBlur(big, (0, 0), sigma)[margin:margin + h, margin:margin + w]

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage.transform import rescale
 
-from wsi.demo_artefacts import ARTEFACTS, INK, draw_ink, paint_ink
+from wsi.demo_artefacts import ARTEFACTS, INK, blurred_window, draw_blur, draw_ink, paint_ink
 from wsi.tiff_writer import level_shapes, write_pyramid
 
 GLASS = np.array([244, 242, 245], np.float32)
@@ -59,6 +59,7 @@ class SlideLayout:
     downsample: int
     height: int  # level-0
     width: int
+    blur: np.ndarray | None = None  # bool, same grid: rendered out of focus (wsi.demo_artefacts.draw_blur)
 
     @property
     def tissue_mask(self) -> np.ndarray:
@@ -203,12 +204,26 @@ class SlideRenderer:
         self.noise_rng = np.random.default_rng(int(rng.integers(2**31)))
 
     def __call__(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        out = self._render(level, y0, x0, h, w)
+        if self.layout.blur is None:
+            return out
+        ly, lx = self._layout_index(level, y0, x0, h, w)
+        where = self.layout.blur[ly[:, None], lx[None, :]]
+        if where.any():  # out of focus: the same region rendered with a margin, Gaussian-blurred
+            out[where] = blurred_window(self._render, level, y0, x0, h, w, self.downsamples[level])[where]
+        return out
+
+    def _layout_index(self, level: int, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         lh, lw = self.shapes[level]
         scale_y, scale_x = self.layout.height / lh, self.layout.width / lw
-        ys = np.arange(y0, y0 + h)
-        xs = np.arange(x0, x0 + w)
-        ly = np.minimum(((ys + 0.5) * scale_y / self.layout.downsample).astype(int), self.layout.labels.shape[0] - 1)
-        lx = np.minimum(((xs + 0.5) * scale_x / self.layout.downsample).astype(int), self.layout.labels.shape[1] - 1)
+        ys, xs = np.arange(y0, y0 + h), np.arange(x0, x0 + w)
+        ly = np.clip(((ys + 0.5) * scale_y / self.layout.downsample).astype(int), 0, self.layout.labels.shape[0] - 1)
+        lx = np.clip(((xs + 0.5) * scale_x / self.layout.downsample).astype(int), 0, self.layout.labels.shape[1] - 1)
+        return ly, lx
+
+    def _render(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        ys, xs = np.arange(y0, y0 + h), np.arange(x0, x0 + w)
+        ly, lx = self._layout_index(level, y0, x0, h, w)
         labels = self.layout.labels[ly[:, None], lx[None, :]]
         out = np.empty((h, w, 3), np.float32)
         out[:] = GLASS
@@ -238,9 +253,9 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
                      downsamples: tuple[int, ...] = (1, 4, 16), tumour_fraction: float | None = None,
                      foci: int | None = None, artefacts: tuple[str, ...] = ()) -> SlideLayout:
     """Write one demo slide plus its ground truth (``<stem>.tissue.png``, ``<stem>.tumour.png``, ``<stem>.truth.json``,
-    and ``<stem>.ink.png`` with ink).
+    and ``<stem>.ink.png`` / ``<stem>.blur.png`` with those artefacts).
 
-    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of ``("ink",)``
+    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of ``("ink", "blur")``
     (:mod:`wsi.demo_artefacts`), drawn with their own generator: the tissue is the same slide's.
     """
     unknown = set(artefacts) - set(ARTEFACTS)
@@ -250,6 +265,8 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
     layout = make_layout(rng, height, width, positive, tumour_fraction, foci)
     if "ink" in artefacts:
         draw_ink(np.random.default_rng([seed, 1]), layout.labels, layout.tissue_mask, (mpp or 0.25) * layout.downsample)
+    if "blur" in artefacts:
+        layout.blur = draw_blur(np.random.default_rng([seed, 2]), layout.tissue_mask)
     renderer = SlideRenderer(layout, downsamples, rng)
     thumb = renderer(len(downsamples) - 1, 0, 0, *renderer.shapes[-1])
     label = _label_image(path.stem)
@@ -259,8 +276,10 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
     stem = path.with_suffix("")
     Image.fromarray((layout.tissue_mask * 255).astype(np.uint8)).save(f"{stem}.tissue.png")
     Image.fromarray((layout.tumour_mask * 255).astype(np.uint8)).save(f"{stem}.tumour.png")
-    if artefacts:
+    if "ink" in artefacts:
         Image.fromarray((layout.ink_mask * 255).astype(np.uint8)).save(f"{stem}.ink.png")
+    if layout.blur is not None:
+        Image.fromarray((layout.blur * 255).astype(np.uint8)).save(f"{stem}.blur.png")
     truth = {"downsample": layout.downsample, "width": width, "height": height, "positive": positive,
              "mpp": mpp, "tissue_fraction": float(layout.tissue_mask.mean()), "artefacts": list(artefacts),
              "tumour_fraction_of_tissue": float(layout.tumour_mask.sum() / max(1, layout.tissue_mask.sum()))}
