@@ -104,8 +104,9 @@ def demo(
     foci: Annotated[Optional[int], typer.Option(min=1, help="number of tumour foci per positive slide "
                                                             "(default: 1 with --tumour-fraction, else 1 or 2)")] = None,
     artefacts: Annotated[Optional[list[str]], typer.Option(help="artefacts to draw on every slide, with their truth "
-                                                                 "(<id>.ink.png, <id>.blur.png): ink (pen strokes and a "
-                                                                 "circle), blur (out-of-focus fields)")] = None,
+                                                                 "(<id>.ink.png, .blur.png, .faint.png): ink (pen strokes "
+                                                                 "and a circle), blur (out-of-focus fields), faint "
+                                                                 "(pale-stained tissue)")] = None,
 ) -> None:
     """Write a small cohort of real pyramidal slides (Aperio SVS + generic TIFF) with ground truth."""
     from rich.progress import Progress

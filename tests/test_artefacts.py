@@ -195,3 +195,27 @@ def test_blurred_fields_are_flagged_and_can_be_dropped(tmp_path):
     assert dropped["n_blurry_dropped"] == flagged.sum() and dropped["n_tiles"] == len(coords) - flagged.sum()
     with pytest.raises(ValueError, match="min_sharpness needs slides.verify_tiles"):
         RunConfig.model_validate({"tiling": {"min_sharpness": 1.0}, "slides": {"verify_tiles": False}})
+
+
+def test_faint_tissue_is_kept_but_a_stained_edge_halo_is_not():
+    """Glass (saturation ~5), a stained disc whose edge fades over 4 px, and a pale field (saturation 12, 30 % of its
+    pixels speckled up to 18): the fixed biopsy threshold (15) loses the field; the faint pass adds ≥ 95 % of it
+    and nothing of the halo."""
+    from wsi.tissue import TissueConfig, glass_threshold, segment_tissue
+
+    rng = np.random.default_rng(0)
+    sat = np.clip(rng.normal(5, 1, (400, 600)), 0, 255)
+    yy, xx = np.mgrid[:400, :600]
+    r = np.hypot(yy - 200, xx - 150)
+    sat = np.where(r < 80, 90, np.where(r < 84, 90 - (r - 80) * 21, sat))  # the halo: 90 → 6 over 4 px
+    field = (np.abs(yy - 200) < 90) & (np.abs(xx - 440) < 110)
+    sat[field] = 12 + 6 * (rng.random(field.sum()) < 0.3)
+    hsv = np.stack([np.full_like(sat, 150), sat, np.full_like(sat, 230)], axis=-1).astype(np.uint8)
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    assert glass_threshold(sat.astype(np.uint8), 11) < 12
+    cfg = TissueConfig(preset="bwh_biopsy", ink={"enabled": False})
+    fixed = segment_tissue(rgb, (16.0, 16.0), cfg.model_copy(update={"faint": False}), 0.25).mask
+    faint = segment_tissue(rgb, (16.0, 16.0), cfg, 0.25).mask
+    assert fixed[field].mean() < 0.5 and faint[field].mean() >= 0.95
+    halo = (r >= 80) & (r < 90)
+    assert faint[halo].sum() <= fixed[halo].sum() + 5  # the faint pass adds no ring around stained tissue

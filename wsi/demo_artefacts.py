@@ -1,5 +1,5 @@
-"""Artefacts for demo and test slides, each with its truth: pathologists' pen ink (strokes and a circle) and
-out-of-focus fields.
+"""Artefacts for demo and test slides, each with its truth: pathologists' pen ink (strokes and a circle),
+out-of-focus fields, and faint (pale-stained) tissue.
 
 Drawn into a :class:`wsi.demo_cohort.SlideLayout`'s label map after the tissue, with their own random
 generator, so a slide without artefacts is the same slide as before and one with them differs only
@@ -14,7 +14,10 @@ from scipy import ndimage
 # label codes after wsi.demo_cohort's (0–4), with the RGB the renderer blends over what lies beneath
 INK = {5: ("blue", (35, 70, 170)), 6: ("green", (30, 125, 60)), 7: ("black", (32, 30, 36)), 8: ("red", (190, 32, 42))}
 INK_OPACITY = 0.85  # markers are translucent: a little of the tissue shows through
-ARTEFACTS = ("ink", "blur")
+ARTEFACTS = ("ink", "blur", "faint")
+FAINT = 9  # label code: tissue stained so pale it is barely off the glass (fat, sparse stroma, a faded slide)
+FAINT_STRENGTH = 0.3  # the share of the stain that remains
+GLASS_RGB = (244, 242, 245)
 BLUR_SIGMA_UM = 3.0  # an out-of-focus field: fine detail (nuclear edges) gone, tissue architecture kept
 MPP = 0.25  # the demo's level-0 µm/px
 
@@ -87,3 +90,28 @@ def blurred_window(render, level: int, y0: int, x0: int, h: int, w: int, downsam
     margin = int(np.ceil(3 * sigma))
     big = render(level, y0 - margin, x0 - margin, h + 2 * margin, w + 2 * margin)
     return cv2.GaussianBlur(big, (0, 0), sigma)[margin:margin + h, margin:margin + w]
+
+
+def draw_faint(rng: np.random.Generator, labels: np.ndarray, share: float = 0.5) -> np.ndarray:
+    """Make the tissue within an ellipse covering about ``share`` of it faint (label :data:`FAINT`): pale fat and
+    sparse stroma that a fixed saturation threshold loses. Returns the faint mask."""
+    from wsi.demo_cohort import TISSUE
+
+    tissue = labels == TISSUE
+    candidates = np.argwhere(tissue)
+    if not len(candidates):
+        return np.zeros(labels.shape, bool)
+    h, w = labels.shape
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx = candidates[rng.integers(len(candidates))]
+    radius = np.sqrt(share * tissue.sum() / np.pi) * 1.3
+    faint = tissue & (((yy - cy) / radius) ** 2 + ((xx - cx) / (1.2 * radius)) ** 2 <= 1)
+    labels[faint] = FAINT
+    return faint
+
+
+def paint_faint(out: np.ndarray, labels: np.ndarray) -> None:
+    """Fade the stain of faint tissue towards the glass (float RGB, in place)."""
+    where = labels == FAINT
+    if where.any():
+        out[where] = FAINT_STRENGTH * out[where] + (1 - FAINT_STRENGTH) * np.asarray(GLASS_RGB, np.float32)

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage.transform import rescale
 
-from wsi.demo_artefacts import ARTEFACTS, INK, blurred_window, draw_blur, draw_ink, paint_ink
+from wsi.demo_artefacts import (ARTEFACTS, FAINT, INK, blurred_window, draw_blur, draw_faint, draw_ink, paint_faint,
+                                paint_ink)
 from wsi.tiff_writer import level_shapes, write_pyramid
 
 GLASS = np.array([244, 242, 245], np.float32)
@@ -63,7 +64,7 @@ class SlideLayout:
 
     @property
     def tissue_mask(self) -> np.ndarray:
-        return np.isin(self.labels, (TISSUE, TUMOUR))
+        return np.isin(self.labels, (TISSUE, TUMOUR, FAINT))
 
     @property
     def tumour_mask(self) -> np.ndarray:
@@ -228,12 +229,14 @@ class SlideRenderer:
         out = np.empty((h, w, 3), np.float32)
         out[:] = GLASS
         out += self.noise_rng.normal(0, 1.2, size=(h, w, 1)).astype(np.float32)
-        for code, texture in ((TISSUE, self.textures[level][0]), (TUMOUR, self.textures[level][1])):
+        for code, texture in ((TISSUE, self.textures[level][0]), (TUMOUR, self.textures[level][1]),
+                              (FAINT, self.textures[level][0])):
             rows, cols = np.nonzero(labels == code)  # look up only the pixels of this class (glass is most of a slide)
             if len(rows):
                 th, tw = texture.shape[:2]
                 d = self.downsamples[level]
                 out[rows, cols] = texture[((ys + self.offset[0] // d) % th)[rows], ((xs + self.offset[1] // d) % tw)[cols]]
+        paint_faint(out, labels)
         out[labels == PEN_MARK] = 0.2 * out[labels == PEN_MARK] + 0.8 * PEN
         out[labels == DEBRIS_SPECK] = DEBRIS
         paint_ink(out, labels)
@@ -255,7 +258,7 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
     """Write one demo slide plus its ground truth (``<stem>.tissue.png``, ``<stem>.tumour.png``, ``<stem>.truth.json``,
     and ``<stem>.ink.png`` / ``<stem>.blur.png`` with those artefacts).
 
-    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of ``("ink", "blur")``
+    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of ``("ink", "blur", "faint")``
     (:mod:`wsi.demo_artefacts`), drawn with their own generator: the tissue is the same slide's.
     """
     unknown = set(artefacts) - set(ARTEFACTS)
@@ -267,6 +270,8 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
         draw_ink(np.random.default_rng([seed, 1]), layout.labels, layout.tissue_mask, (mpp or 0.25) * layout.downsample)
     if "blur" in artefacts:
         layout.blur = draw_blur(np.random.default_rng([seed, 2]), layout.tissue_mask)
+    if "faint" in artefacts:
+        draw_faint(np.random.default_rng([seed, 3]), layout.labels)
     renderer = SlideRenderer(layout, downsamples, rng)
     thumb = renderer(len(downsamples) - 1, 0, 0, *renderer.shapes[-1])
     label = _label_image(path.stem)
@@ -278,6 +283,8 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
     Image.fromarray((layout.tumour_mask * 255).astype(np.uint8)).save(f"{stem}.tumour.png")
     if "ink" in artefacts:
         Image.fromarray((layout.ink_mask * 255).astype(np.uint8)).save(f"{stem}.ink.png")
+    if "faint" in artefacts:
+        Image.fromarray((layout.labels == FAINT).astype(np.uint8) * 255).save(f"{stem}.faint.png")
     if layout.blur is not None:
         Image.fromarray((layout.blur * 255).astype(np.uint8)).save(f"{stem}.blur.png")
     truth = {"downsample": layout.downsample, "width": width, "height": height, "positive": positive,

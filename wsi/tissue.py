@@ -48,6 +48,9 @@ class TissueConfig(BaseModel):
     mthresh: int = Field(7, ge=1, description="median blur kernel size in mask pixels (odd)")
     close: int = Field(4, ge=0, description="morphological closing kernel size in mask pixels (0: none)")
     use_otsu: bool = Field(False, description="threshold the blurred saturation with Otsu instead of sthresh")
+    faint: bool = Field(True, description="also keep pale tissue above this slide's glass (its median saturation + "
+                                          "6 robust SDs, at least 5 levels) but below sthresh where its neighbourhood "
+                                          "is too — not a stained edge's halo (wsi.tissue.faint_tissue)")
     a_t: float = Field(100, ge=0, description="minimum tissue region area, in 512×512 level-0 patches")
     a_h: float = Field(16, ge=0, description="minimum hole area kept as a hole, in 512×512 level-0 patches")
     area_reference_mpp: float | None = Field(
@@ -184,6 +187,45 @@ def median_threshold(sat: np.ndarray, k: int, threshold: int | None) -> np.ndarr
     return (counts > (k * k) // 2).astype(np.uint8)
 
 
+GLASS_MADS = 6.0  # how far above the glass's saturation faint tissue must be, in robust standard deviations
+GLASS_MARGIN = 5.0  # and at least this many levels: a tissue edge's halo on the glass is not tissue
+FAINT_DENSITY = 0.9  # the share of a pale pixel's neighbourhood that must be above the glass too
+
+
+def glass_threshold(sat: np.ndarray, k: int) -> int:
+    """A saturation threshold just above this slide's glass: the median of the k×k-averaged saturation over the
+    pixels that are not clearly stained (below 2× the median), plus :data:`GLASS_MADS` robust standard
+    deviations (1.4826 × MAD) or :data:`GLASS_MARGIN` levels if more. Glass is most of a slide and flat; pale
+    tissue sits a few levels above it, below CLAM's fixed thresholds (15 for biopsies)."""
+    import cv2
+
+    smooth = cv2.blur(sat.astype(np.float32), (k, k)) if k > 1 else sat.astype(np.float32)
+    sample = smooth[::4, ::4].ravel()
+    level = float(np.median(sample))
+    glass = sample[sample <= max(2 * level, level + 4)]
+    spread = 1.4826 * float(np.median(np.abs(glass - np.median(glass)))) if len(glass) else 0.0
+    return int(np.ceil(float(np.median(glass)) + max(GLASS_MARGIN, GLASS_MADS * spread)))
+
+
+def faint_tissue(sat: np.ndarray, stained: np.ndarray, k: int, sthresh: int) -> np.ndarray:
+    """Pale tissue the fixed threshold missed: pixels above :func:`glass_threshold` (but not ``sthresh``) whose
+    k×k neighbourhood is at least :data:`FAINT_DENSITY` above it too — a field of pale tissue, or the pale
+    parts between stained speckles, but not the thin halo of a stained edge blurred onto the glass (half
+    its window is glass), which a lower threshold would otherwise add to every slide; then grown by half a
+    window within the pixels above the glass, to give the field back its edge. Empty when the glass
+    threshold is not below ``sthresh``. uint8 0/1 like ``stained``."""
+    import cv2
+
+    low = glass_threshold(sat, k)
+    if low >= sthresh:
+        return np.zeros_like(stained)
+    above = median_threshold(sat, k, low)
+    density = cv2.boxFilter(above.astype(np.float32), -1, (k, k), borderType=cv2.BORDER_REPLICATE)
+    pale = above & (1 - stained)
+    seeds = pale & (density >= FAINT_DENSITY).astype(np.uint8)
+    return cv2.dilate(seeds, np.ones((k, k), np.uint8)) & pale  # the field's own edge back, half a window
+
+
 def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: TissueConfig,
                    slide_mpp: float | None = None) -> TissueMask:
     """Tissue mask of an RGB overview image taken at ``downsample`` (level-0 px per pixel, (x, y)).
@@ -196,6 +238,8 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
 
     sat = saturation(rgb)
     binary = median_threshold(sat, cfg.mthresh, None if cfg.use_otsu else cfg.sthresh)
+    if cfg.faint and not cfg.use_otsu:
+        binary |= faint_tissue(sat, binary, cfg.mthresh, cfg.sthresh)
     if cfg.close > 0:
         pad = cfg.close
         padded = cv2.copyMakeBorder(binary, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
