@@ -14,7 +14,7 @@ from scipy import ndimage
 # label codes after wsi.demo_cohort's (0–4), with the RGB the renderer blends over what lies beneath
 INK = {5: ("blue", (35, 70, 170)), 6: ("green", (30, 125, 60)), 7: ("black", (32, 30, 36)), 8: ("red", (190, 32, 42))}
 INK_OPACITY = 0.85  # markers are translucent: a little of the tissue shows through
-ARTEFACTS = ("ink", "blur", "faint")
+ARTEFACTS = ("ink", "blur", "faint", "ihc")  # ihc: not an artefact, the stain (the tissue drawn as IHC)
 FAINT = 9  # label code: tissue stained so pale it is barely off the glass (fat, sparse stroma, a faded slide)
 FAINT_STRENGTH = 0.3  # the share of the stain that remains
 GLASS_RGB = (244, 242, 245)

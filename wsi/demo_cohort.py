@@ -61,6 +61,7 @@ class SlideLayout:
     height: int  # level-0
     width: int
     blur: np.ndarray | None = None  # bool, same grid: rendered out of focus (wsi.demo_artefacts.draw_blur)
+    stain: str = "he"  # "ihc": the tissue is the immunohistochemistry texture (DAB brown on haematoxylin blue)
 
     @property
     def tissue_mask(self) -> np.ndarray:
@@ -229,8 +230,8 @@ class SlideRenderer:
         out = np.empty((h, w, 3), np.float32)
         out[:] = GLASS
         out += self.noise_rng.normal(0, 1.2, size=(h, w, 1)).astype(np.float32)
-        for code, texture in ((TISSUE, self.textures[level][0]), (TUMOUR, self.textures[level][1]),
-                              (FAINT, self.textures[level][0])):
+        tissue = self.textures[level][1 if self.layout.stain == "ihc" else 0]
+        for code, texture in ((TISSUE, tissue), (TUMOUR, self.textures[level][1]), (FAINT, tissue)):
             rows, cols = np.nonzero(labels == code)  # look up only the pixels of this class (glass is most of a slide)
             if len(rows):
                 th, tw = texture.shape[:2]
@@ -258,7 +259,7 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
     """Write one demo slide plus its ground truth (``<stem>.tissue.png``, ``<stem>.tumour.png``, ``<stem>.truth.json``,
     and ``<stem>.ink.png`` / ``<stem>.blur.png`` with those artefacts).
 
-    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of ``("ink", "blur", "faint")``
+    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of ``("ink", "blur", "faint", "ihc")`` (``ihc``: an IHC-stained slide)
     (:mod:`wsi.demo_artefacts`), drawn with their own generator: the tissue is the same slide's.
     """
     unknown = set(artefacts) - set(ARTEFACTS)
@@ -272,6 +273,8 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
         layout.blur = draw_blur(np.random.default_rng([seed, 2]), layout.tissue_mask)
     if "faint" in artefacts:
         draw_faint(np.random.default_rng([seed, 3]), layout.labels)
+    if "ihc" in artefacts:
+        layout.stain = "ihc"
     renderer = SlideRenderer(layout, downsamples, rng)
     thumb = renderer(len(downsamples) - 1, 0, 0, *renderer.shapes[-1])
     label = _label_image(path.stem)
