@@ -62,8 +62,8 @@ class RunPaths:
         return self.root / "tissue" / f"{slide_id}.geojson"  # the mask's outline as a QuPath annotation
 
     def tissue_excluded(self, slide_id: str, kind: str) -> Path:
-        """An excluded region's mask (``ink``), beside the tissue mask; written only when the slide has one."""
-        return self.root / "tissue" / "masks" / f"{slide_id}.{kind}.png"
+        """An excluded region's mask (``ink``), in a folder per kind; written only when the slide has one."""
+        return self.root / "tissue" / "excluded" / kind / f"{slide_id}.png"
 
     def tissue_meta(self, slide_id: str) -> Path:
         return self.root / "tissue" / f"{slide_id}.json"

@@ -106,7 +106,8 @@ def demo(
     artefacts: Annotated[Optional[list[str]], typer.Option(help="artefacts to draw on every slide, with their truth "
                                                                  "(<id>.ink.png, .blur.png, .faint.png): ink (pen strokes "
                                                                  "and a circle), blur (out-of-focus fields), faint "
-                                                                 "(pale-stained tissue)")] = None,
+                                                                 "(pale-stained tissue), ihc (the tissue IHC-stained); "
+                                                                 "repeat the option for several")] = None,
 ) -> None:
     """Write a small cohort of real pyramidal slides (Aperio SVS + generic TIFF) with ground truth."""
     from rich.progress import Progress

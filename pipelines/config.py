@@ -28,7 +28,7 @@ class SlidesConfig(BaseModel):
         "auto", description="slide reader: auto (per file, the reader that is correct and fastest for its format: see "
                            "docs/slides-and-tiles.md; the one used is in qc/slides.csv), openslide or tiffslide")
     default_mpp: float | None = Field(
-        None, gt=0, description="µm/px for slides with no mpp in the CSV, properties or TIFF tags (a warning is logged); "
+        None, gt=0.05, lt=20, description="µm/px for slides with no mpp in the CSV, properties or TIFF tags (a warning is logged); "
                                 "null: such slides fail with a clear error")
     verify_tiles: bool = Field(
         True, description="the tiles stage reads every tile at its read level once and leaves out of the grid those "

@@ -39,6 +39,7 @@ from pipelines.stages import (
     tiles_stage,
     tissue_stage,
 )
+from wsi.tiling import TilingConfig
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ DISTILL_FIELDS = tuple(f"distill.{name}.identity" if name == "student" else f"di
                        for name in DistillConfig.model_fields if name not in ("tile_cache_mb", "num_workers"))
 
 
+# The tiling fields the grid depends on: the blur ratio only labels tiles in the QC table.
+TILING_FIELDS = tuple(f"tiling.{name}" for name in TilingConfig.model_fields if name != "blur_ratio")
+
+
 # All stages in run order. A slide stage runs per slide after the stages in ``after`` (same slide);
 # a cohort stage runs once, on the slides whose ``after`` stages are done; a fold stage runs one such
 # task per key (mil: per results row and fold), each after the same-stage keys it ``needs``.
@@ -98,7 +103,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
                                                   "tissue"), reads_slide=True,
           pixels=True, applies=lambda cfg, entry: entry.has_pixels, artifacts=lambda p, k, c: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_outline(k), p.tissue_meta(k)]),
     Stage("tiles", tiles_stage, "slide", after=("tissue",),
-          config=("tiling", "slides.verify_tiles", "slides.max_unreadable_fraction"), pixels=True,
+          config=(*TILING_FIELDS, "slides.verify_tiles", "slides.max_unreadable_fraction"), pixels=True,
           applies=lambda cfg, entry: entry.has_pixels,
           artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]
           + ([p.tile_sharpness(k)] if c.slides.verify_tiles else [])),
@@ -106,7 +111,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, uses_torch=True,
           enabled=training,
           extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
-    Stage("qc", qc_stage, "cohort", after=("tiles",), artifacts=lambda p, k, c: [p.qc_table]),
+    Stage("qc", qc_stage, "cohort", after=("tiles",), config=("tiling.blur_ratio",), artifacts=lambda p, k, c: [p.qc_table]),
     Stage("distill", distill_stage, "cohort", after=("features",), config=(*DISTILL_FIELDS, "features.teacher.identity", "features.dtype"),
           pixels=True,
           artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],

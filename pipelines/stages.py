@@ -19,13 +19,13 @@ from pipelines import __version__
 from pipelines.artifacts import RunPaths, atomic_write, write_json, write_image, write_npy, write_text
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
-from pipelines.tile_inspection import MAX_LISTED, inspect_grid
+from pipelines.tile_inspection import MAX_LISTED, blurred_fraction, inspect_grid
 from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, progress_callback
 from wsi.slide import open_slide
 from wsi.errors import SlideError
 from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
 from wsi.mask_override import find_override, load_override
-from wsi.tissue import TissueMask, load_mask_png, mask_from, mask_slide, qc_image, save_mask_png
+from wsi.tissue import EXCLUDED_COLOURS, TissueMask, load_mask_png, mask_from, mask_slide, qc_image, save_mask_png
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,15 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         slide.max_unreadable_fraction = cfg.slides.max_unreadable_fraction
         tissue, overview = mask_slide(slide, cfg.tissue)
         override = find_override(cfg.tissue.mask_dir, entry.slide_id)
-        if override is not None:  # a person's corrected mask replaces ours; what we found is kept for the QC
+        if override is not None:  # a person's corrected mask replaces ours, exclusions included
+            if override.parent == paths.tissue_meta(entry.slide_id).parent:
+                raise SlideError(entry.slide_id, "tissue.mask_dir is this run's own tissue/ folder: copy the masks "
+                                                 "you corrected to a folder of their own")
             try:
                 corrected = load_override(override, tissue.mask.shape, tissue.downsample)
             except ValueError as exc:
                 raise SlideError(entry.slide_id, f"tissue.mask_dir: {exc}") from exc
-            tissue = mask_from(corrected, tissue.downsample, tissue.excluded)
+            tissue = mask_from(corrected, tissue.downsample)
         unreadable = slide.unreadable_fraction
         meta = {
             "slide_id": entry.slide_id,
@@ -85,12 +88,12 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         meta["warnings"].append(message)
         log.warning("%s: %s", entry.slide_id, message)
     write_image(paths.tissue_qc(entry.slide_id), qc_image(overview, tissue, cfg.tissue.qc_max_size))
-    for kind, part in tissue.excluded.items():
-        target = paths.tissue_excluded(entry.slide_id, kind)
-        if part.any():
+    for kind in EXCLUDED_COLOURS:  # every kind: a rerun that no longer finds (or looks for) one leaves no old file
+        target, part = paths.tissue_excluded(entry.slide_id, kind), tissue.excluded.get(kind)
+        if part is not None and part.any():
             atomic_write(target, lambda f, part=part: save_mask_png(part, f))
         else:
-            target.unlink(missing_ok=True)  # a rerun that no longer finds any
+            target.unlink(missing_ok=True)
     atomic_write(paths.tissue_mask(entry.slide_id), lambda f: save_mask_png(tissue.mask, f))
     write_text(paths.tissue_outline(entry.slide_id), tissue_outline_json(tissue))
     write_json(paths.tissue_meta(entry.slide_id), meta)
@@ -119,7 +122,8 @@ def load_tissue(paths: RunPaths, slide_id: str) -> tuple[TissueMask, dict]:
 
 
 def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
-    """Tile grid at the target resolution from the tissue mask; no pixels are read."""
+    """Tile grid at the target resolution from the tissue mask; with ``slides.verify_tiles`` every tile is then read
+    once (undecodable ones leave the grid, focus is scored: :mod:`pipelines.tile_inspection`)."""
     tissue, slide_meta = load_tissue(paths, entry.slide_id)
     grid = tile_grid(tuple(slide_meta["dimensions"]), slide_meta["mpp"], tuple(slide_meta["level_downsamples"]),
                      tissue, cfg.tiling)
@@ -134,7 +138,10 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     else:
         paths.tile_sharpness(entry.slide_id).unlink(missing_ok=True)
     if len(grid.coords) == 0:
-        message = "no tiles: no part of the tissue mask reaches min_tissue_fraction" if tissue.n_regions else "no tiles: no tissue"
+        message = ("no tiles: every tile was left out (unreadable or below tiling.min_sharpness)"
+                   if meta.get("n_unreadable_tiles") or meta.get("n_blurry_dropped") else
+                   "no tiles: no part of the tissue mask reaches min_tissue_fraction" if tissue.n_regions else
+                   "no tiles: no tissue")
         meta["warnings"].append(message)
         log.warning("%s: %s", entry.slide_id, message)
     qc = np.asarray(Image.open(paths.tissue_qc(entry.slide_id)).convert("RGB"))
@@ -295,6 +302,12 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
     for entry in entries:
         tissue = json.loads(paths.tissue_meta(entry.slide_id).read_text())
         tiles = json.loads(paths.tile_meta(entry.slide_id).read_text())
+        sharpness = paths.tile_sharpness(entry.slide_id)
+        blurred = blurred_fraction(np.load(sharpness), cfg.tiling.blur_ratio) if sharpness.exists() else None
+        warnings = tissue["warnings"] + tiles["warnings"]
+        if blurred is not None and blurred > 0.1:  # a tenth of the tissue out of focus: worth a look
+            warnings.append(f"{blurred:.1%} of the tiles are blurred (below {cfg.tiling.blur_ratio:g} × the slide's "
+                            f"median sharpness)")
         writer.writerow({
             "slide_id": entry.slide_id, "status": "ok", "label": entry.label or "", "case_id": entry.case_id or "",
             "backend": tissue["backend"], "width": tissue["dimensions"][0], "height": tissue["dimensions"][1],
@@ -303,10 +316,10 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
             "ink_fraction": round(tissue.get("excluded", {}).get("ink", 0.0), 4),
             "n_holes": tissue["n_holes"], "n_tiles": tiles["n_tiles"], "n_unreadable_tiles": tiles.get("n_unreadable_tiles", 0),
             "unreadable_fraction": round(tissue.get("unreadable_fraction", 0.0), 4),
-            "blurred_fraction": "" if tiles.get("blurred_fraction") is None else round(tiles["blurred_fraction"], 4),
+            "blurred_fraction": "" if blurred is None else round(blurred, 4),
             "n_blurry_dropped": tiles.get("n_blurry_dropped", 0),
             "read_level": tiles["read_level"], "read_size": tiles["read_size"], "level0_size": tiles["level0_size"],
-            "delivered_mpp": round(tiles["delivered_mpp"], 4), "warnings": "; ".join(tissue["warnings"] + tiles["warnings"]),
+            "delivered_mpp": round(tiles["delivered_mpp"], 4), "warnings": "; ".join(warnings),
         })
     included = {e.slide_id for e in entries}
     others = read_manifest(paths.manifest) if paths.manifest.exists() else []

@@ -14,7 +14,7 @@ from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
 from wsi.errors import SlideError
 from wsi.slide import open_slide
-from wsi.tiling import ReadPlan, TileGrid, inspect_tiles
+from wsi.tiling import TileGrid, inspect_tiles
 
 log = logging.getLogger(__name__)
 
@@ -24,36 +24,30 @@ MAX_LISTED = 100  # unreadable regions or tiles listed one by one in a stage's J
 def inspect_grid(entry: SlideEntry, cfg: RunConfig, slide_meta: dict, grid: TileGrid, meta: dict
                  ) -> tuple[TileGrid, dict, np.ndarray]:
     """Read every tile once at its read level: undecodable ones leave the grid (recorded), each kept tile's
-    sharpness is returned (aligned with the new grid), the blurred share goes in ``meta``, and tiles below
-    ``tiling.min_sharpness`` leave the grid too.
+    sharpness is returned (aligned with the new grid), and tiles below ``tiling.min_sharpness`` leave the
+    grid too. The blurred share is the QC stage's (:func:`blurred_fraction`), so changing
+    ``tiling.blur_ratio`` reruns no tile and no feature.
 
-    Tiles under the overview's undecodable regions count as unreadable (their tissue is unknown), so the
-    share compared with ``slides.max_unreadable_fraction`` is of all tissue tiles, seen or not.
+    The share compared with ``slides.max_unreadable_fraction`` is of the grid's tiles; the overview's own
+    undecodable area was held to the same limit by the tissue stage (those parts count as glass).
     """
     with open_slide(slide_meta["slide_path"], slide_id=entry.slide_id, backend=cfg.slides.backend,
                     mpp=slide_meta["mpp"]) as slide:
         bad, scores = inspect_tiles(slide, grid.coords, grid.plan)
     keep = np.ones(len(grid.coords), bool)
     keep[list(bad)] = False
-    hidden = unseen_tiles(slide_meta.get("unreadable", []), grid.plan, tuple(slide_meta["dimensions"]))
-    n_bad, total = len(bad) + hidden, len(grid.coords) + hidden
+    n_bad, total = len(bad), len(grid.coords)
     meta.update(n_unreadable_tiles=n_bad, unreadable_tiles=[
         {"x": int(grid.coords[i][0]), "y": int(grid.coords[i][1]), "level": grid.plan.read_level, "error": error}
         for i, error in sorted(bad.items())[:MAX_LISTED]])
     if n_bad:
-        first = f"; first: {next(iter(bad.values()))}" if bad else ""
-        what = f"{n_bad} of {total} tissue tiles ({n_bad / total:.1%}) could not be decoded{first}"
+        what = f"{n_bad} of {total} tissue tiles ({n_bad / total:.1%}) could not be decoded; first: {next(iter(bad.values()))}"
         if n_bad / total > cfg.slides.max_unreadable_fraction:
             raise SlideError(entry.slide_id, f"{what} — more than slides.max_unreadable_fraction "
                                              f"({cfg.slides.max_unreadable_fraction:g})")
         warn(entry, meta, f"{what}: left out of the grid")
     scored = scores[keep & np.isfinite(scores)]
-    median = float(np.median(scored)) if len(scored) else float("nan")
-    meta["sharpness_median"] = median if np.isfinite(median) else None
-    meta["blurred_fraction"] = float((scored < cfg.tiling.blur_ratio * median).mean()) if len(scored) else None
-    if (meta["blurred_fraction"] or 0) > 0.1:  # a tenth of the tissue out of focus: worth a look
-        warn(entry, meta, f"{meta['blurred_fraction']:.1%} of the tiles are blurred (sharpness below "
-                          f"{cfg.tiling.blur_ratio:g} × the slide's median {median:.0f})")
+    meta["sharpness_median"] = float(np.median(scored)) if len(scored) else None  # the blurred share: in the QC
     meta["n_blurry_dropped"] = 0
     if cfg.tiling.min_sharpness is not None:
         blurry = keep & (scores < cfg.tiling.min_sharpness)  # NaN (too little stain to judge) is kept
@@ -69,12 +63,7 @@ def warn(entry: SlideEntry, meta: dict, message: str) -> None:
     log.warning("%s: %s", entry.slide_id, message)
 
 
-def unseen_tiles(regions: list[dict], plan: ReadPlan, dimensions: tuple[int, int]) -> int:
-    """How many grid positions fall inside the overview's undecodable regions (no tissue could be seen there)."""
-    stride = plan.level0_stride
-    count = 0
-    for r in regions:
-        cols = max(0, (min(r["x"] + r["width"], dimensions[0]) - r["x"]) // stride)
-        rows = max(0, (min(r["y"] + r["height"], dimensions[1]) - r["y"]) // stride)
-        count += cols * rows
-    return int(count)
+def blurred_fraction(scores: np.ndarray, ratio: float) -> float | None:
+    """The share of a slide's scored tiles whose sharpness is below ``ratio`` × the slide's median (None: none scored)."""
+    scored = scores[np.isfinite(scores)]
+    return float((scored < ratio * np.median(scored)).mean()) if len(scored) else None

@@ -252,3 +252,25 @@ def test_objective_power_is_the_last_resort_for_mpp(tmp_path, caplog):
         assert (slide.mpp, slide.mpp_source) == (0.5, "objective-power") and slide.objective_power == 20
         assert any("20× objective" in w for w in slide.warnings)
     assert "estimated 0.5 µm/px" in caplog.text
+
+
+def test_a_corrupt_tile_fails_only_itself_when_threads_share_an_openslide_reader(cohort, tmp_path):
+    """OpenSlide's errors are sticky per handle: two threads reading one slide, one of them hitting a corrupt tile,
+    must not fail the other's good tiles (each thread reads through its own handle)."""
+    from conftest import corrupt_jpeg_tiles, tissue_tile_indices
+    from wsi.tiling import TilingConfig, inspect_tiles, plan_read
+
+    path = tmp_path / "one_bad.svs"
+    shutil.copy(cohort / "demo_001.svs", path)
+    bad = tissue_tile_indices(cohort / "demo_001.svs", 2)
+    corrupt_jpeg_tiles(path, level=0, indices=bad)
+    with open_slide(path, backend="openslide") as slide:
+        plan = plan_read(slide.mpp, slide.level_downsamples, TilingConfig(target_mpp=0.25, patch_size=256))
+        across = -(-slide.dimensions[0] // 256)
+        coords = np.array([(c * 256, r * 256) for r in range(slide.dimensions[1] // 256)
+                           for c in range(slide.dimensions[0] // 256)])
+        failed, scores = inspect_tiles(slide, coords, plan, workers=2)
+        expected = {i for i, (x, y) in enumerate(coords) if (y // 256) * across + x // 256 in bad}
+        assert set(failed) == expected and len(expected) == 2
+        assert np.isfinite(scores).sum() + np.isnan(scores).sum() == len(coords)
+        slide.read_region((0, 0), 0, (64, 64))  # this thread's handle works after its errors

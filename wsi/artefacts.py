@@ -13,6 +13,8 @@ textures the demo uses).
 from __future__ import annotations
 
 import numpy as np
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 INK_COLOURS = ("green", "blue", "black", "red")
@@ -24,7 +26,8 @@ class InkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="exclude pen ink (green, blue, black, red marker) from the tissue mask")
-    colours: tuple[str, ...] = Field(INK_COLOURS, description="which marker colours to look for")
+    colours: tuple[Literal["green", "blue", "black", "red"], ...] = Field(
+        INK_COLOURS, description="which marker colours to look for: green, blue, black, red")
     min_area_um2: float = Field(8_000, gt=0, description="smallest ink component, µm² (a 80 × 100 µm piece of stroke): "
                                                          "smaller same-coloured specks are nuclei or blood, not ink")
     min_saturation: int = Field(70, ge=0, le=255, description="saturation (0–255) a coloured marker pixel has at least")

@@ -54,9 +54,12 @@ class OpenSlideReader:
     def __init__(self, path: Path):
         import openslide
 
+        import threading
+
         self.path = Path(path)
         self.notes: list[str] = []
-        self._slide = openslide.OpenSlide(str(path))
+        self._local = threading.local()  # per-thread read handles (see read_region)
+        self._slide = openslide.OpenSlide(str(path))  # metadata and associated images
         self.level_count = self._slide.level_count
         self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
@@ -64,15 +67,19 @@ class OpenSlideReader:
         self.properties.setdefault("wsi.vendor", self.properties.get("openslide.vendor", ""))
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """OpenSlide's errors are sticky: after one corrupt tile every read of that handle fails. So each thread
+        reads through its own handle (a corrupt tile cannot fail another thread's good one), replaced after
+        an error so this thread's next read works."""
         import openslide
 
-        slide = self._slide
+        handle = getattr(self._local, "slide", None)
+        if handle is None:
+            handle = self._local.slide = openslide.OpenSlide(str(self.path))
         try:
-            rgba = np.asarray(slide.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1]))))
+            rgba = np.asarray(handle.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1]))))
         except openslide.OpenSlideError:
-            # OpenSlide's errors are sticky: every later read of this handle would fail too. A fresh handle reads the
-            # slide's good tiles again (the old one is dropped, not closed: another thread may still be using it).
-            self._slide = openslide.OpenSlide(str(self.path))
+            handle.close()
+            self._local.slide = None
             raise
         return rgba_to_rgb_on_white(rgba)
 
@@ -83,6 +90,11 @@ class OpenSlideReader:
         return rgba_to_rgb_on_white(np.asarray(self._slide.associated_images[name].convert("RGBA")))
 
     def close(self) -> None:
+        """Closes the metadata handle and this thread's read handle; other threads' go with their threads."""
+        handle = getattr(self._local, "slide", None)
+        if handle is not None:
+            handle.close()
+            self._local.slide = None
         self._slide.close()
 
 
@@ -263,8 +275,6 @@ def _auto_backend(path: Path, vendor: str | None) -> str:
     choice = AUTO_BACKEND.get(vendor, "openslide") if vendor is not None else "tiffslide"
     if choice == "tiffslide" and vendor == "philips" and _has_missing_tiles(path):
         return "openslide"
-    if choice == "openslide" and vendor is None:
-        return "tiffslide"
     return choice
 
 

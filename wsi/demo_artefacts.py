@@ -92,12 +92,10 @@ def blurred_window(render, level: int, y0: int, x0: int, h: int, w: int, downsam
     return cv2.GaussianBlur(big, (0, 0), sigma)[margin:margin + h, margin:margin + w]
 
 
-def draw_faint(rng: np.random.Generator, labels: np.ndarray, share: float = 0.5) -> np.ndarray:
-    """Make the tissue within an ellipse covering about ``share`` of it faint (label :data:`FAINT`): pale fat and
-    sparse stroma that a fixed saturation threshold loses. Returns the faint mask."""
-    from wsi.demo_cohort import TISSUE
-
-    tissue = labels == TISSUE
+def draw_faint(rng: np.random.Generator, labels: np.ndarray, tissue_code: int, share: float = 0.5) -> np.ndarray:
+    """Make the tissue (label ``tissue_code``) within an ellipse covering about ``share`` of it faint (label
+    :data:`FAINT`): pale fat and sparse stroma that a fixed saturation threshold loses. Returns the faint mask."""
+    tissue = labels == tissue_code
     candidates = np.argwhere(tissue)
     if not len(candidates):
         return np.zeros(labels.shape, bool)

@@ -272,7 +272,7 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
     if "blur" in artefacts:
         layout.blur = draw_blur(np.random.default_rng([seed, 2]), layout.tissue_mask)
     if "faint" in artefacts:
-        draw_faint(np.random.default_rng([seed, 3]), layout.labels)
+        draw_faint(np.random.default_rng([seed, 3]), layout.labels, TISSUE)
     if "ihc" in artefacts:
         layout.stain = "ihc"
     renderer = SlideRenderer(layout, downsamples, rng)

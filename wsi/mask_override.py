@@ -1,6 +1,6 @@
 """Tissue masks a person corrected: a PNG, or a QuPath GeoJSON export, that replaces the computed mask.
 
-``tissue.mask_dir`` holds ``<slide_id>.geojson`` (or ``.json``) or ``<slide_id>.png``. A GeoJSON's
+``tissue.mask_dir`` holds ``<slide_id>.geojson`` or ``<slide_id>.png``. A GeoJSON's
 polygons are in level-0 pixels, as QuPath exports them and as ``tissue/<slide_id>.geojson`` is
 written: features classified as an excluded kind (``Ink``, ``Bubble``, ``Blur``…) or whose class
 starts with ``Ignore`` are taken out, every other polygon (``Tissue``, ``Region*``, unclassified) is
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-SUFFIXES = (".geojson", ".json", ".png")
+SUFFIXES = (".geojson", ".png")  # not .json: the run's own tissue/<id>.json is metadata
 EXCLUDED_CLASSES = ("ink", "bubble", "blur", "fold", "artefact", "artifact")
 
 
@@ -81,6 +81,13 @@ def load_override(path: Path, shape: tuple[int, int], downsample: tuple[float, f
         import cv2
         from PIL import Image
 
-        image = np.asarray(Image.open(path).convert("L")) > 0
+        try:
+            image = np.asarray(Image.open(path).convert("L")) > 0
+        except OSError as exc:
+            raise ValueError(f"{path}: not a readable PNG mask ({exc})") from exc
+        aspect, expected = image.shape[1] / image.shape[0], shape[1] / shape[0]
+        if abs(aspect / expected - 1) > 0.02:
+            raise ValueError(f"{path}: a {image.shape[1]}×{image.shape[0]} mask does not have the slide's aspect "
+                             f"({expected:.3f}, this one {aspect:.3f})")
         return cv2.resize(image.view(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
     return rasterise_geojson(path, shape, downsample)

@@ -46,9 +46,10 @@ class TilingConfig(BaseModel):
                                                                  "the target is read without resizing")
     blur_ratio: float = Field(0.1, gt=0, lt=1, description="a tile whose sharpness is below this share of its "
                                                            "slide's median is counted as blurred (QC: blurred_fraction)")
-    min_sharpness: float | None = Field(None, ge=0, description="drop tiles whose sharpness (Laplacian variance of the "
-                                                                "tile at the target mpp) is below this; null: keep "
-                                                                "them. Needs slides.verify_tiles (the pass that reads them)")
+    min_sharpness: float | None = Field(None, ge=0, description="drop tiles whose sharpness (wsi.tiling.sharpness: the "
+                                                                "median over a 4×4 grid of the Laplacian variance of "
+                                                                "stained pixels, at the target mpp) is below this; null: "
+                                                                "keep them. Needs slides.verify_tiles (the pass that reads them)")
 
     @model_validator(mode="after")
     def _check(self):

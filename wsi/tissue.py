@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from wsi.artefacts import InkConfig, ink_mask
 
@@ -61,7 +61,8 @@ class TissueConfig(BaseModel):
     mask_dir: Path | None = Field(
         None, description="folder of corrected masks, <slide_id>.geojson (QuPath export, level-0 px) or <slide_id>.png: "
                           "a slide with one uses it instead of the computed mask (wsi/mask_override.py); its content "
-                          "enters the tissue fingerprint. Give an absolute path on a cluster")
+                          "enters the tissue fingerprint. Relative paths are made absolute from the current "
+                          "directory; the folder must exist and must not be the run's own tissue/ folder")
     max_mask_pixels: int = Field(50_000_000, ge=10_000, description="cap on the mask's pixel count; a larger level is read at a coarser downsample")
     qc_max_size: int = Field(1024, ge=64, description="longer side of the QC thumbnail in pixels")
 
@@ -73,6 +74,17 @@ class TissueConfig(BaseModel):
             if preset is not None:
                 data = {**preset, **data}
         return data
+
+    @field_validator("mask_dir")
+    @classmethod
+    def _existing_folder(cls, value: Path | None) -> Path | None:
+        """Absolute (workers may run elsewhere), and there: a missing folder would silently drop the corrections."""
+        if value is None:
+            return None
+        value = Path(value).expanduser().absolute()
+        if not value.is_dir():
+            raise ValueError(f"{value} is not a folder")
+        return value
 
     @model_validator(mode="after")
     def _odd_median(self):
@@ -260,8 +272,10 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
     if "ink" in excluded and excluded["ink"].any():
         near_ink = cv2.dilate(excluded["ink"].view(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     mask, n_regions, n_holes = _filter_regions(binary, cfg.a_t * unit, cfg.a_h * unit, cfg.max_n_holes, near_ink)
-    for part in excluded.values():  # after the filter: tissue a stroke crosses keeps its region's size
-        mask &= ~part
+    if any(part.any() for part in excluded.values()):
+        for part in excluded.values():  # after the filter: tissue a stroke crosses keeps its region's size
+            mask &= ~part
+        return mask_from(mask, downsample, excluded)  # counted again: a region of ink alone is gone
     return TissueMask(mask, downsample, n_regions, n_holes, excluded)
 
 
