@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from conftest import corrupt_jpeg_tiles, tissue_tile_indices, write_glass_slide, write_latin1_description
-from pipelines.config import RunConfig
+from pipelines.config import RunConfig, load_config
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
 
@@ -106,7 +106,7 @@ def test_each_bad_slide_is_reported_with_its_reason(mixed_run, slide_id, reason)
     assert not (out / "tiles" / f"{slide_id}.json").exists()
 
 
-def test_a_few_corrupt_tiles_are_left_out_and_odd_metadata_reported(mixed_run):
+def test_a_few_corrupt_tiles_are_left_out_and_odd_metadata_reported(mixed_run, cohort):
     """Three undecodable level-0 tiles under the tissue: the slide finishes without them, counted in its tiles JSON
     and QC; a Latin-1 description: read, and said so; the failed slides are QC rows with their reasons."""
     import csv
@@ -118,8 +118,17 @@ def test_a_few_corrupt_tiles_are_left_out_and_odd_metadata_reported(mixed_run):
     assert all(t["level"] == 0 and "cannot read region" in t["error"] for t in tiles["unreadable_tiles"])
     coords = {tuple(c) for c in np.load(out / "tiles" / "partly_corrupt.coords.npy").tolist()}
     assert not coords & {(t["x"], t["y"]) for t in tiles["unreadable_tiles"]} and len(coords) == tiles["n_tiles"]
-    reference = {tuple(c) for c in np.load(out / "tiles" / "latin1.coords.npy").tolist()}  # demo_003: another slide
-    assert len(coords) > 30 and reference
+    from pipelines.artifacts import RunPaths
+    from pipelines.manifest import SlideEntry
+    from pipelines.stages import tiles_stage, tissue_stage
+
+    clean = RunPaths(out.parent / "clean")  # the same slide uncorrupted, same config: the grid minus exactly those 3
+    config = load_config(out / "run.yaml")
+    entry = SlideEntry("partly_corrupt", cohort / "demo_001.svs", line=2)
+    tissue_stage(entry, config, clean)
+    tiles_stage(entry, config, clean)
+    expected = {tuple(c) for c in np.load(clean.tile_coords("partly_corrupt")).tolist()}
+    assert coords == expected - {(t["x"], t["y"]) for t in tiles["unreadable_tiles"]} and len(coords) > 30
     rows = {r["slide_id"]: r for r in csv.DictReader((out / "qc" / "slides.csv").open())}
     assert rows["partly_corrupt"]["n_unreadable_tiles"] == "3" and "left out of the grid" in rows["partly_corrupt"]["warnings"]
     assert rows["latin1"]["status"] == "ok" and "not UTF-8 (byte 0xe4" in rows["latin1"]["warnings"]
