@@ -274,3 +274,34 @@ def test_a_corrupt_tile_fails_only_itself_when_threads_share_an_openslide_reader
         assert set(failed) == expected and len(expected) == 2
         assert np.isfinite(scores).sum() + np.isnan(scores).sum() == len(coords)
         slide.read_region((0, 0), 0, (64, 64))  # this thread's handle works after its errors
+
+
+def test_threads_reading_one_tiffslide_reader_touch_the_file_only_under_its_lock(cohort):
+    """Direct tile reads share one file position: every seek and read, tifffile's own included (its lazily built
+    JPEG decoder reads the file), must happen under the handle's lock, or one thread's seek lands another's read
+    in the wrong place (seen as 'Not a JPEG file' on a good tile)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi.backends import TiffSlideReader
+
+    reader = TiffSlideReader(cohort / "demo_001.svs")
+    handle = reader._slide.ts_tifffile.filehandle
+    unlocked = []
+
+    class Watched:  # the open file under tifffile's handle, noting any seek or read made without the lock
+        def __init__(self, raw):
+            self.raw = raw
+
+        def __getattr__(self, name):
+            attribute = getattr(self.raw, name)
+            if name in ("seek", "read", "readinto") and not handle.lock._is_owned():
+                unlocked.append(name)
+            return attribute
+
+    handle._fh = Watched(handle._fh)
+    width, height = reader.level_dimensions[0]
+    boxes = [(x, y) for y in range(0, height, 512) for x in range(0, width, 512)]
+    with ThreadPoolExecutor(2) as pool:
+        regions = list(pool.map(lambda box: reader.read_region(box, 0, (512, 512)), boxes))
+    assert len(regions) == len(boxes) and not unlocked
+    reader.close()

@@ -121,6 +121,12 @@ class TiffSlideReader:
         self._tiled_pages = _directly_readable_pages(self._slide) if direct_tile_reads else [None] * self.level_count
         self._decoded = DecodedTiles()
         self._slide.ts_tifffile.filehandle.set_lock(True)  # tile reads seek and read: one thread at a time
+        for page in self._tiled_pages:
+            if page is not None:
+                # tifffile builds a page's decoder on first use and, for JPEG, reads 4 bytes of the file to build
+                # it (``is_jfif``) outside the lock: built here, before any thread reads, so a concurrent first
+                # decode cannot move the file position under another thread's seek + read
+                page.init_decode()
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         x, y = int(location[0]), int(location[1])
