@@ -20,6 +20,25 @@ class ClusterError(RuntimeError):
     """The Dask cluster cannot run anything (no workers, unreachable scheduler)."""
 
 
+def warm_worker_plugin():
+    """A Dask worker plugin that imports the slide readers once per worker, as it starts or joins.
+
+    Without it a worker's first tissue task pays those imports (tiffslide → Zarr), several times the
+    task's own work on a typical slide.
+    """
+    from distributed import WorkerPlugin
+
+    class WarmReaders(WorkerPlugin):
+        name = "wsi-pipeline-warm-readers"
+
+        def setup(self, worker) -> None:
+            from wsi.backends import warm_imports
+
+            warm_imports()
+
+    return WarmReaders()
+
+
 def machine_cores() -> int:
     """The cores this process may run on (its CPU affinity, e.g. a SLURM allocation), else the machine's."""
     try:
@@ -106,6 +125,7 @@ def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
             except TimeoutError:
                 raise ClusterError(f"the scheduler at {cfg.runner.scheduler} has no workers after "
                                    f"{cfg.runner.worker_wait_s:g} s (runner.worker_wait_s); start or scale workers") from None
+            client.register_plugin(warm_worker_plugin())
             yield client
         return
     workers = local_worker_specs(cfg, n_tasks, local_gpus(cfg))
@@ -120,4 +140,5 @@ def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
         with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             client.wait_for_workers(len(workers), timeout=120)
+            client.register_plugin(warm_worker_plugin())
             yield client

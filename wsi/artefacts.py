@@ -57,11 +57,19 @@ def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
     if not cfg.enabled:
         return out
     min_px = cfg.min_area_um2 / px_um**2
-    for colour, candidate in ink_candidates(rgb, cfg).items():
+    candidates = ink_candidates(rgb, cfg)
+    # one labelling for the colours judged by size alone (a component may mix them: a blue stroke over a black
+    # one is ink either way), one for red, which must also be a stroke; a colour with fewer candidate pixels
+    # than one ink component needs is not labelled at all (the usual clean slide: no labelling)
+    sized = [part for colour, part in candidates.items() if colour != "red" and part.sum() >= min_px]
+    groups = [("sized", np.logical_or.reduce(sized))] if sized else []
+    if "red" in candidates and candidates["red"].sum() >= min_px:
+        groups.append(("red", candidates["red"]))
+    for kind, candidate in groups:
         n, labels, stats, _ = cv2.connectedComponentsWithStats(candidate.view(np.uint8), connectivity=8)
         keep = np.zeros(n, bool)
         keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
-        if colour == "red":  # a stroke, not a blob of blood: its area is many times its half-width squared
+        if kind == "red":  # a stroke, not a blob of blood: its area is many times its half-width squared
             for label in np.flatnonzero(keep):
                 x, y, w, h = stats[label, :4]
                 part = (labels[y:y + h, x:x + w] == label).astype(np.uint8)

@@ -119,62 +119,59 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float, max_n_holes: int,
                     open_near: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
     """CLAM's contour filtering with connected components: keep big regions, keep their big holes. Holes that
-    touch ``open_near`` (excluded ink) are never filled: glass a pen circle encloses is not tissue."""
+    touch ``open_near`` (excluded ink) are never filled: glass a pen circle encloses is not tissue.
+
+    Tissue is 8-connected, holes are the 4-connected background a flood fill from the border does not reach.
+    Both are labelled without OpenCV's per-pixel statistics (areas are counted over their own pixels only),
+    which were two thirds of the time on a 16×-level mask.
+    """
     import cv2
 
-    binary = np.asarray(binary, dtype=bool)
-    n_fg, fg_labels, fg_stats, _ = cv2.connectedComponentsWithStats(binary.view(np.uint8), connectivity=8)
+    binary = np.ascontiguousarray(binary, dtype=bool)
+    n_fg, fg_labels = cv2.connectedComponents(binary.view(np.uint8), connectivity=8)
     n_fg -= 1  # label 0 is the background
     if n_fg == 0:
         return np.zeros_like(binary, dtype=bool), 0, 0
-    fg_area = fg_stats[:, cv2.CC_STAT_AREA].copy()
-    fg_area[0] = 0
-    # holes: background components (4-connected, dual of 8-connected foreground) not touching the border
-    n_bg, bg_labels, bg_stats, _ = cv2.connectedComponentsWithStats((~binary).view(np.uint8), connectivity=4)
-    n_bg -= 1
-    border = np.unique(np.concatenate([bg_labels[0], bg_labels[-1], bg_labels[:, 0], bg_labels[:, -1]]))
-    bg_area = bg_stats[:, cv2.CC_STAT_AREA]
-    holes_of: dict[int, list[tuple[int, int]]] = {}
-    interior = np.setdiff1d(np.arange(1, n_bg + 1), border)
-    for hole_id in interior.tolist():
-        # the pixel left of the hole's first pixel in its top row belongs to the enclosing region
-        row, left, width = bg_stats[hole_id, cv2.CC_STAT_TOP], bg_stats[hole_id, cv2.CC_STAT_LEFT], bg_stats[hole_id, cv2.CC_STAT_WIDTH]
-        first = left + int(np.argmax(bg_labels[row, left:left + width] == hole_id))
-        parent = int(fg_labels[row, first - 1])
-        holes_of.setdefault(parent, []).append((int(bg_area[hole_id]), hole_id))
-    never_fill = set(np.unique(bg_labels[open_near]).tolist()) if open_near is not None and open_near.any() else set()
-    keep_region = np.zeros(n_fg + 1, bool)
-    n_holes, fill = 0, []
-    for region in range(1, n_fg + 1):
-        if fg_area[region] <= min_tissue_px or fg_area[region] == 0:
+    fg_area = np.bincount(fg_labels[binary], minlength=n_fg + 1)
+    keep_region = fg_area > min_tissue_px
+    keep_region[0] = False
+    mask = keep_region[fg_labels]
+    holes = enclosed_background(binary)
+    hole_at = np.flatnonzero(holes)  # raster order
+    if not len(hole_at):
+        return mask, int(keep_region.sum()), 0
+    hole_labels = cv2.connectedComponents(holes.view(np.uint8), connectivity=4)[1]
+    ids = hole_labels.ravel()[hole_at]
+    hole_area = np.bincount(ids)
+    hole_ids, first = np.unique(ids, return_index=True)
+    # the pixel left of a hole's first pixel (raster order) is tissue: the region enclosing it
+    parent = fg_labels.ravel()[hole_at[first] - 1]
+    never_fill = np.zeros(len(hole_area), bool)
+    if open_near is not None and open_near.any():
+        never_fill[np.unique(hole_labels[open_near])] = True
+    fill = np.zeros(len(hole_area), bool)
+    n_holes = 0
+    order = np.lexsort((-hole_ids, -hole_area[hole_ids], parent))  # by region, then largest (and last) first
+    for region, start, count in zip(*np.unique(parent[order], return_index=True, return_counts=True)):
+        if not keep_region[region]:
             continue
-        keep_region[region] = True
-        holes = sorted(holes_of.get(region, []), reverse=True)
-        kept = {h for area, h in holes[:max_n_holes] if area > min_hole_px}
+        ranked = hole_ids[order[start:start + count]]
+        kept = ranked[:max_n_holes][hole_area[ranked[:max_n_holes]] > min_hole_px]
         n_holes += len(kept)
-        fill += [h for _, h in holes if h not in kept and h not in never_fill]
-    mask = binary.copy()
-    _paint(mask, fg_labels, fg_stats, np.flatnonzero(~keep_region[1:]) + 1, False)
-    _paint(mask, bg_labels, bg_stats, np.asarray(fill, np.int64), True)
+        fill[ranked] = True
+        fill[kept] = False
+    fill &= ~never_fill
+    mask.ravel()[hole_at[fill[ids]]] = True
     return mask, int(keep_region.sum()), n_holes
 
 
-def _paint(mask: np.ndarray, labels: np.ndarray, stats: np.ndarray, ids: np.ndarray, value: bool) -> None:
-    """``mask[labels ∈ ids] = value``, looking only inside the components' bounding boxes when they are smaller
-    than the image (the usual case: specks dropped, small holes filled), else with one lookup table."""
+def enclosed_background(binary: np.ndarray) -> np.ndarray:
+    """The background that does not reach the image's border through 4-connected background: the holes."""
     import cv2
 
-    if not len(ids):
-        return
-    boxes = stats[ids][:, [cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT]]
-    if int((boxes[:, 2] * boxes[:, 3]).sum()) > labels.size:
-        table = np.zeros(len(stats), bool)
-        table[ids] = True
-        mask[table[labels]] = value
-        return
-    for label, (x, y, w, h) in zip(ids.tolist(), boxes.tolist()):
-        window = mask[y:y + h, x:x + w]
-        window[labels[y:y + h, x:x + w] == label] = value
+    canvas = cv2.copyMakeBorder((~binary).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=1)
+    cv2.floodFill(canvas, None, (0, 0), 2, flags=4)
+    return canvas[1:-1, 1:-1] == 1
 
 
 def median_threshold(sat: np.ndarray, k: int, threshold: int | None) -> np.ndarray:
