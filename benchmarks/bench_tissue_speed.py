@@ -96,17 +96,22 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=6)
     parser.add_argument("--width", type=int, default=40_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pyramid", default="1,4,16", help="the slides' level downsamples: 1,4,16 (masked at 16×, "
+                                                             "2,500 × 1,875 px at 40,000 wide) or 1,4,16,64 (at 64×)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wsi-bench-speed"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    pyramid = tuple(int(d) for d in args.pyramid.split(","))
     slides = []
     for i in range(args.slides):
-        path = args.workdir / f"slide_{i}.svs"
+        path = args.workdir / f"slide_{i}{'' if pyramid == (1, 4, 16) else '_' + '-'.join(map(str, pyramid))}.svs"
         if not path.exists():
-            write_demo_slide(path, height=args.width * 3 // 4, width=args.width, positive=i % 2 == 1, seed=700 + i)
+            write_demo_slide(path, height=args.width * 3 // 4, width=args.width, positive=i % 2 == 1, seed=700 + i,
+                             downsamples=pyramid)
         slides.append(path)
     theirs, clam_wall = clam(slides, args.workdir, args.clam_dir, args.clam_python)
-    print(f"{cpu_model()}; {args.slides} slides {args.width}×{args.width * 3 // 4} at 0.25 µm/px, CLAM preset tcga, "
+    print(f"{cpu_model()}; {args.slides} slides {args.width}×{args.width * 3 // 4} at 0.25 µm/px, pyramid {args.pyramid}, "
+          f"CLAM preset tcga, "
           f"512-px level-0 tiles; ours on {args.workers} workers; seconds per slide\n")
     print("| tiles read (`slides.verify_tiles`) | first slide: ours / CLAM | ratio | median: ours / CLAM | ratio "
           "| worst slide: ours / CLAM | ratio | wall: ours / CLAM |")

@@ -21,22 +21,21 @@ class ClusterError(RuntimeError):
 
 
 def warm_worker_plugin():
-    """A Dask worker plugin that imports the slide readers once per worker, as it starts or joins.
-
-    Without it a worker's first tissue task pays those imports (tiffslide → Zarr), several times the
-    task's own work on a typical slide.
+    """A Dask worker plugin that pays the tissue stage's one-time costs once per worker, as it starts or joins
+    (:func:`wsi.tissue.warm_up`: the slide readers' imports, tiffslide → Zarr, and the first use of OpenCV and
+    Pillow). Without it a worker's first tissue task pays them, more than the task's own work.
     """
     from distributed import WorkerPlugin
 
-    class WarmReaders(WorkerPlugin):
-        name = "wsi-pipeline-warm-readers"
+    class WarmUp(WorkerPlugin):
+        name = "wsi-pipeline-warm-up"
 
         def setup(self, worker) -> None:
-            from wsi.backends import warm_imports
+            from wsi.tissue import warm_up
 
-            warm_imports()
+            warm_up()
 
-    return WarmReaders()
+    return WarmUp()
 
 
 def machine_cores() -> int:

@@ -37,7 +37,7 @@ def tiles_geojson(coords: np.ndarray, size: int, measurements: dict[str, np.ndar
     return {"type": "FeatureCollection", "features": features}
 
 
-def _ring_area(ring: list[list[float]]) -> float:
+def _ring_area(ring) -> float:
     """Signed shoelace area of a closed ring, in its own coordinates (positive: counter-clockwise as numbers)."""
     xs, ys = np.asarray(ring, dtype=np.float64).T
     return float(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1])) / 2
@@ -46,11 +46,12 @@ def _ring_area(ring: list[list[float]]) -> float:
 def _oriented(points: np.ndarray, scale: tuple[float, float], exterior: bool) -> list[list[float]]:
     """A closed ring in level-0 pixels from contour points of the 2×-upsampled mask, wound as RFC 7946 asks
     (exteriors counter-clockwise, holes clockwise, as the numbers go)."""
-    ring = [[round((x + 0.5) / 2 * scale[0], 2), round((y + 0.5) / 2 * scale[1], 2)] for x, y in points.reshape(-1, 2).tolist()]
-    ring.append(ring[0])
+    xy = points.reshape(-1, 2).astype(np.float64)
+    ring = np.round((xy + 0.5) / 2 * np.asarray(scale, np.float64), 2)
+    ring = np.concatenate([ring, ring[:1]])
     if (_ring_area(ring) > 0) != exterior:
-        ring.reverse()
-    return ring
+        ring = ring[::-1]
+    return ring.tolist()
 
 
 def tissue_geojson(mask: np.ndarray, downsample: tuple[float, float], *, name: str = "Tissue",

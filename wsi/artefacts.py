@@ -35,18 +35,24 @@ class InkConfig(BaseModel):
 
 
 def ink_candidates(rgb: np.ndarray, cfg: InkConfig) -> dict[str, np.ndarray]:
-    """Per marker colour, the pixels of that colour (before the shape rule)."""
+    """Per marker colour, the pixels of that colour (before the shape rule), on the 3 × 3 median of the overview."""
     import cv2
 
     hsv = cv2.cvtColor(cv2.medianBlur(np.ascontiguousarray(rgb), 3), cv2.COLOR_RGB2HSV)
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    rules = {
-        "green": (h >= 35) & (h < 95) & (s >= cfg.min_saturation) & (v < 235),
-        "blue": (h >= 95) & (h < 125) & (s >= cfg.min_saturation + 30),  # haematoxylin sits at ≥ 125, or is pale
-        "black": (v < 70) & (s < 110),  # neutral dark: stained tissue this dark keeps its colour
-        "red": ((h <= 8) | (h >= 174)) & (s >= 150) & (v >= 70),  # marker red; eosin's pink is paler
+    s = cfg.min_saturation
+    ranges = {  # (H, S, V) lower and upper bounds, inclusive; OpenCV's hue is 0–179
+        "green": [((35, s, 0), (94, 255, 234))],
+        "blue": [((95, min(255, s + 30), 0), (124, 255, 255))],  # haematoxylin sits at ≥ 125, or is pale
+        "black": [((0, 0, 0), (179, 109, 69))],  # neutral dark: stained tissue this dark keeps its colour
+        "red": [((0, 150, 70), (8, 255, 255)), ((174, 150, 70), (179, 255, 255))],  # marker red; eosin is paler
     }
-    return {colour: rules[colour] for colour in cfg.colours}
+    out = {}
+    for colour in cfg.colours:
+        hit = cv2.inRange(hsv, *ranges[colour][0])
+        for low, high in ranges[colour][1:]:
+            hit |= cv2.inRange(hsv, low, high)
+        out[colour] = hit > 0
+    return out
 
 
 def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
@@ -62,19 +68,22 @@ def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
     # one is ink either way), one for red, which must also be a stroke; a colour with fewer candidate pixels
     # than one ink component needs is not labelled at all (the usual clean slide: no labelling)
     sized = [part for colour, part in candidates.items() if colour != "red" and part.sum() >= min_px]
-    groups = [("sized", np.logical_or.reduce(sized))] if sized else []
+    if sized:
+        union = np.logical_or.reduce(sized)
+        labels = cv2.connectedComponents(union.view(np.uint8), connectivity=8)[1]
+        keep = np.bincount(labels[union]) >= min_px  # areas counted over the candidates only
+        keep[0] = False
+        if keep.any():
+            out |= keep[labels]
     if "red" in candidates and candidates["red"].sum() >= min_px:
-        groups.append(("red", candidates["red"]))
-    for kind, candidate in groups:
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(candidate.view(np.uint8), connectivity=8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(candidates["red"].view(np.uint8), connectivity=8)
         keep = np.zeros(n, bool)
         keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
-        if kind == "red":  # a stroke, not a blob of blood: its area is many times its half-width squared
-            for label in np.flatnonzero(keep):
-                x, y, w, h = stats[label, :4]
-                part = (labels[y:y + h, x:x + w] == label).astype(np.uint8)
-                half_width = cv2.distanceTransform(np.pad(part, 1), cv2.DIST_L2, 3).max()
-                keep[label] = stats[label, cv2.CC_STAT_AREA] >= 6 * half_width**2  # a disc: π
+        for label in np.flatnonzero(keep):  # a stroke, not a blob of blood: its area is many times its half-width²
+            x, y, w, h = stats[label, :4]
+            part = (labels[y:y + h, x:x + w] == label).astype(np.uint8)
+            half_width = cv2.distanceTransform(np.pad(part, 1), cv2.DIST_L2, 3).max()
+            keep[label] = stats[label, cv2.CC_STAT_AREA] >= 6 * half_width**2  # a disc: π
         out |= keep[labels]
     rim = int(round(cfg.rim_um / px_um))
     if rim > 0 and out.any():

@@ -14,6 +14,7 @@ even kernel (CLAM's ``close`` 2 or 4) does not shift the mask by a pixel as ``cv
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -355,3 +356,20 @@ def load_mask_png(path: Path) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(path)).astype(bool)
+
+
+def warm_up() -> None:
+    """Pay a worker's one-time costs of the tissue stage before its first slide: import the slide readers, then
+    mask, draw and outline a small synthetic overview (what the path imports lazily: NumPy's masked arrays,
+    OpenCV's and Pillow's codecs, …). Called once per worker process by ``pipelines.cluster``."""
+    from wsi.annotations import tissue_geojson
+    from wsi.backends import warm_imports
+
+    warm_imports()
+    rgb = np.full((96, 128, 3), 242, np.uint8)
+    rgb[24:72, 32:96] = (190, 110, 160)  # a patch of H&E-coloured tissue
+    rgb[40:44, 10:120] = (30, 125, 60)  # crossed by a green stroke
+    tissue = segment_tissue(rgb, (64.0, 64.0), TissueConfig(), slide_mpp=0.25)
+    qc_image(rgb, tissue, 128)
+    tissue_geojson(tissue.mask, tissue.downsample)
+    save_mask_png(tissue.mask, io.BytesIO())
