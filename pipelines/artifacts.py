@@ -65,6 +65,10 @@ class RunPaths:
         """An excluded region's mask (``ink``), in a folder per kind; written only when the slide has one."""
         return self.root / "tissue" / "excluded" / kind / f"{slide_id}.png"
 
+    def tissue_flagged(self, slide_id: str, kind: str) -> Path:
+        """A flagged region's mask (``fold``: tissue kept but marked), in a folder per kind; only when there is one."""
+        return self.root / "tissue" / "flagged" / kind / f"{slide_id}.png"
+
     def tissue_meta(self, slide_id: str) -> Path:
         return self.root / "tissue" / f"{slide_id}.json"
 
@@ -73,6 +77,10 @@ class RunPaths:
 
     def tile_meta(self, slide_id: str) -> Path:
         return self.root / "tiles" / f"{slide_id}.json"
+
+    def tile_folds(self, slide_id: str) -> Path:
+        """Each tile's share of folded tissue (float32, aligned with the coords; ``tissue.folds``)."""
+        return self.root / "tiles" / f"{slide_id}.fold.npy"
 
     def tile_sharpness(self, slide_id: str) -> Path:
         """Each kept tile's focus score (float32, aligned with the coords), when the tiles stage read them."""

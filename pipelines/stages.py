@@ -19,13 +19,15 @@ from pipelines import __version__
 from pipelines.artifacts import RunPaths, atomic_write, write_json, write_image, write_npy, write_text
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
-from pipelines.tile_inspection import MAX_LISTED, blurred_fraction, inspect_grid
+from pipelines.tile_inspection import MAX_LISTED, blurred_fraction, drop_folds, inspect_grid, write_fold_shares
 from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, progress_callback
 from wsi.slide import open_slide
 from wsi.errors import SlideError
 from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
 from wsi.mask_override import find_override, load_override
-from wsi.tissue import EXCLUDED_COLOURS, TissueMask, load_mask_png, mask_from, mask_slide, qc_image, save_mask_png
+from wsi.artefacts import fold_mask
+from wsi.tissue import (EXCLUDED_COLOURS, FLAGGED_COLOURS, TissueMask, load_mask_png, mask_from, mask_slide, qc_image,
+                        save_mask_png)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
             except ValueError as exc:
                 raise SlideError(entry.slide_id, f"tissue.mask_dir: {exc}") from exc
             tissue = mask_from(corrected, tissue.downsample)
+            folds = fold_mask(overview, tissue.mask, slide.mpp * tissue.downsample[0], cfg.tissue.folds)
+            if folds.any():  # folds are flagged in the corrected mask too: a person corrects what is tissue
+                tissue.flagged["fold"] = folds
         unreadable = slide.unreadable_fraction
         meta = {
             "slide_id": entry.slide_id,
@@ -79,6 +84,7 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         "n_regions": tissue.n_regions,
         "n_holes": tissue.n_holes,
         "excluded": {kind: float(part.mean()) for kind, part in tissue.excluded.items()},  # share of the overview
+        "flagged": {kind: float(part.sum() / max(1, tissue.mask.sum())) for kind, part in tissue.flagged.items()},  # of the tissue
         "mask_source": str(override) if override is not None else "computed",
         "params": cfg.tissue.model_dump(mode="json"),
         "version": __version__,
@@ -88,8 +94,10 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         meta["warnings"].append(message)
         log.warning("%s: %s", entry.slide_id, message)
     write_image(paths.tissue_qc(entry.slide_id), qc_image(overview, tissue, cfg.tissue.qc_max_size))
-    for kind in EXCLUDED_COLOURS:  # every kind: a rerun that no longer finds (or looks for) one leaves no old file
-        target, part = paths.tissue_excluded(entry.slide_id, kind), tissue.excluded.get(kind)
+    # every kind: a rerun that no longer finds (or looks for) one leaves no old file
+    marked = [(paths.tissue_excluded(entry.slide_id, kind), tissue.excluded.get(kind)) for kind in EXCLUDED_COLOURS]
+    marked += [(paths.tissue_flagged(entry.slide_id, kind), tissue.flagged.get(kind)) for kind in FLAGGED_COLOURS]
+    for target, part in marked:
         if part is not None and part.any():
             atomic_write(target, lambda f, part=part: save_mask_png(part, f))
         else:
@@ -102,11 +110,12 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
 
 def tissue_outline_json(tissue: TissueMask) -> str:
     """The mask's regions and holes as one QuPath annotation (GeoJSON, level-0 pixels), and each excluded kind
-    (ink) as another, classified by its name capitalised (QuPath class ``Ink``)."""
+    (ink, bubble) or flagged kind (fold) as another, classified by its name capitalised (QuPath class ``Ink``,
+    ``Bubble``, ``Fold``)."""
     from wsi.annotations import tissue_geojson
 
     collection = tissue_geojson(tissue.mask, tissue.downsample)
-    for kind, part in tissue.excluded.items():
+    for kind, part in (tissue.excluded | tissue.flagged).items():
         if part.any():
             collection["features"] += tissue_geojson(part, tissue.downsample, name=kind.capitalize())["features"]
     return json.dumps(collection, separators=(",", ":"))
@@ -118,7 +127,9 @@ def load_tissue(paths: RunPaths, slide_id: str) -> tuple[TissueMask, dict]:
     mask = load_mask_png(paths.tissue_mask(slide_id))
     excluded = {kind: load_mask_png(paths.tissue_excluded(slide_id, kind)) for kind in meta.get("excluded", {})
                 if paths.tissue_excluded(slide_id, kind).exists()}
-    return TissueMask(mask, tuple(meta["mask_downsample"]), meta["n_regions"], meta["n_holes"], excluded), meta
+    flagged = {kind: load_mask_png(paths.tissue_flagged(slide_id, kind)) for kind in meta.get("flagged", {})
+               if paths.tissue_flagged(slide_id, kind).exists()}
+    return TissueMask(mask, tuple(meta["mask_downsample"]), meta["n_regions"], meta["n_holes"], excluded, flagged), meta
 
 
 def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
@@ -130,6 +141,7 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     meta = {"slide_id": entry.slide_id, **grid.metadata(), "slide_mpp": slide_meta["mpp"],
             "dimensions": slide_meta["dimensions"], "params": cfg.tiling.model_dump(mode="json"),
             "version": __version__, "warnings": []}
+    grid, meta = drop_folds(cfg, tissue, grid, meta)
     if cfg.slides.verify_tiles:
         scores = np.zeros(0, np.float32)
         if len(grid.coords):
@@ -144,6 +156,7 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
                    "no tiles: no tissue")
         meta["warnings"].append(message)
         log.warning("%s: %s", entry.slide_id, message)
+    write_fold_shares(paths.tile_folds(entry.slide_id), tissue, grid, meta)
     qc = np.asarray(Image.open(paths.tissue_qc(entry.slide_id)).convert("RGB"))
     write_image(paths.tile_overlay(entry.slide_id), grid_overlay(qc, grid, tuple(slide_meta["dimensions"])))
     write_npy(paths.tile_coords(entry.slide_id), grid.coords)
@@ -293,8 +306,8 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
     from pipelines.state import read_state
 
     columns = ["slide_id", "status", "label", "case_id", "backend", "width", "height", "mpp", "mpp_source", "mpp_detail",
-               "tissue_fraction", "ink_fraction", "n_regions", "n_holes", "n_tiles", "n_unreadable_tiles",
-               "unreadable_fraction", "blurred_fraction", "n_blurry_dropped",
+               "tissue_fraction", "ink_fraction", "bubble_fraction", "fold_fraction", "n_regions", "n_holes", "n_tiles",
+               "n_unreadable_tiles", "unreadable_fraction", "blurred_fraction", "n_blurry_dropped", "n_fold_tiles",
                "read_level", "read_size", "level0_size", "delivered_mpp", "warnings"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -314,6 +327,9 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
             "mpp": tissue["mpp"], "mpp_source": tissue["mpp_source"], "mpp_detail": tissue.get("mpp_detail", ""),
             "tissue_fraction": round(tissue["tissue_fraction"], 4), "n_regions": tissue["n_regions"],
             "ink_fraction": round(tissue.get("excluded", {}).get("ink", 0.0), 4),
+            "bubble_fraction": round(tissue.get("excluded", {}).get("bubble", 0.0), 4),
+            "fold_fraction": round(tissue.get("flagged", {}).get("fold", 0.0), 4),
+            "n_fold_tiles": tiles.get("n_fold_tiles", 0),
             "n_holes": tissue["n_holes"], "n_tiles": tiles["n_tiles"], "n_unreadable_tiles": tiles.get("n_unreadable_tiles", 0),
             "unreadable_fraction": round(tissue.get("unreadable_fraction", 0.0), 4),
             "blurred_fraction": "" if blurred is None else round(blurred, 4),

@@ -1,4 +1,5 @@
-"""The tiles stage's read of every tile: undecodable tiles leave the grid, each tile's focus is scored.
+"""The tiles stage's checks of each tile: undecodable tiles leave the grid, each tile's focus is scored, and its
+share of folded tissue is recorded (and, if asked, tiles mostly fold leave the grid).
 
 One pass over the pixels at the read level (``slides.verify_tiles``) answers both: a tile that does not
 decode, and one that is out of focus, are known before any model sees them.
@@ -10,11 +11,13 @@ import logging
 
 import numpy as np
 
+from pipelines.artifacts import write_npy
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
 from wsi.errors import SlideError
 from wsi.slide import open_slide
-from wsi.tiling import TileGrid, inspect_tiles
+from wsi.tiling import TileGrid, inspect_tiles, tissue_fractions
+from wsi.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +70,33 @@ def blurred_fraction(scores: np.ndarray, ratio: float) -> float | None:
     """The share of a slide's scored tiles whose sharpness is below ``ratio`` × the slide's median (None: none scored)."""
     scored = scores[np.isfinite(scores)]
     return float((scored < ratio * np.median(scored)).mean()) if len(scored) else None
+
+
+def fold_shares(tissue: TissueMask, grid: TileGrid) -> np.ndarray | None:
+    """Each tile's share of folded tissue (``tissue.folds``), None when the slide has no fold."""
+    fold = tissue.flagged.get("fold")
+    if fold is None:
+        return None
+    return tissue_fractions(TissueMask(fold, tissue.downsample, 0, 0), grid.coords[:, 0], grid.coords[:, 1],
+                            grid.plan.level0_size)
+
+
+def drop_folds(cfg: RunConfig, tissue: TissueMask, grid: TileGrid, meta: dict) -> tuple[TileGrid, dict]:
+    """Tiles more than ``tiling.max_fold_fraction`` fold leave the grid (before any tile is read)."""
+    shares = fold_shares(tissue, grid)
+    meta["n_fold_dropped"] = 0
+    if cfg.tiling.max_fold_fraction is None or shares is None:
+        return grid, meta
+    keep = shares <= cfg.tiling.max_fold_fraction
+    meta["n_fold_dropped"] = int((~keep).sum())
+    return TileGrid(grid.coords[keep], grid.tissue_fraction[keep], grid.plan), meta
+
+
+def write_fold_shares(target, tissue: TissueMask, grid: TileGrid, meta: dict) -> None:
+    """The final grid's fold shares beside its coords (none: no file), and how many tiles are mostly fold."""
+    shares = fold_shares(tissue, grid)
+    meta["n_fold_tiles"] = 0 if shares is None else int((shares >= 0.5).sum())
+    if shares is None:
+        target.unlink(missing_ok=True)
+    else:
+        write_npy(target, shares)

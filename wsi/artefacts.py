@@ -1,4 +1,5 @@
-"""Artefacts on real glass, found on the tissue stage's overview: pathologists' pen ink (so far).
+"""Artefacts on real glass, found on the tissue stage's overview: pathologists' pen ink, thin structures on the
+glass (bubble rims, coverslip edges, fibres) and tissue folds.
 
 Ink is found by colour and by shape. Marker colours that H&E never shows at overview scale (green,
 saturated blue, neutral black) or shows only in small amounts (saturated red: blood) are candidates.
@@ -89,3 +90,79 @@ def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
     if rim > 0 and out.any():
         out = cv2.dilate(out.view(np.uint8), np.ones((2 * rim + 1, 2 * rim + 1), np.uint8)).astype(bool)
     return out
+
+
+class BubbleConfig(BaseModel):
+    """Thin structures on the glass (``tissue.bubbles``): the rim of an air bubble, a coverslip's edge, a fibre."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="exclude regions that are thin: bubble rims, coverslip edges, fibres "
+                                            "(wsi.artefacts.thin_parts)")
+    min_width_um: float = Field(120.0, gt=0, description="a region of which under a tenth lies farther than half this "
+                                                         "(µm) from its edge is excluded; tissue strips narrower than "
+                                                         "this go too (less than one 256-px tile at 0.5 µm/px)")
+
+
+class FoldConfig(BaseModel):
+    """Tissue folds (``tissue.folds``): flagged, not excluded (the tissue is there, doubled)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="flag folded tissue: where the optical density is ratio × the median of "
+                                            "the slide's tissue")
+    ratio: float = Field(1.6, gt=1, description="a fold's optical density over the median of the slide's tissue (a "
+                                                "fold doubles the section: 2 in theory)")
+    min_area_um2: float = Field(20_000.0, gt=0, description="smallest fold, µm²")
+
+
+THIN_CORE_SHARE = 0.1  # a region with less of itself than this farther than half the width from its edge is thin
+
+
+def thin_parts(labels: np.ndarray, area: np.ndarray, binary: np.ndarray, width_px: float) -> np.ndarray:
+    """Per label of ``labels`` (``area``: each label's pixel count, 0 the background), whether it is thin: less
+    than :data:`THIN_CORE_SHARE` of it is left by an erosion with a disc ``width_px`` across. A rim, an edge or a
+    fibre is all border; where two of them cross, a disc fits, but only there (a bubble on a coverslip's edge),
+    while a section of tissue is mostly core."""
+    import cv2
+
+    size = max(1, int(round(width_px)))
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    core = cv2.erode(binary.view(np.uint8), disc, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+    thin = np.bincount(labels[core], minlength=len(area)) < THIN_CORE_SHARE * area
+    thin[0] = False
+    return thin
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Summed optical density of R, G and B, −log10 of the transmitted share (float32): doubled tissue doubles it."""
+    import cv2
+
+    table = (-np.log10((np.arange(256, dtype=np.float32) + 1) / 256)).astype(np.float32)
+    return cv2.LUT(np.ascontiguousarray(rgb), table).sum(axis=2, dtype=np.float32)
+
+
+def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig) -> np.ndarray:
+    """Folded tissue on an overview whose pixels are ``px_um`` µm wide, within the boolean ``tissue`` mask.
+
+    A fold is the section lying on itself: about twice the optical density of the slide's tissue. Each tissue
+    pixel's density, averaged over ~50 µm (the texture's scale, so a cluster of nuclei is not a fold), is
+    compared with the median over all the tissue; components above ``min_area_um2`` count. A slide whose
+    tissue is mostly fold, or a tumour twice as dense as the rest, is misjudged: folds are flagged, not dropped.
+    """
+    import cv2
+
+    out = np.zeros(tissue.shape, bool)
+    if not cfg.enabled or not tissue.any():
+        return out
+    weight = tissue.astype(np.float32)
+    od = optical_density(rgb) * weight
+    small = max(1, int(round(50 / px_um))) | 1
+    local = cv2.blur(od, (small, small)) / np.maximum(cv2.blur(weight, (small, small)), 1e-6)
+    candidate = tissue & (local > cfg.ratio * float(np.median(od[tissue])))
+    if candidate.sum() * px_um**2 < cfg.min_area_um2:
+        return out
+    labels = cv2.connectedComponents(candidate.view(np.uint8), connectivity=8)[1]
+    keep = np.bincount(labels[candidate]) * px_um**2 >= cfg.min_area_um2
+    keep[0] = False
+    return keep[labels] if keep.any() else out

@@ -1,5 +1,5 @@
 """Artefacts for demo and test slides, each with its truth: pathologists' pen ink (strokes and a circle),
-out-of-focus fields, and faint (pale-stained) tissue.
+out-of-focus fields, faint (pale-stained) tissue, air bubbles and a coverslip edge on the glass, and folds.
 
 Drawn into a :class:`wsi.demo_cohort.SlideLayout`'s label map after the tissue, with their own random
 generator, so a slide without artefacts is the same slide as before and one with them differs only
@@ -14,7 +14,9 @@ from scipy import ndimage
 # label codes after wsi.demo_cohort's (0–4), with the RGB the renderer blends over what lies beneath
 INK = {5: ("blue", (35, 70, 170)), 6: ("green", (30, 125, 60)), 7: ("black", (32, 30, 36)), 8: ("red", (190, 32, 42))}
 INK_OPACITY = 0.85  # markers are translucent: a little of the tissue shows through
-ARTEFACTS = ("ink", "blur", "faint", "ihc")  # ihc: not an artefact, the stain (the tissue drawn as IHC)
+ARTEFACTS = ("ink", "blur", "faint", "ihc", "bubbles", "fold")  # ihc: not an artefact, the stain (the tissue as IHC)
+BUBBLE = 10  # label code: a bubble's rim or the coverslip's edge, on the glass
+BUBBLE_RGB = (128, 112, 98)  # the grey-brown of a refracting rim (saturation ~60: CLAM's thresholds take it as tissue)
 FAINT = 9  # label code: tissue stained so pale it is barely off the glass (fat, sparse stroma, a faded slide)
 FAINT_STRENGTH = 0.3  # the share of the stain that remains
 GLASS_RGB = (244, 242, 245)
@@ -113,3 +115,58 @@ def paint_faint(out: np.ndarray, labels: np.ndarray) -> None:
     where = labels == FAINT
     if where.any():
         out[where] = FAINT_STRENGTH * out[where] + (1 - FAINT_STRENGTH) * np.asarray(GLASS_RGB, np.float32)
+
+
+def draw_bubbles(rng: np.random.Generator, labels: np.ndarray, tissue: np.ndarray, layout_um: float,
+                 bubbles: int = 3) -> np.ndarray:
+    """Air bubbles and a coverslip edge into ``labels`` (in place), on the glass only: ``bubbles`` rings 4–8 % of
+    the shorter side across the radius, and a band along one long side, each 50–90 µm wide (rims and edges a
+    scanner sees as dark refracting lines). Placed clear of the tissue (a rim over tissue hides tissue, which
+    a mask cannot tell). Returns their mask."""
+    h, w = labels.shape
+    unit = min(h, w)
+    clear = ~ndimage.binary_dilation(tissue, iterations=max(2, round(200 / layout_um)))
+    yy, xx = np.mgrid[:h, :w]
+    drawn = np.zeros((h, w), bool)
+    candidates = np.argwhere(clear)
+    for _ in range(bubbles if len(candidates) else 0):
+        cy, cx = candidates[rng.integers(len(candidates))]
+        r = rng.uniform(0.04, 0.08) * unit
+        width = rng.uniform(50, 90) / layout_um
+        distance = np.hypot(yy - cy, (xx - cx) / rng.uniform(0.8, 1.2))
+        drawn |= np.abs(distance - r) <= width / 2
+    edge_y = rng.uniform(0.02, 0.05) * h
+    if rng.random() < 0.5:
+        edge_y = h - 1 - edge_y
+    wave = edge_y + 0.01 * h * np.sin(np.linspace(0, 2 * np.pi, w) + rng.uniform(0, 2 * np.pi))
+    drawn |= np.abs(yy - wave[None, :]) <= rng.uniform(50, 90) / layout_um / 2
+    drawn &= clear
+    labels[drawn] = BUBBLE
+    return drawn
+
+
+def paint_bubbles(out: np.ndarray, labels: np.ndarray) -> None:
+    """Darken the glass where a rim or edge is (float RGB, in place)."""
+    where = labels == BUBBLE
+    if where.any():
+        out[where] = 0.2 * out[where] + 0.8 * np.asarray(BUBBLE_RGB, np.float32)
+
+
+def draw_fold(rng: np.random.Generator, tissue: np.ndarray, layout_um: float, folds: int = 1) -> np.ndarray:
+    """Folds: ``folds`` curved bands 150–300 µm wide and about half the tissue's extent long, through the tissue.
+    Returns the fold mask (the renderer squares the transmitted light there: the section lies on itself)."""
+    h, w = tissue.shape
+    fold = np.zeros((h, w), bool)
+    candidates = np.argwhere(tissue)
+    if not len(candidates):
+        return fold
+    extent = np.ptp(candidates, axis=0).max()
+    for _ in range(folds):
+        cy, cx = candidates[rng.integers(len(candidates))]
+        angle, bend = rng.uniform(0, np.pi), rng.uniform(-0.3, 0.3)
+        t = np.linspace(-0.25, 0.25, 4 * max(h, w)) * extent
+        ys = cy + t * np.sin(angle) + bend * t**2 / extent
+        xs = cx + t * np.cos(angle)
+        half = max(1, round(rng.uniform(75, 150) / layout_um))
+        fold |= _stroke((h, w), ys, xs, half)
+    return fold & tissue

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage.transform import rescale
 
-from wsi.demo_artefacts import (ARTEFACTS, FAINT, INK, blurred_window, draw_blur, draw_faint, draw_ink, paint_faint,
-                                paint_ink)
+from wsi.demo_artefacts import (ARTEFACTS, BUBBLE, FAINT, INK, blurred_window, draw_blur, draw_bubbles, draw_faint,
+                                draw_fold, draw_ink, paint_bubbles, paint_faint, paint_ink)
 from wsi.tiff_writer import level_shapes, write_pyramid
 
 GLASS = np.array([244, 242, 245], np.float32)
@@ -61,6 +61,7 @@ class SlideLayout:
     height: int  # level-0
     width: int
     blur: np.ndarray | None = None  # bool, same grid: rendered out of focus (wsi.demo_artefacts.draw_blur)
+    fold: np.ndarray | None = None  # bool, same grid: tissue lying on itself (wsi.demo_artefacts.draw_fold)
     stain: str = "he"  # "ihc": the tissue is the immunohistochemistry texture (DAB brown on haematoxylin blue)
 
     @property
@@ -238,6 +239,11 @@ class SlideRenderer:
                 d = self.downsamples[level]
                 out[rows, cols] = texture[((ys + self.offset[0] // d) % th)[rows], ((xs + self.offset[1] // d) % tw)[cols]]
         paint_faint(out, labels)
+        if self.layout.fold is not None:
+            fold = self.layout.fold[ly[:, None], lx[None, :]]
+            if fold.any():  # light through two layers: the transmitted share squared
+                out[fold] = out[fold] ** 2 / 255
+        paint_bubbles(out, labels)
         out[labels == PEN_MARK] = 0.2 * out[labels == PEN_MARK] + 0.8 * PEN
         out[labels == DEBRIS_SPECK] = DEBRIS
         paint_ink(out, labels)
@@ -257,9 +263,9 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
                      downsamples: tuple[int, ...] = (1, 4, 16), tumour_fraction: float | None = None,
                      foci: int | None = None, artefacts: tuple[str, ...] = ()) -> SlideLayout:
     """Write one demo slide plus its ground truth (``<stem>.tissue.png``, ``<stem>.tumour.png``, ``<stem>.truth.json``,
-    and ``<stem>.ink.png`` / ``<stem>.blur.png`` with those artefacts).
+    and ``<stem>.ink.png`` / ``.blur.png`` / ``.faint.png`` / ``.bubble.png`` / ``.fold.png`` with those artefacts).
 
-    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of ``("ink", "blur", "faint", "ihc")`` (``ihc``: an IHC-stained slide)
+    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of :data:`wsi.demo_artefacts.ARTEFACTS` (``ihc``: an IHC-stained slide)
     (:mod:`wsi.demo_artefacts`), drawn with their own generator: the tissue is the same slide's.
     """
     unknown = set(artefacts) - set(ARTEFACTS)
@@ -275,6 +281,10 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
         draw_faint(np.random.default_rng([seed, 3]), layout.labels, TISSUE)
     if "ihc" in artefacts:
         layout.stain = "ihc"
+    if "bubbles" in artefacts:
+        draw_bubbles(np.random.default_rng([seed, 4]), layout.labels, layout.tissue_mask, (mpp or 0.25) * layout.downsample)
+    if "fold" in artefacts:
+        layout.fold = draw_fold(np.random.default_rng([seed, 5]), layout.tissue_mask, (mpp or 0.25) * layout.downsample)
     renderer = SlideRenderer(layout, downsamples, rng)
     thumb = renderer(len(downsamples) - 1, 0, 0, *renderer.shapes[-1])
     label = _label_image(path.stem)
@@ -290,6 +300,10 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
         Image.fromarray((layout.labels == FAINT).astype(np.uint8) * 255).save(f"{stem}.faint.png")
     if layout.blur is not None:
         Image.fromarray((layout.blur * 255).astype(np.uint8)).save(f"{stem}.blur.png")
+    if "bubbles" in artefacts:
+        Image.fromarray((layout.labels == BUBBLE).astype(np.uint8) * 255).save(f"{stem}.bubble.png")
+    if layout.fold is not None:
+        Image.fromarray((layout.fold * 255).astype(np.uint8)).save(f"{stem}.fold.png")
     truth = {"downsample": layout.downsample, "width": width, "height": height, "positive": positive,
              "mpp": mpp, "tissue_fraction": float(layout.tissue_mask.mean()), "artefacts": list(artefacts),
              "tumour_fraction_of_tissue": float(layout.tumour_mask.sum() / max(1, layout.tissue_mask.sum()))}

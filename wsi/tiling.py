@@ -46,8 +46,11 @@ class TilingConfig(BaseModel):
                                                                  "the target is read without resizing")
     blur_ratio: float = Field(0.1, gt=0, lt=1, description="a tile whose sharpness is below this share of its "
                                                            "slide's median is counted as blurred (QC: blurred_fraction)")
+    max_fold_fraction: float | None = Field(None, ge=0, le=1, description="drop tiles more than this share of which "
+                                                                        "is folded tissue (tissue.folds); null: keep "
+                                                                        "them, flagged in tiles/<id>.fold.npy")
     min_sharpness: float | None = Field(None, ge=0, description="drop tiles whose sharpness (wsi.tiling.sharpness: the "
-                                                                "median over a 4×4 grid of the Laplacian variance of "
+                                                                "median over an 8×8 grid of the Laplacian variance of "
                                                                 "stained pixels, at the target mpp) is below this; null: "
                                                                 "keep them. Needs slides.verify_tiles (the pass that reads them)")
 

@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wsi.artefacts import InkConfig, ink_mask
+from wsi.artefacts import BubbleConfig, FoldConfig, InkConfig, fold_mask, ink_mask, thin_parts
 
 REFERENCE_PATCH = 512  # CLAM's area unit: one 512×512 level-0 patch
 PYRAMID_STEP = 4  # the downsample between levels of a standard pyramid (Aperio, Philips, OME...)
@@ -59,6 +59,9 @@ class TissueConfig(BaseModel):
                                 "µm/px, i.e. physical areas that mean the same on 20× and 40× scans")
     max_n_holes: int = Field(8, ge=0, description="at most this many holes per tissue region (largest first)")
     ink: InkConfig = Field(default_factory=InkConfig, description="pen-ink exclusion (wsi/artefacts.py)")
+    bubbles: BubbleConfig = Field(default_factory=BubbleConfig, description="exclusion of thin structures on the glass: "
+                                                                           "bubble rims, coverslip edges, fibres")
+    folds: FoldConfig = Field(default_factory=FoldConfig, description="tissue folds, flagged (wsi/artefacts.py)")
     mask_dir: Path | None = Field(
         None, description="folder of corrected masks, <slide_id>.geojson (QuPath export, level-0 px) or <slide_id>.png: "
                           "a slide with one uses it instead of the computed mask (wsi/mask_override.py); its content "
@@ -102,8 +105,10 @@ class TissueMask:
     downsample: tuple[float, float]  # level-0 pixels per mask pixel, (x, y)
     n_regions: int
     n_holes: int
-    # what was taken out of the tissue, by kind ("ink"), each a bool mask like ``mask``
+    # what was taken out of the tissue, by kind ("ink", "bubble"), each a bool mask like ``mask``
     excluded: dict[str, np.ndarray] = field(default_factory=dict)
+    # tissue kept but marked, by kind ("fold"), each a bool mask like ``mask`` (within it)
+    flagged: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def tissue_fraction(self) -> float:
@@ -118,9 +123,12 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 
 
 def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float, max_n_holes: int,
-                    open_near: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+                    open_near: np.ndarray | None = None, min_width_px: float = 0.0,
+                    thin: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
     """CLAM's contour filtering with connected components: keep big regions, keep their big holes. Holes that
-    touch ``open_near`` (excluded ink) are never filled: glass a pen circle encloses is not tissue.
+    touch ``open_near`` (excluded ink) are never filled: glass a pen circle encloses is not tissue. With
+    ``min_width_px``, a thin region is dropped too (a bubble's rim, a coverslip's edge: :func:`thin_parts`), and marked
+    in ``thin`` (a bool array like ``binary``, written in place) when it was big enough to be kept otherwise.
 
     Tissue is 8-connected, holes are the 4-connected background a flood fill from the border does not reach.
     Both are labelled without OpenCV's per-pixel statistics (areas are counted over their own pixels only),
@@ -136,6 +144,12 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
     fg_area = np.bincount(fg_labels[binary], minlength=n_fg + 1)
     keep_region = fg_area > min_tissue_px
     keep_region[0] = False
+    if min_width_px > 0 and keep_region.any():
+        narrow = keep_region & thin_parts(fg_labels, fg_area, binary, min_width_px)
+        if narrow.any():
+            keep_region &= ~narrow
+            if thin is not None:
+                thin |= narrow[fg_labels]
     mask = keep_region[fg_labels]
     holes = enclosed_background(binary)
     hole_at = np.flatnonzero(holes)  # raster order
@@ -259,8 +273,9 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
         binary = cv2.erode(dilated, kernel, anchor=(cfg.close - 1 - anchor,) * 2)[pad:-pad, pad:-pad]
     binary = binary.astype(bool)
     excluded = {}
-    if cfg.ink.enabled and slide_mpp is not None:  # ink is found by physical size: it needs the scale
-        excluded["ink"] = ink_mask(rgb, slide_mpp * downsample[0], cfg.ink)
+    px_um = slide_mpp * downsample[0] if slide_mpp is not None else None  # artefacts are found by physical size
+    if cfg.ink.enabled and px_um is not None:
+        excluded["ink"] = ink_mask(rgb, px_um, cfg.ink)
     unit = REFERENCE_PATCH**2 / (downsample[0] * downsample[1])
     if cfg.area_reference_mpp is not None:
         if slide_mpp is None:
@@ -269,12 +284,24 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
     near_ink = None
     if "ink" in excluded and excluded["ink"].any():
         near_ink = cv2.dilate(excluded["ink"].view(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    mask, n_regions, n_holes = _filter_regions(binary, cfg.a_t * unit, cfg.a_h * unit, cfg.max_n_holes, near_ink)
+    thin = np.zeros_like(binary)
+    min_width = cfg.bubbles.min_width_um / px_um if cfg.bubbles.enabled and px_um is not None else 0.0
+    mask, n_regions, n_holes = _filter_regions(binary, cfg.a_t * unit, cfg.a_h * unit, cfg.max_n_holes, near_ink,
+                                               min_width, thin)
+    if thin.any():
+        excluded["bubble"] = thin & ~excluded["ink"] if "ink" in excluded else thin  # a pen stroke is ink
+    flagged = {}
     if any(part.any() for part in excluded.values()):
         for part in excluded.values():  # after the filter: tissue a stroke crosses keeps its region's size
             mask &= ~part
-        return mask_from(mask, downsample, excluded)  # counted again: a region of ink alone is gone
-    return TissueMask(mask, downsample, n_regions, n_holes, excluded)
+        tissue = mask_from(mask, downsample, excluded)  # counted again: a region of ink alone is gone
+    else:
+        tissue = TissueMask(mask, downsample, n_regions, n_holes, excluded)
+    if cfg.folds.enabled and px_um is not None:
+        folds = fold_mask(rgb, tissue.mask, px_um, cfg.folds)
+        if folds.any():
+            tissue.flagged["fold"] = folds
+    return tissue
 
 
 def mask_slide(slide, cfg: TissueConfig) -> tuple[TissueMask, np.ndarray]:
@@ -297,7 +324,8 @@ def mask_slide(slide, cfg: TissueConfig) -> tuple[TissueMask, np.ndarray]:
     return segment_tissue(rgb, (width0 / rgb.shape[1], height0 / rgb.shape[0]), cfg, slide.mpp), rgb
 
 
-EXCLUDED_COLOURS = {"ink": (255, 128, 0)}  # QC colour of each kind of excluded region (RGB)
+EXCLUDED_COLOURS = {"ink": (255, 128, 0), "bubble": (0, 170, 255)}  # QC colour of each excluded kind (RGB)
+FLAGGED_COLOURS = {"fold": (200, 0, 200)}  # and of each flagged kind
 
 
 def mask_from(mask: np.ndarray, downsample: tuple[float, float], excluded: dict[str, np.ndarray] | None = None
@@ -316,7 +344,8 @@ def mask_from(mask: np.ndarray, downsample: tuple[float, float], excluded: dict[
 
 def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.ndarray:
     """The overview with the mask outline in green, everything outside the tissue dimmed, excluded regions
-    (ink) tinted in their colour, and a legend naming what each colour is."""
+    (ink, bubbles) and flagged ones (folds) tinted in their colour, a legend naming what each colour is, and
+    the sections numbered when there are several (:func:`section_order`)."""
     import cv2
 
     h, w = tissue.mask.shape
@@ -327,22 +356,59 @@ def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.nd
     dimmed = cv2.addWeighted(image, 0.6, np.full_like(image, 60), 0.4, 0)
     image = np.where(mask[..., None] == 0, dimmed, image)
     legend = [("tissue", (0, 200, 0))]
-    for kind, part in tissue.excluded.items():
+    marked = [(kind, part, EXCLUDED_COLOURS.get(kind, (255, 0, 255)), "excluded") for kind, part in tissue.excluded.items()]
+    marked += [(kind, part, FLAGGED_COLOURS.get(kind, (255, 0, 255)), "flagged") for kind, part in tissue.flagged.items()]
+    for kind, part, colour, how in marked:
         shown = cv2.resize(part.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
         if shown.any():
-            colour = np.asarray(EXCLUDED_COLOURS.get(kind, (255, 0, 255)), np.float32)
+            colour = np.asarray(colour, np.float32)
             image[shown] = (0.4 * image[shown] + 0.6 * colour).astype(np.uint8)
-            legend.append((f"{kind} (excluded)", tuple(int(c) for c in colour)))
+            legend.append((f"{kind} ({how})", tuple(int(c) for c in colour)))
     cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
     inner = mask.astype(bool) & ~cv2.erode(mask, cross, borderType=cv2.BORDER_REPLICATE).astype(bool)  # the mask's rim
     edge = cv2.dilate(inner.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=1 if max(size) < 600 else 2) > 0
     image[edge] = (0, 200, 0)
+    number_sections(image, mask)
     if len(legend) > 1 and min(size) >= 64:
         for row, (text, colour) in enumerate(legend):
             y = 6 + 14 * row
             cv2.rectangle(image, (4, y), (14, y + 10), colour, -1)
             cv2.putText(image, text, (18, y + 9), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
     return image
+
+
+def section_order(mask: np.ndarray, min_share: float = 0.001) -> list[tuple[int, int]]:
+    """One point (x, y) inside each tissue section of a mask, numbered left to right (by the sections' centres):
+    the section's innermost pixel, so a ring-shaped section is labelled on its tissue, not in its hole. Specks
+    under ``min_share`` of the image are not sections."""
+    import cv2
+
+    binary = np.ascontiguousarray(mask, np.uint8)
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    depth = cv2.distanceTransform(np.pad(binary, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    points = []
+    for i in range(1, n):
+        if stats[i, cv2.CC_STAT_AREA] < max(4, min_share * mask.size):
+            continue
+        x, y, w, h = stats[i, :4]
+        inside = np.where(labels[y:y + h, x:x + w] == i, depth[y:y + h, x:x + w], -1)
+        row, col = np.unravel_index(int(np.argmax(inside)), inside.shape)
+        points.append((float(centroids[i][0]), float(centroids[i][1]), int(x + col), int(y + row)))
+    return [(x, y) for _, _, x, y in sorted(points)]
+
+
+def number_sections(image: np.ndarray, mask: np.ndarray) -> None:
+    """Write 1, 2, … on each section of a QC image (in place) when the mask has more than one."""
+    import cv2
+
+    centres = section_order(mask)
+    if len(centres) < 2:
+        return
+    for number, (x, y) in enumerate(centres, start=1):
+        text = str(number)
+        (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+        cv2.rectangle(image, (x - w // 2 - 3, y - h // 2 - 3), (x + w // 2 + 3, y + h // 2 + 3), (255, 255, 255), -1)
+        cv2.putText(image, text, (x - w // 2, y + h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
 
 
 def save_mask_png(mask: np.ndarray, path) -> None:
