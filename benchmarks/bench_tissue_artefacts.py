@@ -4,10 +4,12 @@
 
 Writes ``--slides`` demo slides per kind (fixed seeds; `wsi-pipeline demo --artefacts KIND`): clean,
 ink (pen strokes and a circle), faint (half an island at 30 % of its stain), ihc (the tissue an IHC
-stain), blur (two out-of-focus fields). Per kind, pooled over its slides, at the mask's resolution:
-tissue recall and precision against the truth mask, the share of ink pixels inside the mask, and for
-blur the recall / precision of the tiles flagged blurred (a tile counts as blurred when at least half
-of it lies in a field). Ours: the `tissue` and `tiles` stages with `bwh_biopsy` and `tcga`
+stain), blur (two out-of-focus fields), bubbles (three bubbles and a coverslip edge on the glass),
+fold (a band of tissue lying on itself). Per kind, pooled over its slides, at the mask's resolution:
+tissue recall and precision against the truth mask, and the worst slide's; the share of ink and of
+bubble pixels inside the mask; for blur the recall / precision of the tiles flagged blurred (a tile
+counts as blurred when at least half of it lies in a field), for fold those of the tiles flagged fold
+(half of the tile fold, by the truth and by ``tiles/<id>.fold.npy``). Ours: the `tissue` and `tiles` stages with `bwh_biopsy` and `tcga`
 (physical areas, `area_reference_mpp: 0.25`); CLAM: its algorithm with the same presets
 (``benchmarks/clam_baseline.py``: median-blurred saturation, fixed threshold, contour filtering).
 """
@@ -31,7 +33,24 @@ from wsi.demo_cohort import write_demo_slide
 from wsi.slide import open_slide
 from wsi.tissue import PRESETS
 
-KINDS = {"clean": (), "ink": ("ink",), "faint": ("faint",), "ihc": ("ihc",), "blur": ("blur",)}
+KINDS = {"clean": (), "ink": ("ink",), "faint": ("faint",), "ihc": ("ihc",), "blur": ("blur",),
+         "bubbles": ("bubbles",), "fold": ("fold",)}
+
+
+def tile_truth(path: Path, name: str, coords: np.ndarray, size: int, width: int) -> np.ndarray | None:
+    """Per tile, whether at least half of it lies in the artefact's truth mask (None: the slide has none)."""
+    file = path.with_suffix(f".{name}.png")
+    if not file.exists():
+        return None
+    truth = np.asarray(Image.open(file)) > 0
+    ds = width / truth.shape[1]
+    return np.array([truth[int(y / ds):int((y + size) / ds), int(x / ds):int((x + size) / ds)].mean() >= 0.5
+                     for x, y in coords], bool)
+
+
+def rates(counts: np.ndarray) -> str:
+    """'recall / precision' of (hits, truths, flagged) counts, '–' without truths."""
+    return f"{counts[0] / max(1, counts[1]):.3f} / {counts[0] / max(1, counts[2]):.3f}" if counts[1] else "–"
 
 
 def truth_at(path: Path, name: str, shape: tuple[int, int]) -> np.ndarray | None:
@@ -67,9 +86,10 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"{args.slides} slides per kind, {args.width}×{args.width * 3 // 4} px at 0.25 µm/px; pooled over the slides\n")
-    print("| kind | preset | ours: recall / precision | CLAM: recall / precision | ink inside the mask: ours / CLAM "
-          "| blurred tiles: recall / precision |")
-    print("|---|---|---|---|---|---|")
+    print("| kind | preset | ours: recall / precision | worst slide | CLAM: recall / precision | worst slide "
+          "| ink inside the mask: ours / CLAM | bubbles inside: ours / CLAM | blurred tiles: recall / precision "
+          "| fold tiles: recall / precision |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for k, (kind, artefacts) in enumerate(KINDS.items()):
         paths = []
         for i in range(args.slides):
@@ -80,7 +100,10 @@ def main() -> None:
             paths.append(path)
         for preset in ("bwh_biopsy", "tcga"):
             cfg = RunConfig.model_validate({"tissue": {"preset": preset, "area_reference_mpp": 0.25}})
-            counts, blur_counts = np.zeros(8), np.zeros(3)  # blur: flagged ∧ blurred, blurred, flagged
+            counts = np.zeros(10)  # ours ∧ truth, ours, clam ∧ truth, clam, ink in ours, in clam, ink, truth, bubble…
+            bubble = np.zeros(3)  # in ours, in CLAM's, bubble pixels
+            blur_counts, fold_counts = np.zeros(3), np.zeros(3)  # flagged ∧ truth, truth, flagged
+            worst = [np.inf, np.inf, np.inf, np.inf]  # recall, precision: ours, CLAM
             for path in paths:
                 with tempfile.TemporaryDirectory() as tmp:
                     run = RunPaths(Path(tmp))
@@ -89,27 +112,35 @@ def main() -> None:
                     tiles = tiles_stage(entry, cfg, run)
                     ours = np.asarray(Image.open(run.tissue_mask(path.stem))).astype(bool)
                     coords, scores = np.load(run.tile_coords(path.stem)), np.load(run.tile_sharpness(path.stem))
+                    folds = np.load(run.tile_folds(path.stem)) if run.tile_folds(path.stem).exists() else np.zeros(len(coords))
                 clam = clam_mask(path, preset, ours.shape)
                 tissue, ink = truth_at(path, "tissue", ours.shape), truth_at(path, "ink", ours.shape)
                 counts[:2] += [(ours & tissue).sum(), ours.sum()]
                 counts[2:4] += [(clam & tissue).sum(), clam.sum()]
                 counts[7] += tissue.sum()
+                worst = np.minimum(worst, [(ours & tissue).sum() / tissue.sum(), (ours & tissue).sum() / max(1, ours.sum()),
+                                           (clam & tissue).sum() / tissue.sum(), (clam & tissue).sum() / max(1, clam.sum())])
                 if ink is not None:
                     counts[4:6] += [(ours & ink).sum(), (clam & ink).sum()]
                     counts[6] += ink.sum()
-                blur_file = path.with_suffix(".blur.png")
-                if blur_file.exists():
-                    blur = np.asarray(Image.open(blur_file)) > 0
-                    ds, size = args.width / blur.shape[1], tiles["level0_size"]
-                    truth = np.array([blur[int(y / ds):int((y + size) / ds), int(x / ds):int((x + size) / ds)].mean() >= 0.5
-                                      for x, y in coords])
+                rims = truth_at(path, "bubble", ours.shape)
+                if rims is not None:
+                    bubble += [(ours & rims).sum(), (clam & rims).sum(), rims.sum()]
+                size = tiles["level0_size"]
+                blurred = tile_truth(path, "blur", coords, size, args.width)
+                if blurred is not None:
                     flagged = scores < cfg.tiling.blur_ratio * np.nanmedian(scores)
-                    blur_counts += [(flagged & truth).sum(), truth.sum(), flagged.sum()]
+                    blur_counts += [(flagged & blurred).sum(), blurred.sum(), flagged.sum()]
+                folded = tile_truth(path, "fold", coords, size, args.width)
+                if folded is not None:
+                    flagged = folds >= 0.5
+                    fold_counts += [(flagged & folded).sum(), folded.sum(), flagged.sum()]
             ink_cell = f"{counts[4] / counts[6]:.3f} / {counts[5] / counts[6]:.3f}" if counts[6] else "–"
-            blur_cell = (f"{blur_counts[0] / max(1, blur_counts[1]):.3f} / {blur_counts[0] / max(1, blur_counts[2]):.3f}"
-                         if blur_counts[1] else "–")
+            bubble_cell = f"{bubble[0] / bubble[2]:.3f} / {bubble[1] / bubble[2]:.3f}" if bubble[2] else "–"
             print(f"| {kind} | {preset} | {counts[0] / counts[7]:.3f} / {counts[0] / counts[1]:.3f} | "
-                  f"{counts[2] / counts[7]:.3f} / {counts[2] / max(1, counts[3]):.3f} | {ink_cell} | {blur_cell} |")
+                  f"{worst[0]:.3f} / {worst[1]:.3f} | {counts[2] / counts[7]:.3f} / {counts[2] / max(1, counts[3]):.3f} | "
+                  f"{worst[2]:.3f} / {worst[3]:.3f} | {ink_cell} | {bubble_cell} | {rates(blur_counts)} | "
+                  f"{rates(fold_counts)} |")
 
 
 if __name__ == "__main__":

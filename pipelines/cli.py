@@ -104,9 +104,11 @@ def demo(
     foci: Annotated[Optional[int], typer.Option(min=1, help="number of tumour foci per positive slide "
                                                             "(default: 1 with --tumour-fraction, else 1 or 2)")] = None,
     artefacts: Annotated[Optional[list[str]], typer.Option(help="artefacts to draw on every slide, with their truth "
-                                                                 "(<id>.ink.png, .blur.png, .faint.png): ink (pen strokes "
-                                                                 "and a circle), blur (out-of-focus fields), faint "
-                                                                 "(pale-stained tissue), ihc (the tissue IHC-stained); "
+                                                                 "(<id>.ink.png, .blur.png, .faint.png, .bubble.png, "
+                                                                 ".fold.png): ink (pen strokes and a circle), blur "
+                                                                 "(out-of-focus fields), faint (pale-stained tissue), "
+                                                                 "ihc (the tissue IHC-stained), bubbles (air bubbles "
+                                                                 "and a coverslip edge), fold (tissue folded on itself); "
                                                                  "repeat the option for several")] = None,
 ) -> None:
     """Write a small cohort of real pyramidal slides (Aperio SVS + generic TIFF) with ground truth."""

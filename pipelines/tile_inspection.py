@@ -89,6 +89,7 @@ def drop_folds(cfg: RunConfig, tissue: TissueMask, grid: TileGrid, meta: dict) -
         return grid, meta
     keep = shares <= cfg.tiling.max_fold_fraction
     meta["n_fold_dropped"] = int((~keep).sum())
+    meta["n_tiles"] = int(keep.sum())
     return TileGrid(grid.coords[keep], grid.tissue_fraction[keep], grid.plan), meta
 
 

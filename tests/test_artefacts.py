@@ -221,3 +221,102 @@ def test_faint_tissue_is_kept_but_a_stained_edge_halo_is_not():
     assert fixed[field].mean() < 0.5 and faint[field].mean() >= 0.95
     halo = (r >= 80) & (r < 90)
     assert faint[halo].sum() <= fixed[halo].sum() + 5  # the faint pass adds no ring around stained tissue
+
+
+def test_thin_structures_on_the_glass_are_excluded_and_tissue_is_not():
+    """At 4 µm/px: a bubble's rim (60 µm wide), a coverslip's edge (70 µm) with a bubble on it, next to an H&E
+    section, a 200 µm-wide strip of tissue and a ring-shaped section: the rims and the edge are excluded as
+    `bubble`, every piece of tissue is kept; switched off, the rims are tissue."""
+    from wsi.tissue import TissueConfig, segment_tissue
+
+    he, _ = _base_textures()
+    image = np.full((600, 800, 3), (244, 242, 245), np.uint8)
+    tissue = np.zeros((600, 800), np.uint8)
+    cv2.ellipse(tissue, (250, 300), (150, 110), 0, 0, 360, 1, -1)
+    cv2.rectangle(tissue, (450, 150), (700, 200), 1, -1)  # a strip 50 px = 200 µm wide
+    cv2.circle(tissue, (600, 400), 90, 1, -1)
+    cv2.circle(tissue, (600, 400), 40, 0, -1)  # a section with a hole
+    tiled = np.tile(np.clip(he, 0, 255).astype(np.uint8), (2, 2, 1))[:600, :800]
+    image[tissue == 1] = tiled[tissue == 1]
+    rims = np.zeros_like(tissue)
+    cv2.circle(rims, (120, 520), 50, 1, 15)
+    cv2.line(rims, (0, 580), (799, 585), 1, 17)
+    cv2.circle(rims, (400, 560), 45, 1, 15)  # a bubble on the edge: where they cross, a wide disc fits
+    rims &= 1 - cv2.dilate(tissue, np.ones((15, 15), np.uint8))
+    image[rims == 1] = (128, 112, 98)
+    cfg = TissueConfig(preset="bwh_biopsy", ink={"enabled": False}, folds={"enabled": False})
+    found = segment_tissue(image, (16.0, 16.0), cfg, 0.25)
+    rims, tissue = rims.astype(bool), tissue.astype(bool)
+    assert not found.mask[rims].any() and found.excluded["bubble"][rims].mean() > 0.9
+    assert found.mask[tissue].mean() > 0.97 and not found.excluded["bubble"][tissue].any()
+    assert found.n_regions == 3
+    off = segment_tissue(image, (16.0, 16.0), TissueConfig(preset="bwh_biopsy", ink={"enabled": False},
+                                                           folds={"enabled": False}, bubbles={"enabled": False}), 0.25)
+    assert off.mask[rims].mean() > 0.8 and "bubble" not in off.excluded
+
+
+def test_a_fold_is_flagged_and_denser_tissue_is_not():
+    """A section with a band where it lies on itself (transmission squared) and a tumour 1.3× as dense: the fold
+    is flagged (≥ 90 % of its pixels), the tumour is not, nor the rest but a fold's blurred rim."""
+    from wsi.artefacts import FoldConfig, fold_mask
+
+    he, _ = _base_textures()  # the H&E texture as an overview at 16× shows it
+    small = cv2.resize(np.clip(he, 0, 255).astype(np.uint8), None, fx=1 / 16, fy=1 / 16, interpolation=cv2.INTER_AREA)
+    tiled = np.tile(small, (40, 40, 1))[:600, :800].astype(np.float32)
+    tissue = np.zeros((600, 800), np.uint8)
+    cv2.ellipse(tissue, (400, 300), (330, 220), 0, 0, 360, 1, -1)
+    fold, dense = np.zeros_like(tissue), np.zeros_like(tissue)
+    cv2.line(fold, (150, 150), (600, 420), 1, 50)  # 200 µm wide
+    cv2.circle(dense, (500, 200), 70, 1, -1)
+    fold, dense, tissue = fold.astype(bool) & tissue.astype(bool), dense.astype(bool) & ~fold.astype(bool), tissue.astype(bool)
+    image = np.full((600, 800, 3), 244, np.float32)
+    image[tissue] = tiled[tissue]
+    image[dense] = 255 * (image[dense] / 255) ** 1.3
+    image[fold] = image[fold] ** 2 / 255
+    found = fold_mask(image.astype(np.uint8), tissue, 4.0, FoldConfig())
+    assert found[fold].mean() >= 0.9 and found[dense].mean() < 0.01 and found[tissue & ~fold].mean() < 0.03
+    assert not fold_mask(image.astype(np.uint8), tissue, 4.0, FoldConfig(enabled=False)).any()
+
+
+def test_sections_are_numbered_left_to_right_on_their_tissue():
+    from wsi.tissue import section_order
+
+    mask = np.zeros((200, 300), np.uint8)
+    cv2.circle(mask, (220, 60), 40, 1, -1)
+    cv2.circle(mask, (80, 120), 60, 1, -1)
+    cv2.circle(mask, (80, 120), 30, 0, -1)  # a ring: its centre is glass
+    mask[190:192, 5:7] = 1  # a speck is no section
+    points = section_order(mask.astype(bool))
+    assert len(points) == 2 and points[0][0] < points[1][0]
+    assert all(mask[y, x] for x, y in points)
+
+
+def test_a_slide_with_bubbles_and_a_fold_reports_them_in_qc_geojson_and_tiles(tmp_path):
+    """A demo slide with bubbles, a coverslip edge and a fold: the rims are outside the mask, the fold is flagged
+    (QuPath classes `Bubble` and `Fold`), QC has their shares, each tile its fold share, and
+    `tiling.max_fold_fraction` drops the tiles mostly fold."""
+    from pipelines.artifacts import RunPaths
+    from pipelines.config import RunConfig
+    from pipelines.manifest import SlideEntry
+    from pipelines.stages import qc_stage, tiles_stage, tissue_stage
+
+    path = tmp_path / "glass.svs"
+    write_demo_slide(path, height=3072, width=4096, positive=False, seed=44, artefacts=("bubbles", "fold"))
+    settings = {"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}, "slides": {"verify_tiles": False}}
+    cfg, paths, entry = RunConfig.model_validate(settings), RunPaths(tmp_path / "out"), SlideEntry("glass", path, line=2)
+    meta = tissue_stage(entry, cfg, paths)
+    tiles = tiles_stage(entry, cfg, paths)
+    qc_stage([entry], cfg, paths)
+    mask = np.asarray(Image.open(paths.tissue_mask("glass"))).astype(bool)
+    truth = {k: cv2.resize((np.asarray(Image.open(tmp_path / f"glass.{k}.png")) > 0).view(np.uint8), mask.shape[::-1],
+                           interpolation=cv2.INTER_NEAREST).astype(bool) for k in ("bubble", "fold", "tissue")}
+    assert mask[truth["bubble"]].mean() <= 0.05 and mask[truth["tissue"]].mean() >= 0.97
+    assert meta["excluded"]["bubble"] > 0 and meta["flagged"]["fold"] > 0
+    classes = {f["properties"]["classification"]["name"] for f in json.loads(paths.tissue_outline("glass").read_text())["features"]}
+    assert {"Tissue", "Bubble", "Fold"} <= classes
+    header, row = (line.split(",") for line in paths.qc_table.read_text().splitlines()[:2])
+    assert float(row[header.index("fold_fraction")]) == pytest.approx(meta["flagged"]["fold"], abs=1e-4)
+    shares = np.load(paths.tile_folds("glass"))
+    assert len(shares) == tiles["n_tiles"] and tiles["n_fold_tiles"] == (shares >= 0.5).sum() > 0
+    dropped = tiles_stage(entry, RunConfig.model_validate({**settings, "tiling": {"max_fold_fraction": 0.5}}), paths)
+    assert dropped["n_fold_dropped"] == (shares > 0.5).sum() and dropped["n_tiles"] == tiles["n_tiles"] - (shares > 0.5).sum()

@@ -117,18 +117,42 @@ class FoldConfig(BaseModel):
 
 
 THIN_CORE_SHARE = 0.1  # a region with less of itself than this farther than half the width from its edge is thin
+JUDGED_AT_UM = 12.0  # bubbles and folds are judged on the overview reduced to about this many µm per pixel
 
 
-def thin_parts(labels: np.ndarray, area: np.ndarray, binary: np.ndarray, width_px: float) -> np.ndarray:
+def reduction(px_um: float) -> int:
+    """The integer factor that brings an overview of ``px_um`` µm/px near :data:`JUDGED_AT_UM` (1: already there).
+    A 40× scan masked at 16× (4 µm/px) is judged at 12 µm/px: 9× fewer pixels, and a rim or a fold (≥ 50 µm)
+    still several pixels wide."""
+    return max(1, int(JUDGED_AT_UM // px_um))
+
+
+def _reduce(image: np.ndarray, factor: int) -> np.ndarray:
+    import cv2
+
+    h, w = image.shape[:2]
+    return cv2.resize(image, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
+
+
+def _expand(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(mask.view(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST).view(bool)
+
+
+def thin_parts(labels: np.ndarray, area: np.ndarray, binary: np.ndarray, width_px: float, factor: int = 1) -> np.ndarray:
     """Per label of ``labels`` (``area``: each label's pixel count, 0 the background), whether it is thin: less
     than :data:`THIN_CORE_SHARE` of it is left by an erosion with a disc ``width_px`` across. A rim, an edge or a
     fibre is all border; where two of them cross, a disc fits, but only there (a bubble on a coverslip's edge),
-    while a section of tissue is mostly core."""
+    while a section of tissue is mostly core. The erosion runs on the mask reduced by ``factor``."""
     import cv2
 
-    size = max(1, int(round(width_px)))
+    small = _reduce(binary.view(np.uint8) * np.uint8(255), factor) >= 128 if factor > 1 else binary
+    size = max(1, int(round(width_px / factor)))
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-    core = cv2.erode(binary.view(np.uint8), disc, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+    core = cv2.erode(small.view(np.uint8), disc, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+    if factor > 1:
+        core = _expand(core, binary.shape) & binary
     thin = np.bincount(labels[core], minlength=len(area)) < THIN_CORE_SHARE * area
     thin[0] = False
     return thin
@@ -146,22 +170,30 @@ def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig
     """Folded tissue on an overview whose pixels are ``px_um`` µm wide, within the boolean ``tissue`` mask.
 
     A fold is the section lying on itself: about twice the optical density of the slide's tissue. Each tissue
-    pixel's density, averaged over ~50 µm (the texture's scale, so a cluster of nuclei is not a fold), is
-    compared with the median over all the tissue; components above ``min_area_um2`` count. A slide whose
-    tissue is mostly fold, or a tumour twice as dense as the rest, is misjudged: folds are flagged, not dropped.
+    pixel's density, averaged over ~100 µm (beyond the texture's scale, so a cluster of nuclei is not a fold,
+    within a fold's width), is compared with the median over all the tissue: folds are where it exceeds
+    ``ratio``, grown into the pixels around them above halfway to it (a fold's edge is blurred by the
+    average); components above ``min_area_um2`` count. A slide mostly fold, or a tumour twice as dense as the
+    rest, is misjudged: folds are flagged, not dropped, unless ``tiling.max_fold_fraction`` asks.
     """
     import cv2
+    from skimage.filters import apply_hysteresis_threshold
 
     out = np.zeros(tissue.shape, bool)
     if not cfg.enabled or not tissue.any():
         return out
+    factor = reduction(px_um)
+    if factor > 1:  # judged on the reduced overview (:func:`reduction`), drawn back on the mask's pixels
+        small = _reduce(tissue.view(np.uint8) * np.uint8(255), factor) >= 128
+        return _expand(fold_mask(_reduce(np.ascontiguousarray(rgb), factor), small, px_um * factor, cfg), tissue.shape) & tissue
     weight = tissue.astype(np.float32)
     od = optical_density(rgb) * weight
-    small = max(1, int(round(50 / px_um))) | 1
-    local = cv2.blur(od, (small, small)) / np.maximum(cv2.blur(weight, (small, small)), 1e-6)
-    candidate = tissue & (local > cfg.ratio * float(np.median(od[tissue])))
-    if candidate.sum() * px_um**2 < cfg.min_area_um2:
+    window = max(1, int(round(100 / px_um))) | 1
+    local = cv2.blur(od, (window, window)) / np.maximum(cv2.blur(weight, (window, window)), 1e-6)
+    ratio = np.where(tissue, local / max(float(np.median(od[tissue])), 1e-6), 0)
+    if not (ratio > cfg.ratio).any():
         return out
+    candidate = apply_hysteresis_threshold(ratio, 1 + (cfg.ratio - 1) / 2, cfg.ratio) & tissue
     labels = cv2.connectedComponents(candidate.view(np.uint8), connectivity=8)[1]
     keep = np.bincount(labels[candidate]) * px_um**2 >= cfg.min_area_um2
     keep[0] = False

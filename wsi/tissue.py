@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wsi.artefacts import BubbleConfig, FoldConfig, InkConfig, fold_mask, ink_mask, thin_parts
+from wsi.artefacts import BubbleConfig, FoldConfig, InkConfig, fold_mask, ink_mask, reduction, thin_parts
 
 REFERENCE_PATCH = 512  # CLAM's area unit: one 512×512 level-0 patch
 PYRAMID_STEP = 4  # the downsample between levels of a standard pyramid (Aperio, Philips, OME...)
@@ -124,11 +124,12 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 
 def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float, max_n_holes: int,
                     open_near: np.ndarray | None = None, min_width_px: float = 0.0,
-                    thin: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+                    thin: np.ndarray | None = None, reduce_by: int = 1) -> tuple[np.ndarray, int, int]:
     """CLAM's contour filtering with connected components: keep big regions, keep their big holes. Holes that
     touch ``open_near`` (excluded ink) are never filled: glass a pen circle encloses is not tissue. With
     ``min_width_px``, a thin region is dropped too (a bubble's rim, a coverslip's edge: :func:`thin_parts`), and marked
-    in ``thin`` (a bool array like ``binary``, written in place) when it was big enough to be kept otherwise.
+    in ``thin`` (a bool array like ``binary``, written in place) when it was big enough to be kept otherwise;
+    thinness is judged on the mask reduced by ``reduce_by``.
 
     Tissue is 8-connected, holes are the 4-connected background a flood fill from the border does not reach.
     Both are labelled without OpenCV's per-pixel statistics (areas are counted over their own pixels only),
@@ -145,7 +146,7 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
     keep_region = fg_area > min_tissue_px
     keep_region[0] = False
     if min_width_px > 0 and keep_region.any():
-        narrow = keep_region & thin_parts(fg_labels, fg_area, binary, min_width_px)
+        narrow = keep_region & thin_parts(fg_labels, fg_area, binary, min_width_px, reduce_by)
         if narrow.any():
             keep_region &= ~narrow
             if thin is not None:
@@ -287,7 +288,7 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
     thin = np.zeros_like(binary)
     min_width = cfg.bubbles.min_width_um / px_um if cfg.bubbles.enabled and px_um is not None else 0.0
     mask, n_regions, n_holes = _filter_regions(binary, cfg.a_t * unit, cfg.a_h * unit, cfg.max_n_holes, near_ink,
-                                               min_width, thin)
+                                               min_width, thin, reduction(px_um) if px_um else 1)
     if thin.any():
         excluded["bubble"] = thin & ~excluded["ink"] if "ink" in excluded else thin  # a pen stroke is ink
     flagged = {}
