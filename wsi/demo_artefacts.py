@@ -119,8 +119,9 @@ def paint_faint(out: np.ndarray, labels: np.ndarray) -> None:
 
 def draw_bubbles(rng: np.random.Generator, labels: np.ndarray, tissue: np.ndarray, layout_um: float,
                  bubbles: int = 3) -> np.ndarray:
-    """Air bubbles and a coverslip edge into ``labels`` (in place), on the glass only: ``bubbles`` rings 4–8 % of
-    the shorter side across the radius, and a band along one long side, each 50–90 µm wide (rims and edges a
+    """Air bubbles and a coverslip edge into ``labels`` (in place), on the glass only: up to ``bubbles`` rings apart,
+    of radius 4–8 % of the shorter side and at least 3× their rim, and a band along one long side, each 50–90 µm
+    wide (rims and edges a
     scanner sees as dark refracting lines). Placed clear of the tissue (a rim over tissue hides tissue, which
     a mask cannot tell). Returns their mask."""
     h, w = labels.shape
@@ -131,9 +132,11 @@ def draw_bubbles(rng: np.random.Generator, labels: np.ndarray, tissue: np.ndarra
     candidates = np.argwhere(clear)
     for _ in range(bubbles if len(candidates) else 0):
         cy, cx = candidates[rng.integers(len(candidates))]
-        r = rng.uniform(0.04, 0.08) * unit
         width = rng.uniform(50, 90) / layout_um
+        r = max(rng.uniform(0.04, 0.08) * unit, rng.uniform(3, 5) * width)  # a rim, not a disc
         distance = np.hypot(yy - cy, (xx - cx) / rng.uniform(0.8, 1.2))
+        if (drawn & (distance <= r + width)).any():
+            continue  # bubbles apart: two overlapping rims would enclose a blob of neither
         drawn |= np.abs(distance - r) <= width / 2
     edge_y = rng.uniform(0.02, 0.05) * h
     if rng.random() < 0.5:
