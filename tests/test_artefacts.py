@@ -43,8 +43,12 @@ def overview_with_marks() -> tuple[np.ndarray, dict[str, np.ndarray]]:
         cv2.circle(nuclei, (int(x), int(y)), 2, 1, -1)
     nuclei &= tissue & clear
     image[nuclei == 1] = (60, 40, 110)
+    pigment = np.zeros_like(ink)  # a deposit of anthracotic pigment, black and 240 µm across: a blob, not a stroke
+    cv2.ellipse(pigment, (520, 250), (30, 22), 30, 0, 360, 1, -1)
+    pigment &= tissue & clear
+    image[pigment == 1] = (38, 34, 36)
     return image, {"ink": ink.astype(bool), "tissue": (tissue & (1 - ink)).astype(bool), "blood": blood.astype(bool),
-                   "nuclei": nuclei.astype(bool)}
+                   "nuclei": nuclei.astype(bool), "pigment": pigment.astype(bool)}
 
 
 def test_every_marker_colour_is_ink_and_stained_tissue_is_not():
@@ -52,6 +56,7 @@ def test_every_marker_colour_is_ink_and_stained_tissue_is_not():
     found = ink_mask(image, PX_UM, InkConfig())
     assert found[truth["ink"]].mean() >= 0.95
     assert not found[truth["blood"]].any()  # a saturated red blob inside tissue is blood, not a stroke
+    assert truth["pigment"].sum() > 1000 and not found[truth["pigment"]].any()  # a black blob is pigment
     assert not found[truth["nuclei"]].any()  # haematoxylin-dark specks: too small
     rim = cv2.dilate(truth["ink"].view(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
     assert found[truth["tissue"] & ~rim].mean() < 0.002  # beyond a stroke's rim, tissue stays tissue

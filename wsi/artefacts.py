@@ -5,9 +5,9 @@ Ink is found by colour and by shape. Marker colours that H&E never shows at over
 saturated blue, neutral black) or shows only in small amounts (saturated red: blood) are candidates.
 Only coherent components above a physical area count as ink: a stroke is millimetres long, while
 haematoxylin-dark nuclei and red cells are specks of a few µm that the overview averages into the
-tissue colour. A red candidate must also be a stroke, elongated rather than a blob, so a
-haemorrhage is not ink. The ink mask is widened by a few pixels for the anti-aliased rim of a stroke.
-The hue bands are OpenCV's (0–180); H&E's stains sit at 125–180 and 0–8 (measured on the H&E and IHC
+tissue colour. A red or black candidate must also be a stroke, elongated rather than a blob, so a
+haemorrhage or a deposit of dark pigment (anthracosis, melanin) is not ink. The ink mask is widened
+by a few pixels for the anti-aliased rim of a stroke. The hue bands are OpenCV's (0–180); H&E's stains sit at 125–180 and 0–8 (measured on the H&E and IHC
 textures the demo uses).
 """
 
@@ -56,6 +56,25 @@ def ink_candidates(rgb: np.ndarray, cfg: InkConfig) -> dict[str, np.ndarray]:
     return out
 
 
+STROKES = ("red", "black")  # marker colours that must be strokes: blood is a red blob, pigment a black one
+
+
+def strokes(candidate: np.ndarray, min_px: float) -> np.ndarray:
+    """The components of ``candidate`` of at least ``min_px`` pixels that are strokes: long for their width (area
+    ≥ 6 × the largest inscribed half-width², which a disc, at π, is not; a circle drawn in marker is)."""
+    import cv2
+
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(candidate.view(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
+    for label in np.flatnonzero(keep):
+        x, y, w, h = stats[label, :4]
+        part = (labels[y:y + h, x:x + w] == label).astype(np.uint8)
+        half_width = cv2.distanceTransform(np.pad(part, 1), cv2.DIST_L2, 3).max()
+        keep[label] = stats[label, cv2.CC_STAT_AREA] >= 6 * half_width**2
+    return keep[labels]
+
+
 def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
     """Pen ink on an overview whose pixels are ``px_um`` µm wide: boolean, same shape as ``rgb``'s first two axes."""
     import cv2
@@ -65,10 +84,11 @@ def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
         return out
     min_px = cfg.min_area_um2 / px_um**2
     candidates = ink_candidates(rgb, cfg)
-    # one labelling for the colours judged by size alone (a component may mix them: a blue stroke over a black
-    # one is ink either way), one for red, which must also be a stroke; a colour with fewer candidate pixels
-    # than one ink component needs is not labelled at all (the usual clean slide: no labelling)
-    sized = [part for colour, part in candidates.items() if colour != "red" and part.sum() >= min_px]
+    # one labelling for the colours judged by size alone (a component may mix them: a blue stroke over a green
+    # one is ink either way); red and black are labelled each on its own and must also be strokes, as blood and
+    # dark pigment (anthracosis, melanin) come in blobs; a colour with fewer candidate pixels than one ink
+    # component needs is not labelled at all (the usual clean slide: no labelling)
+    sized = [part for colour, part in candidates.items() if colour not in STROKES and part.sum() >= min_px]
     if sized:
         union = np.logical_or.reduce(sized)
         labels = cv2.connectedComponents(union.view(np.uint8), connectivity=8)[1]
@@ -76,16 +96,9 @@ def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
         keep[0] = False
         if keep.any():
             out |= keep[labels]
-    if "red" in candidates and candidates["red"].sum() >= min_px:
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(candidates["red"].view(np.uint8), connectivity=8)
-        keep = np.zeros(n, bool)
-        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
-        for label in np.flatnonzero(keep):  # a stroke, not a blob of blood: its area is many times its half-width²
-            x, y, w, h = stats[label, :4]
-            part = (labels[y:y + h, x:x + w] == label).astype(np.uint8)
-            half_width = cv2.distanceTransform(np.pad(part, 1), cv2.DIST_L2, 3).max()
-            keep[label] = stats[label, cv2.CC_STAT_AREA] >= 6 * half_width**2  # a disc: π
-        out |= keep[labels]
+    for colour in STROKES:
+        if colour in candidates and candidates[colour].sum() >= min_px:
+            out |= strokes(candidates[colour], min_px)
     rim = int(round(cfg.rim_um / px_um))
     if rim > 0 and out.any():
         out = cv2.dilate(out.view(np.uint8), np.ones((2 * rim + 1, 2 * rim + 1), np.uint8)).astype(bool)
