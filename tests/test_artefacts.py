@@ -262,7 +262,8 @@ def test_thin_structures_on_the_glass_are_excluded_and_tissue_is_not():
 
 def test_a_fold_is_flagged_and_denser_tissue_is_not():
     """A section with a band where it lies on itself (transmission squared) and a tumour 1.3× as dense: the fold
-    is flagged (≥ 90 % of its pixels), the tumour is not, nor the rest but a fold's blurred rim."""
+    is flagged (≥ 90 % of its pixels), the tumour is not, nor the rest but a fold's blurred rim; and still when
+    half the section is faintly stained (the reference is the stained tissue, not a median the pale half drags)."""
     from wsi.artefacts import FoldConfig, fold_mask
 
     he, _ = _base_textures()  # the H&E texture as an overview at 16× shows it
@@ -280,6 +281,10 @@ def test_a_fold_is_flagged_and_denser_tissue_is_not():
     image[fold] = image[fold] ** 2 / 255
     found = fold_mask(image.astype(np.uint8), tissue, 4.0, FoldConfig())
     assert found[fold].mean() >= 0.9 and found[dense].mean() < 0.01 and found[tissue & ~fold].mean() < 0.03
+    pale = tissue & ~fold & ~dense & (np.mgrid[:600, :800][1] < 420)  # half the rest faintly stained (30 %)
+    image[pale] = 0.3 * image[pale] + 0.7 * 244
+    found = fold_mask(image.astype(np.uint8), tissue, 4.0, FoldConfig())  # ordinary tissue is not twice the pale
+    assert found[fold].mean() >= 0.9 and found[tissue & ~fold & ~pale].mean() < 0.03
     assert not fold_mask(image.astype(np.uint8), tissue, 4.0, FoldConfig(enabled=False)).any()
 
 
@@ -306,7 +311,7 @@ def test_a_slide_with_bubbles_and_a_fold_reports_them_in_qc_geojson_and_tiles(tm
     from pipelines.stages import qc_stage, tiles_stage, tissue_stage
 
     path = tmp_path / "glass.svs"
-    write_demo_slide(path, height=3072, width=4096, positive=False, seed=44, artefacts=("bubbles", "fold"))
+    write_demo_slide(path, height=4608, width=6144, positive=False, seed=44, artefacts=("bubbles", "fold"))
     settings = {"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}, "slides": {"verify_tiles": False}}
     cfg, paths, entry = RunConfig.model_validate(settings), RunPaths(tmp_path / "out"), SlideEntry("glass", path, line=2)
     meta = tissue_stage(entry, cfg, paths)

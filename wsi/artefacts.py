@@ -122,21 +122,23 @@ class FoldConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(True, description="flag folded tissue: where the optical density is ratio × the median of "
-                                            "the slide's tissue")
-    ratio: float = Field(1.6, gt=1, description="a fold's optical density over the median of the slide's tissue (a "
-                                                "fold doubles the section: 2 in theory)")
+    enabled: bool = Field(True, description="flag folded tissue: where the optical density is ratio × that of the "
+                                            "slide's stained tissue (wsi.artefacts.fold_mask)")
+    ratio: float = Field(1.6, gt=1, description="a fold's optical density over the slide's stained tissue's (its "
+                                                "median without the pale parts; a fold doubles the section: 2 in "
+                                                "theory)")
     min_area_um2: float = Field(20_000.0, gt=0, description="smallest fold, µm²")
 
 
 THIN_CORE_SHARE = 0.1  # a region with less of itself than this farther than half the width from its edge is thin
-JUDGED_AT_UM = 12.0  # bubbles and folds are judged on the overview reduced to about this many µm per pixel
+JUDGED_AT_UM = 8.0  # bubbles and folds are judged on the overview reduced to about this many µm per pixel
 
 
 def reduction(px_um: float) -> int:
     """The integer factor that brings an overview of ``px_um`` µm/px near :data:`JUDGED_AT_UM` (1: already there).
-    A 40× scan masked at 16× (4 µm/px) is judged at 12 µm/px: 9× fewer pixels, and a rim or a fold (≥ 50 µm)
-    still several pixels wide."""
+    A 40× scan masked at 16× (4 µm/px) is judged at 8 µm/px: 4× fewer pixels, a rim or a fold (≥ 50 µm) still
+    several pixels wide, and a fragment of tissue just wider than ``tissue.bubbles.min_width_um`` still has a
+    core (at 12 µm/px a 160 × 240 µm fragment lost it to the rounding)."""
     return max(1, int(JUDGED_AT_UM // px_um))
 
 
@@ -153,21 +155,28 @@ def _expand(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask.view(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST).view(bool)
 
 
-def thin_parts(labels: np.ndarray, area: np.ndarray, binary: np.ndarray, width_px: float, factor: int = 1) -> np.ndarray:
+def thin_parts(labels: np.ndarray, area: np.ndarray, width_px: float, factor: int = 1) -> np.ndarray:
     """Per label of ``labels`` (``area``: each label's pixel count, 0 the background), whether it is thin: less
-    than :data:`THIN_CORE_SHARE` of it is left by an erosion with a disc ``width_px`` across. A rim, an edge or a
-    fibre is all border; where two of them cross, a disc fits, but only there (a bubble on a coverslip's edge),
-    while a section of tissue is mostly core. The erosion runs on the mask reduced by ``factor``."""
+    than :data:`THIN_CORE_SHARE` of it is left by an erosion with a disc ``width_px`` across, and it is long,
+    its area at least 6 × its largest inscribed radius squared (a disc's is π×). A rim, an edge or a fibre is all
+    border and long; where two of them cross, a disc fits, but only there (a bubble on a coverslip's edge);
+    a section of tissue is mostly core, and a compact fragment just about the disc's width is not long.
+    Judged on every ``factor``-th pixel of the labels (:func:`reduction`)."""
     import cv2
+    from scipy import ndimage
 
-    small = _reduce(binary.view(np.uint8) * np.uint8(255), factor) >= 128 if factor > 1 else binary
+    small = labels[::factor, ::factor]
+    binary = (small > 0).view(np.uint8)
     size = max(1, int(round(width_px / factor)))
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-    core = cv2.erode(small.view(np.uint8), disc, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
-    if factor > 1:
-        core = _expand(core, binary.shape) & binary
-    thin = np.bincount(labels[core], minlength=len(area)) < THIN_CORE_SHARE * area
+    core = cv2.erode(binary, disc, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+    thin = np.bincount(small[core], minlength=len(area)) * factor**2 < THIN_CORE_SHARE * area
     thin[0] = False
+    candidates = np.flatnonzero(thin)
+    if len(candidates):
+        depth = cv2.distanceTransform(np.pad(binary, 1), cv2.DIST_L2, 3)[1:-1, 1:-1] * factor
+        radius = np.asarray(ndimage.maximum(depth, small, candidates), np.float64)
+        thin[candidates] = area[candidates] >= 6 * radius**2
     return thin
 
 
@@ -179,12 +188,26 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     return cv2.LUT(np.ascontiguousarray(rgb), table).sum(axis=2, dtype=np.float32)
 
 
+def stained_density(values: np.ndarray, pale: float = 0.6, rounds: int = 3) -> float:
+    """The typical density of a slide's stained tissue: the median, recomputed ``rounds`` times without the pixels
+    paler than ``pale`` × it. Pale fat, faint stroma or a weakly stained region would otherwise pull a plain
+    median down until ordinary tissue looks twice as dense (a fold); a fold itself is a minority and barely
+    moves a median."""
+    reference = float(np.median(values))
+    for _ in range(rounds):
+        kept = values[values >= pale * reference]
+        if not len(kept):
+            break
+        reference = float(np.median(kept))
+    return reference
+
+
 def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig) -> np.ndarray:
     """Folded tissue on an overview whose pixels are ``px_um`` µm wide, within the boolean ``tissue`` mask.
 
     A fold is the section lying on itself: about twice the optical density of the slide's tissue. Each tissue
     pixel's density, averaged over ~100 µm (beyond the texture's scale, so a cluster of nuclei is not a fold,
-    within a fold's width), is compared with the median over all the tissue: folds are where it exceeds
+    within a fold's width), is compared with the slide's stained tissue (:func:`stained_density`): folds are where it exceeds
     ``ratio``, grown into the pixels around them above halfway to it (a fold's edge is blurred by the
     average); components above ``min_area_um2`` count. A slide mostly fold, or a tumour twice as dense as the
     rest, is misjudged: folds are flagged, not dropped, unless ``tiling.max_fold_fraction`` asks.
@@ -203,7 +226,7 @@ def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig
     od = optical_density(rgb) * weight
     window = max(1, int(round(100 / px_um))) | 1
     local = cv2.blur(od, (window, window)) / np.maximum(cv2.blur(weight, (window, window)), 1e-6)
-    ratio = np.where(tissue, local / max(float(np.median(od[tissue])), 1e-6), 0)
+    ratio = np.where(tissue, local / max(stained_density(local[tissue]), 1e-6), 0)
     if not (ratio > cfg.ratio).any():
         return out
     candidate = apply_hysteresis_threshold(ratio, 1 + (cfg.ratio - 1) / 2, cfg.ratio) & tissue

@@ -146,7 +146,7 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
     keep_region = fg_area > min_tissue_px
     keep_region[0] = False
     if min_width_px > 0 and keep_region.any():
-        narrow = keep_region & thin_parts(fg_labels, fg_area, binary, min_width_px, reduce_by)
+        narrow = keep_region & thin_parts(fg_labels, fg_area, min_width_px, reduce_by)
         if narrow.any():
             keep_region &= ~narrow
             if thin is not None:
@@ -299,7 +299,11 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
     else:
         tissue = TissueMask(mask, downsample, n_regions, n_holes, excluded)
     if cfg.folds.enabled and px_um is not None:
-        folds = fold_mask(rgb, tissue.mask, px_um, cfg.folds)
+        judged = tissue.mask
+        if "ink" in excluded and excluded["ink"].any():  # marker bleeds into its neighbours: dark, not folded
+            reach = 2 * int(np.ceil(50 / px_um)) + 1
+            judged = judged & ~cv2.dilate(excluded["ink"].view(np.uint8), np.ones((reach, reach), np.uint8)).view(bool)
+        folds = fold_mask(rgb, judged, px_um, cfg.folds)
         if folds.any():
             tissue.flagged["fold"] = folds
     return tissue
