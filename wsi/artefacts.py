@@ -136,9 +136,8 @@ JUDGED_AT_UM = 8.0  # bubbles and folds are judged on the overview reduced to ab
 
 def reduction(px_um: float) -> int:
     """The integer factor that brings an overview of ``px_um`` µm/px near :data:`JUDGED_AT_UM` (1: already there).
-    A 40× scan masked at 16× (4 µm/px) is judged at 8 µm/px: 4× fewer pixels, a rim or a fold (≥ 50 µm) still
-    several pixels wide, and a fragment of tissue just wider than ``tissue.bubbles.min_width_um`` still has a
-    core (at 12 µm/px a 160 × 240 µm fragment lost it to the rounding)."""
+    A 40× scan masked at 16× (4 µm/px) is judged at 8 µm/px: 4× fewer pixels, and a rim or a fold (≥ 50 µm)
+    still several pixels wide."""
     return max(1, int(JUDGED_AT_UM // px_um))
 
 
