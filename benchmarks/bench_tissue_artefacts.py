@@ -100,7 +100,7 @@ def main() -> None:
             paths.append(path)
         for preset in ("bwh_biopsy", "tcga"):
             cfg = RunConfig.model_validate({"tissue": {"preset": preset, "area_reference_mpp": 0.25}})
-            counts = np.zeros(10)  # ours ∧ truth, ours, clam ∧ truth, clam, ink in ours, in clam, ink, truth, bubble…
+            counts = np.zeros(8)  # ours ∧ truth, ours, CLAM ∧ truth, CLAM, ink in ours, ink in CLAM's, ink, truth
             bubble = np.zeros(3)  # in ours, in CLAM's, bubble pixels
             blur_counts, fold_counts = np.zeros(3), np.zeros(3)  # flagged ∧ truth, truth, flagged
             worst = [np.inf, np.inf, np.inf, np.inf]  # recall, precision: ours, CLAM

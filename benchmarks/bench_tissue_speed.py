@@ -3,8 +3,8 @@
     python benchmarks/bench_tissue_speed.py --clam-dir /path/to/CLAM [--clam-python /path/to/clam-env/bin/python]
         [--slides 6] [--width 40000] [--workers 2] [--workdir /tmp/wsi-bench-speed]
 
-Writes ``--slides`` Aperio demo slides (``width`` × 3/4·width at 0.25 µm/px, pyramid 1/4/16/64, fixed
-seeds) once. Then:
+Writes ``--slides`` Aperio demo slides (``width`` × 3/4·width at 0.25 µm/px, pyramid ``--pyramid``: 1/4/16
+by default, masked at 16× as CLAM does; 1/4/16/64 masked at 64×; fixed seeds) once. Then:
 
 - ours: ``wsi-pipeline run slides.csv --until tiles`` on a local cluster of ``--workers`` workers (a
   real run: separate worker processes, state files, QC images, masks, coords), once with

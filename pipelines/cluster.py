@@ -12,15 +12,19 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from pipelines.config import RunConfig
+
+if TYPE_CHECKING:
+    from distributed import WorkerPlugin
 
 
 class ClusterError(RuntimeError):
     """The Dask cluster cannot run anything (no workers, unreachable scheduler)."""
 
 
-def warm_worker_plugin():
+def warm_worker_plugin() -> WorkerPlugin:
     """A Dask worker plugin that pays the tissue stage's one-time costs once per worker, as it starts or joins
     (:func:`wsi.tissue.warm_up`: the slide readers' imports, tiffslide → Zarr, and the first use of OpenCV and
     Pillow). Without it a worker's first tissue task pays them, more than the task's own work.

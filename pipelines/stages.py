@@ -150,13 +150,14 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     else:
         paths.tile_sharpness(entry.slide_id).unlink(missing_ok=True)
     if len(grid.coords) == 0:
-        message = ("no tiles: every tile was left out (unreadable or below tiling.min_sharpness)"
-                   if meta.get("n_unreadable_tiles") or meta.get("n_blurry_dropped") else
+        message = ("no tiles: every tile was left out (unreadable, below tiling.min_sharpness or above "
+                   "tiling.max_fold_fraction)"
+                   if meta.get("n_unreadable_tiles") or meta.get("n_blurry_dropped") or meta.get("n_fold_dropped") else
                    "no tiles: no part of the tissue mask reaches min_tissue_fraction" if tissue.n_regions else
                    "no tiles: no tissue")
         meta["warnings"].append(message)
         log.warning("%s: %s", entry.slide_id, message)
-    write_fold_shares(paths.tile_folds(entry.slide_id), tissue, grid, meta)
+    write_fold_shares(paths.tile_folds(entry.slide_id), tissue, grid)
     qc = np.asarray(Image.open(paths.tissue_qc(entry.slide_id)).convert("RGB"))
     write_image(paths.tile_overlay(entry.slide_id), grid_overlay(qc, grid, tuple(slide_meta["dimensions"])))
     write_npy(paths.tile_coords(entry.slide_id), grid.coords)
@@ -308,6 +309,7 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
     columns = ["slide_id", "status", "label", "case_id", "backend", "width", "height", "mpp", "mpp_source", "mpp_detail",
                "tissue_fraction", "ink_fraction", "bubble_fraction", "fold_fraction", "n_regions", "n_holes", "n_tiles",
                "n_unreadable_tiles", "unreadable_fraction", "blurred_fraction", "n_blurry_dropped", "n_fold_tiles",
+               "n_fold_dropped",
                "read_level", "read_size", "level0_size", "delivered_mpp", "warnings"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -329,7 +331,7 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
             "ink_fraction": round(tissue.get("excluded", {}).get("ink", 0.0), 4),
             "bubble_fraction": round(tissue.get("excluded", {}).get("bubble", 0.0), 4),
             "fold_fraction": round(tissue.get("flagged", {}).get("fold", 0.0), 4),
-            "n_fold_tiles": tiles.get("n_fold_tiles", 0),
+            "n_fold_tiles": tiles.get("n_fold_tiles", 0), "n_fold_dropped": tiles.get("n_fold_dropped", 0),
             "n_holes": tissue["n_holes"], "n_tiles": tiles["n_tiles"], "n_unreadable_tiles": tiles.get("n_unreadable_tiles", 0),
             "unreadable_fraction": round(tissue.get("unreadable_fraction", 0.0), 4),
             "blurred_fraction": "" if blurred is None else round(blurred, 4),

@@ -8,6 +8,7 @@ decode, and one that is out of focus, are known before any model sees them.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -82,8 +83,10 @@ def fold_shares(tissue: TissueMask, grid: TileGrid) -> np.ndarray | None:
 
 
 def drop_folds(cfg: RunConfig, tissue: TissueMask, grid: TileGrid, meta: dict) -> tuple[TileGrid, dict]:
-    """Tiles more than ``tiling.max_fold_fraction`` fold leave the grid (before any tile is read)."""
+    """Count the tissue grid's tiles at least half fold (``n_fold_tiles``); those more than
+    ``tiling.max_fold_fraction`` fold leave the grid (before any tile is read)."""
     shares = fold_shares(tissue, grid)
+    meta["n_fold_tiles"] = 0 if shares is None else int((shares >= 0.5).sum())
     meta["n_fold_dropped"] = 0
     if cfg.tiling.max_fold_fraction is None or shares is None:
         return grid, meta
@@ -93,10 +96,9 @@ def drop_folds(cfg: RunConfig, tissue: TissueMask, grid: TileGrid, meta: dict) -
     return TileGrid(grid.coords[keep], grid.tissue_fraction[keep], grid.plan), meta
 
 
-def write_fold_shares(target, tissue: TissueMask, grid: TileGrid, meta: dict) -> None:
-    """The final grid's fold shares beside its coords (none: no file), and how many tiles are mostly fold."""
+def write_fold_shares(target: Path, tissue: TissueMask, grid: TileGrid) -> None:
+    """The final grid's fold shares beside its coords (no fold: no file, an old one removed)."""
     shares = fold_shares(tissue, grid)
-    meta["n_fold_tiles"] = 0 if shares is None else int((shares >= 0.5).sum())
     if shares is None:
         target.unlink(missing_ok=True)
     else:

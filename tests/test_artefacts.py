@@ -232,6 +232,7 @@ def test_thin_structures_on_the_glass_are_excluded_and_tissue_is_not():
     """At 4 µm/px: a bubble's rim (60 µm wide), a coverslip's edge (70 µm) with a bubble on it, next to an H&E
     section, a 200 µm-wide strip of tissue and a ring-shaped section: the rims and the edge are excluded as
     `bubble`, every piece of tissue is kept; switched off, the rims are tissue."""
+    from wsi.artefacts import thin_parts
     from wsi.tissue import TissueConfig, segment_tissue
 
     he, _ = _base_textures()
@@ -255,6 +256,9 @@ def test_thin_structures_on_the_glass_are_excluded_and_tissue_is_not():
     assert not found.mask[rims].any() and found.excluded["bubble"][rims].mean() > 0.9
     assert found.mask[tissue].mean() > 0.97 and not found.excluded["bubble"][tissue].any()
     assert found.n_regions == 3
+    labels = np.zeros((64, 64), np.int32)
+    labels[20:23, 20:23] = 1  # a region the sampling of a large reduction misses is not judged thin
+    assert not thin_parts(labels, np.bincount(labels.ravel()), 30.0, 16)[1]
     off = segment_tissue(image, (16.0, 16.0), TissueConfig(preset="bwh_biopsy", ink={"enabled": False},
                                                            folds={"enabled": False}, bubbles={"enabled": False}), 0.25)
     assert off.mask[rims].mean() > 0.8 and "bubble" not in off.excluded
@@ -285,6 +289,8 @@ def test_a_fold_is_flagged_and_denser_tissue_is_not():
     image[pale] = 0.3 * image[pale] + 0.7 * 244
     found = fold_mask(image.astype(np.uint8), tissue, 4.0, FoldConfig())  # ordinary tissue is not twice the pale
     assert found[fold].mean() >= 0.9 and found[tissue & ~fold & ~pale].mean() < 0.03
+    generous = fold_mask(image.astype(np.uint8), np.ones_like(tissue), 4.0, FoldConfig())  # a mask drawn with glass
+    assert generous[fold].mean() >= 0.9 and generous[tissue & ~fold & ~pale].mean() < 0.03
     assert not fold_mask(image.astype(np.uint8), tissue, 4.0, FoldConfig(enabled=False)).any()
 
 
@@ -330,3 +336,9 @@ def test_a_slide_with_bubbles_and_a_fold_reports_them_in_qc_geojson_and_tiles(tm
     assert len(shares) == tiles["n_tiles"] and tiles["n_fold_tiles"] == (shares >= 0.5).sum() > 0
     dropped = tiles_stage(entry, RunConfig.model_validate({**settings, "tiling": {"max_fold_fraction": 0.5}}), paths)
     assert dropped["n_fold_dropped"] == (shares > 0.5).sum() and dropped["n_tiles"] == tiles["n_tiles"] - (shares > 0.5).sum()
+    kept = np.load(paths.tile_folds("glass"))
+    assert len(kept) == len(np.load(paths.tile_coords("glass"))) and kept.max() <= 0.5
+    off = RunConfig.model_validate({**settings, "tissue": {**settings["tissue"], "folds": {"enabled": False}}})
+    tissue_stage(entry, off, paths)  # a rerun that no longer flags folds leaves no fold file behind
+    tiles_stage(entry, off, paths)
+    assert not paths.tissue_flagged("glass", "fold").exists() and not paths.tile_folds("glass").exists()

@@ -7,8 +7,8 @@ Only coherent components above a physical area count as ink: a stroke is millime
 haematoxylin-dark nuclei and red cells are specks of a few µm that the overview averages into the
 tissue colour. A red or black candidate must also be a stroke, elongated rather than a blob, so a
 haemorrhage or a deposit of dark pigment (anthracosis, melanin) is not ink. The ink mask is widened
-by a few pixels for the anti-aliased rim of a stroke. The hue bands are OpenCV's (0–180); H&E's stains sit at 125–180 and 0–8 (measured on the H&E and IHC
-textures the demo uses).
+by a few pixels for the anti-aliased rim of a stroke. The hue bands are OpenCV's (0–180); H&E's
+stains sit at 125–180 and 0–8 (measured on the H&E and IHC textures the demo uses).
 """
 
 from __future__ import annotations
@@ -113,8 +113,10 @@ class BubbleConfig(BaseModel):
     enabled: bool = Field(True, description="exclude regions that are thin: bubble rims, coverslip edges, fibres "
                                             "(wsi.artefacts.thin_parts)")
     min_width_um: float = Field(120.0, gt=0, description="a region of which under a tenth lies farther than half this "
-                                                         "(µm) from its edge is excluded; tissue strips narrower than "
-                                                         "this go too (less than one 256-px tile at 0.5 µm/px)")
+                                                         "(µm) from its edge, and whose area is at least 6 × its "
+                                                         "largest inscribed radius squared (long), is excluded; long "
+                                                         "tissue strips narrower than this go too (less than one "
+                                                         "256-px tile at 0.5 µm/px)")
 
 
 class FoldConfig(BaseModel):
@@ -170,6 +172,7 @@ def thin_parts(labels: np.ndarray, area: np.ndarray, width_px: float, factor: in
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
     core = cv2.erode(binary, disc, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
     thin = np.bincount(small[core], minlength=len(area)) * factor**2 < THIN_CORE_SHARE * area
+    thin &= np.bincount(small.ravel(), minlength=len(area)) > 0  # a region between the samples is not judged
     thin[0] = False
     candidates = np.flatnonzero(thin)
     if len(candidates):
@@ -185,6 +188,9 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
 
     table = (-np.log10((np.arange(256, dtype=np.float32) + 1) / 256)).astype(np.float32)
     return cv2.LUT(np.ascontiguousarray(rgb), table).sum(axis=2, dtype=np.float32)
+
+
+STAINED_OD = 0.15  # summed optical density below which a pixel is glass or nearly (glass: ~0.06), not a reference
 
 
 def stained_density(values: np.ndarray, pale: float = 0.6, rounds: int = 3) -> float:
@@ -206,7 +212,8 @@ def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig
 
     A fold is the section lying on itself: about twice the optical density of the slide's tissue. Each tissue
     pixel's density, averaged over ~100 µm (beyond the texture's scale, so a cluster of nuclei is not a fold,
-    within a fold's width), is compared with the slide's stained tissue (:func:`stained_density`): folds are where it exceeds
+    within a fold's width), is compared with the slide's stained tissue (:func:`stained_density` of the pixels
+    above :data:`STAINED_OD`, so glass inside a generous mask is no reference): folds are where it exceeds
     ``ratio``, grown into the pixels around them above halfway to it (a fold's edge is blurred by the
     average); components above ``min_area_um2`` count. A slide mostly fold, or a tumour twice as dense as the
     rest, is misjudged: folds are flagged, not dropped, unless ``tiling.max_fold_fraction`` asks.
@@ -225,7 +232,11 @@ def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig
     od = optical_density(rgb) * weight
     window = max(1, int(round(100 / px_um))) | 1
     local = cv2.blur(od, (window, window)) / np.maximum(cv2.blur(weight, (window, window)), 1e-6)
-    ratio = np.where(tissue, local / max(stained_density(local[tissue]), 1e-6), 0)
+    stained = local[tissue]
+    stained = stained[stained >= STAINED_OD]
+    if not len(stained):
+        return out
+    ratio = np.where(tissue, local / stained_density(stained), 0)
     if not (ratio > cfg.ratio).any():
         return out
     candidate = apply_hysteresis_threshold(ratio, 1 + (cfg.ratio - 1) / 2, cfg.ratio) & tissue

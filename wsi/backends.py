@@ -126,7 +126,7 @@ class TiffSlideReader:
                 # tifffile builds a page's decoder on first use and, for JPEG, reads 4 bytes of the file to build
                 # it (``is_jfif``) outside the lock: built here, before any thread reads, so a concurrent first
                 # decode cannot move the file position under another thread's seek + read
-                page.init_decode()
+                _ = page.decode  # what tifffile's init_decode() does (it is not in every tifffile version)
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         x, y = int(location[0]), int(location[1])

@@ -238,6 +238,7 @@ def sharpness(tile: np.ndarray, cells: int = 8) -> float:
     import cv2
 
     grey = cv2.cvtColor(np.ascontiguousarray(tile), cv2.COLOR_RGB2GRAY)
+    cells = max(1, min(cells, *grey.shape))  # a tile smaller than the grid: one part per pixel row at most
     laplacian = cv2.Laplacian(grey, cv2.CV_32F).astype(np.float64)
     stained = (grey < 220).astype(np.float64)
     h, w = (grey.shape[0] // cells) * cells, (grey.shape[1] // cells) * cells  # whole parts (a few edge px left)
