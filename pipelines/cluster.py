@@ -35,8 +35,13 @@ def warm_worker_plugin() -> WorkerPlugin:
         name = "wsi-pipeline-warm-up"
 
         def setup(self, worker) -> None:
+            import cv2
+
             from wsi.tissue import warm_up
 
+            # OpenCV ignores OMP_NUM_THREADS and would start a thread per core in every worker: two workers on two
+            # cores then run four threads and each task is slower than alone
+            cv2.setNumThreads(worker.state.nthreads)
             warm_up()
 
     return WarmUp()

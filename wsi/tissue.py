@@ -151,7 +151,8 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
             keep_region &= ~narrow
             if thin is not None:
                 thin |= narrow[fg_labels]
-    mask = keep_region[fg_labels]
+    mask = np.zeros_like(binary)
+    mask[binary] = keep_region[fg_labels[binary]]  # gathered over the tissue pixels only
     holes = enclosed_background(binary)
     hole_at = np.flatnonzero(holes)  # raster order
     if not len(hole_at):
@@ -292,7 +293,7 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
     if thin.any():
         excluded["bubble"] = thin & ~excluded["ink"] if "ink" in excluded else thin  # a pen stroke is ink
     flagged = {}
-    if any(part.any() for part in excluded.values()):
+    if any((part & mask).any() for part in excluded.values()):
         for part in excluded.values():  # after the filter: tissue a stroke crosses keeps its region's size
             mask &= ~part
         tissue = mask_from(mask, downsample, excluded)  # counted again: a region of ink alone is gone
@@ -356,7 +357,11 @@ def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.nd
     h, w = tissue.mask.shape
     scale = min(1.0, max_size / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    image = cv2.resize(np.ascontiguousarray(rgb), size, interpolation=cv2.INTER_AREA)
+    image = np.ascontiguousarray(rgb)
+    factor = int(1 / scale)
+    if factor > 1:  # area averaging by a whole factor first: OpenCV's fast path (a fractional one is 5× slower)
+        image = cv2.resize(image, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
+    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     mask = cv2.resize(tissue.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     dimmed = cv2.addWeighted(image, 0.6, np.full_like(image, 60), 0.4, 0)
     image = np.where(mask[..., None] == 0, dimmed, image)
