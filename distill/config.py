@@ -74,7 +74,7 @@ class DistillConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="training autocast precision; auto as for encoders: bf16 on GPUs that support it (else "
                             "fp16 with loss scaling), bf16 on CPUs with native bf16, else fp32")
-    num_workers: int | None = Field(None, ge=0, description="DataLoader worker processes reading tiles (null: 0 on a CPU, "
+    num_workers: int | None = Field(None, ge=0, description="loader processes (threads in a daemonic Dask worker) reading tiles (null: 0 on a CPU, "
                                                             "where the student's tiles are cheap to read and a loader "
                                                             "process takes a core from training — half the epoch "
                                                             "time on 2 cores; 2 on a GPU)")

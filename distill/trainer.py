@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from distill.pools import SlideTiles, draw_weights, prepare_pools, split_pools
 from distill.sampling import TileErrors, epoch_draws
 from features.precision import autocast_dtype, resolve_precision
 from features.store import save_safetensors
+from features.tile_loader import batch_loader, resolve_loader
 from wsi.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,8 @@ class DistillTiles:
     """(tile uint8, teacher feature, pool index) over several slides, read through one :class:`wsi.slide.SlidePool`.
 
     ``index`` rows are (slide number, row). Decoded tiles are kept in memory up to ``cache_mb``, so a tile
-    drawn again in a later epoch costs no read — in the training process (a CPU's default); loader
-    processes (a GPU's) are started per epoch and read afresh.
+    drawn again in a later epoch costs no read — in the training process (a CPU's default) or its loader
+    threads; loader processes (a GPU's) are started per epoch and read afresh.
     """
 
     def __init__(self, slides: list[SlideTiles], index: np.ndarray, input_size: int | None = None, cache_mb: float = 0):
@@ -57,6 +59,13 @@ class DistillTiles:
         self.pool = SlidePool([SlideSource(s.slide_id, s.slide_path, s.mpp, s.backend) for s in slides])
         self.cache: dict[int, np.ndarray] = {}
         self.cache_bytes, self.cache_limit = 0, int(cache_mb * 2**20)
+        self._lock = threading.Lock()  # loader threads share the cache (:mod:`features.tile_loader`)
+
+    def __getstate__(self) -> dict:  # loader processes get their own, empty lock
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def epoch(self, draws: np.ndarray) -> EpochTiles:
         """The same tiles and cache, drawing ``draws`` (pool indices) this epoch."""
@@ -72,9 +81,10 @@ class DistillTiles:
             part = self.slides[s]
             x, y = part.coords[row]
             tile = np.array(self.pool.read_tile(part.slide_id, x, y, part.plan, self.input_size))
-            if self.cache_bytes + tile.nbytes <= self.cache_limit:
-                self.cache[i] = tile
-                self.cache_bytes += tile.nbytes
+            with self._lock:
+                if i not in self.cache and self.cache_bytes + tile.nbytes <= self.cache_limit:
+                    self.cache[i] = tile
+                    self.cache_bytes += tile.nbytes
         return tile
 
     def __getitem__(self, i: int):
@@ -212,8 +222,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
     workers = cfg.num_workers if cfg.num_workers is not None else (0 if device.type == "cpu" else 2)
-    loader_kwargs = dict(batch_size=cfg.batch_size, num_workers=workers,
-                         **({"persistent_workers": False, "prefetch_factor": 4} if workers else {}))
+    loader_kwargs = dict(batch_size=cfg.batch_size, workers=workers, pin_memory=device.type == "cuda")
     state = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
     resumed_from, saved = None, None
     if (ckpt_dir / "state.pt").exists() and (ckpt_dir / "last.safetensors").exists():
@@ -232,8 +241,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
                                                                pools.clusters)
     weights = draw_weights(pools.train_labels, cfg)
     errors = TileErrors(len(train_pool), None if saved is None else saved.get("tile_errors", torch.zeros(0)).numpy())
-    val_loader = torch.utils.data.DataLoader(DistillTiles(slides, val_pool, tile_input, cache_mb=cfg.tile_cache_mb),
-                                             shuffle=False, **loader_kwargs)
+    val_loader = batch_loader(DistillTiles(slides, val_pool, tile_input, cache_mb=cfg.tile_cache_mb), **loader_kwargs)
     train_tiles = DistillTiles(slides, train_pool, tile_input, cache_mb=cfg.tile_cache_mb)
     if resumed_from is None:
         initial = evaluate(model, val_loader, prep, device, val_labels, val_weights)
@@ -248,7 +256,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         generator.manual_seed(cfg.seed * 1000 + epoch)  # resumable: each epoch's sampling depends only on its number
         draws = epoch_draws(len(train_pool), cfg.tiles_per_epoch, weights, errors, cfg.hard_mining,
                             np.random.default_rng(cfg.seed * 1000 + epoch))
-        loader = torch.utils.data.DataLoader(train_tiles.epoch(draws), shuffle=False, **loader_kwargs)
+        loader = batch_loader(train_tiles.epoch(draws), **loader_kwargs)  # processes, or threads in a daemonic worker
         start, losses, waited = time.perf_counter(), [], 0.0
         ready = start
         for tiles, target, rows in loader:
@@ -301,7 +309,7 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     card = {
         "kind": "wsi-pipeline distilled student",
         "student": cfg.student.model_dump(mode="json"), "student_init": cfg.student.weights_source(cfg.seed),
-        "precision": precision,
+        "precision": precision, "loader": resolve_loader("auto") if loader_kwargs["workers"] else "none",
         "projector": cfg.projector, "projector_width": cfg.projector_width,
         "whiten": cfg.whiten, "dewhiten_head": model.stats_head is not None, "teacher": teacher or {}, "teacher_dim": teacher_dim,
         "input_size": input_size, "read_at_input": cfg.read_at_input, "mean": list(mean), "std": list(std),

@@ -1,9 +1,10 @@
-"""Streaming feature extraction: tiles → DataLoader workers → batched inference → Zarr chunks.
+"""Streaming feature extraction: tiles → loader workers → batched inference → Zarr chunks.
 
 Reading and JPEG decoding happen in DataLoader worker processes (one slide handle each, opened
-lazily in the worker, since OpenSlide handles cannot cross processes) and overlap model compute
-in the main process. Features are appended to the store chunk by chunk, so memory stays flat
-however many tiles a slide has.
+lazily in the worker, since OpenSlide handles cannot cross processes), or in threads where this
+process may not start any (:mod:`features.tile_loader`), and overlap model compute in the main
+process. Features are appended to the store chunk by chunk, so memory stays flat however many tiles
+a slide has.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +30,12 @@ class ExtractionConfig(BaseModel):
     teacher: EncoderConfig = Field(default_factory=lambda: EncoderConfig(model="vit_base"),
                                    description="the (large) encoder whose features the features stage extracts")
     batch_size: int = Field(32, ge=1, description="tiles per forward pass")
-    num_workers: int = Field(1, ge=0, description="DataLoader worker processes reading and decoding tiles (0: in the main process)")
+    num_workers: int = Field(1, ge=0, description="loader processes (or threads) reading and decoding tiles ahead of "
+                                                  "the model (0: read in the task's own thread)")
+    loader: Literal["auto", "processes", "threads"] = Field(
+        "auto", description="how tiles are read ahead: DataLoader worker processes, or threads (decoding releases the "
+                            "GIL); auto: processes, threads in a daemonic process (a worker started by `dask worker` or "
+                            "dask-jobqueue, which may not start processes)")
     prefetch_factor: int = Field(4, ge=1, description="batches each loader worker keeps ready")
     loader_min_tiles: int = Field(1024, ge=0, description="slides (and heatmap passes) with fewer tiles are read in the "
                                                          "task's own process: a loader process takes ~2 s to start in a "
@@ -68,15 +75,26 @@ class TileDataset:
         return torch.from_numpy(np.array(tile)), index  # writable copy
 
 
-def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):
-    import torch
+def loader_workers(n_tiles: int, cfg: ExtractionConfig) -> int:
+    """Loader workers for a slide of ``n_tiles``: none below ``loader_min_tiles``, where reading in this process
+    (0.4-3 ms a tile) costs less than starting loader processes, which Dask workers spawn (a fresh interpreter
+    importing torch: ~2 s per slide, measured in bench_predict.py)."""
+    return cfg.num_workers if n_tiles >= max(cfg.loader_min_tiles, 1) else 0
 
-    # small slides: reading in this process (0.4-3 ms a tile) costs less than starting loader processes, which
-    # Dask workers spawn (a fresh interpreter importing torch: ~2 s per slide, measured in bench_predict.py)
-    workers = cfg.num_workers if len(dataset) >= max(cfg.loader_min_tiles, 1) else 0
-    kwargs = dict(prefetch_factor=cfg.prefetch_factor, persistent_workers=False) if workers else {}
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=device.type == "cuda", **kwargs)
+
+def loader_used(n_tiles: int, cfg: ExtractionConfig) -> str:
+    """How a slide of ``n_tiles`` is read here: ``processes``, ``threads`` or ``none`` (in the task's thread)."""
+    from features.tile_loader import resolve_loader
+
+    return resolve_loader(cfg.loader) if loader_workers(n_tiles, cfg) else "none"
+
+
+def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):
+    from features.tile_loader import batch_loader
+
+    workers = loader_workers(len(dataset), cfg)
+    return batch_loader(dataset, batch_size=cfg.batch_size, workers=workers, prefetch=cfg.prefetch_factor,
+                        kind=cfg.loader, pin_memory=device.type == "cuda")
 
 
 def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig) -> Iterator[tuple[np.ndarray, float]]:
@@ -114,7 +132,7 @@ def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: Extrac
             model_seconds += seconds
     seconds = time.perf_counter() - start
     return {"n_tiles": len(dataset), "seconds": round(seconds, 3), "model_seconds": round(model_seconds, 3),
-            "precision": encoder.precision,
+            "precision": encoder.precision, "loader": loader_used(len(dataset), cfg),
             "patches_per_s": round(len(dataset) / seconds, 2) if seconds and len(dataset) else 0.0}
 
 

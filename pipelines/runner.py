@@ -143,7 +143,7 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
 
 def _summary(meta: dict) -> dict:
     """The small part of a stage's metadata the client shows (keeps results cheap to ship)."""
-    keys = ("n_tiles", "n_slides", "seconds", "patches_per_s", "precision", "val_cosine", "val_r2", "worst_cluster_r2", "faithful",
+    keys = ("n_tiles", "n_slides", "seconds", "patches_per_s", "precision", "loader", "val_cosine", "val_r2", "worst_cluster_r2", "faithful",
             "initial_cosine", "folds")
     return {k: meta[k] for k in keys if k in meta}
 

@@ -294,7 +294,7 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
             "worst_cluster_r2": best.get("worst_cluster_r2"), "balanced_r2": best.get("balanced_r2"),
             "faithful": verdict["faithful"], "epochs_run": card["metrics"]["epochs_run"],
             "initial_cosine": card["metrics"]["initial"].get("cosine"), "precision": card["precision"],
-            "warnings": [f"student: {verdict['message']}"] if verdict["faithful"] is False else []}
+            "loader": card["loader"], "warnings": [f"student: {verdict['message']}"] if verdict["faithful"] is False else []}
 
 
 def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:

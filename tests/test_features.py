@@ -101,6 +101,53 @@ def test_pipeline_features_equal_a_direct_forward_pass(slide_tiles, vit_tiny, tm
     assert sum(len(f) for f, _ in chunks) == len(grid.coords) and len(chunks) == -(-len(grid.coords) // 32)
 
 
+def _loader_kind_in_a_daemonic_process(queue) -> None:
+    from features.tile_loader import resolve_loader
+
+    queue.put(resolve_loader("auto"))
+
+
+def test_loader_threads_give_the_processes_features_and_are_chosen_where_processes_cannot_start(slide_tiles, vit_tiny,
+                                                                                                  tmp_path):
+    """A daemonic process (a `dask worker`'s) may not start loader processes: auto reads there with threads, which
+    give the same features in the same order; a tile's read error surfaces at its batch."""
+    import multiprocessing
+
+    from features.tile_loader import ThreadBatches, resolve_loader
+
+    path, grid, mpp = slide_tiles
+    dataset = TileDataset(path, grid.coords, grid.plan, mpp=mpp)
+    stores = {}
+    for kind in ("processes", "threads"):
+        cfg = ExtractionConfig(batch_size=8, num_workers=2, loader_min_tiles=0, loader=kind)
+        stats = extract_slide(dataset, vit_tiny, tmp_path / f"{kind}.zarr", cfg, encoder_attrs(vit_tiny, grid.plan))
+        assert stats["loader"] == kind
+        stores[kind] = FeatureStore.open(tmp_path / f"{kind}.zarr").load()
+    np.testing.assert_array_equal(stores["threads"][0], stores["processes"][0])
+    np.testing.assert_array_equal(stores["threads"][1], grid.coords)
+    assert resolve_loader("auto") == "processes"  # pytest's own process is not daemonic
+    queue = multiprocessing.get_context("spawn").Queue()
+    child = multiprocessing.get_context("spawn").Process(target=_loader_kind_in_a_daemonic_process, args=(queue,),
+                                                         daemon=True)
+    child.start()
+    assert queue.get(timeout=60) == "threads"
+    child.join()
+
+    class Failing:
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            if i == 7:
+                raise ValueError("tile 7 does not decode")
+            return torch.tensor([i])
+
+    batches = iter(ThreadBatches(Failing(), batch_size=3, threads=2, ahead=4))
+    assert next(batches).flatten().tolist() == [0, 1, 2] and next(batches).flatten().tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match="tile 7"):
+        next(batches)
+
+
 def test_zero_tiles_give_an_empty_valid_store_and_failures_leave_nothing(slide_tiles, vit_tiny, tmp_path):
     path, grid, mpp = slide_tiles
     empty = TileDataset(path, np.zeros((0, 2), np.int64), grid.plan, mpp=mpp)

@@ -19,8 +19,9 @@ sub-pixel position while tiffslide floors the location to the level's pixel grid
 from __future__ import annotations
 
 import logging
-import os
 import math
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -373,25 +374,35 @@ class SlideSource:
 class SlidePool:
     """The one way tiles are read for models (extraction, distillation, End2end, heatmaps): slides opened
     lazily by id, in whichever process reads — OpenSlide handles never cross processes, so a pickled pool
-    arrives empty — with at most ``max_open`` open at once (least recently used closed first)."""
+    arrives empty — with at most ``max_open`` open at once (least recently used closed first, never one
+    another thread is reading: loader threads share a pool, :mod:`features.tile_loader`)."""
 
     def __init__(self, sources: list[SlideSource], max_open: int = 8):
         self.sources = {s.slide_id: s for s in sources}
         self.max_open = max_open
         self._open: dict[str, Slide] = {}
+        self._reading: dict[str, int] = {}  # slide id → reads under way
+        self._lock = threading.Lock()
         self._pid: int | None = None
         self._plans: dict[tuple, object] = {}  # (slide id, tile plan, input size) → the plan read for that input
 
     def slide(self, slide_id: str) -> Slide:
+        with self._lock:
+            return self._take(slide_id, reading=False)
+
+    def _take(self, slide_id: str, reading: bool) -> Slide:
         if self._pid != os.getpid():  # a forked or unpickled copy: the parent's handles are not ours
-            self._open, self._pid = {}, os.getpid()
+            self._open, self._reading, self._pid = {}, {}, os.getpid()
         slide = self._open.pop(slide_id, None)
         if slide is None:
             source = self.sources[slide_id]
             slide = open_slide(source.path, slide_id=source.slide_id, backend=source.backend, mpp=source.mpp)
-            while len(self._open) >= self.max_open:
-                self._open.pop(next(iter(self._open))).close()
+            idle = [key for key in self._open if not self._reading.get(key)]  # least recently used first
+            while len(self._open) >= self.max_open and idle:
+                self._open.pop(idle.pop(0)).close()
         self._open[slide_id] = slide  # most recently used last
+        if reading:
+            self._reading[slide_id] = self._reading.get(slide_id, 0) + 1
         return slide
 
     def read_tile(self, slide_id: str, x: int, y: int, plan, input_size: int | None = None) -> np.ndarray:
@@ -400,23 +411,33 @@ class SlidePool:
         from the coarsest level that holds it, ``input_size``² px)."""
         from wsi.tiling import plan_for_input, read_tile
 
-        slide = self.slide(slide_id)
-        if input_size is not None:
-            key = (slide_id, plan, input_size)
-            derived = self._plans.get(key)
-            if derived is None:
-                if len(self._plans) >= 4096:  # a few per slide; bounded however many slides pass through
-                    self._plans.clear()
-                derived = self._plans[key] = plan_for_input(plan, slide.level_downsamples, input_size)
-            plan = derived
-        return read_tile(slide, int(x), int(y), plan)
+        with self._lock:
+            slide = self._take(slide_id, reading=True)
+            if input_size is not None:
+                key = (slide_id, plan, input_size)
+                derived = self._plans.get(key)
+                if derived is None:
+                    if len(self._plans) >= 4096:  # a few per slide; bounded however many slides pass through
+                        self._plans.clear()
+                    derived = self._plans[key] = plan_for_input(plan, slide.level_downsamples, input_size)
+                plan = derived
+        try:
+            return read_tile(slide, int(x), int(y), plan)
+        finally:
+            with self._lock:
+                self._reading[slide_id] -= 1
 
     def close(self) -> None:
-        for slide in self._open.values():
-            slide.close()
-        self._open = {}
+        with self._lock:
+            for slide in self._open.values():
+                slide.close()
+            self._open, self._reading = {}, {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_open"], state["_pid"] = {}, None
+        state["_open"], state["_reading"], state["_pid"] = {}, {}, None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())

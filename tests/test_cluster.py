@@ -1,0 +1,135 @@
+"""The whole pipeline on real multi-process Dask clusters, as users run it on theirs: `dask scheduler` and two
+`dask worker` processes started by the CLI with default settings, each in its own working directory; and
+dask-jobqueue, whose LocalCluster runs real job scripts as local processes (the code path of SLURMCluster).
+Both start daemonic worker processes, which may not start DataLoader processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+CLI = [sys.executable, "-m", "pipelines.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_input(tmp_path_factory) -> Path:
+    """A 4-slide demo cohort and a short run config in which every slide's tiles go through loader workers."""
+    folder = tmp_path_factory.mktemp("cluster_input")
+    done = subprocess.run([*CLI, "demo", "demo", "--n-slides", "4", "--size", "4096"], cwd=folder, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load((folder / "demo" / "run.yaml").read_text())
+    config["features"]["loader_min_tiles"] = 1  # every slide read by loader workers
+    config["distill"].update(epochs=2, tiles_per_epoch=64, max_val_tiles=32, num_workers=1)
+    config["mil"].update(strategies=["teacher", "reuse"], max_epochs=3, min_epochs=1)
+    config["heatmaps"] = {"slides": "all", "width": 512, "top_k": 1}
+    (folder / "demo" / "run.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def run_pipeline(folder: Path, address: str, out: str) -> subprocess.CompletedProcess:
+    """``wsi-pipeline run`` on the cluster at ``address``, with paths relative to ``folder`` (the workers' own
+    working directories are elsewhere)."""
+    return subprocess.run([*CLI, "run", "demo/slides.csv", "--config", "demo/run.yaml", "--out", out,
+                           "--scheduler", address], cwd=folder, capture_output=True, text=True, timeout=900)
+
+
+def assert_every_task_done(out: Path, result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-4000:]
+    states = [json.loads(p.read_text()) for p in (out / "state").rglob("*.json")]
+    assert {s["status"] for s in states} == {"done"}
+    stages = {p.parent.name for p in (out / "state").rglob("*.json")}
+    assert {"tissue", "tiles", "features", "distill", "student_features", "mil", "results", "heatmaps"} <= stages
+    for slide in ("demo_000", "demo_001", "demo_002", "demo_003"):
+        meta = json.loads((out / "state" / "features" / f"{slide}.json").read_text())["meta"]
+        assert meta["loader"] == "threads", meta  # a daemonic worker: loader threads, not processes
+        assert meta["n_tiles"] > 0
+    assert json.loads((out / "state" / "distill" / "_cohort.json").read_text())["meta"]["loader"] == "threads"
+
+
+def assert_features_match_a_local_extraction(folder: Path, out: Path, slide_id: str) -> None:
+    """The cluster's features of one slide, read by threads in a daemonic worker, equal those read in this
+    process without loader workers: the same tiles, in the same order."""
+    import zarr
+
+    from pipelines.artifacts import RunPaths
+    from pipelines.config import load_config
+    from pipelines.manifest import read_manifest
+    from pipelines.stages import features_stage
+
+    local = RunPaths(out.parent / "local")
+    for part in ("tissue", "tiles"):
+        shutil.copytree(out / part, local.root / part)
+    config = load_config(out / "run.yaml")
+    config.features.num_workers = 0
+    (entry,) = [e for e in read_manifest(folder / "demo" / "slides.csv") if e.slide_id == slide_id]
+    features_stage(entry, config, local)
+    label = config.features.teacher.label
+    ours = zarr.open_group(str(out / "features" / label / f"{slide_id}.zarr"), mode="r")
+    theirs = zarr.open_group(str(local.root / "features" / label / f"{slide_id}.zarr"), mode="r")
+    assert np.array_equal(ours["coords"][:], theirs["coords"][:])
+    assert np.array_equal(ours["features"][:], theirs["features"][:])
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_the_pipeline_on_dask_scheduler_and_two_dask_workers(demo_input, tmp_path):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or "dask"
+    homes = [tmp_path / name for name in ("scheduler", "worker-a", "worker-b")]
+    for home in homes:
+        home.mkdir()
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", "127.0.0.1:0"], cwd=homes[0], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        for home in homes[1:]:  # default settings: a nanny, as many threads as cores, a daemonic worker process
+            procs.append(subprocess.Popen([dask, "worker", address, "--host", "127.0.0.1", "--dashboard-address",
+                                           "127.0.0.1:0"], cwd=home, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+        from distributed import Client
+
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=60)
+        out = tmp_path / "run"
+        result = run_pipeline(demo_input, address, str(out))
+        assert_every_task_done(out, result)
+        assert_features_match_a_local_extraction(demo_input, out, "demo_001")
+    finally:
+        stop(procs)
+
+
+def test_the_pipeline_on_dask_jobqueue(demo_input, tmp_path):
+    from dask_jobqueue.local import LocalCluster
+    from distributed import Client
+
+    with LocalCluster(cores=1, processes=1, memory="6GiB", local_directory=str(tmp_path / "jobs"),
+                      scheduler_options={"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
+                      worker_extra_args=["--host", "127.0.0.1"]) as cluster, Client(cluster) as client:
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=120)
+        out = tmp_path / "run"
+        result = run_pipeline(demo_input, cluster.scheduler_address, str(out))
+        assert_every_task_done(out, result)
