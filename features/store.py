@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi.files import write_bytes
+from wsi.files import check_fence, fsync_dir, fsync_tree, write_bytes
 
 
 def store_path(root: Path, encoder: str, slide_id: str) -> Path:
@@ -75,6 +75,7 @@ def write_store(path: Path, *, dim: int, coords: np.ndarray, attrs: dict, dtype:
         if writer.n_written != len(coords):
             raise RuntimeError(f"{path}: wrote {writer.n_written} feature rows for {len(coords)} coordinates")
         group.attrs.update({**attrs, "dim": dim, "dtype": dtype, "n_tiles": int(len(coords)), "complete": True})
+        fsync_tree(tmp)  # chunks on disk before the name says the store is whole
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -91,11 +92,13 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) ->
 
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed after."""
+    check_fence(dst)
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
     os.replace(src, dst)
+    fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

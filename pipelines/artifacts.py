@@ -8,6 +8,7 @@ from pathlib import Path
 from wsi.files import (
     atomic_write,
     fsync_dir,
+    remove,
     write_bytes,
     write_image,
     write_json,
@@ -16,14 +17,16 @@ from wsi.files import (
     write_text,
 )
 
-__all__ = ["RunPaths", "atomic_write", "fsync_dir", "sweep_temporaries", "write_bytes", "write_image", "write_json",
+__all__ = ["RunPaths", "atomic_write", "fsync_dir", "remove", "sweep_temporaries", "write_bytes", "write_image", "write_json",
            "write_npy", "write_png", "write_text"]
 
 
 def sweep_temporaries(root: Path) -> list[Path]:
     """Remove what interrupted writers left: ``.<name>.*.tmp`` files and dirs, ``.<name>.old-*`` dirs.
 
-    Only call this while holding the run's lock: then no writer can be using them.
+    Only call this while holding the run's lock: then no writer of this run can be using them, and a task of
+    an earlier, killed run that still writes is fenced (``pipelines.runner.run_task``): its rename will fail or
+    be refused, never land.
     """
     import shutil
 

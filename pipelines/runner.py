@@ -22,8 +22,9 @@ from pipelines.manifest import FoldPayload, SlideEntry, manifest_csv
 from pipelines.plan import Task, build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
 from pipelines.registry import STAGES, check_encoders, check_pixels
 from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, TASK_PROGRESS
-from pipelines.state import COHORT, HashCache, RunLock, now, read_state, write_state
+from pipelines.state import COHORT, HashCache, RunLock, current_epoch, now, read_state, write_state
 from wsi.errors import SlideError
+from wsi.files import StaleWrite, write_fence
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,39 @@ class ProgressWriter:
 
 
 def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fingerprint: str, attempt: int,
-             alone: bool = False, forced: bool = False) -> dict:
+             alone: bool = False, forced: bool = False, epoch: str | None = None) -> dict:
     """Run one task where Dask put it; record running → done/failed. Never raises for a stage error.
 
     ``alone``: nothing else of the run can run beside it, so a model task takes all the machine's cores.
-    ``forced``: the user asked for it with --force (stages that resume from checkpoints start over)."""
+    ``forced``: the user asked for it with --force (stages that resume from checkpoints start over).
+    ``epoch``: the run that submitted it (its lock's epoch). Every rename into place, removal and state write
+    of the task is fenced: once another run holds the run directory (the submitting client was killed, its
+    task kept running on a remote worker, and a resumed run redoes it), they are refused, and the task ends
+    ``stale`` having replaced nothing."""
     paths = RunPaths(Path(root))
+
+    def current(target: Path) -> None:
+        holder = current_epoch(paths)
+        if holder != epoch:
+            raise StaleWrite(f"{target}: not written — this {stage_name} task of {key} belongs to run {epoch}, and "
+                             f"{'run ' + holder if holder else 'no run'} holds {paths.root} now")
+
+    if epoch is None:
+        return _run_task(stage_name, key, payload, cfg, paths, fingerprint, attempt, alone, forced, epoch)
+    try:
+        with write_fence(current):
+            return _run_task(stage_name, key, payload, cfg, paths, fingerprint, attempt, alone, forced, epoch)
+    except StaleWrite as exc:
+        log.warning("%s", exc)
+        return {"status": "stale", "reason": str(exc)}
+
+
+def _run_task(stage_name: str, key: str, payload, cfg: RunConfig, paths: RunPaths, fingerprint: str, attempt: int,
+              alone: bool, forced: bool, epoch: str | None) -> dict:
     stage = STAGES[stage_name]
     started, t0 = now(), time.perf_counter()
-    running = dict(status="running", fingerprint=fingerprint, attempts=attempt, started=started, worker=worker_name())
+    running = dict(status="running", fingerprint=fingerprint, attempts=attempt, epoch=epoch, started=started,
+                   worker=worker_name())
     write_state(paths, stage_name, key, **running)
     threads = set_torch_threads(alone) if stage.uses_torch else None
     tokens = [TASK_FINGERPRINT.set(fingerprint), TASK_FORCED.set(forced),
@@ -125,19 +150,21 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
     try:
         with memory:
             meta = stage.fn(payload, cfg, paths)
+    except StaleWrite:
+        raise
     except Exception as exc:  # recorded with its traceback; the runner decides on retries
         reason = failure_reason(exc, payload if isinstance(payload, SlideEntry) else None)
-        write_state(paths, stage_name, key, status="failed", fingerprint=fingerprint, attempts=attempt, started=started,
-                    finished=now(), duration_s=round(time.perf_counter() - t0, 4), error=reason,
+        write_state(paths, stage_name, key, status="failed", fingerprint=fingerprint, attempts=attempt, epoch=epoch,
+                    started=started, finished=now(), duration_s=round(time.perf_counter() - t0, 4), error=reason,
                     traceback=traceback.format_exc())
         return {"status": "failed", "reason": reason}
     finally:
         for var, token in zip((TASK_FINGERPRINT, TASK_FORCED, TASK_PROGRESS), tokens):
             var.reset(token)
     duration = round(time.perf_counter() - t0, 4)
-    write_state(paths, stage_name, key, status="done", fingerprint=fingerprint, attempts=attempt, started=started,
-                finished=now(), duration_s=duration, peak_rss_mb=memory.mb, torch_threads=threads, worker=worker_name(),
-                warnings=meta.get("warnings", []), meta=_summary(meta))
+    write_state(paths, stage_name, key, status="done", fingerprint=fingerprint, attempts=attempt, epoch=epoch,
+                started=started, finished=now(), duration_s=duration, peak_rss_mb=memory.mb, torch_threads=threads,
+                worker=worker_name(), warnings=meta.get("warnings", []), meta=_summary(meta))
     return {"status": "done", "duration_s": duration, "meta": _summary(meta)}
 
 
@@ -235,8 +262,9 @@ class _Scheduler:
 
 def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths,
             on_settled: Callable[[Task], None] = lambda t: None, on_start: Callable[[str], None] = lambda d: None,
-            hashes: HashCache | None = None) -> str | None:
-    """Run the plan. Returns the dashboard link when a cluster was used."""
+            hashes: HashCache | None = None, epoch: str | None = None) -> str | None:
+    """Run the plan (its tasks fenced by ``epoch``, the lock's: :func:`run_task`). Returns the dashboard link
+    when a cluster was used."""
     sched = _Scheduler(tasks, {e.slide_id: e for e in entries}, cfg, paths, on_settled, hashes)
     frontier = [t for t in tasks.values() if sched.ready(t)]
     to_run: list[Task] = []
@@ -277,7 +305,7 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
                 resources = {"CPU": 1}
             alone = task.scope == "cohort" or per_stage[task.stage] == 1  # a cohort stage, or a one-slide run
             future = client.submit(run_task, task.stage, task.key, sched.payload(task), cfg, str(paths.root),
-                                   task.fingerprint, task.attempts, alone, task.forced, key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}",
+                                   task.fingerprint, task.attempts, alone, task.forced, epoch, key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}",
                                    pure=False, resources=resources)
             owner[future.key] = task
             futures.add(future)
@@ -295,7 +323,9 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
                             traceback="".join(traceback.format_exception(outcome)))
                 outcome = {"status": "failed", "reason": reason}
             future.release()
-            if outcome["status"] == "failed" and task.attempts <= cfg.runner.retries:
+            if outcome["status"] == "stale":  # another run took the run directory over (--break-lock): not ours now
+                outcome = {"status": "failed", "reason": outcome["reason"]}
+            elif outcome["status"] == "failed" and task.attempts <= cfg.runner.retries:
                 log.info("%s failed (attempt %d): %s; retrying", task.id, task.attempts, outcome["reason"])
                 submit(task)
                 continue
@@ -329,7 +359,7 @@ def run_cohort(entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: s
         write_text(paths.config, dump_config(cfg))
         write_text(paths.manifest, manifest_csv(entries))
         on_plan(tasks)
-        dashboard = execute(tasks, entries, cfg, paths, on_settled, on_start, hashes)
+        dashboard = execute(tasks, entries, cfg, paths, on_settled, on_start, hashes, epoch=lock.me["epoch"])
         hashes.save()  # hashes made while running (fingerprints after cohort stages)
     notes += empty_slide_notes(paths, tasks)
     features_only = [e.slide_id for e in entries if not e.has_pixels]

@@ -16,7 +16,7 @@ from PIL import Image
 
 from features.store import store_path
 from pipelines import __version__
-from pipelines.artifacts import RunPaths, atomic_write, write_json, write_image, write_npy, write_text
+from pipelines.artifacts import RunPaths, atomic_write, remove, write_json, write_image, write_npy, write_text
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
 from pipelines.tile_inspection import MAX_LISTED, blurred_fraction, drop_folds, inspect_grid, write_fold_shares
@@ -101,7 +101,7 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         if part is not None and part.any():
             atomic_write(target, lambda f, part=part: save_mask_png(part, f))
         else:
-            target.unlink(missing_ok=True)
+            remove(target)
     atomic_write(paths.tissue_mask(entry.slide_id), lambda f: save_mask_png(tissue.mask, f))
     write_text(paths.tissue_outline(entry.slide_id), tissue_outline_json(tissue))
     write_json(paths.tissue_meta(entry.slide_id), meta)
@@ -148,7 +148,7 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
             grid, meta, scores = inspect_grid(entry, cfg, slide_meta, grid, meta)
         write_npy(paths.tile_sharpness(entry.slide_id), scores)
     else:
-        paths.tile_sharpness(entry.slide_id).unlink(missing_ok=True)
+        remove(paths.tile_sharpness(entry.slide_id))
     if len(grid.coords) == 0:
         message = ("no tiles: every tile was left out (unreadable, below tiling.min_sharpness or above "
                    "tiling.max_fold_fraction)"

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,13 +97,22 @@ def write_state(paths: RunPaths, stage: str, key: str, **fields: Any) -> dict:
     return state
 
 
+def current_epoch(paths: RunPaths) -> str | None:
+    """The epoch of the run holding the run directory's lock now (None: no run holds it)."""
+    try:
+        return json.loads(paths.lock.read_text()).get("epoch")
+    except (OSError, ValueError):
+        return None
+
+
 class LockError(RuntimeError):
     """The run directory is in use by another run."""
 
 
 @dataclass
 class RunLock:
-    """An O_EXCL lock file ``OUT/.lock`` naming host, pid and start time.
+    """An O_EXCL lock file ``OUT/.lock`` naming host, pid, start time and the run's epoch (a fresh id per run:
+    the fence of its tasks' writes, ``pipelines.runner.run_task``).
 
     A lock left by a dead process on this host (pid gone, or reused by a process that started
     later) is stale and is taken over with a warning. A lock from another host cannot be checked:
@@ -123,7 +133,7 @@ class RunLock:
 
         notes: list[str] = []
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": now(),
-                   "process_start": _process_start(os.getpid()), "command": command}
+                   "process_start": _process_start(os.getpid()), "command": command, "epoch": uuid.uuid4().hex}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".guard"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.artifacts import write_npy
+from pipelines.artifacts import remove, write_npy
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
 from wsi.errors import SlideError
@@ -100,6 +100,6 @@ def write_fold_shares(target: Path, tissue: TissueMask, grid: TileGrid) -> None:
     """The final grid's fold shares beside its coords (no fold: no file, an old one removed)."""
     shares = fold_shares(tissue, grid)
     if shares is None:
-        target.unlink(missing_ok=True)
+        remove(target)
     else:
         write_npy(target, shares)

@@ -152,6 +152,46 @@ def small_run(cohort, tmp_path):
     return csv, tmp_path / "in" / "run.yaml", out
 
 
+def test_a_task_of_a_killed_run_that_finishes_late_cannot_replace_the_newer_result(small_run):
+    """Run A's client was killed while its tissue task of s000 kept running on a remote worker (Dask cannot stop
+    a running task); run B took the directory over and redid the task with another preset. A's task then
+    finishes: every write it tries is refused (fenced by the run's epoch), and B's result stands, state included."""
+    import yaml
+
+    from pipelines.config import RunConfig
+    from pipelines.manifest import read_manifest
+    from pipelines.runner import run_task
+    from pipelines.state import RunLock
+
+    csv, config, out = small_run
+    epoch_a = states(out, "tissue")["s000"]["epoch"]
+    assert epoch_a and states(out, "tiles")["s000"]["epoch"] == epoch_a  # every task of a run carries its epoch
+    config.write_text(RUN_YAML.replace("bwh_biopsy", "tcga"))  # run B: another preset
+    assert wsi("run", csv, "--config", config, "--out", out, "--until", "tissue").returncode == 0
+    epoch_b, state_b = states(out, "tissue")["s000"]["epoch"], states(out, "tissue")["s000"]
+    assert epoch_b != epoch_a
+    tissue_b = {p.relative_to(out): p.read_bytes() for p in sorted((out / "tissue").rglob("*")) if p.is_file()}
+    entry = next(e for e in read_manifest(csv) if e.slide_id == "s000")
+    config_a = RunConfig.model_validate(yaml.safe_load(RUN_YAML))
+    with RunLock(out / ".lock") as lock:  # a run C holds the directory while A's task ends: refused too
+        lock.acquire(command="run C")
+        late = run_task("tissue", "s000", entry, config_a, str(out), "fingerprint-of-a", 1, epoch=epoch_a)
+        assert late["status"] == "stale" and "belongs to run " + epoch_a in late["reason"]
+        assert run_task("tissue", "s000", entry, config_a, str(out), "fingerprint-of-c", 1,
+                        epoch=lock.me["epoch"])["status"] == "done"  # the current run's own task writes
+        assert states(out, "tissue")["s000"]["fingerprint"] == "fingerprint-of-c"
+    tissue_c = {p.relative_to(out): p.read_bytes() for p in sorted((out / "tissue").rglob("*")) if p.is_file()}
+    assert tissue_c != tissue_b  # C's task did replace B's result (another preset: another mask)
+    for name, data in tissue_b.items():  # back to B's result, then no run holds the directory
+        (out / name).write_bytes(data)
+    (out / "state" / "tissue" / "s000.json").write_text(json.dumps(state_b))
+    late = run_task("tissue", "s000", entry, config_a, str(out), "fingerprint-of-a", 1, epoch=epoch_a)
+    assert late["status"] == "stale" and "no run holds" in late["reason"]  # B finished: no run is A's
+    assert states(out, "tissue")["s000"] == state_b
+    assert {p.relative_to(out): p.read_bytes() for p in sorted((out / "tissue").rglob("*")) if p.is_file()} == tissue_b
+    assert not [p for p in out.rglob("*.tmp")]
+
+
 def test_changing_a_tiling_parameter_reruns_tiles_but_not_tissue(small_run):
     csv, config, out = small_run
     tissue_before, tiles_before = states(out, "tissue"), states(out, "tiles")

@@ -6,11 +6,58 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+_FENCE: ContextVar[Callable[[Path], None] | None] = ContextVar("wsi_write_fence", default=None)
+
+
+class StaleWrite(RuntimeError):
+    """A write refused by the fence: the task attempt making it is no longer the current one (its run was killed
+    and a newer run took the run directory over), so it must not replace what the newer attempt wrote."""
+
+
+@contextmanager
+def write_fence(check: Callable[[Path], None]) -> Iterator[None]:
+    """Within the block (this thread and context), ``check(path)`` runs before every rename into place and every
+    removal made through this module; it raises :class:`StaleWrite` to refuse it. The engine fences each task."""
+    token = _FENCE.set(check)
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
+
+
+def check_fence(path: Path) -> None:
+    """Raise :class:`StaleWrite` if the current fence refuses a write to ``path`` (no fence: allowed)."""
+    check = _FENCE.get()
+    if check is not None:
+        check(Path(path))
+
+
+def remove(path: Path) -> None:
+    """Remove a file if it exists, as a fenced write (an orphaned attempt must not delete a newer result)."""
+    path = Path(path)
+    if path.exists():
+        check_fence(path)
+        path.unlink(missing_ok=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (a Zarr store's chunks) before it is renamed into place."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
@@ -24,6 +71,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        check_fence(path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
