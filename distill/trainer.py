@@ -185,11 +185,11 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
           fingerprint: str = "", teacher: dict | None = None, on_epoch=None) -> dict:
     """Distil; writes ``out_dir/student.safetensors`` + ``student.json`` and returns the card.
 
-    ``out_dir/checkpoint/`` holds the last epoch's model and optimiser state; a run with the same
-    ``fingerprint`` resumes from it.
+    ``out_dir/checkpoint/state.pt`` holds the last epoch's weights, the best epoch's, the optimiser, scheduler and
+    progress, in one file renamed into place each epoch (a kill never pairs one epoch's weights with another's
+    optimiser); a run with the same ``fingerprint`` resumes from it.
     """
     import torch
-    from safetensors.torch import load_file
 
     from distill.model import build_student, param_counts
     from features.encoders import pick_device, to_model_input
@@ -225,10 +225,12 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     loader_kwargs = dict(batch_size=cfg.batch_size, workers=workers, pin_memory=device.type == "cuda")
     state = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
     resumed_from, saved = None, None
-    if (ckpt_dir / "state.pt").exists() and (ckpt_dir / "last.safetensors").exists():
+    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # epoch 0's, until one is better
+    if (ckpt_dir / "state.pt").exists():
         saved = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") == fingerprint:
-            model.load_state_dict(load_file(str(ckpt_dir / "last.safetensors")))
+        if saved.get("fingerprint") == fingerprint and "model" in saved:  # (an older layout kept weights apart)
+            model.load_state_dict(saved["model"])
+            best_weights = saved["best_model"]
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             state = json.loads(saved["progress"])
@@ -289,22 +291,22 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
         if score > state["best_score"]:  # the best epoch so far is kept; only a gain of min_delta resets patience
             state["bad_epochs"] = 0 if score >= state.get("progress_score", -math.inf) + cfg.min_delta else state["bad_epochs"] + 1
             state.update(best_score=score, best_epoch=epoch, best=record)
-            save_safetensors(model.state_dict(), ckpt_dir / "best.safetensors")
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             state["bad_epochs"] += 1
         if state["bad_epochs"] == 0:
             state["progress_score"] = score
-        save_safetensors(model.state_dict(), ckpt_dir / "last.safetensors")
-        atomic_torch_save({"fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "progress": json.dumps(state),
-                           "tile_errors": torch.from_numpy(errors.errors)}, ckpt_dir / "state.pt")
+        # one file, renamed into place: the weights, the best epoch's, the optimiser and the progress of one epoch
+        atomic_torch_save({"fingerprint": fingerprint, "model": model.state_dict(), "best_model": best_weights,
+                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "progress": json.dumps(state), "tile_errors": torch.from_numpy(errors.errors)},
+                          ckpt_dir / "state.pt")
         log.info("distill epoch %d: loss %.4f, held-out cosine %.4f, R² %.4f, worst cluster R² %s", epoch, record["loss"],
                  metrics["cosine"], metrics["r2"], metrics.get("worst_cluster_r2"))
         if on_epoch is not None:
             on_epoch(record)
 
-    best = load_file(str(ckpt_dir / "best.safetensors"))
-    model.load_state_dict(best)
+    model.load_state_dict(best_weights)
     best_record = state.get("best", state["history"][-1])
     card = {
         "kind": "wsi-pipeline distilled student",

@@ -196,6 +196,9 @@ def test_killed_distillation_resumes_from_its_checkpoint_and_student_features_fo
     saved = torch.load(state, weights_only=True)
     epochs_before = json.loads(saved["progress"])["epoch"]
     assert 1 <= epochs_before < 8
+    # one file per epoch: its weights, the best epoch's and the optimiser can never come from different epochs
+    assert {"model", "best_model", "optimizer", "scheduler"} <= set(saved)
+    assert not list(state.parent.glob("*.safetensors"))
 
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
