@@ -117,7 +117,7 @@ def embed(entry: SlideEntry, cfg: RunConfig, meta: dict, encoder, coords: np.nda
     """Features of tiles embedded now (not stored): End2end's tuned students, overlapping second passes."""
     from features.extract import TileDataset, embed_tiles
 
-    dataset = TileDataset.for_encoder(encoder, meta["slide_path"], coords, plan, backend=cfg.slides.backend, mpp=meta["mpp"],
+    dataset = TileDataset.for_encoder(encoder, entry.slide_path, coords, plan, backend=cfg.slides.backend, mpp=meta["mpp"],
                                       slide_id=entry.slide_id)
     return embed_tiles(dataset, encoder, cfg.features)
 
@@ -194,7 +194,7 @@ def write_slide_heatmap(out_dir: Path, entry: SlideEntry, cfg: RunConfig, meta: 
     from pipelines.stages import tissue_outline_json
     from wsi.slide import open_slide
 
-    with open_slide(meta["slide_path"], slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=meta["mpp"]) as slide:
+    with open_slide(entry.slide_path, slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=meta["mpp"]) as slide:
         written = write_heatmap(out_dir, slide, entry.slide_id, scores, tissue.mask, cfg.heatmaps, caption=caption,
                                 plan=plan, extra=extra)
     write_text(out_dir / "tissue.geojson", tissue_outline_json(tissue))

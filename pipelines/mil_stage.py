@@ -125,7 +125,9 @@ def mil_fold_stage(payload: FoldPayload, cfg: RunConfig, paths: RunPaths) -> dic
     bags = {kind: (lambda slide_id, kind=kind: cache((kind, slide_id))) for kind in needed}
     kinds = needed | ({"teacher"} if job.kind == "reuse" else set())  # Reuse builds the teacher's CLAM
     dims = {kind: open_store(paths.root, labels_of[kind], slides[0].slide_id).attrs["dim"] for kind in kinds}
-    end2end = end2end_inputs(paths, cfg, job.finetune == "fpt", slides[0].slide_id) if job.kind == "end2end" else None
+    end2end = (end2end_inputs(paths, cfg, job.finetune == "fpt", slides[0].slide_id,
+                              {e.slide_id: e.slide_path for e in payload.entries if e.slide_path is not None})
+               if job.kind == "end2end" else None)
     result = run_fold_job(job, split, classes, labels, cfg.mil, bags, dims, paths.root / "models" / "mil", end2end,
                           progress_callback())
     write_json(fold_file(paths, payload.key), result)
@@ -150,8 +152,10 @@ def fpt_teacher(paths: RunPaths, cfg: RunConfig, reference_slide: str):
 class SlideTileReader:
     """Tiles of a run's slides by row of their tile grid (and of their feature bags), through a SlidePool."""
 
-    def __init__(self, paths: RunPaths, backend: str, max_open: int = 8, input_size: int | None = None):
+    def __init__(self, paths: RunPaths, backend: str, slide_paths: dict[str, Path], max_open: int = 8,
+                 input_size: int | None = None):
         self.paths, self.backend = paths, backend
+        self.slide_paths = slide_paths  # where each slide is now (slides.csv): a slide moved since its tissue task
         self.input_size = input_size  # read for a model of this input size (Encoder.read_at_input), else as tiled
         self.pool = SlidePool([], max_open=max_open)
         self._grids: OrderedDict[str, object] = OrderedDict()
@@ -161,7 +165,8 @@ class SlideTileReader:
 
         if slide_id not in self.pool.sources:
             meta = json.loads(self.paths.tissue_meta(slide_id).read_text())
-            self.pool.sources[slide_id] = SlideSource(slide_id, Path(meta["slide_path"]), meta["mpp"], self.backend)
+            path = self.slide_paths.get(slide_id) or Path(meta["slide_path"])
+            self.pool.sources[slide_id] = SlideSource(slide_id, path, meta["mpp"], self.backend)
         if slide_id not in self._grids:
             self._grids[slide_id] = load_tiles(self.paths, slide_id)
             if len(self._grids) > 64:  # coordinates only, but bounded all the same
@@ -178,19 +183,21 @@ class SlideTileReader:
         return len(self.grid(slide_id).coords)
 
 
-def end2end_inputs(paths: RunPaths, cfg: RunConfig, with_teacher: bool, reference_slide: str):
+def end2end_inputs(paths: RunPaths, cfg: RunConfig, with_teacher: bool, reference_slide: str,
+                   slide_paths: dict[str, Path]):
     """The distilled student (trainable) and a tile reader over the run's slides, for End2end (FPT: the teacher too)."""
     from distill.model import load_student
     from mil.strategies import End2endInputs
 
     encoder, _ = load_student(paths.student_dir, device="cpu")
-    reader = SlideTileReader(paths, cfg.slides.backend, input_size=encoder.input_size if encoder.read_at_input else None)
+    reader = SlideTileReader(paths, cfg.slides.backend, slide_paths,
+                             input_size=encoder.input_size if encoder.read_at_input else None)
     teacher = teacher_input = teacher_tiles = None
     if with_teacher:  # FPT fine-tunes the (frozen) teacher through a side network, on the tiles as the teacher reads them
         big = fpt_teacher(paths, cfg, reference_slide)
         teacher, teacher_input = big.model, {"size": big.input_size, "mean": big.mean, "std": big.std,
                                                  "resize": big.resize, "interpolation": big.interpolation}
-        teacher_tiles = SlideTileReader(paths, cfg.slides.backend).tiles
+        teacher_tiles = SlideTileReader(paths, cfg.slides.backend, slide_paths).tiles
     return End2endInputs(encoder.model, {"size": encoder.input_size, "mean": encoder.mean, "std": encoder.std,
                                          "resize": encoder.resize, "interpolation": encoder.interpolation},
                          reader.tiles, reader.n_rows, teacher, teacher_input, teacher_tiles)

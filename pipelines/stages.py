@@ -188,7 +188,7 @@ def extract_features(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, encoder
 
     grid = load_tiles(paths, entry.slide_id)
     slide_meta = json.loads(paths.tissue_meta(entry.slide_id).read_text())
-    dataset = TileDataset.for_encoder(encoder, slide_meta["slide_path"], grid.coords, grid.plan, backend=cfg.slides.backend,
+    dataset = TileDataset.for_encoder(encoder, entry.slide_path, grid.coords, grid.plan, backend=cfg.slides.backend,
                                       mpp=slide_meta["mpp"], slide_id=entry.slide_id)
     attrs = {**encoder_attrs(encoder, grid.plan, TASK_FINGERPRINT.get()), **extra_attrs, "encoder_label": label}
     stats = extract_slide(dataset, encoder, store_path(paths.root, label, entry.slide_id), cfg.features, attrs)
@@ -267,7 +267,7 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
             continue
         rows = np.sort(rng.choice(len(store), min(per_slide, len(store)), replace=False))
         meta = json.loads(paths.tissue_meta(entry.slide_id).read_text())
-        slides.append(SlideTiles(entry.slide_id, Path(meta["slide_path"]), meta["mpp"], load_tiles(paths, entry.slide_id).plan,
+        slides.append(SlideTiles(entry.slide_id, entry.slide_path, meta["mpp"], load_tiles(paths, entry.slide_id).plan,
                                  store.coords[rows], np.asarray(store.features.oindex[rows, :], dtype=np.float16),
                                  cfg.slides.backend))
         dim = store.attrs["dim"]

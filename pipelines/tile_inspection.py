@@ -35,7 +35,7 @@ def inspect_grid(entry: SlideEntry, cfg: RunConfig, slide_meta: dict, grid: Tile
     The share compared with ``slides.max_unreadable_fraction`` is of the grid's tiles; the overview's own
     undecodable area was held to the same limit by the tissue stage (those parts count as glass).
     """
-    with open_slide(slide_meta["slide_path"], slide_id=entry.slide_id, backend=cfg.slides.backend,
+    with open_slide(entry.slide_path, slide_id=entry.slide_id, backend=cfg.slides.backend,
                     mpp=slide_meta["mpp"]) as slide:
         bad, scores = inspect_tiles(slide, grid.coords, grid.plan)
     keep = np.ones(len(grid.coords), bool)

@@ -192,6 +192,28 @@ def test_a_task_of_a_killed_run_that_finishes_late_cannot_replace_the_newer_resu
     assert not [p for p in out.rglob("*.tmp")]
 
 
+def test_slides_fingerprinted_by_content_are_read_at_their_new_path_after_a_move(cohort, tmp_path):
+    """With ``slides.fingerprint: content`` a moved slide is the same slide: its tissue and tiles stay done, and the
+    stages that run later read it where slides.csv says it is now, not where its tissue task once found it."""
+    before, after = tmp_path / "archive", tmp_path / "moved"
+    before.mkdir()
+    for name in ("demo_000.svs", "demo_001.svs"):
+        shutil.copy(cohort / name, before / name)
+    csv = tmp_path / "slides.csv"
+    csv.write_text("slide_path,slide_id\n" + "".join(f"{before / n},{n[:8]}\n" for n in ("demo_000.svs", "demo_001.svs")))
+    config = tmp_path / "run.yaml"
+    config.write_text(RUN_YAML + "slides:\n  fingerprint: content\nfeatures:\n  teacher: {model: vit_tiny, seed: 0}\n")
+    out = tmp_path / "out"
+    assert wsi("run", csv, "--config", config, "--out", out, "--until", "tiles").returncode == 0
+    tissue_before = states(out, "tissue")
+    before.rename(after)
+    csv.write_text(csv.read_text().replace(str(before), str(after)))
+    result = wsi("run", csv, "--config", config, "--out", out, "--until", "features")
+    assert result.returncode == 0, result.stderr
+    assert states(out, "tissue") == tissue_before and "4 up-to-date" in result.stderr  # tissue and tiles
+    assert {s["status"] for s in states(out, "features").values()} == {"done"}
+
+
 def test_changing_a_tiling_parameter_reruns_tiles_but_not_tissue(small_run):
     csv, config, out = small_run
     tissue_before, tiles_before = states(out, "tissue"), states(out, "tiles")
