@@ -91,10 +91,11 @@ def settle_cohort(cfg: RunConfig, task: Task, tasks: dict[str, Task], entries: d
 
 def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry, str]],
                        hashes: HashCache | None = None, group_fps: list[str | None] = ()) -> str:
-    """Over the included slides' upstream fingerprints and their manifest fields (labels, cases, splits), the
-    cohort/fold tasks it waits for, and a fold task's key inputs."""
+    """Over the included slides' upstream fingerprints and, for a stage that reads them, their manifest fields
+    (labels, cases, splits: a corrected label reruns no label-free distillation), the cohort/fold tasks it waits
+    for, and a fold task's key inputs."""
     stage = STAGES[task.stage]
-    rows = sorted((e.slide_id, fp, e.label, e.case_id, e.split) for e, fp in slides)
+    rows = sorted((e.slide_id, fp, *((e.label, e.case_id, e.split) if stage.reads_labels else ())) for e, fp in slides)
     extras = [*stage.extra_inputs(cfg, hashes), *(stage.key_inputs(cfg, task.key) if task.scope == "fold" else [])]
     return fingerprint(stage.name, config_values(cfg, stage.config), [*rows, *extras, *sorted(fp or "" for fp in group_fps)])
 

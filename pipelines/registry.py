@@ -66,6 +66,7 @@ class Stage:
     key_inputs: Callable[[RunConfig, str], list] = lambda cfg, key: []
     fingerprint_stages: Callable[[RunConfig, str], tuple[str, ...]] | None = None
     pixels: bool = False  # needs the slide files (not only their features): refused on a features-only cohort
+    reads_labels: bool = True  # a cohort stage reads slides.csv's labels, cases or splits: editing them reruns it
 
 
 def training(cfg: RunConfig) -> bool:
@@ -113,7 +114,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
     Stage("qc", qc_stage, "cohort", after=("tiles",), config=("tiling.blur_ratio",), artifacts=lambda p, k, c: [p.qc_table]),
     Stage("distill", distill_stage, "cohort", after=("features",), config=(*DISTILL_FIELDS, "features.teacher.identity", "features.dtype"),
-          pixels=True,
+          pixels=True, reads_labels=False,
           artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
           resources={"GPU": 1}, uses_torch=True, enabled=needs_student, extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "distill.student", hashes),
           encoders=lambda cfg: ["distill.student"]),

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError, RunConfig, commented_template, load_config
-from pipelines.manifest import ManifestError, read_manifest, sanitize_slide_id
+from pipelines.manifest import ManifestError, SlideEntry, read_manifest, sanitize_slide_id
 
 
 def _csv(tmp_path: Path, text: str | bytes, name: str = "slides.csv") -> Path:
@@ -129,3 +129,25 @@ def test_docs_list_every_config_field():
     for dotted in walk(RunConfig, ""):
         assert f"`{dotted}`" in docs, f"docs/configuration.md misses {dotted}"
     assert docs == config_reference_markdown(), "regenerate: python -m pipelines.config > docs/configuration.md"
+
+
+def test_a_corrected_label_reruns_what_reads_labels_and_not_the_distillation():
+    """The label-free distillation's fingerprint ignores labels, cases and splits; MIL's, the results' and the QC
+    table's follow them."""
+    from dataclasses import replace
+
+    from pipelines.plan import Task, cohort_fingerprint
+    from pipelines.state import COHORT
+
+    cfg = RunConfig()
+    entries = [SlideEntry(f"s{i}", Path(f"/slides/s{i}.svs"), line=i + 2, label="tumor" if i % 2 else "normal")
+               for i in range(4)]
+    corrected = [replace(entries[0], label="tumor"), *entries[1:]]
+
+    def fp(stage: str, scope: str, rows: list[SlideEntry], key: str = COHORT) -> str:
+        return cohort_fingerprint(cfg, Task(stage, key, scope=scope), [(e, "upstream") for e in rows])
+
+    assert fp("distill", "cohort", entries) == fp("distill", "cohort", corrected)
+    for stage in ("qc", "results"):
+        assert fp(stage, "cohort", entries) != fp(stage, "cohort", corrected)
+    assert fp("mil", "fold", entries, "teacher.fold0") != fp("mil", "fold", corrected, "teacher.fold0")
