@@ -95,12 +95,16 @@ def fold_artifacts(paths: RunPaths, key: str) -> list[Path]:
     return [*job_files(paths.root / "models" / "mil", FoldJob.from_key(key)), fold_file(paths, key)]
 
 
-def bag_reader(paths: RunPaths, label: str):
-    """slide id → that slide's stored features (float16), read from its Zarr store."""
+def bag_reader(paths: RunPaths, label: str, precisions: dict[str, str | None] | None = None):
+    """slide id → that slide's stored features (float16), read from its Zarr store; each store's precision is
+    noted in ``precisions`` (a cohort's stores must not mix them unseen: :func:`pipelines.stages.precision_mix`)."""
     from features.store import open_store
 
     def read(slide_id: str) -> np.ndarray:
-        features, _ = open_store(paths.root, label, slide_id).load(np.float16)
+        store = open_store(paths.root, label, slide_id)
+        if precisions is not None:
+            precisions[slide_id] = store.attrs.get("precision")
+        features, _ = store.load(np.float16)
         if len(features) == 0:
             raise ValueError(f"{slide_id}: no tiles, so no features for {label}: give it tissue or drop it")
         return features
@@ -113,7 +117,7 @@ def mil_fold_stage(payload: FoldPayload, cfg: RunConfig, paths: RunPaths) -> dic
     from features.store import open_store
     from mil.bags import BagCache
     from mil.strategies import FoldJob, run_fold_job
-    from pipelines.stages import student_label
+    from pipelines.stages import precision_mix, student_label
 
     job = FoldJob.from_key(payload.key)
     slides, classes, splits = cohort_splits(payload.entries, cfg)
@@ -121,7 +125,9 @@ def mil_fold_stage(payload: FoldPayload, cfg: RunConfig, paths: RunPaths) -> dic
     labels = {s.slide_id: classes.index(s.label) for s in slides}
     labels_of = {"teacher": cfg.features.teacher.label, "student": student_label(cfg)}
     needed = {job.features} | ({"student"} if job.kind == "reuse" else set())
-    cache = BagCache(lambda key: bag_reader(paths, labels_of[key[0]])(key[1]), cfg.mil.bag_cache_mb * 2**20)
+    precisions: dict[str, dict[str, str | None]] = {kind: {} for kind in labels_of}
+    cache = BagCache(lambda key: bag_reader(paths, labels_of[key[0]], precisions[key[0]])(key[1]),
+                     cfg.mil.bag_cache_mb * 2**20)
     bags = {kind: (lambda slide_id, kind=kind: cache((kind, slide_id))) for kind in needed}
     kinds = needed | ({"teacher"} if job.kind == "reuse" else set())  # Reuse builds the teacher's CLAM
     dims = {kind: open_store(paths.root, labels_of[kind], slides[0].slide_id).attrs["dim"] for kind in kinds}
@@ -133,7 +139,8 @@ def mil_fold_stage(payload: FoldPayload, cfg: RunConfig, paths: RunPaths) -> dic
     write_json(fold_file(paths, payload.key), result)
     m = result["metrics"]
     return {"n_slides": len(slides), "folds": len(splits), "acc": m["acc"], "auc": m["auc"],
-            "bag_reads": cache.reads, "bag_cache_hits": cache.hits, "warnings": []}
+            "bag_reads": cache.reads, "bag_cache_hits": cache.hits,
+            "warnings": [note for kind, seen in precisions.items() if (note := precision_mix(seen, f"the {kind} features"))]}
 
 
 def fpt_teacher(paths: RunPaths, cfg: RunConfig, reference_slide: str):

@@ -259,10 +259,11 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
     teacher = cfg.features.teacher.label
     rng = np.random.default_rng(dcfg.seed)
     per_slide = -(-(dcfg.max_train_tiles + dcfg.max_val_tiles) // len(use))  # bounded memory: sample before loading
-    slides, dim, digests = [], None, {}
+    slides, dim, digests, precisions = [], None, {}, {}
     for entry in use:
         store = open_store(paths.root, teacher, entry.slide_id)
         digests.setdefault(store.attrs.get("weights_sha256"), entry.slide_id)
+        precisions[entry.slide_id] = store.attrs.get("precision")
         if len(store) == 0:
             continue
         rows = np.sort(rng.choice(len(store), min(per_slide, len(store)), replace=False))
@@ -294,7 +295,23 @@ def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
             "worst_cluster_r2": best.get("worst_cluster_r2"), "balanced_r2": best.get("balanced_r2"),
             "faithful": verdict["faithful"], "epochs_run": card["metrics"]["epochs_run"],
             "initial_cosine": card["metrics"]["initial"].get("cosine"), "precision": card["precision"],
-            "loader": card["loader"], "warnings": [f"student: {verdict['message']}"] if verdict["faithful"] is False else []}
+            "loader": card["loader"],
+            "warnings": [*([f"student: {verdict['message']}"] if verdict["faithful"] is False else []),
+                         *filter(None, [precision_mix(precisions, "the teacher features distilled from")])]}
+
+
+def precision_mix(precisions: dict[str, str | None], what: str) -> str | None:
+    """A warning when a cohort's feature stores were computed at more than one precision (slide id → the precision
+    its store records; ``auto`` resolves per worker: bf16 on one machine, fp32 on another), else None. One model's
+    features differ slightly between precisions, so a CLAM or a student trained across them learns a shift."""
+    groups: dict[str, list[str]] = {}
+    for slide_id, precision in precisions.items():
+        groups.setdefault(precision or "unrecorded", []).append(slide_id)
+    if len(groups) < 2:
+        return None
+    parts = ", ".join(f"{p} ({len(ids)} slides, e.g. {ids[0]})" for p, ids in sorted(groups.items(), key=lambda g: -len(g[1])))
+    return (f"{what} were computed at {len(groups)} precisions: {parts}; set the encoder's precision explicitly "
+            "(not auto) and rerun the features (--force features) to make them one")
 
 
 def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:

@@ -192,3 +192,24 @@ def test_bag_cache_keeps_its_byte_budget():
     none = BagCache(read, budget_bytes=0)
     none("a"), none("a")
     assert len(none) == 0 and none.reads == 2
+
+
+def test_stores_of_one_cohort_at_two_precisions_are_reported_not_mixed_unseen(reference, tmp_path):
+    """``precision: auto`` resolves per worker (bf16 on one machine, fp32 on another): the MIL tasks name the mix."""
+    import shutil
+
+    import zarr
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    stores = sorted((out / "features").glob("*/*.zarr"))
+    for i, store in enumerate(stores):
+        zarr.open_group(str(store), mode="r+").attrs["precision"] = "bf16" if i < 3 else "fp32"
+    result = wsi("run", reference.parent / "cohort" / "slides.csv", "--config", reference.parent / "run.yaml", "--out", out)
+    assert result.returncode == 0, result.stderr
+    warnings = [w for s in states(out, "mil").values() for w in s["warnings"]]
+    assert len(warnings) == 4 and all("computed at 2 precisions: fp32 (21 slides" in w and "bf16 (3 slides" in w
+                                      for w in warnings), warnings
+    from pipelines.stages import precision_mix
+
+    assert precision_mix({"a": "fp32", "b": "fp32"}, "x") is None
