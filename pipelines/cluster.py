@@ -117,6 +117,18 @@ def local_worker_specs(cfg: RunConfig, n_tasks: int, gpus: list[str]) -> dict[st
 
 
 @contextmanager
+def _quiet_when_lost() -> Iterator[None]:
+    """When the run stops because the scheduler is gone, closing the client cancels its reconnection attempts,
+    which Dask logs as an error with a traceback: the run's own message says what happened, without it."""
+    try:
+        yield
+    except ClusterError:
+        for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "distributed"] + ["distributed"]:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        raise
+
+
+@contextmanager
 def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
     """A client on ``runner.scheduler``, or on a local cluster bound to 127.0.0.1 sized to this machine."""
     import dask
@@ -134,7 +146,8 @@ def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
                 raise ClusterError(f"the scheduler at {cfg.runner.scheduler} has no workers after "
                                    f"{cfg.runner.worker_wait_s:g} s (runner.worker_wait_s); start or scale workers") from None
             client.register_plugin(warm_worker_plugin())
-            yield client
+            with _quiet_when_lost():
+                yield client
         return
     workers = local_worker_specs(cfg, n_tasks, local_gpus(cfg))
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}

@@ -285,6 +285,8 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
     if not to_run:
         return None  # everything up to date: no cluster needed
     from distributed import as_completed
+    from distributed.client import ClosedClientError
+    from distributed.comm import CommClosedError
 
     with dask_client(cfg, len(tasks)) as client:
         dashboard = client.dashboard_link
@@ -297,16 +299,29 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
         for t in tasks.values():
             per_stage[t.stage] = per_stage.get(t.stage, 0) + 1
 
+        def lost_scheduler(exc: BaseException | None = None) -> ClusterError:
+            finished = sum(t.status in ("done", "up-to-date") for t in tasks.values())
+            return ClusterError(f"lost the Dask scheduler at {client.scheduler.address} while "
+                                f"{len(owner)} task(s) were submitted{f' ({type(exc).__name__})' if exc else ''}: the run stopped. "
+                                f"{finished} task(s) finished and are kept; rerun the same command to resume (with "
+                                "--scheduler, once the cluster is back)")
+
         def submit(task: Task) -> None:
+            if client.status != "running":
+                raise lost_scheduler()
             task.attempts += 1
             stage = STAGES[task.stage]
             resources = {k: v for k, v in stage.resources.items() if k in available} or None
             if resources is None and "CPU" in available:  # workers split by kind: keep CPU work off the GPU workers
                 resources = {"CPU": 1}
             alone = task.scope == "cohort" or per_stage[task.stage] == 1  # a cohort stage, or a one-slide run
-            future = client.submit(run_task, task.stage, task.key, sched.payload(task), cfg, str(paths.root),
-                                   task.fingerprint, task.attempts, alone, task.forced, epoch, key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}",
-                                   pure=False, resources=resources)
+            try:
+                future = client.submit(run_task, task.stage, task.key, sched.payload(task), cfg, str(paths.root),
+                                       task.fingerprint, task.attempts, alone, task.forced, epoch,
+                                       key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}", pure=False,
+                                       resources=resources)
+            except (ClosedClientError, CommClosedError, OSError) as exc:
+                raise lost_scheduler(exc) from None
             owner[future.key] = task
             futures.add(future)
 
@@ -315,6 +330,9 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
         to_run.clear()
         for future, outcome in futures:
             task = owner.pop(future.key)
+            if isinstance(outcome, BaseException) and client.status != "running":  # not the task: the scheduler
+                owner[future.key] = task
+                raise lost_scheduler(outcome)
             if isinstance(outcome, BaseException):  # the worker died or the task could not run at all
                 reason = f"{type(outcome).__name__}: {outcome}"
                 state = read_state(paths, task.stage, task.key) or {}

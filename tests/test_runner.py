@@ -107,40 +107,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_external_scheduler_survives_losing_a_worker(cohort, tmp_path):
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
+def _start_dask(address: str, port: int, n_workers: int) -> list[subprocess.Popen]:
+    """``dask scheduler`` and ``n_workers`` single-threaded ``dask worker`` processes on 127.0.0.1."""
     dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or "dask"
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--dashboard-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)]
-    try:
-        for _ in range(2):
-            procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
-                                           "--dashboard-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True))
-        from distributed import Client
+    for _ in range(n_workers):
+        procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
+                                       "--dashboard-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
+    from distributed import Client
 
-        with Client(address, timeout="60s") as client:
-            client.wait_for_workers(2, timeout=60)
+    with Client(address, timeout="60s") as client:
+        client.wait_for_workers(n_workers, timeout=60)
+    return procs
+
+
+def test_external_scheduler_survives_losing_a_worker_and_a_lost_scheduler_stops_the_run_for_a_rerun(cohort, tmp_path):
+    """A worker killed mid-run: its tasks are retried on the other. Then the scheduler killed: the run stops at
+    once with a message saying so and what to do; on a new cluster the same command finishes the run, keeping
+    what was done."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = _start_dask(address, port, 2)
+    try:
         csv = many_slides_csv(cohort, tmp_path / "in", 40)
         out = tmp_path / "out"
-        run = subprocess.Popen([*CLI, "run", str(csv), "--config", str(tmp_path / "in" / "run.yaml"), "--out", str(out),
-                                "--scheduler", address, "--until", "qc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and len(states(out, "tissue") if (out / "state").exists() else {}) < 4:
-            time.sleep(0.02)
+        command = [*CLI, "run", str(csv), "--config", str(tmp_path / "in" / "run.yaml"), "--out", str(out), "--until", "qc"]
+        run = subprocess.Popen([*command, "--scheduler", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def wait_for_tissue(n: int) -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline and len([s for s in (states(out, "tissue") if (out / "state").exists() else {})
+                                                  .values() if s["status"] == "done"]) < n:
+                time.sleep(0.02)
+
+        wait_for_tissue(4)
         os.killpg(procs[1].pid, signal.SIGKILL)  # nanny and worker: the worker is gone for good
-        stdout, stderr = run.communicate(timeout=300)
-        assert run.returncode == 0, stderr
+        wait_for_tissue(12)
+        os.killpg(procs[0].pid, signal.SIGKILL)  # the scheduler
+        stdout, stderr = run.communicate(timeout=120)
+        message = " ".join(stderr.split())
+        assert run.returncode == 2 and f"lost the Dask scheduler at {address}" in message, stderr[-3000:]
+        assert "rerun the same command to resume" in message and "Traceback" not in stderr
+        done_before = {k: s for k, s in states(out, "tissue").items() if s["status"] == "done"}
+        assert 12 <= len(done_before) < 40
+        stop_all(procs)
+        port = _free_port()
+        address = f"tcp://127.0.0.1:{port}"
+        procs = _start_dask(address, port, 2)
+        rerun = subprocess.run([*command, "--scheduler", address], capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
         assert len([s for s in states(out, "tiles").values() if s["status"] == "done"]) == 40
         assert states(out, "qc")["_cohort"]["status"] == "done"
-        assert "Dask dashboard" in stderr
+        assert all(states(out, "tissue")[k] == s for k, s in done_before.items())  # kept, not redone
+        coords = {i: (out / "tiles" / f"s{i:03d}.coords.npy").read_bytes() for i in range(40)}
+        assert all(coords[i] == coords[i % 4] for i in range(40))  # whichever worker, attempt or run made them
+        assert "Dask dashboard" in rerun.stderr
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_all(procs)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture()
