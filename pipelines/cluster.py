@@ -3,18 +3,25 @@
 The local cluster binds everything to 127.0.0.1. On a machine with GPUs it gives each GPU a worker
 of its own (``CUDA_VISIBLE_DEVICES`` set to that GPU, a ``GPU`` resource, one task at a time), so
 model tasks, which ask for ``GPU``, land there, while CPU workers on the remaining cores (with a
-``CPU`` resource, which the other tasks then ask for) take the tissue and tile tasks. Workers are not daemonic: extraction starts DataLoader processes.
+``CPU`` resource, which the other tasks then ask for) take the tissue and tile tasks. Its workers are not
+daemonic (extraction may start DataLoader processes); an external cluster's are, and tiles are read by threads
+there (:mod:`features.tile_loader`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipelines.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from distributed import WorkerPlugin
@@ -163,3 +170,59 @@ def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
             client.wait_for_workers(len(workers), timeout=120)
             client.register_plugin(warm_worker_plugin())
             yield client
+
+
+class ClusterResources:
+    """The resources (``GPU``, ``CPU``, …) the cluster's workers advertise now, fetched at most every ``every``
+    seconds: workers come and go (an adaptive cluster's first worker may have no GPU, its last GPU job may end),
+    so each submission asks what is there now, not what was there when the run started."""
+
+    def __init__(self, client, every: float = 2.0):
+        self.client, self.every = client, every
+        self._known: set[str] = set()
+        self._at = -math.inf
+        self._lock = threading.Lock()
+
+    def available(self) -> set[str]:
+        with self._lock:
+            if time.monotonic() - self._at >= self.every:
+                workers = self.client.scheduler_info(n_workers=-1).get("workers", {}).values()
+                self._known = {r for w in workers for r in (w.get("resources") or {})}
+                self._at = time.monotonic()
+            return set(self._known)
+
+    @contextmanager
+    def watch(self, waiting: Callable[[], dict[str, int]], patience: float, every: float = 1.0,
+              repeat: float = 60.0) -> Iterator[None]:
+        """While the block runs, warn when tasks have waited ``patience`` seconds for a resource no worker has
+        (``waiting()``: resource → tasks submitted that need it), and again every ``repeat`` seconds: they wait
+        for such a worker to join, which the warning asks for, instead of waiting unseen."""
+        stop = threading.Event()
+        missing_since: dict[str, float] = {}
+        said: dict[str, float] = {}
+
+        def run() -> None:
+            while not stop.wait(every):
+                try:
+                    have = self.available()
+                except Exception:  # the scheduler is gone: the run's own loop reports it
+                    return
+                now = time.monotonic()
+                for resource, n in waiting().items():
+                    if n == 0 or resource in have:
+                        missing_since.pop(resource, None)
+                        continue
+                    since = missing_since.setdefault(resource, now)
+                    if now - since >= patience and now - said.get(resource, -math.inf) >= repeat:
+                        said[resource] = now
+                        log.warning("%d task(s) need a worker with the %s resource and the cluster has had none for "
+                                    "%.0f s: they wait for one; start one (e.g. dask worker … --resources %s=1) or stop "
+                                    "the run and rerun it on a cluster that has one", n, resource, now - since, resource)
+
+        thread = threading.Thread(target=run, name="resource-watch", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()

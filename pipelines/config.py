@@ -62,7 +62,9 @@ class RunnerConfig(BaseModel):
                                                  "every tensor above 128 KiB and torch on CPU runs ~1.5x slower (the demo: "
                                                  "7 min 20 s instead of 4 min 50 s); false: glibc's own defaults")
     retries: int = Field(1, ge=0, description="times a failed task is retried before it is marked failed")
-    worker_wait_s: float = Field(300, gt=0, description="with an existing scheduler: how long to wait for its first worker")
+    worker_wait_s: float = Field(300, gt=0, description="with an existing scheduler: how long to wait for its first "
+                                                      "worker; and, on any cluster, how long tasks wait for a resource "
+                                                      "no worker has (a GPU) before the run says so (it keeps waiting)")
 
 
 class PredictConfig(BaseModel):

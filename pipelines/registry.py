@@ -139,7 +139,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           applies=lambda cfg, entry: entry.has_pixels, enabled=predicting, resources={"GPU": 1}, uses_torch=True,
           artifacts=lambda p, k, c: [store_path(p.root, run_bundle(c).encoder_label, k)],
           extra_inputs=lambda cfg, hashes: bundle_inputs(cfg, "encoder")),
-    Stage("predict", predict_stage, "slide", after=("embed",), enabled=predicting, uses_torch=True,
+    Stage("predict", predict_stage, "slide", after=("embed",), enabled=predicting, uses_torch=True, resources={"GPU": 1},
           applies=lambda cfg, entry: entry.has_pixels, artifacts=lambda p, k, c: [prediction_file(p, k)],
           extra_inputs=lambda cfg, hashes: bundle_inputs(cfg, "clam")),
     Stage("predictions", predictions_stage, "cohort", after=("predict",), enabled=predicting,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.artifacts import RunPaths, sweep_temporaries, write_text
-from pipelines.cluster import ClusterError, dask_client, machine_cores, worker_cores, worker_name
+from pipelines.cluster import ClusterError, ClusterResources, dask_client, machine_cores, worker_cores, worker_name
 from pipelines.config import RunConfig, dump_config
 from pipelines.manifest import FoldPayload, SlideEntry, manifest_csv
 from pipelines.plan import Task, build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
@@ -291,9 +291,9 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
     with dask_client(cfg, len(tasks)) as client:
         dashboard = client.dashboard_link
         on_start(dashboard)
-        available = {r for w in client.scheduler_info().get("workers", {}).values() for r in (w.get("resources") or {})}
+        resources_now = ClusterResources(client)
         futures = as_completed(with_results=True, raise_errors=False)  # results stream back as tasks finish
-        owner = {}
+        owner, needs = {}, {}
 
         per_stage: dict[str, int] = {}
         for t in tasks.values():
@@ -311,6 +311,7 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
                 raise lost_scheduler()
             task.attempts += 1
             stage = STAGES[task.stage]
+            available = resources_now.available()
             resources = {k: v for k, v in stage.resources.items() if k in available} or None
             if resources is None and "CPU" in available:  # workers split by kind: keep CPU work off the GPU workers
                 resources = {"CPU": 1}
@@ -323,35 +324,45 @@ def execute(tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, p
             except (ClosedClientError, CommClosedError, OSError) as exc:
                 raise lost_scheduler(exc) from None
             owner[future.key] = task
+            needs[future.key] = resources or {}
             futures.add(future)
+
+        def waiting() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for key in list(owner):
+                for resource in needs.get(key, {}):
+                    counts[resource] = counts.get(resource, 0) + 1
+            return counts
 
         for task in to_run:
             submit(task)
         to_run.clear()
-        for future, outcome in futures:
-            task = owner.pop(future.key)
-            if isinstance(outcome, BaseException) and client.status != "running":  # not the task: the scheduler
-                owner[future.key] = task
-                raise lost_scheduler(outcome)
-            if isinstance(outcome, BaseException):  # the worker died or the task could not run at all
-                reason = f"{type(outcome).__name__}: {outcome}"
-                state = read_state(paths, task.stage, task.key) or {}
-                write_state(paths, task.stage, task.key, status="failed", fingerprint=task.fingerprint,
-                            attempts=task.attempts, started=state.get("started"), finished=now(), error=reason,
-                            traceback="".join(traceback.format_exception(outcome)))
-                outcome = {"status": "failed", "reason": reason}
-            future.release()
-            if outcome["status"] == "stale":  # another run took the run directory over (--break-lock): not ours now
-                outcome = {"status": "failed", "reason": outcome["reason"]}
-            elif outcome["status"] == "failed" and task.attempts <= cfg.runner.retries:
-                log.info("%s failed (attempt %d): %s; retrying", task.id, task.attempts, outcome["reason"])
-                submit(task)
-                continue
-            sched.settle(task, outcome["status"], outcome.get("reason", task.reason))
-            expand(sched.next_ready(task))
-            for ready in to_run:
-                submit(ready)
-            to_run.clear()
+        with resources_now.watch(waiting, patience=cfg.runner.worker_wait_s):
+            for future, outcome in futures:
+                task = owner.pop(future.key)
+                needs.pop(future.key, None)
+                if isinstance(outcome, BaseException) and client.status != "running":  # not the task: the scheduler
+                    owner[future.key] = task
+                    raise lost_scheduler(outcome)
+                if isinstance(outcome, BaseException):  # the worker died or the task could not run at all
+                    reason = f"{type(outcome).__name__}: {outcome}"
+                    state = read_state(paths, task.stage, task.key) or {}
+                    write_state(paths, task.stage, task.key, status="failed", fingerprint=task.fingerprint,
+                                attempts=task.attempts, started=state.get("started"), finished=now(), error=reason,
+                                traceback="".join(traceback.format_exception(outcome)))
+                    outcome = {"status": "failed", "reason": reason}
+                future.release()
+                if outcome["status"] == "stale":  # another run took the run directory over (--break-lock): not ours now
+                    outcome = {"status": "failed", "reason": outcome["reason"]}
+                elif outcome["status"] == "failed" and task.attempts <= cfg.runner.retries:
+                    log.info("%s failed (attempt %d): %s; retrying", task.id, task.attempts, outcome["reason"])
+                    submit(task)
+                    continue
+                sched.settle(task, outcome["status"], outcome.get("reason", task.reason))
+                expand(sched.next_ready(task))
+                for ready in to_run:
+                    submit(ready)
+                to_run.clear()
     return dashboard
 
 

@@ -383,3 +383,35 @@ def test_local_workers_start_without_malloc_trim_unless_asked():
         with dask_client(cfg, 1) as client:
             seen = client.run(worker_state)
         assert list(seen.values()) == [(expected, "1", True)]  # the thread limit stays either way
+
+
+def test_tasks_waiting_for_a_gpu_no_worker_has_are_reported_and_run_once_one_joins(caplog):
+    """Resources are read as tasks are submitted, not once: a GPU worker joining later is seen. Tasks that ask
+    for a GPU no worker has wait, and the run says so after ``patience`` instead of waiting unseen."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from pipelines.cluster import ClusterResources
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:
+        resources = ClusterResources(client, every=0.1)
+        assert "GPU" not in resources.available()
+        future = client.submit(int, "42", resources={"GPU": 1}, pure=False)
+        with caplog.at_level(logging.WARNING, "pipelines.cluster"), \
+                resources.watch(lambda: {"GPU": 0 if future.done() else 1}, patience=0.3, every=0.1):
+            deadline = time.time() + 30
+            while time.time() < deadline and "need a worker with the GPU resource" not in caplog.text:
+                time.sleep(0.05)
+            assert "1 task(s) need a worker with the GPU resource and the cluster has had none" in caplog.text
+            assert not future.done()
+            dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or "dask"
+            gpu_worker = subprocess.Popen([dask, "worker", cluster.scheduler_address, "--resources", "GPU=1", "--host",
+                                           "127.0.0.1", "--dashboard-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                assert future.result(timeout=60) == 42
+                assert "GPU" in resources.available()
+            finally:
+                stop_all([gpu_worker])
