@@ -184,7 +184,7 @@ def _run(slides_csv: Path, out: Path, make_config, *, check=None, until=None, on
     from pipelines.live import LiveTasks
     from pipelines.manifest import ManifestError, read_manifest
     from pipelines.runner import ClusterError, run_cohort
-    from pipelines.state import LockError
+    from pipelines.run_lock import LockError
 
     try:
         cfg = make_config()

@@ -13,7 +13,8 @@ from pipelines.artifacts import RunPaths
 from pipelines.config import load_config
 from pipelines.manifest import read_manifest
 from pipelines.plan import build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
-from pipelines.state import COHORT, HashCache, RunLock, read_state
+from pipelines.run_lock import RunLock
+from pipelines.state import COHORT, HashCache, read_state
 
 
 def run_status(out: Path) -> dict:

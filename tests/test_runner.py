@@ -194,7 +194,7 @@ def test_a_task_of_a_killed_run_that_finishes_late_cannot_replace_the_newer_resu
     from pipelines.config import RunConfig
     from pipelines.manifest import read_manifest
     from pipelines.runner import run_task
-    from pipelines.state import RunLock
+    from pipelines.run_lock import RunLock
 
     csv, config, out = small_run
     epoch_a = states(out, "tissue")["s000"]["epoch"]
@@ -345,6 +345,41 @@ def test_concurrent_run_is_refused_and_stale_locks_are_recovered(small_run):
     assert wsi("run", csv, "--config", config, "--out", out).returncode == 2
     broken = wsi("run", csv, "--config", config, "--out", out, "--break-lock")
     assert broken.returncode == 0 and "--break-lock" in broken.stderr
+
+
+def test_lock_heartbeat_and_a_filesystem_without_flock(tmp_path, monkeypatch):
+    """A lock from another host is live while its heartbeat beats and stale once it stopped; where flock fails
+    (Lustre without flock, some NFS), an O_EXCL guard file stands in and the notes say so."""
+    import errno
+    import fcntl
+
+    from pipelines import run_lock
+    from pipelines.run_lock import LockError, RunLock
+
+    path = tmp_path / ".lock"
+    path.write_text(json.dumps({"host": "some-other-node", "pid": 1, "started": "then"}))
+    with pytest.raises(LockError, match="some-other-node"):
+        RunLock(path).acquire()  # just touched: its run may be alive
+    old = time.time() - run_lock.STALE_AFTER_S - 5
+    os.utime(path, (old, old))
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = RunLock(path)
+    notes = lock.acquire(command="test")
+    assert any("removed stale lock of pid 1 on some-other-node" in n for n in notes)
+    assert any("has no flock: an O_EXCL guard file" in n for n in notes)
+    assert not (tmp_path / ".lock.guard.excl").exists()  # the guard is held only while taking the lock
+    os.utime(path, (old, old))
+    time.sleep(0.3)
+    assert time.time() - path.stat().st_mtime < 5  # the holder's heartbeat touched it again
+    with pytest.raises(LockError, match="in use"):
+        RunLock(path).acquire()  # without flock as well
+    lock.release()
+    assert not path.exists()
 
 
 def test_content_fingerprints_survive_touch_and_are_cached(cohort, tmp_path):
