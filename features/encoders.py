@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from features.loading import NoWeightsError, WeightsError, load_state_dict, weights_digest
 from features.precision import autocast_dtype, resolve_precision
@@ -45,6 +45,12 @@ class EncoderConfig(BaseModel):
     """One patch encoder: model, weights, pooling, input size, precision and device."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights(cls, value: Path | None) -> Path | None:
+        """A relative path is resolved where the config is read (the command's directory): workers run elsewhere."""
+        return None if value is None else Path(value).expanduser().absolute()
 
     model: str = Field("vit_tiny", description="a foundation model of the zoo (uni, uni2_h, virchow2, hoptimus0, gigapath, "
                                                 "conch_v1_5, phikon_v2, ctranspath, ...: `wsi-pipeline encoders` lists "

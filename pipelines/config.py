@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.config import DistillConfig
 from features.extract import ExtractionConfig
@@ -76,6 +76,12 @@ class PredictConfig(BaseModel):
         None, description="the model bundle (`wsi-pipeline export-model`) this run predicts with; set by `wsi-pipeline "
                           "predict`, whose runs have only the tissue, tiles, qc, embed, predict, predictions and "
                           "predict_heatmaps stages; null: a training run")
+    @field_validator("bundle")
+    @classmethod
+    def _absolute_bundle(cls, value: Path | None) -> Path | None:
+        """Resolved where the config is read (the command's directory): workers run elsewhere."""
+        return None if value is None else Path(value).expanduser().absolute()
+
     device: str = Field("auto", description="where the bundle's encoder and CLAMs run: auto (CUDA when the worker has a "
                                             "GPU, else CPU), cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

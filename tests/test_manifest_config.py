@@ -151,3 +151,16 @@ def test_a_corrected_label_reruns_what_reads_labels_and_not_the_distillation():
     for stage in ("qc", "results"):
         assert fp(stage, "cohort", entries) != fp(stage, "cohort", corrected)
     assert fp("mil", "fold", entries, "teacher.fold0") != fp("mil", "fold", corrected, "teacher.fold0")
+
+
+def test_relative_paths_in_the_config_are_resolved_where_the_command_runs(tmp_path, monkeypatch):
+    """Workers run in other directories (a `dask worker`'s own, a SLURM job's): a relative weights file, mask
+    folder or bundle means the one beside the command, and reaches them as an absolute path."""
+    (tmp_path / "masks").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig.model_validate({"features": {"teacher": {"model": "vit_tiny", "weights": "w/uni.safetensors"}},
+                                    "distill": {"student": {"model": "vit_tiny", "weights": "~/s.safetensors"}},
+                                    "tissue": {"mask_dir": "masks"}, "predict": {"bundle": "bundle"}})
+    assert cfg.features.teacher.weights == tmp_path / "w" / "uni.safetensors"
+    assert cfg.distill.student.weights == Path("~/s.safetensors").expanduser()
+    assert cfg.tissue.mask_dir == tmp_path / "masks" and cfg.predict.bundle == tmp_path / "bundle"
