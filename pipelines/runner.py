@@ -9,6 +9,7 @@ blocks the others and a cohort stage starts as soon as every slide has settled.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -137,9 +138,23 @@ def run_task(stage_name: str, key: str, payload, cfg: RunConfig, root: str, fing
         return {"status": "stale", "reason": str(exc)}
 
 
+# torch's thread count and random seed are process-wide: a worker with several threads (`dask worker`'s default)
+# runs one model task at a time, so concurrent tasks never re-thread or reseed each other mid-task
+_MODEL_TASK = threading.Lock()
+
+
 def _run_task(stage_name: str, key: str, payload, cfg: RunConfig, paths: RunPaths, fingerprint: str, attempt: int,
               alone: bool, forced: bool, epoch: str | None) -> dict:
     stage = STAGES[stage_name]
+    if stage.uses_torch:
+        with _MODEL_TASK:
+            return _run_stage(stage, key, payload, cfg, paths, fingerprint, attempt, alone, forced, epoch)
+    return _run_stage(stage, key, payload, cfg, paths, fingerprint, attempt, alone, forced, epoch)
+
+
+def _run_stage(stage, key: str, payload, cfg: RunConfig, paths: RunPaths, fingerprint: str, attempt: int,
+               alone: bool, forced: bool, epoch: str | None) -> dict:
+    stage_name = stage.name
     started, t0 = now(), time.perf_counter()
     running = dict(status="running", fingerprint=fingerprint, attempts=attempt, epoch=epoch, started=started,
                    worker=worker_name())

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
+FINISHED: dict[str, Path] = {}  # cluster kind → its finished run, to compare the runs
 
 
 def _free_port() -> int:
@@ -117,6 +118,7 @@ def test_the_pipeline_on_dask_scheduler_and_two_dask_workers(demo_input, tmp_pat
         result = run_pipeline(demo_input, address, str(out))
         assert_every_task_done(out, result)
         assert_features_match_a_local_extraction(demo_input, out, "demo_001")
+        FINISHED["dask worker"] = out
     finally:
         stop(procs)
 
@@ -133,3 +135,19 @@ def test_the_pipeline_on_dask_jobqueue(demo_input, tmp_path):
         out = tmp_path / "run"
         result = run_pipeline(demo_input, cluster.scheduler_address, str(out))
         assert_every_task_done(out, result)
+    if "dask worker" in FINISHED:
+        assert_same_results(FINISHED["dask worker"], out)
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    """Two clusters, one result: `dask worker`'s two threads per worker (model tasks one at a time per process,
+    never reseeding each other) and dask-jobqueue's one give the same features, student and predictions."""
+    import zarr
+
+    for name in ("results/predictions.csv", "models/student/student.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    stores = sorted(p.relative_to(a) for p in a.glob("features/*/*.zarr"))
+    assert len(stores) == 8
+    for store in stores:
+        assert np.array_equal(zarr.open_group(str(a / store), mode="r")["features"][:],
+                              zarr.open_group(str(b / store), mode="r")["features"][:]), store
