@@ -1,24 +1,36 @@
-"""The runner's overhead: Dask tasks vs the same stage functions in a plain loop, and a no-op rerun.
+"""The runner at cohort scale: Dask tasks vs the same stage functions in a plain loop, planning, a no-op rerun,
+``status``, and the memory of the scheduler's process.
 
-    python benchmarks/bench_runner.py [--slides 1000] [--workers 2] [--workdir /tmp/wsi-bench-runner]
+    python benchmarks/bench_runner.py [--slides 10000] [--loop-slides 200] [--workers 2]
+        [--workdir /tmp/wsi-bench-runner]
 
 One small demo slide listed ``--slides`` times under distinct ids; stages tissue, tiles and qc. Prints:
-  * baseline: tissue + tiles for every slide in a plain loop in this process (no state, no Dask);
-  * the full run through ``run_cohort`` on a local cluster (startup separately), the per-task
-    overhead against the loop, and the speed-up from the workers;
-  * a no-op rerun over all finished slides (every task up to date: no cluster is started).
+  * baseline: tissue + tiles in a plain loop in this process (no state, no Dask), over ``--loop-slides``
+    of them, per task;
+  * planning all tasks before the run (nothing done yet);
+  * the full run through ``run_cohort`` on a local cluster (startup separately), the per-task overhead
+    against the loop, the speed-up from the workers, and the peak RSS of this process, which holds the
+    client and the local cluster's scheduler;
+  * a no-op rerun over all finished slides (every task up to date: no cluster is started);
+  * ``wsi-pipeline status OUT`` and ``status OUT --json`` as a user runs them (a fresh process each).
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
 from pipelines.manifest import read_manifest
+from pipelines.plan import build_plan
 from pipelines.runner import run_cohort
 from pipelines.stages import tiles_stage, tissue_stage
 from wsi.demo_cohort import write_demo_slide
@@ -26,7 +38,8 @@ from wsi.demo_cohort import write_demo_slide
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slides", type=int, default=1000)
+    parser.add_argument("--slides", type=int, default=10_000)
+    parser.add_argument("--loop-slides", type=int, default=200, help="slides of the plain-loop baseline")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wsi-bench-runner"))
     args = parser.parse_args()
@@ -42,17 +55,33 @@ def main() -> None:
     n_tasks = 2 * len(entries) + 1
 
     loop_paths = RunPaths(args.workdir / "loop")
+    sample = entries[:args.loop_slides]
     start = time.perf_counter()
-    for entry in entries:
+    for entry in sample:
         tissue_stage(entry, cfg, loop_paths)
         tiles_stage(entry, cfg, loop_paths)
-    t_loop = time.perf_counter() - start
+    per_task_loop = (time.perf_counter() - start) / (2 * len(sample))
+
+    start = time.perf_counter()
+    build_plan(entries, cfg, RunPaths((args.workdir / "run").absolute()), until="qc")
+    t_plan = time.perf_counter() - start
 
     marks: dict[str, float] = {}
+    peak, stop = [0], threading.Event()
+    me = psutil.Process()
+
+    def sample_rss() -> None:
+        while not stop.wait(0.2):
+            peak[0] = max(peak[0], me.memory_info().rss)
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     report = run_cohort(entries, args.workdir / "run", cfg, until="qc",
                         on_start=lambda link: marks.setdefault("cluster", time.perf_counter()))
     t_run = time.perf_counter() - start
+    stop.set()
+    sampler.join()
     assert report.complete, [t.reason for t in report.failed]
     t_startup = marks["cluster"] - start
     t_tasks = t_run - t_startup
@@ -61,21 +90,35 @@ def main() -> None:
     rerun = run_cohort(entries, args.workdir / "run", cfg, until="qc")
     t_noop = time.perf_counter() - start
     assert all(t.status == "up-to-date" for t in rerun.tasks.values())
+    status = {}
+    for flag in ("", "--json"):
+        command = [sys.executable, "-m", "pipelines.cli", "status", str(args.workdir / "run"), *([flag] if flag else [])]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        status[flag] = time.perf_counter() - start
+        assert done.returncode in (0, 1) and done.stdout, done.stderr  # 1: stages after qc not run
 
-    per_task_loop = t_loop / (2 * len(entries))
     per_task_dask = t_tasks * args.workers / n_tasks
-    print(f"{len(entries)} slides, {n_tasks} tasks (tissue + tiles per slide, 1 cohort qc), {args.workers} workers")
-    print(f"{'measure':<48} {'seconds':>9}")
-    print(f"{'baseline: plain loop, 1 process':<48} {t_loop:>9.2f}")
-    print(f"{'runner: cluster startup':<48} {t_startup:>9.2f}")
-    print(f"{'runner: tasks (after startup)':<48} {t_tasks:>9.2f}")
-    print(f"{'runner: total':<48} {t_run:>9.2f}")
-    print(f"{'no-op rerun, all up to date':<48} {t_noop:>9.2f}")
-    print(f"stage time per task (loop): {per_task_loop * 1e3:.1f} ms; worker-time per task via Dask: "
-          f"{per_task_dask * 1e3:.1f} ms → overhead {(per_task_dask - per_task_loop) * 1e3:+.1f} ms/task "
-          f"({per_task_dask / per_task_loop:.2f}× the stage's own time)")
-    print(f"speed-up of the run over the loop: {t_loop / t_run:.2f}× (tasks only: {t_loop / t_tasks:.2f}×)")
-    print(f"no-op rerun: {t_noop / n_tasks * 1e6:.0f} µs per task ({t_noop / t_loop * 100:.1f} % of the loop's time)")
+    print(f"{psutil.cpu_count()} cores ({cpu_model()}); {len(entries)} slides, {n_tasks} tasks (tissue + tiles per "
+          f"slide, 1 cohort qc), {args.workers} workers")
+    print("| measure | value |\n|---|---|")
+    print(f"| stage time per task, plain loop ({len(sample)} slides) | {per_task_loop * 1e3:.1f} ms |")
+    print(f"| plan {n_tasks} tasks (nothing done) | {t_plan:.2f} s |")
+    print(f"| runner: cluster startup | {t_startup:.2f} s |")
+    print(f"| runner: tasks after startup | {t_tasks:.1f} s |")
+    print(f"| worker-time per task via Dask | {per_task_dask * 1e3:.1f} ms ({(per_task_dask - per_task_loop) * 1e3:+.1f} ms "
+          f"over the stage's own) |")
+    print(f"| peak RSS of the client + scheduler process | {peak[0] / 2**20:.0f} MiB |")
+    print(f"| no-op rerun, all up to date | {t_noop:.2f} s ({t_noop / n_tasks * 1e6:.0f} µs per task) |")
+    print(f"| `wsi-pipeline status OUT` | {status['']:.2f} s |")
+    print(f"| `wsi-pipeline status OUT --json` | {status['--json']:.2f} s |")
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 if __name__ == "__main__":
