@@ -170,7 +170,8 @@ def main() -> None:
     print(f"| variant | distill s | epochs | worst cluster R² | faithful | tumour-tile R² | other R² | attended R² tumour "
           f"/ worst slide | {head} |")
     print("|---|---|---|---|---|---|---|---|" + "---|" * len(args.rows))
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"
+    def fmt(v):
+        return "–" if v is None else f"{v:.3f}"
     for r in results:
         cells = " | ".join(f"{fmt(r[f'{row}_acc'])} / {fmt(r[f'{row}_auc'])}" for row in args.rows)
         print(f"| {r['variant']} | {r['distill_s']:.0f} | {r['epochs']} | {fmt(r['worst_cluster_r2'])} | {r['faithful']} | "

@@ -41,10 +41,9 @@ def child(args) -> None:
 
     from features.encoders import EncoderConfig, create_encoder
     from features.extract import ExtractionConfig, TileDataset, encoder_attrs, extract_slide
+    from pipelines.cluster import machine_cores
     from wsi.slide import open_slide
     from wsi.tiling import read_tile
-
-    from pipelines.cluster import machine_cores
 
     torch.set_num_threads(machine_cores())  # the same threads for the model alone and for extraction
     encoder = create_encoder(EncoderConfig(model=args.model, precision=args.precision, seed=0))

@@ -7,7 +7,8 @@ The demo's encoders (teacher: ViT-S/16 on 224 px, mean-pooled tokens; student: V
 with a TransScan projector to the teacher's 384 dimensions; weights do not change speed, so both
 are seeded random). The student runs twice: ``student`` reads its tiles at its input resolution
 (``distill.read_at_input``: 128 px from the slide's 4× level, resized to 112), ``student_tiled``
-reads them as the tiling delivers them (512 px at level 0, resized to 256, then 112), on a 40× Aperio demo slide of ``width`` × 3/4·width at 0.25 µm/px, 256-px tiles
+reads them as the tiling delivers them (512 px at level 0, resized to 256, then 112), on a 40× Aperio demo slide of
+``width`` × 3/4·width at 0.25 µm/px, 256-px tiles
 at 0.5 µm/px. For each, in its own process with torch on every core and one loader process:
 reading + decoding alone (the loader, no model), the model alone (tiles already in memory,
 preprocessing + forward) and the whole extraction into a Zarr store. Prints the student / teacher

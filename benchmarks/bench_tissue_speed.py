@@ -63,7 +63,7 @@ def ours(slides: list[Path], workdir: Path, workers: int, verify: bool) -> tuple
         seconds[path.stem] = tissue["duration_s"] + tiles["duration_s"]
         started[path.stem] = (tissue.get("worker"), tissue["started"])
     first = {}
-    for slide, (worker, when) in sorted(started.items(), key=lambda item: item[1][1]):
+    for slide, (worker, _when) in sorted(started.items(), key=lambda item: item[1][1]):
         first.setdefault(worker, slide)
     return seconds, list(first.values()), wall
 

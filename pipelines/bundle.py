@@ -29,7 +29,7 @@ import json
 import math
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pipelines import __version__
@@ -188,7 +188,7 @@ def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None 
                 encoder["adapter"] = "encoder/adapter.safetensors"
             else:
                 files["encoder/student.safetensors"] = tuned
-    for name, source in files.items():
+    for source in files.values():
         if not source.exists():
             raise BundleError(f"{source} is missing: rerun the mil stage (wsi-pipeline run … --force mil)")
     by_fold = {f["fold"]: f for f in fold_results}
@@ -216,7 +216,7 @@ def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None 
             "encoder_patches_per_s": float(summary["encoder_patches_per_s"]) if summary.get("encoder_patches_per_s") else None,
             "encoder_params": int(float(summary["encoder_params"])) if summary.get("encoder_params") else None,
             "fingerprints": fingerprints, "toolkit_version": __version__, "run": str(paths.root),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created": datetime.now(UTC).isoformat(timespec="seconds")}
     meta = {"format": FORMAT, "strategy": strategy, "classes": by_fold[chosen[0]]["classes"], "encoder": encoder,
             "clam": clam, "settings": settings, "files": shas, "card": card, "licence": bundle_licence(encoder)}
     meta["digests"] = digests(meta)  # informational: loading recomputes them

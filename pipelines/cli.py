@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -55,10 +55,10 @@ mil:
 
 
 # options `run` and `predict` share
-ForceOpt = Annotated[Optional[list[str]], typer.Option(help="rerun this stage and its dependants even if done (repeatable)")]
-SchedulerOpt = Annotated[Optional[str], typer.Option(help="existing Dask scheduler, tcp://HOST:PORT (overrides runner.scheduler)")]
-WorkersOpt = Annotated[Optional[int], typer.Option(min=1, help="local cluster worker processes (overrides runner.n_workers)")]
-RetriesOpt = Annotated[Optional[int], typer.Option(min=0, help="retries per failed task (overrides runner.retries)")]
+ForceOpt = Annotated[list[str] | None, typer.Option(help="rerun this stage and its dependants even if done (repeatable)")]
+SchedulerOpt = Annotated[str | None, typer.Option(help="existing Dask scheduler, tcp://HOST:PORT (overrides runner.scheduler)")]
+WorkersOpt = Annotated[int | None, typer.Option(min=1, help="local cluster worker processes (overrides runner.n_workers)")]
+RetriesOpt = Annotated[int | None, typer.Option(min=0, help="retries per failed task (overrides runner.retries)")]
 BreakLockOpt = Annotated[bool, typer.Option("--break-lock", help="take over the run directory's lock even if it looks live")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
@@ -97,13 +97,13 @@ def demo(
     n_slides: Annotated[int, typer.Option(min=1, help="number of slides (half tumour-positive)")] = 24,
     size: Annotated[int, typer.Option(min=1024, help="level-0 width in pixels of the 40× slides (height is 3/4)")] = 8192,
     seed: Annotated[int, typer.Option(help="random seed; the same seed gives the same cohort")] = 0,
-    tumour_fraction: Annotated[Optional[float], typer.Option(min=0.001, max=0.999,
+    tumour_fraction: Annotated[float | None, typer.Option(min=0.001, max=0.999,
                                                              help="focal lesions: the tumour's share of each positive "
                                                                   "slide's tissue (e.g. 0.05); default: one or two "
                                                                   "large tumour regions")] = None,
-    foci: Annotated[Optional[int], typer.Option(min=1, help="number of tumour foci per positive slide "
+    foci: Annotated[int | None, typer.Option(min=1, help="number of tumour foci per positive slide "
                                                             "(default: 1 with --tumour-fraction, else 1 or 2)")] = None,
-    artefacts: Annotated[Optional[list[str]], typer.Option(help="artefacts to draw on every slide, with their truth "
+    artefacts: Annotated[list[str] | None, typer.Option(help="artefacts to draw on every slide, with their truth "
                                                                  "(<id>.ink.png, .blur.png, .faint.png, .bubble.png, "
                                                                  ".fold.png): ink (pen strokes and a circle), blur "
                                                                  "(out-of-focus fields), faint (pale-stained tissue), "
@@ -152,9 +152,9 @@ def init(
 def run(
     slides_csv: Annotated[Path, typer.Argument(help="slides.csv: slide_path, optional slide_id, label, case_id, split, mpp")],
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory (rerunning into it resumes)")] = Path("wsi_run"),
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="run config YAML (see `wsi-pipeline init`)")] = None,
-    until: Annotated[Optional[str], typer.Option(help="run up to and including this stage")] = None,
-    only: Annotated[Optional[list[str]], typer.Option(help="only these slide ids (repeatable); cohort stages are not run")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="run config YAML (see `wsi-pipeline init`)")] = None,
+    until: Annotated[str | None, typer.Option(help="run up to and including this stage")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="only these slide ids (repeatable); cohort stages are not run")] = None,
     force: ForceOpt = None,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
@@ -183,8 +183,8 @@ def _run(slides_csv: Path, out: Path, make_config, *, check=None, until=None, on
     from pipelines.config import ConfigError
     from pipelines.live import LiveTasks
     from pipelines.manifest import ManifestError, read_manifest
-    from pipelines.runner import ClusterError, run_cohort
     from pipelines.run_lock import LockError
+    from pipelines.runner import ClusterError, run_cohort
 
     try:
         cfg = make_config()
@@ -300,18 +300,18 @@ def report(out: Annotated[Path, typer.Argument(help="run directory")] = Path("ws
 @app.command()
 def heatmaps(
     out: Annotated[Path, typer.Argument(help="a run directory whose mil stage has finished")],
-    slides: Annotated[Optional[list[str]], typer.Option("--slide", help="only these slide ids (repeatable; default: "
+    slides: Annotated[list[str] | None, typer.Option("--slide", help="only these slide ids (repeatable; default: "
                                                                         "the slides heatmaps.slides selects, or all when it is 'none')")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="results row: teacher, reuse, retrain, end2end or end2end:NAME "
+    strategy: Annotated[str | None, typer.Option(help="results row: teacher, reuse, retrain, end2end or end2end:NAME "
                                                          "(default: heatmaps.strategy, or the run's first)")] = None,
-    class_name: Annotated[Optional[str], typer.Option("--class", help="CLAM-MB: draw this class's attention (default: the predicted class)")] = None,
-    width: Annotated[Optional[int], typer.Option(help="longer side of the overview in pixels (default: heatmaps.width)")] = None,
-    overlap: Annotated[Optional[float], typer.Option(help="second pass with tiles overlapping by this fraction, e.g. 0.5")] = None,
-    blur: Annotated[Optional[float], typer.Option(help="Gaussian sigma in overview pixels")] = None,
-    cmap: Annotated[Optional[str], typer.Option(help="matplotlib colour map, e.g. jet or coolwarm")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="highest- and lowest-attention tiles saved as images")] = None,
-    image_format: Annotated[Optional[str], typer.Option(help="png or jpeg (default: heatmaps.image_format)")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="end2end:lora: draw with this LoRA adapter file on the frozen "
+    class_name: Annotated[str | None, typer.Option("--class", help="CLAM-MB: draw this class's attention (default: the predicted class)")] = None,
+    width: Annotated[int | None, typer.Option(help="longer side of the overview in pixels (default: heatmaps.width)")] = None,
+    overlap: Annotated[float | None, typer.Option(help="second pass with tiles overlapping by this fraction, e.g. 0.5")] = None,
+    blur: Annotated[float | None, typer.Option(help="Gaussian sigma in overview pixels")] = None,
+    cmap: Annotated[str | None, typer.Option(help="matplotlib colour map, e.g. jet or coolwarm")] = None,
+    top_k: Annotated[int | None, typer.Option(help="highest- and lowest-attention tiles saved as images")] = None,
+    image_format: Annotated[str | None, typer.Option(help="png or jpeg (default: heatmaps.image_format)")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="end2end:lora: draw with this LoRA adapter file on the frozen "
                                                          "student instead of the fold's own (switching tasks)")] = None,
 ) -> None:
     """Draw attention heatmaps (overlay, figure, QuPath GeoJSON, CSV, top tiles) for slides of a finished run."""
@@ -385,7 +385,7 @@ def export_model(
     out: Annotated[Path, typer.Argument(help="a finished training run directory")],
     strategy: Annotated[str, typer.Option(help="results row: teacher, reuse, retrain, end2end or end2end:NAME")],
     dest: Annotated[Path, typer.Option(help="the bundle folder to write (new or empty)")],
-    fold: Annotated[Optional[list[int]], typer.Option(help="keep only this fold's CLAM (repeatable; default: every fold "
+    fold: Annotated[list[int] | None, typer.Option(help="keep only this fold's CLAM (repeatable; default: every fold "
                                                            "for teacher/reuse/retrain, the best-validated fold for End2end)")] = None,
 ) -> None:
     """Write a model bundle (encoder + CLAMs + settings + card, safetensors and JSON only) for `predict`."""
@@ -407,9 +407,9 @@ def predict(
     slides_csv: Annotated[Path, typer.Argument(help="slides.csv of the slides to predict (label optional: metrics when given)")],
     model: Annotated[Path, typer.Option("--model", "-m", help="a model bundle from `wsi-pipeline export-model`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="prediction run directory (rerunning into it resumes)")] = Path("wsi_predict"),
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with runner, slides, features, heatmaps "
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML with runner, slides, features, heatmaps "
                                                                          "or predict sections (tissue and tiling come from the bundle)")] = None,
-    only: Annotated[Optional[list[str]], typer.Option(help="only these slide ids (repeatable); predictions.csv is not written")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="only these slide ids (repeatable); predictions.csv is not written")] = None,
     force: ForceOpt = None,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
@@ -435,10 +435,10 @@ def predict(
 def export(
     out: Annotated[Path, typer.Argument(help="run directory")],
     format: Annotated[str, typer.Option("--format", help="h5: CLAM/TRIDENT-layout HDF5 (h5_files/<slide>.h5)")] = "h5",
-    encoder: Annotated[Optional[str], typer.Option(help="encoder folder under OUT/features (default: the run's teacher)")] = None,
-    dest: Annotated[Optional[Path], typer.Option(help="destination (default: OUT/export/<encoder>)")] = None,
+    encoder: Annotated[str | None, typer.Option(help="encoder folder under OUT/features (default: the run's teacher)")] = None,
+    dest: Annotated[Path | None, typer.Option(help="destination (default: OUT/export/<encoder>)")] = None,
     pt: Annotated[bool, typer.Option("--pt", help="also write CLAM's pt_files/<slide>.pt feature bags")] = False,
-    slides: Annotated[Optional[list[str]], typer.Option("--slide", help="only these slide ids (repeatable)")] = None,
+    slides: Annotated[list[str] | None, typer.Option("--slide", help="only these slide ids (repeatable)")] = None,
 ) -> None:
     """Export a run's feature stores for other MIL tools (CLAM, TRIDENT)."""
     from pipelines.config import load_config

@@ -18,6 +18,7 @@ from pipelines.config import RunConfig
 from pipelines.evaluation import results_stage
 from pipelines.heatmaps import drawable, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
 from pipelines.manifest import SlideEntry
+from pipelines.mil_stage import fold_artifacts, mil_fingerprint_stages, mil_fold_stage, mil_key_inputs, mil_keys, mil_needs
 from pipelines.predict import (
     bundle_inputs,
     embed_stage,
@@ -29,7 +30,6 @@ from pipelines.predict import (
     predictions_stage,
     run_bundle,
 )
-from pipelines.mil_stage import fold_artifacts, mil_fingerprint_stages, mil_fold_stage, mil_key_inputs, mil_keys, mil_needs
 from pipelines.stages import (
     distill_stage,
     features_stage,
@@ -102,7 +102,8 @@ TILING_FIELDS = tuple(f"tiling.{name}" for name in TilingConfig.model_fields if 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("tissue", tissue_stage, "slide", config=("slides.backend", "slides.default_mpp", "slides.max_unreadable_fraction",
                                                   "tissue"), reads_slide=True,
-          pixels=True, applies=lambda cfg, entry: entry.has_pixels, artifacts=lambda p, k, c: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_outline(k), p.tissue_meta(k)]),
+          pixels=True, applies=lambda cfg, entry: entry.has_pixels,
+          artifacts=lambda p, k, c: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_outline(k), p.tissue_meta(k)]),
     Stage("tiles", tiles_stage, "slide", after=("tissue",),
           config=(*TILING_FIELDS, "slides.verify_tiles", "slides.max_unreadable_fraction"), pixels=True,
           applies=lambda cfg, entry: entry.has_pixels,
@@ -116,7 +117,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("distill", distill_stage, "cohort", after=("features",), config=(*DISTILL_FIELDS, "features.teacher.identity", "features.dtype"),
           pixels=True, reads_labels=False,
           artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],
-          resources={"GPU": 1}, uses_torch=True, enabled=needs_student, extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "distill.student", hashes),
+          resources={"GPU": 1}, uses_torch=True, enabled=needs_student,
+          extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "distill.student", hashes),
           encoders=lambda cfg: ["distill.student"]),
     Stage("student_features", student_features_stage, "slide", after=("tiles", "distill"), config=("features.dtype",),
           pixels=True, applies=lambda cfg, entry: entry.has_pixels,

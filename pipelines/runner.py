@@ -22,9 +22,9 @@ from pipelines.config import RunConfig, dump_config
 from pipelines.manifest import FoldPayload, SlideEntry, manifest_csv
 from pipelines.plan import Task, build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
 from pipelines.registry import STAGES, check_encoders, check_pixels
-from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, TASK_PROGRESS
 from pipelines.run_lock import RunLock, current_epoch
 from pipelines.state import COHORT, HashCache, now, read_state, write_state
+from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, TASK_PROGRESS
 from wsi.errors import SlideError
 from wsi.files import StaleWrite, write_fence
 

@@ -16,18 +16,17 @@ from PIL import Image
 
 from features.store import store_path
 from pipelines import __version__
-from pipelines.artifacts import RunPaths, atomic_write, remove, write_json, write_image, write_npy, write_text
+from pipelines.artifacts import RunPaths, atomic_write, remove, write_image, write_json, write_npy, write_text
 from pipelines.config import RunConfig
 from pipelines.manifest import SlideEntry
-from pipelines.tile_inspection import MAX_LISTED, blurred_fraction, drop_folds, inspect_grid, write_fold_shares
 from pipelines.task_context import TASK_FINGERPRINT, TASK_FORCED, progress_callback
-from wsi.slide import open_slide
-from wsi.errors import SlideError
-from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
-from wsi.mask_override import find_override, load_override
+from pipelines.tile_inspection import MAX_LISTED, blurred_fraction, drop_folds, inspect_grid, write_fold_shares
 from wsi.artefacts import fold_mask
-from wsi.tissue import (EXCLUDED_COLOURS, FLAGGED_COLOURS, TissueMask, load_mask_png, mask_from, mask_slide, qc_image,
-                        save_mask_png)
+from wsi.errors import SlideError
+from wsi.mask_override import find_override, load_override
+from wsi.slide import open_slide
+from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
+from wsi.tissue import EXCLUDED_COLOURS, FLAGGED_COLOURS, TissueMask, load_mask_png, mask_from, mask_slide, qc_image, save_mask_png
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +247,9 @@ def student_features_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -
 
 def distill_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
     """EFCM stage 1: distil the student from the teacher's stored features (labels unused)."""
-    from features.zoo import provenance
     from distill.trainer import SlideTiles, train
     from features.store import open_store
+    from features.zoo import provenance
 
     dcfg = cfg.distill
     use = [e for e in entries if not (dcfg.exclude_test and e.split == "test")]

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ COHORT = "_cohort"  # state-file name of cohort tasks; sanitised slide ids never
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def fingerprint(stage: str, params: Any, inputs: list[Any]) -> str:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import corrupt_jpeg_tiles, tissue_tile_indices, write_glass_slide, write_latin1_description
 from PIL import Image
 
-from conftest import corrupt_jpeg_tiles, tissue_tile_indices, write_glass_slide, write_latin1_description
 from pipelines.config import RunConfig, load_config
 
 CLI = [sys.executable, "-m", "pipelines.cli"]

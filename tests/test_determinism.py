@@ -16,10 +16,10 @@ import yaml
 from features.encoders import EncoderConfig, NoWeightsError, WeightsError, build_backbone, create_encoder, weights_digest
 from features.store import open_store
 from pipelines.artifacts import RunPaths
+from pipelines.cluster import machine_cores
 from pipelines.config import RunConfig
 from pipelines.manifest import read_manifest
 from pipelines.plan import build_plan
-from pipelines.cluster import machine_cores
 from pipelines.registry import check_encoders
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
@@ -81,8 +81,8 @@ def test_random_weights_are_explicit_and_labelled():
 
 
 def test_distilled_student_initialisation_is_seeded_from_the_config():
-    from distill.model import build_student
     from distill.config import DistillConfig
+    from distill.model import build_student
 
     cfg = DistillConfig.model_validate({"student": {"model": "vit_tiny", "input_size": 32,
                                                     "model_kwargs": {"img_size": 32, "depth": 1}}, "seed": 2})
@@ -198,8 +198,8 @@ def test_a_one_slide_run_gives_its_model_task_every_core(cohort, tmp_path):
 def test_heatmap_overlap_pass_and_fpt_rebuild_the_teacher_that_made_the_stored_features(two_runs):
     from features.extract import TileDataset, check_same_encoder
     from pipelines.config import load_config
-    from pipelines.mil_stage import fpt_teacher
     from pipelines.heatmaps import _encoder, embed
+    from pipelines.mil_stage import fpt_teacher
     from pipelines.stages import load_tiles
 
     out = two_runs[0]

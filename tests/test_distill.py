@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill.model import build_student, load_student
 from distill.config import DistillConfig
-from distill.trainer import SlideTiles, train
+from distill.model import build_student, load_student
 from distill.student import FPDLoss
+from distill.trainer import SlideTiles, train
 from distill.transscan import SelectiveKernelScan, TransScan, create_projector
 from features.encoders import EncoderConfig, create_encoder
 from features.store import open_store
@@ -59,9 +59,10 @@ def test_fpd_loss_is_zero_for_identical_inputs_and_positive_otherwise():
 
 
 def test_stats_head_dewhitens_each_tile_with_its_own_mean_and_scale():
+    from timm import create_model
+
     from distill.student import DistilledStudent, feature_stats
     from distill.transscan import StudentBackbone, create_projector
-    from timm import create_model
 
     torch.manual_seed(0)
     backbone = StudentBackbone(create_model("resnet18", pretrained=False, num_classes=0))

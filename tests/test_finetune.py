@@ -53,8 +53,8 @@ def test_registry_matches_the_config_names_and_rejects_bad_options():
 
 
 def test_layer_groups_run_from_stem_to_head_for_vits_and_students():
-    from distill.model import build_student
     from distill.config import DistillConfig
+    from distill.model import build_student
 
     names = [name for name, _ in layer_groups(tiny_vit())]
     assert names == ["stem", "blocks.0", "blocks.1", "blocks.2", "norm", "head"]
@@ -133,7 +133,7 @@ def test_auto_rgn_learning_rates_follow_relative_gradient_norms():
     strategy.on_epoch_start(model, optimizer, 1)
     assert all(g["lr"] == 0.1 for g in optimizer.param_groups)  # nothing measured yet
     expected = {}
-    for step in range(2):
+    for _ in range(2):
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         strategy.after_backward(model)
@@ -239,8 +239,8 @@ def test_fpt_trains_only_side_prompts_and_fusion_and_needs_far_less_memory():
 
 
 def test_end2end_with_lora_and_fpt_trains_the_right_parts(tmp_path):
-    from distill.model import build_student
     from distill.config import DistillConfig
+    from distill.model import build_student
     from mil.clam import CLAM
     from mil.end2end import embed_bag, save_encoder, train_end2end
     from mil.finetune.lora import read_adapter

@@ -98,8 +98,8 @@ def test_training_learns_a_planted_signal_and_metrics():
 def test_end2end_updates_the_student_and_reads_only_k_tiles_per_step():
     import psutil
 
-    from distill.model import build_student
     from distill.config import DistillConfig
+    from distill.model import build_student
     from mil.clam import CLAM
     from mil.end2end import embed_bag, train_end2end
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import geojson
 import pytest
 import yaml
-
 from conftest import write_glass_slide
+
 from pipelines.bundle import BundleError, load_bundle
 
 CLI = [sys.executable, "-m", "pipelines.cli"]

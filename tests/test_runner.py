@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import corrupt_jpeg_tiles
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
@@ -193,8 +192,8 @@ def test_a_task_of_a_killed_run_that_finishes_late_cannot_replace_the_newer_resu
 
     from pipelines.config import RunConfig
     from pipelines.manifest import read_manifest
-    from pipelines.runner import run_task
     from pipelines.run_lock import RunLock
+    from pipelines.runner import run_task
 
     csv, config, out = small_run
     epoch_a = states(out, "tissue")["s000"]["epoch"]

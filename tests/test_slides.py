@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import write_glass_slide
+
 from wsi.backends import open_reader, rgba_to_rgb_on_white
 from wsi.errors import SlideError
 from wsi.slide import _tiff_tag_mpp, open_slide
@@ -258,6 +258,7 @@ def test_a_corrupt_tile_fails_only_itself_when_threads_share_an_openslide_reader
     """OpenSlide's errors are sticky per handle: two threads reading one slide, one of them hitting a corrupt tile,
     must not fail the other's good tiles (each thread reads through its own handle)."""
     from conftest import corrupt_jpeg_tiles, tissue_tile_indices
+
     from wsi.tiling import TilingConfig, inspect_tiles, plan_read
 
     path = tmp_path / "one_bad.svs"

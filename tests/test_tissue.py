@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_glass_slide
 from PIL import Image
 from pydantic import ValidationError
 from scipy import ndimage
 
-from conftest import write_glass_slide
 from wsi.demo_cohort import load_truth
 from wsi.slide import open_slide
 from wsi.tissue import PRESETS, TissueConfig, _filter_regions, mask_slide, qc_image, saturation

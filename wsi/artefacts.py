@@ -13,9 +13,9 @@ stains sit at 125–180 and 0–8 (measured on the H&E and IHC textures the demo
 
 from __future__ import annotations
 
-import numpy as np
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 INK_COLOURS = ("green", "blue", "black", "red")

@@ -52,9 +52,9 @@ class OpenSlideReader:
     backend = "openslide"
 
     def __init__(self, path: Path):
-        import openslide
-
         import threading
+
+        import openslide
 
         self.path = Path(path)
         self.notes: list[str] = []

@@ -20,8 +20,21 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage.transform import rescale
 
-from wsi.demo_artefacts import (ARTEFACTS, BUBBLE, FAINT, INK, blurred_window, draw_blur, draw_bubbles, draw_faint,
-                                draw_fold, draw_ink, paint_bubbles, paint_faint, paint_ink)
+from wsi.demo_artefacts import (
+    ARTEFACTS,
+    BUBBLE,
+    FAINT,
+    INK,
+    blurred_window,
+    draw_blur,
+    draw_bubbles,
+    draw_faint,
+    draw_fold,
+    draw_ink,
+    paint_bubbles,
+    paint_faint,
+    paint_ink,
+)
 from wsi.tiff_writer import level_shapes, write_pyramid
 
 GLASS = np.array([244, 242, 245], np.float32)
@@ -265,7 +278,8 @@ def write_demo_slide(path: Path, *, height: int, width: int, positive: bool, see
     """Write one demo slide plus its ground truth (``<stem>.tissue.png``, ``<stem>.tumour.png``, ``<stem>.truth.json``,
     and ``<stem>.ink.png`` / ``.blur.png`` / ``.faint.png`` / ``.bubble.png`` / ``.fold.png`` with those artefacts).
 
-    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of :data:`wsi.demo_artefacts.ARTEFACTS` (``ihc``: an IHC-stained slide)
+    ``tumour_fraction`` and ``foci``: see :func:`make_layout`. ``artefacts``: any of :data:`wsi.demo_artefacts.ARTEFACTS`
+    (``ihc``: an IHC-stained slide)
     (:mod:`wsi.demo_artefacts`), drawn with their own generator: the tissue is the same slide's.
     """
     unknown = set(artefacts) - set(ARTEFACTS)

@@ -50,7 +50,7 @@ def remove(path: Path) -> None:
 
 def fsync_tree(folder: Path) -> None:
     """fsync every file and folder under ``folder`` (a Zarr store's chunks) before it is renamed into place."""
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:

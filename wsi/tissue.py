@@ -292,7 +292,6 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
                                                min_width, thin, reduction(px_um) if px_um else 1)
     if thin.any():
         excluded["bubble"] = thin & ~excluded["ink"] if "ink" in excluded else thin  # a pen stroke is ink
-    flagged = {}
     if any((part & mask).any() for part in excluded.values()):
         for part in excluded.values():  # after the filter: tissue a stroke crosses keeps its region's size
             mask &= ~part
