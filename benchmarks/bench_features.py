@@ -41,7 +41,7 @@ def child(args) -> None:
 
     from features.encoders import EncoderConfig, create_encoder
     from features.extract import ExtractionConfig, TileDataset, encoder_attrs, extract_slide
-    from pipelines.cluster import machine_cores
+    from pipelines.engine.cluster import machine_cores
     from wsi.slide import open_slide
     from wsi.tiling import read_tile
 

@@ -34,9 +34,9 @@ def child(args) -> None:
     """One fold task in this process; prints a JSON line."""
     import torch
 
-    from pipelines.artifacts import RunPaths
+    from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import FoldPayload, read_manifest
-    from pipelines.mil_stage import fold_file, mil_fold_stage
+    from pipelines.stages.mil import fold_file, mil_fold_stage
 
     torch.set_num_threads(1)  # a fold task on a one-core worker, as the local cluster runs it
     run = args.workdir / f"run_{args.size}"
@@ -54,7 +54,7 @@ def prepare(args, size: int) -> float:
     """Write and import the cohort once; returns the GB that all its bags take at float16."""
     from features.store import open_store
     from features.synthetic import write_feature_cohort
-    from pipelines.interop import import_dir
+    from pipelines.deploy.interop import import_dir
     from pipelines.manifest import read_manifest
 
     cohort, run = args.workdir / f"cohort_{size}", args.workdir / f"run_{size}"

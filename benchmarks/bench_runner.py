@@ -27,12 +27,14 @@ from pathlib import Path
 
 import psutil
 
-from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
+from pipelines.engine.plan import build_plan
+from pipelines.engine.run_dir import RunPaths
+from pipelines.engine.runner import run_cohort
 from pipelines.manifest import read_manifest
-from pipelines.plan import build_plan
-from pipelines.runner import run_cohort
-from pipelines.stages import tiles_stage, tissue_stage
+from pipelines.stages.table import STAGES
+from pipelines.stages.tiles import tiles_stage
+from pipelines.stages.tissue import tissue_stage
 from wsi.demo_cohort import write_demo_slide
 
 
@@ -63,7 +65,7 @@ def main() -> None:
     per_task_loop = (time.perf_counter() - start) / (2 * len(sample))
 
     start = time.perf_counter()
-    build_plan(entries, cfg, RunPaths((args.workdir / "run").absolute()), until="qc")
+    build_plan(STAGES, entries, cfg, RunPaths((args.workdir / "run").absolute()), until="qc")
     t_plan = time.perf_counter() - start
 
     marks: dict[str, float] = {}
@@ -77,7 +79,7 @@ def main() -> None:
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    report = run_cohort(entries, args.workdir / "run", cfg, until="qc",
+    report = run_cohort(STAGES, entries, args.workdir / "run", cfg, until="qc",
                         on_start=lambda link: marks.setdefault("cluster", time.perf_counter()))
     t_run = time.perf_counter() - start
     stop.set()
@@ -87,7 +89,7 @@ def main() -> None:
     t_tasks = t_run - t_startup
 
     start = time.perf_counter()
-    rerun = run_cohort(entries, args.workdir / "run", cfg, until="qc")
+    rerun = run_cohort(STAGES, entries, args.workdir / "run", cfg, until="qc")
     t_noop = time.perf_counter() - start
     assert all(t.status == "up-to-date" for t in rerun.tasks.values())
     status = {}

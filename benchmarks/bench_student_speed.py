@@ -51,7 +51,7 @@ def child(args) -> None:
     import torch
 
     from features.extract import ExtractionConfig, TileDataset, encoder_attrs, extract_slide, make_loader
-    from pipelines.cluster import machine_cores
+    from pipelines.engine.cluster import machine_cores
 
     torch.set_num_threads(machine_cores())
     encoder = build(args.which, args.precision)

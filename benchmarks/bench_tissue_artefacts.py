@@ -25,10 +25,11 @@ import numpy as np
 from clam_baseline import clam_segment
 from PIL import Image
 
-from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
+from pipelines.engine.run_dir import RunPaths
 from pipelines.manifest import SlideEntry
-from pipelines.stages import tiles_stage, tissue_stage
+from pipelines.stages.tiles import tiles_stage
+from pipelines.stages.tissue import tissue_stage
 from wsi.demo_cohort import write_demo_slide
 from wsi.slide import open_slide
 from wsi.tissue import PRESETS

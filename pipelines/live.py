@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from pipelines.artifacts import RunPaths
-from pipelines.state import read_state
+from pipelines.engine.run_dir import RunPaths
+from pipelines.engine.state import read_state
 
 
 def progress_text(progress: dict | None) -> str:

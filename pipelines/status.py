@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.artifacts import RunPaths
 from pipelines.config import load_config
+from pipelines.engine.plan import build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
+from pipelines.engine.run_dir import RunPaths
+from pipelines.engine.run_lock import RunLock
+from pipelines.engine.state import COHORT, HashCache, read_state
 from pipelines.manifest import read_manifest
-from pipelines.plan import build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
-from pipelines.run_lock import RunLock
-from pipelines.state import COHORT, HashCache, read_state
+from pipelines.stages.table import STAGES
 
 
 def run_status(out: Path) -> dict:
@@ -26,7 +27,7 @@ def run_status(out: Path) -> dict:
     cfg = load_config(paths.config)
     entries = read_manifest(paths.manifest)
     hashes = HashCache(paths.hash_cache)  # read only: status never rehashes a file the run hashed
-    tasks = build_plan(entries, cfg, paths, hashes=hashes)
+    tasks = build_plan(STAGES, entries, cfg, paths, hashes=hashes)
     by_id = {e.slide_id: e for e in entries}
     lock = RunLock(paths.lock)
     holder = lock.holder() if paths.lock.exists() else None

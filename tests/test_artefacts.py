@@ -69,10 +69,12 @@ def test_a_slide_with_ink_is_masked_without_it_and_the_qc_shows_it(tmp_path):
     """A demo slide with pen strokes and a circle: ≥ 95 % of the ink is outside the mask, the tissue is kept
     (recall ≥ 0.92 next to strokes that cross it), the QC image has the legend, the GeoJSON an `Ink` annotation,
     and `qc/slides.csv` the ink's share."""
-    from pipelines.artifacts import RunPaths
     from pipelines.config import RunConfig
+    from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import SlideEntry
-    from pipelines.stages import qc_stage, tiles_stage, tissue_stage
+    from pipelines.stages.qc import qc_stage
+    from pipelines.stages.tiles import tiles_stage
+    from pipelines.stages.tissue import tissue_stage
 
     path = tmp_path / "inked.svs"
     write_demo_slide(path, height=3072, width=4096, positive=True, seed=41, artefacts=("ink",))
@@ -102,11 +104,13 @@ def test_a_corrected_mask_replaces_ours_and_the_tiles_follow_it(cohort, tmp_path
     the left half; the tiles follow each, and the tissue fingerprint follows the file's content, not its mtime."""
     import os
 
-    from pipelines.artifacts import RunPaths
     from pipelines.config import RunConfig
+    from pipelines.engine.plan import build_plan
+    from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import SlideEntry
-    from pipelines.plan import build_plan
-    from pipelines.stages import tiles_stage, tissue_stage
+    from pipelines.stages.table import STAGES
+    from pipelines.stages.tiles import tiles_stage
+    from pipelines.stages.tissue import tissue_stage
 
     entry = SlideEntry("demo_001", cohort / "demo_001.svs", line=2)
     settings = {"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}, "tiling": {"target_mpp": 0.5}}
@@ -141,7 +145,7 @@ def test_a_corrected_mask_replaces_ours_and_the_tiles_follow_it(cohort, tmp_path
     assert min(distance) >= -256 * 2**0.5  # every tile touches the kept region: the other regions' tiles are gone
 
     def tissue_fp(config):
-        plan = build_plan([entry], config, RunPaths(tmp_path / "plan"))
+        plan = build_plan(STAGES, [entry], config, RunPaths(tmp_path / "plan"))
         return next(t.fingerprint for t in plan.values() if t.stage == "tissue")
 
     first = tissue_fp(cfg)
@@ -176,10 +180,12 @@ def test_sharpness_separates_out_of_focus_tissue_from_smooth_tissue_and_glass():
 def test_blurred_fields_are_flagged_and_can_be_dropped(tmp_path):
     """A demo slide with two out-of-focus fields: the tiles mostly inside them are flagged blurred (recall and
     precision ≥ 0.8 on this one slide), QC reports their share, and `tiling.min_sharpness` drops them."""
-    from pipelines.artifacts import RunPaths
     from pipelines.config import RunConfig
+    from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import SlideEntry
-    from pipelines.stages import qc_stage, tiles_stage, tissue_stage
+    from pipelines.stages.qc import qc_stage
+    from pipelines.stages.tiles import tiles_stage
+    from pipelines.stages.tissue import tissue_stage
 
     path = tmp_path / "blurred.svs"
     write_demo_slide(path, height=6144, width=8192, positive=True, seed=51, artefacts=("blur",))
@@ -295,7 +301,7 @@ def test_a_fold_is_flagged_and_denser_tissue_is_not():
 
 
 def test_sections_are_numbered_left_to_right_on_their_tissue():
-    from wsi.tissue import section_order
+    from wsi.tissue_qc import section_order
 
     mask = np.zeros((200, 300), np.uint8)
     cv2.circle(mask, (220, 60), 40, 1, -1)
@@ -311,10 +317,12 @@ def test_a_slide_with_bubbles_and_a_fold_reports_them_in_qc_geojson_and_tiles(tm
     """A demo slide with bubbles, a coverslip edge and a fold: the rims are outside the mask, the fold is flagged
     (QuPath classes `Bubble` and `Fold`), QC has their shares, each tile its fold share, and
     `tiling.max_fold_fraction` drops the tiles mostly fold."""
-    from pipelines.artifacts import RunPaths
     from pipelines.config import RunConfig
+    from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import SlideEntry
-    from pipelines.stages import qc_stage, tiles_stage, tissue_stage
+    from pipelines.stages.qc import qc_stage
+    from pipelines.stages.tiles import tiles_stage
+    from pipelines.stages.tissue import tissue_stage
 
     path = tmp_path / "glass.svs"
     write_demo_slide(path, height=4608, width=6144, positive=False, seed=44, artefacts=("bubbles", "fold"))

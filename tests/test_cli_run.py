@@ -118,9 +118,10 @@ def test_a_few_corrupt_tiles_are_left_out_and_odd_metadata_reported(mixed_run, c
     assert all(t["level"] == 0 and "cannot read region" in t["error"] for t in tiles["unreadable_tiles"])
     coords = {tuple(c) for c in np.load(out / "tiles" / "partly_corrupt.coords.npy").tolist()}
     assert not coords & {(t["x"], t["y"]) for t in tiles["unreadable_tiles"]} and len(coords) == tiles["n_tiles"]
-    from pipelines.artifacts import RunPaths
+    from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import SlideEntry
-    from pipelines.stages import tiles_stage, tissue_stage
+    from pipelines.stages.tiles import tiles_stage
+    from pipelines.stages.tissue import tissue_stage
 
     clean = RunPaths(out.parent / "clean")  # the same slide uncorrupted, same config: the grid minus exactly those 3
     config = load_config(out / "run.yaml")
@@ -217,7 +218,7 @@ def test_demo_then_run_on_the_demo_cohort_with_relative_paths(tmp_path):
     assert exported.returncode == 0, exported.stderr
     from safetensors.torch import load_file
 
-    from pipelines.bundle import load_bundle
+    from pipelines.deploy.bundle import load_bundle
 
     bundle = load_bundle(tmp_path / "bundle")
     (fold,) = bundle.meta["clam"]["folds"]
@@ -232,7 +233,8 @@ def test_help_is_fast_and_does_not_import_torch():
     start = time.perf_counter()
     assert wsi("--help").returncode == 0
     assert time.perf_counter() - start < 5
-    probe = subprocess.run([sys.executable, "-c", "import sys, pipelines.cli, pipelines.runner, pipelines.status; print('torch' in sys.modules)"],
+    code = "import sys, pipelines.cli, pipelines.engine.runner, pipelines.status; print('torch' in sys.modules)"
+    probe = subprocess.run([sys.executable, "-c", code],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "False"
 

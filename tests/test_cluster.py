@@ -69,10 +69,10 @@ def assert_features_match_a_local_extraction(folder: Path, out: Path, slide_id: 
     process without loader workers: the same tiles, in the same order."""
     import zarr
 
-    from pipelines.artifacts import RunPaths
     from pipelines.config import load_config
+    from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import read_manifest
-    from pipelines.stages import features_stage
+    from pipelines.stages.features import features_stage
 
     local = RunPaths(out.parent / "local")
     for part in ("tissue", "tiles"):

@@ -15,12 +15,12 @@ import yaml
 
 from features.encoders import EncoderConfig, NoWeightsError, WeightsError, build_backbone, create_encoder, weights_digest
 from features.store import open_store
-from pipelines.artifacts import RunPaths
-from pipelines.cluster import machine_cores
 from pipelines.config import RunConfig
+from pipelines.engine.cluster import machine_cores
+from pipelines.engine.plan import build_plan
+from pipelines.engine.run_dir import RunPaths
 from pipelines.manifest import read_manifest
-from pipelines.plan import build_plan
-from pipelines.registry import check_encoders
+from pipelines.stages.table import STAGES, check_encoders
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
 # a small, fast teacher with random weights chosen explicitly (seed), on 128-px tiles at 1 µm/px; fp32, the precision
@@ -96,7 +96,7 @@ def test_distilled_student_initialisation_is_seeded_from_the_config():
 
 
 def _features_fingerprint(cfg: RunConfig, csv_path: Path, tmp_path: Path) -> str:
-    tasks = build_plan(read_manifest(csv_path), cfg, RunPaths(tmp_path / "plan"))
+    tasks = build_plan(STAGES, read_manifest(csv_path), cfg, RunPaths(tmp_path / "plan"))
     return next(t.fingerprint for t in tasks.values() if t.stage == "features")
 
 
@@ -198,9 +198,9 @@ def test_a_one_slide_run_gives_its_model_task_every_core(cohort, tmp_path):
 def test_heatmap_overlap_pass_and_fpt_rebuild_the_teacher_that_made_the_stored_features(two_runs):
     from features.extract import TileDataset, check_same_encoder
     from pipelines.config import load_config
-    from pipelines.heatmaps import _encoder, embed
-    from pipelines.mil_stage import fpt_teacher
-    from pipelines.stages import load_tiles
+    from pipelines.stages.heatmaps import _encoder, embed
+    from pipelines.stages.mil import fpt_teacher
+    from pipelines.stages.tiles import load_tiles
 
     out = two_runs[0]
     paths = RunPaths(out)
@@ -234,7 +234,7 @@ def test_moving_the_weights_or_changing_device_reruns_nothing(cohort, tmp_path):
     def fingerprints(weights: Path, device: str) -> dict[str, str]:
         cfg = RunConfig.model_validate(RUN_CONFIG)
         cfg.features.teacher = cfg.features.teacher.model_copy(update={"weights": weights, "device": device, "seed": None})
-        tasks = build_plan(read_manifest(csv_path), cfg, RunPaths(tmp_path / "plan"))
+        tasks = build_plan(STAGES, read_manifest(csv_path), cfg, RunPaths(tmp_path / "plan"))
         return {t.stage: t.fingerprint for t in tasks.values() if t.fingerprint}
 
     first = tmp_path / "a" / "pytorch_model.bin"

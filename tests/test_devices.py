@@ -67,8 +67,8 @@ def test_encoders_run_where_their_config_says(requested):
 
 
 def test_local_cluster_gives_each_gpu_a_worker_with_a_gpu_resource(monkeypatch):
-    from pipelines.cluster import local_gpus, local_worker_specs
     from pipelines.config import RunConfig
+    from pipelines.engine.cluster import local_gpus, local_worker_specs
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     cfg = RunConfig.model_validate({"runner": {"gpus": 2}})

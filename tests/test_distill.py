@@ -20,7 +20,7 @@ from distill.trainer import SlideTiles, train
 from distill.transscan import SelectiveKernelScan, TransScan, create_projector
 from features.encoders import EncoderConfig, create_encoder
 from features.store import open_store
-from pipelines.cluster import machine_cores
+from pipelines.engine.cluster import machine_cores
 from wsi.slide import open_slide
 from wsi.tiling import TilingConfig, read_tile, tile_grid
 from wsi.tissue import TissueConfig, mask_slide

@@ -144,7 +144,7 @@ def test_the_live_display_shows_the_distillations_held_out_scores():
 
 
 def test_reuse_agreement_compares_the_teacher_clams_on_teacher_and_student_features_slide_by_slide():
-    from pipelines.evaluation import reuse_agreement, student_fidelity_lines
+    from pipelines.stages.results import reuse_agreement, student_fidelity_lines
 
     def row(strategy, slide, p_tumor):
         return {"strategy": strategy, "fold": 0, "slide_id": slide, "p_normal": 1 - p_tumor, "p_tumor": p_tumor,
@@ -163,8 +163,8 @@ def test_reuse_agreement_compares_the_teacher_clams_on_teacher_and_student_featu
 
 def test_how_tiles_are_cached_or_loaded_does_not_rerun_the_distillation():
     from pipelines.config import RunConfig
-    from pipelines.plan import config_values
-    from pipelines.registry import STAGES
+    from pipelines.engine.plan import config_values
+    from pipelines.stages.table import STAGES
 
     values = lambda distill: config_values(RunConfig.model_validate({"distill": distill}), STAGES["distill"].config)  # noqa: E731
     assert values({}) == values({"tile_cache_mb": 0, "num_workers": 1})

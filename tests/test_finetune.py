@@ -283,7 +283,7 @@ def test_end2end_with_lora_and_fpt_trains_the_right_parts(tmp_path):
 
 def test_results_rows_expand_end2end_per_strategy():
     from mil.strategies import strategy_rows
-    from pipelines.evaluation import results_markdown
+    from pipelines.stages.results import results_markdown
 
     assert strategy_rows(MILConfig()) == ["teacher", "reuse", "retrain", "end2end"]
     cfg = MILConfig(strategies=["retrain", "end2end"], finetune=["full", "lora", "fpt"])

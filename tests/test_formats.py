@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
+from pipelines.engine.run_dir import RunPaths
 from pipelines.manifest import SlideEntry
-from pipelines.stages import features_stage, tiles_stage, tissue_stage
+from pipelines.stages.features import features_stage
+from pipelines.stages.tiles import tiles_stage
+from pipelines.stages.tissue import tissue_stage
 from wsi.backends import open_reader
 from wsi.demo_cohort import write_demo_slide
 from wsi.slide import open_slide

@@ -113,20 +113,21 @@ def test_an_ensemble_averages_probabilities_and_scores_tiles_by_mean_percentile(
 
 
 def test_config_selects_slides_and_rejects_a_strategy_the_run_lacks(tmp_path):
-    from pipelines.artifacts import RunPaths
     from pipelines.config import RunConfig
+    from pipelines.engine.plan import build_plan
+    from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import SlideEntry
-    from pipelines.plan import build_plan
+    from pipelines.stages.table import STAGES
 
     entries = [SlideEntry("a", tmp_path / "a.svs", 2, "tumor", split="test"),
                SlideEntry("b", tmp_path / "b.svs", 3, "normal", split="test"),
                SlideEntry("c", tmp_path / "c.svs", 4, "tumor", split="train")]
     for choice, expected in (("all", ["a", "b", "c"]), ("test", ["a", "b"]), ("positive", ["a", "c"]), ("none", [])):
         cfg = RunConfig.model_validate({"heatmaps": {"slides": choice}})
-        plan = build_plan(entries, cfg, RunPaths(tmp_path / "out"))
+        plan = build_plan(STAGES, entries, cfg, RunPaths(tmp_path / "out"))
         assert [t.key for t in plan.values() if t.stage == "heatmaps"] == expected
         assert all(t.deps == ["results/_cohort"] for t in plan.values() if t.stage == "heatmaps")
-    teacher_only = build_plan(entries, RunConfig.model_validate({"mil": {"strategies": ["teacher"]}}), RunPaths(tmp_path / "o2"))
+    teacher_only = build_plan(STAGES, entries, RunConfig.model_validate({"mil": {"strategies": ["teacher"]}}), RunPaths(tmp_path / "o2"))
     assert {t.stage for t in teacher_only.values()} == {"tissue", "tiles", "features", "qc", "mil", "results", "heatmaps"}
     with pytest.raises(ValueError, match="heatmaps.strategy 'retrain' is not a drawable results row"):
         RunConfig.model_validate({"mil": {"strategies": ["teacher"]}, "heatmaps": {"strategy": "retrain"}})
@@ -210,7 +211,7 @@ def test_overlay_has_the_thumbnail_size_and_untouched_background(teacher_run):
     with open_slide(_slide_file(folder, "demo_003")) as slide:
         thumbnail = slide.read_downsampled(meta["overview_downsample"])
     assert overlay.shape == thumbnail.shape and max(overlay.shape[:2]) == 1024
-    from pipelines.artifacts import RunPaths
+    from pipelines.engine.run_dir import RunPaths
 
     mask = np.asarray(Image.open(RunPaths(out).tissue_mask("demo_003"))).astype(bool)
     tissue = resize_mask(mask, overlay.shape[:2])

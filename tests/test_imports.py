@@ -89,3 +89,18 @@ def test_every_module_imports_on_its_own():
     with ThreadPoolExecutor(4) as pool:
         failures = [f"{name}: {error}" for name, error in pool.map(load, sorted(modules())) if error]
     assert failures == []
+
+
+def test_the_engine_imports_no_stage_and_modules_stay_small():
+    """The engine (plan, runner, cluster, state, lock, run directory) is handed the stage table; it imports no
+    stage, deploy or CLI module, nor the model packages. No module is much over 350 lines."""
+    graph = import_graph()
+    engine = {name: targets for name, targets in graph.items() if name.startswith("pipelines.engine")}
+    assert len(engine) >= 8
+    forbidden = ("pipelines.stages", "pipelines.deploy", "pipelines.cli", "pipelines.status", "pipelines.live",
+                 "features", "distill", "mil")
+    wrong = [f"{a} → {b}" for a, targets in engine.items() for b in targets
+             if any(b == f or b.startswith(f + ".") for f in forbidden)]
+    assert wrong == [], wrong
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > 370}
+    assert long == {}, long

@@ -136,8 +136,9 @@ def test_a_corrected_label_reruns_what_reads_labels_and_not_the_distillation():
     table's follow them."""
     from dataclasses import replace
 
-    from pipelines.plan import Task, cohort_fingerprint
-    from pipelines.state import COHORT
+    from pipelines.engine.plan import Task, cohort_fingerprint
+    from pipelines.engine.state import COHORT
+    from pipelines.stages.table import STAGES
 
     cfg = RunConfig()
     entries = [SlideEntry(f"s{i}", Path(f"/slides/s{i}.svs"), line=i + 2, label="tumor" if i % 2 else "normal")
@@ -145,7 +146,7 @@ def test_a_corrected_label_reruns_what_reads_labels_and_not_the_distillation():
     corrected = [replace(entries[0], label="tumor"), *entries[1:]]
 
     def fp(stage: str, scope: str, rows: list[SlideEntry], key: str = COHORT) -> str:
-        return cohort_fingerprint(cfg, Task(stage, key, scope=scope), [(e, "upstream") for e in rows])
+        return cohort_fingerprint(cfg, Task(STAGES[stage], stage, key, scope=scope), [(e, "upstream") for e in rows])
 
     assert fp("distill", "cohort", entries) == fp("distill", "cohort", corrected)
     for stage in ("qc", "results"):

@@ -80,15 +80,16 @@ def test_features_only_cohort_trains_and_reports_without_slide_files(reference, 
 def test_reimporting_features_changes_their_fingerprint_not_the_teacher_config(reference, tmp_path):
     import shutil
 
-    from pipelines.artifacts import RunPaths
     from pipelines.config import RunConfig, load_config
+    from pipelines.engine.plan import build_plan
+    from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import read_manifest
-    from pipelines.plan import build_plan
+    from pipelines.stages.table import STAGES
 
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     entries, cfg = read_manifest(out / "manifest.csv"), load_config(out / "run.yaml")
-    fps = lambda c: {t.key: t.fingerprint for t in build_plan(entries, c, RunPaths(out)).values() if t.stage == "features"}  # noqa: E731
+    fps = lambda c: {t.key: t.fingerprint for t in build_plan(STAGES, entries, c, RunPaths(out)).values() if t.stage == "features"}  # noqa: E731
     before = fps(cfg)
     other = RunConfig.model_validate({**cfg.model_dump(mode="json"), "features": {"teacher": {"model": "uni", "precision": "fp32"}}})
     assert fps(other) == before  # the teacher's settings built nothing here
@@ -99,15 +100,16 @@ def test_reimporting_features_changes_their_fingerprint_not_the_teacher_config(r
 
 
 def test_fold_tasks_come_after_the_tasks_they_need_whatever_the_row_order(tmp_path):
-    from pipelines.artifacts import RunPaths
     from pipelines.config import RunConfig
+    from pipelines.engine.plan import build_plan
+    from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import SlideEntry
-    from pipelines.plan import build_plan
+    from pipelines.stages.table import STAGES
 
     entries = [SlideEntry(f"s{i}", tmp_path / f"s{i}.svs", i + 2, "tumor" if i % 2 else "normal") for i in range(8)]
     cfg = RunConfig.model_validate({"mil": {"strategies": ["reuse", "end2end", "retrain", "teacher"],
                                             "finetune": ["lora", "fpt"], "folds": 2}})
-    plan = build_plan(entries, cfg, RunPaths(tmp_path / "out"))
+    plan = build_plan(STAGES, entries, cfg, RunPaths(tmp_path / "out"))
     order = list(plan)
     assert all(order.index(d) < order.index(tid) for tid, t in plan.items() for d in t.deps)
     keys = [t.key for t in plan.values() if t.stage == "mil"]
@@ -148,11 +150,12 @@ def test_sigkill_between_fold_tasks_resumes_them_and_matches_an_uninterrupted_ru
 def test_progress_is_written_throttled_and_shown(tmp_path):
     from rich.progress import Progress
 
-    from pipelines.artifacts import RunPaths
+    from pipelines.engine.plan import Task
+    from pipelines.engine.run_dir import RunPaths
+    from pipelines.engine.runner import ProgressWriter
+    from pipelines.engine.state import read_state
     from pipelines.live import LiveTasks, progress_text
-    from pipelines.plan import Task
-    from pipelines.runner import ProgressWriter
-    from pipelines.state import read_state
+    from pipelines.stages.table import STAGES
 
     paths = RunPaths(tmp_path)
     writer = ProgressWriter(paths, "mil", "teacher.fold0", {"status": "running", "fingerprint": "f"}, interval=60)
@@ -163,7 +166,7 @@ def test_progress_is_written_throttled_and_shown(tmp_path):
     writer(done=50, total=50, unit="epoch")  # the last one always is
     assert read_state(paths, "mil", "teacher.fold0")["progress"]["done"] == 50
     assert progress_text({"done": 12, "total": 200, "unit": "epoch"}) == " (epoch 12/200)" and progress_text(None) == ""
-    task = Task("mil", "teacher.fold0", scope="fold", status="running")
+    task = Task(STAGES["mil"], "mil", "teacher.fold0", scope="fold", status="running")
     with Progress(transient=True, disable=True) as progress:
         live = LiveTasks(progress, tmp_path)
         live.watch({task.id: task})
@@ -210,6 +213,6 @@ def test_stores_of_one_cohort_at_two_precisions_are_reported_not_mixed_unseen(re
     warnings = [w for s in states(out, "mil").values() for w in s["warnings"]]
     assert len(warnings) == 4 and all("computed at 2 precisions: fp32 (21 slides" in w and "bf16 (3 slides" in w
                                       for w in warnings), warnings
-    from pipelines.stages import precision_mix
+    from pipelines.stages.distill import precision_mix
 
     assert precision_mix({"a": "fp32", "b": "fp32"}, "x") is None

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import write_glass_slide
 
-from pipelines.bundle import BundleError, load_bundle
+from pipelines.deploy.bundle import BundleError, load_bundle
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
 SMALL_MAPS = {"heatmaps": {"width": 512, "top_k": 1}}  # cheap pictures: the test is about predictions and files
@@ -97,7 +97,7 @@ def test_bundles_hold_only_safetensors_and_json_and_refuse_a_changed_file(bundle
     import torch
 
     from mil.finetune.lora import inject_lora, save_adapter
-    from pipelines.bundle import sha256_file
+    from pipelines.deploy.bundle import sha256_file
 
     lora = tmp_path / "lora"
     shutil.copytree(bundles["reuse"], lora)

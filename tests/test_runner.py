@@ -191,9 +191,10 @@ def test_a_task_of_a_killed_run_that_finishes_late_cannot_replace_the_newer_resu
     import yaml
 
     from pipelines.config import RunConfig
+    from pipelines.engine.run_lock import RunLock
+    from pipelines.engine.task import run_task
     from pipelines.manifest import read_manifest
-    from pipelines.run_lock import RunLock
-    from pipelines.runner import run_task
+    from pipelines.stages.table import STAGES
 
     csv, config, out = small_run
     epoch_a = states(out, "tissue")["s000"]["epoch"]
@@ -207,9 +208,9 @@ def test_a_task_of_a_killed_run_that_finishes_late_cannot_replace_the_newer_resu
     config_a = RunConfig.model_validate(yaml.safe_load(RUN_YAML))
     with RunLock(out / ".lock") as lock:  # a run C holds the directory while A's task ends: refused too
         lock.acquire(command="run C")
-        late = run_task("tissue", "s000", entry, config_a, str(out), "fingerprint-of-a", 1, epoch=epoch_a)
+        late = run_task(STAGES.ref, "tissue", "s000", entry, config_a, str(out), "fingerprint-of-a", 1, epoch=epoch_a)
         assert late["status"] == "stale" and "belongs to run " + epoch_a in late["reason"]
-        assert run_task("tissue", "s000", entry, config_a, str(out), "fingerprint-of-c", 1,
+        assert run_task(STAGES.ref, "tissue", "s000", entry, config_a, str(out), "fingerprint-of-c", 1,
                         epoch=lock.me["epoch"])["status"] == "done"  # the current run's own task writes
         assert states(out, "tissue")["s000"]["fingerprint"] == "fingerprint-of-c"
     tissue_c = {p.relative_to(out): p.read_bytes() for p in sorted((out / "tissue").rglob("*")) if p.is_file()}
@@ -217,7 +218,7 @@ def test_a_task_of_a_killed_run_that_finishes_late_cannot_replace_the_newer_resu
     for name, data in tissue_b.items():  # back to B's result, then no run holds the directory
         (out / name).write_bytes(data)
     (out / "state" / "tissue" / "s000.json").write_text(json.dumps(state_b))
-    late = run_task("tissue", "s000", entry, config_a, str(out), "fingerprint-of-a", 1, epoch=epoch_a)
+    late = run_task(STAGES.ref, "tissue", "s000", entry, config_a, str(out), "fingerprint-of-a", 1, epoch=epoch_a)
     assert late["status"] == "stale" and "no run holds" in late["reason"]  # B finished: no run is A's
     assert states(out, "tissue")["s000"] == state_b
     assert {p.relative_to(out): p.read_bytes() for p in sorted((out / "tissue").rglob("*")) if p.is_file()} == tissue_b
@@ -353,7 +354,7 @@ def test_lock_heartbeat_and_a_filesystem_without_flock(tmp_path, monkeypatch):
     import fcntl
 
     from pipelines import run_lock
-    from pipelines.run_lock import LockError, RunLock
+    from pipelines.engine.run_lock import LockError, RunLock
 
     path = tmp_path / ".lock"
     path.write_text(json.dumps({"host": "some-other-node", "pid": 1, "started": "then"}))
@@ -405,8 +406,9 @@ def test_local_workers_start_without_malloc_trim_unless_asked():
     """Dask's MALLOC_TRIM_THRESHOLD_ makes glibc mmap every tensor above 128 KiB (torch page-faults): the local
     cluster's workers start without it, and with it when runner.malloc_trim asks for the lower RSS. Either way
     a worker has imported the slide readers before its first task (the warm-up plugin), not in it."""
-    from pipelines.cluster import dask_client
     from pipelines.config import RunConfig
+    from pipelines.engine.cluster import dask_client
+    from pipelines.stages.table import STAGES
 
     def worker_state():
         return (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"),
@@ -414,7 +416,7 @@ def test_local_workers_start_without_malloc_trim_unless_asked():
 
     for trim, expected in ((False, None), (True, "65536")):
         cfg = RunConfig.model_validate({"runner": {"n_workers": 1, "malloc_trim": trim}})
-        with dask_client(cfg, 1) as client:
+        with dask_client(cfg, 1, warm_up=STAGES.warm_up) as client:
             seen = client.run(worker_state)
         assert list(seen.values()) == [(expected, "1", True)]  # the thread limit stays either way
 
@@ -426,14 +428,14 @@ def test_tasks_waiting_for_a_gpu_no_worker_has_are_reported_and_run_once_one_joi
 
     from distributed import Client, LocalCluster
 
-    from pipelines.cluster import ClusterResources
+    from pipelines.engine.cluster import ClusterResources
 
     with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         resources = ClusterResources(client, every=0.1)
         assert "GPU" not in resources.available()
         future = client.submit(int, "42", resources={"GPU": 1}, pure=False)
-        with caplog.at_level(logging.WARNING, "pipelines.cluster"), \
+        with caplog.at_level(logging.WARNING, "pipelines.engine.cluster"), \
                 resources.watch(lambda: {"GPU": 0 if future.done() else 1}, patience=0.3, every=0.1):
             deadline = time.time() + 30
             while time.time() < deadline and "need a worker with the GPU resource" not in caplog.text:

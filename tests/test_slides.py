@@ -11,7 +11,8 @@ from conftest import write_glass_slide
 
 from wsi.backends import open_reader, rgba_to_rgb_on_white
 from wsi.errors import SlideError
-from wsi.slide import _tiff_tag_mpp, open_slide
+from wsi.mpp import tiff_tag_mpp
+from wsi.slide import open_slide
 
 
 @pytest.mark.parametrize("name", ["demo_001.svs", "demo_002.tif"])
@@ -116,9 +117,9 @@ def test_tiff_resolution_tags_in_cm_and_inch(tmp_path):
     tifffile.imwrite(tmp_path / "cm.tif", data, resolution=(20000, 20000), resolutionunit="CENTIMETER")
     tifffile.imwrite(tmp_path / "inch.tif", data, resolution=(50800, 50800), resolutionunit="INCH")
     tifffile.imwrite(tmp_path / "none.tif", data)
-    assert _tiff_tag_mpp(tmp_path / "cm.tif") == pytest.approx(0.5)
-    assert _tiff_tag_mpp(tmp_path / "inch.tif") == pytest.approx(0.5)
-    assert _tiff_tag_mpp(tmp_path / "none.tif") is None
+    assert tiff_tag_mpp(tmp_path / "cm.tif") == pytest.approx(0.5)
+    assert tiff_tag_mpp(tmp_path / "inch.tif") == pytest.approx(0.5)
+    assert tiff_tag_mpp(tmp_path / "none.tif") is None
 
 
 def test_read_downsampled_matches_levels_and_box_filter(cohort):

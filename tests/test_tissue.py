@@ -11,7 +11,8 @@ from scipy import ndimage
 
 from wsi.demo_cohort import load_truth
 from wsi.slide import open_slide
-from wsi.tissue import PRESETS, TissueConfig, _filter_regions, mask_slide, qc_image, saturation
+from wsi.tissue import PRESETS, TissueConfig, _filter_regions, mask_slide, saturation
+from wsi.tissue_qc import qc_image
 
 
 def _truth_at(mask_shape, truth: np.ndarray) -> np.ndarray:

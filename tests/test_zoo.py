@@ -345,7 +345,7 @@ def test_a_zoo_student_starts_from_its_weights_with_its_preprocessing(tmp_path):
 
 
 def test_a_bundle_carries_its_teachers_licence():
-    from pipelines.bundle import bundle_licence
+    from pipelines.deploy.bundle import bundle_licence
 
     student = {"kind": "student", "teacher": {"provenance": provenance("uni2_h"), "random_weights": False}}
     licence = bundle_licence(student)
@@ -462,7 +462,7 @@ def test_input_size_overrides_and_their_limits(offline):
     """Another input size on a fixed-size zoo ViT interpolates its position table; a crop larger than the resize
     is refused; a zoo model without a hub copy is refused before any task with `pretrained: true`."""
     from pipelines.config import RunConfig
-    from pipelines.registry import check_encoders
+    from pipelines.stages.table import check_encoders
 
     enc = create_encoder(EncoderConfig(model="phikon_v2", seed=0, input_size=112, device="cpu",
                                        model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}))

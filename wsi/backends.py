@@ -301,7 +301,7 @@ READER_MODULES = ("openslide", "tiffslide", "tifffile", "imagecodecs", "cv2", "P
 def warm_imports() -> None:
     """Import the slide readers and OpenCV, which the modules here import lazily (``--help`` stays fast).
 
-    A worker process calls this once when it starts (``pipelines.cluster``): tiffslide alone pulls in Zarr,
+    A worker process calls this once when it starts (``pipelines.engine.cluster``): tiffslide alone pulls in Zarr,
     ~0.3–0.7 s that would otherwise land in the first slide's tissue task on every worker.
     """
     import importlib

@@ -1,7 +1,7 @@
 """Artefacts for demo and test slides, each with its truth: pathologists' pen ink (strokes and a circle),
 out-of-focus fields, faint (pale-stained) tissue, air bubbles and a coverslip edge on the glass, and folds.
 
-Drawn into a :class:`wsi.demo_cohort.SlideLayout`'s label map after the tissue, with their own random
+Drawn into a :class:`wsi.demo_layout.SlideLayout`'s label map after the tissue, with their own random
 generator, so a slide without artefacts is the same slide as before and one with them differs only
 where they are.
 """

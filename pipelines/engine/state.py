@@ -1,4 +1,4 @@
-"""Task state files and fingerprints (the run-directory lock: :mod:`pipelines.run_lock`).
+"""Task state files and fingerprints (the run-directory lock: :mod:`pipelines.engine.run_lock`).
 
 A task (stage × slide, or stage × cohort) is up to date only when its state file says ``done``,
 its recorded fingerprint equals the one computed now, and its artifacts exist. The fingerprint
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import __version__
-from pipelines.artifacts import RunPaths, write_json
+from pipelines.engine.run_dir import RunPaths, write_json
 
 COHORT = "_cohort"  # state-file name of cohort tasks; sanitised slide ids never start with "_"
 

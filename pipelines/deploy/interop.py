@@ -6,7 +6,7 @@ from pathlib import Path
 
 from features.export import export_h5, import_clam_h5
 from features.store import FeatureStore, store_path
-from pipelines.artifacts import RunPaths
+from pipelines.engine.run_dir import RunPaths
 from pipelines.manifest import read_manifest, sanitize_slide_id
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.artifacts import RunPaths, write_text
 from pipelines.config import RunConfig
+from pipelines.engine.run_dir import RunPaths, write_text
 from pipelines.manifest import SlideEntry
 
 CLAM_OF = {"teacher": "teacher", "reuse": "teacher", "retrain": "retrain"}  # strategy → the CLAM it applies
@@ -67,7 +67,7 @@ def _model_files(paths: RunPaths, strategy: str, fold: int) -> tuple[Path, Path 
 
 def _encoder(cfg: RunConfig, paths: RunPaths, strategy: str, student_weights: Path | None, adapter: Path | None):
     """The encoder whose features the strategy's CLAM reads: teacher, distilled student, or End2end's fine-tuned student."""
-    from pipelines.stages import cached_encoder, cached_student
+    from pipelines.stages.features import cached_encoder, cached_student
 
     if strategy == "teacher":
         return cached_encoder(cfg.features.teacher.model_dump_json())
@@ -138,7 +138,9 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     from features.store import open_store
     from mil.attention import slide_attention
     from mil.heatmaps import score_tiles
-    from pipelines.stages import load_tiles, load_tissue, student_label
+    from pipelines.stages.features import student_label
+    from pipelines.stages.tiles import load_tiles
+    from pipelines.stages.tissue import load_tissue
 
     strategy = resolve_strategy(cfg, strategy)
     fold, held_out, classes = _fold_and_classes(paths, strategy, entry.slide_id)
@@ -191,7 +193,7 @@ def write_slide_heatmap(out_dir: Path, entry: SlideEntry, cfg: RunConfig, meta: 
     """Every heatmap file of one slide into ``out_dir``, with the tissue outline beside tiles.geojson (import both
     in QuPath); returns heatmap.json's content. Used by ``run``'s and ``predict``'s heatmaps alike."""
     from mil.heatmaps import write_heatmap
-    from pipelines.stages import tissue_outline_json
+    from pipelines.stages.tissue import tissue_outline_json
     from wsi.slide import open_slide
 
     with open_slide(entry.slide_path, slide_id=entry.slide_id, backend=cfg.slides.backend, mpp=meta["mpp"]) as slide:

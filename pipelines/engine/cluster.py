@@ -31,11 +31,11 @@ class ClusterError(RuntimeError):
     """The Dask cluster cannot run anything (no workers, unreachable scheduler)."""
 
 
-def warm_worker_plugin() -> WorkerPlugin:
-    """A Dask worker plugin that pays the tissue stage's one-time costs once per worker, as it starts or joins
-    (:func:`wsi.tissue.warm_up`: the slide readers' imports, tiffslide → Zarr, and the first use of OpenCV and
-    Pillow). Without it a worker's first tissue task pays them, more than the task's own work.
-    """
+def warm_worker_plugin(warm_up: str | None) -> WorkerPlugin:
+    """A Dask worker plugin that sets OpenCV's threads to the worker's and runs ``warm_up`` (``module:function``,
+    the stage table's: :func:`wsi.tissue_qc.warm_up` imports the slide readers, tiffslide → Zarr, and first uses
+    OpenCV and Pillow) once per worker, as it starts or joins. Without it a worker's first task pays those
+    one-time costs, more than the task's own work."""
     from distributed import WorkerPlugin
 
     class WarmUp(WorkerPlugin):
@@ -44,12 +44,13 @@ def warm_worker_plugin() -> WorkerPlugin:
         def setup(self, worker) -> None:
             import cv2
 
-            from wsi.tissue import warm_up
+            from pipelines.engine.stage import load_callable
 
             # OpenCV ignores OMP_NUM_THREADS and would start a thread per core in every worker: two workers on two
             # cores then run four threads and each task is slower than alone
             cv2.setNumThreads(worker.state.nthreads)
-            warm_up()
+            if warm_up is not None:
+                load_callable(warm_up)()
 
     return WarmUp()
 
@@ -136,8 +137,9 @@ def _quiet_when_lost() -> Iterator[None]:
 
 
 @contextmanager
-def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
-    """A client on ``runner.scheduler``, or on a local cluster bound to 127.0.0.1 sized to this machine."""
+def dask_client(cfg: RunConfig, n_tasks: int, warm_up: str | None = None) -> Iterator:
+    """A client on ``runner.scheduler``, or on a local cluster bound to 127.0.0.1 sized to this machine; each
+    worker runs ``warm_up`` (``module:function``) once as it starts or joins."""
     import dask
     from distributed import Client, Scheduler, SpecCluster
 
@@ -152,7 +154,7 @@ def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
             except TimeoutError:
                 raise ClusterError(f"the scheduler at {cfg.runner.scheduler} has no workers after "
                                    f"{cfg.runner.worker_wait_s:g} s (runner.worker_wait_s); start or scale workers") from None
-            client.register_plugin(warm_worker_plugin())
+            client.register_plugin(warm_worker_plugin(warm_up))
             with _quiet_when_lost():
                 yield client
         return
@@ -168,7 +170,7 @@ def dask_client(cfg: RunConfig, n_tasks: int) -> Iterator:
         with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             client.wait_for_workers(len(workers), timeout=120)
-            client.register_plugin(warm_worker_plugin())
+            client.register_plugin(warm_worker_plugin(warm_up))
             yield client
 
 

@@ -1,25 +1,23 @@
-"""The stage registry: every stage of a run, in order, with what it runs on, needs, reads and writes.
+"""The stage table: every stage of a run, in order, with what it runs on, needs, reads and writes.
 
-Plan, runner and status read it; the stage functions themselves (``pipelines.stages``,
-``pipelines.mil_stage``, ``pipelines.evaluation``, ``pipelines.heatmaps``) know nothing of it.
+Handed to the engine (plan, runner, status: :mod:`pipelines.engine`); the stage functions themselves know
+nothing of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from distill.config import DistillConfig
 from features.store import store_path
-from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
-from pipelines.evaluation import results_stage
-from pipelines.heatmaps import drawable, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
+from pipelines.engine.stage import Stage, StageTable
 from pipelines.manifest import SlideEntry
-from pipelines.mil_stage import fold_artifacts, mil_fingerprint_stages, mil_fold_stage, mil_key_inputs, mil_keys, mil_needs
-from pipelines.predict import (
+from pipelines.stages.distill import distill_stage
+from pipelines.stages.features import features_stage, student_features_stage, student_label
+from pipelines.stages.heatmaps import drawable, heatmap_dir, heatmaps_stage, resolve_strategy, wants_heatmap
+from pipelines.stages.mil import fold_artifacts, mil_fingerprint_stages, mil_fold_stage, mil_key_inputs, mil_keys, mil_needs
+from pipelines.stages.predict import (
     bundle_inputs,
     embed_stage,
     heatmap_folder,
@@ -30,43 +28,11 @@ from pipelines.predict import (
     predictions_stage,
     run_bundle,
 )
-from pipelines.stages import (
-    distill_stage,
-    features_stage,
-    qc_stage,
-    student_features_stage,
-    student_label,
-    tiles_stage,
-    tissue_stage,
-)
+from pipelines.stages.qc import qc_stage
+from pipelines.stages.results import results_stage
+from pipelines.stages.tiles import tiles_stage
+from pipelines.stages.tissue import tissue_stage
 from wsi.tiling import TilingConfig
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A stage declaration: what it runs, on what, after what, which config it reads, what it writes."""
-
-    name: str
-    fn: Callable
-    scope: Literal["slide", "cohort", "fold"]  # fold: several cohort-like tasks, one per key (``keys``)
-    after: tuple[str, ...] = ()
-    config: tuple[str, ...] = ()  # dotted RunConfig fields (or whole sections) whose values enter the fingerprint
-    reads_slide: bool = False  # the slide file itself is an input
-    artifacts: Callable[[RunPaths, str, RunConfig], list[Path]] = lambda paths, key, cfg: []
-    resources: dict[str, float] = field(default_factory=dict)  # Dask resources, e.g. {"GPU": 1}
-    extra_inputs: Callable[..., list] = lambda cfg, hashes: []  # more input fingerprints (e.g. weight files)
-    enabled: Callable[[RunConfig], bool] = lambda cfg: True  # False: this config does not need the stage
-    applies: Callable[[RunConfig, SlideEntry], bool] = lambda cfg, entry: True  # slide stages: which slides get a task
-    encoders: Callable[[RunConfig], list[str]] = lambda cfg: []  # dotted config fields of the encoders it builds from spec
-    uses_torch: bool = False  # runs a model: the runner sets torch's threads to the cores the task owns
-    # fold stages: the task keys, the keys of the same stage each waits for, what else enters its fingerprint,
-    # and which upstream stages' fingerprints do (default: all of ``after``)
-    keys: Callable[[RunConfig, list[SlideEntry]], list[str]] = lambda cfg, entries: []
-    needs: Callable[[RunConfig, str], list[str]] = lambda cfg, key: []
-    key_inputs: Callable[[RunConfig, str], list] = lambda cfg, key: []
-    fingerprint_stages: Callable[[RunConfig, str], tuple[str, ...]] | None = None
-    pixels: bool = False  # needs the slide files (not only their features): refused on a features-only cohort
-    reads_labels: bool = True  # a cohort stage reads slides.csv's labels, cases or splits: editing them reruns it
 
 
 def training(cfg: RunConfig) -> bool:
@@ -96,12 +62,32 @@ DISTILL_FIELDS = tuple(f"distill.{name}.identity" if name == "student" else f"di
 TILING_FIELDS = tuple(f"tiling.{name}" for name in TilingConfig.model_fields if name != "blur_ratio")
 
 
+def corrected_mask_input(cfg: RunConfig, entry: SlideEntry, hashes=None) -> list:
+    """A tissue task's corrected mask (``tissue.mask_dir``): its content, or None when the slide has none."""
+    if cfg.tissue.mask_dir is None:
+        return []
+    from pipelines.engine.state import file_fingerprint
+    from wsi.mask_override import find_override
+
+    override = find_override(cfg.tissue.mask_dir, entry.slide_id)
+    return [{"mask": file_fingerprint(override, "content", hashes) if override else None}]
+
+
+def imported_store_input(cfg: RunConfig, entry: SlideEntry, root: Path, hashes=None) -> list:
+    """A features-only slide's ``features`` task stands for its imported store: its fingerprint is the store's
+    identity (re-importing reruns what used it), not the teacher's config, which built nothing."""
+    from pipelines.engine.state import file_fingerprint
+
+    store = store_path(root, cfg.features.teacher.label, entry.slide_id)
+    return [{"imported": file_fingerprint(store / "zarr.json", "stat", hashes)}]
+
+
 # All stages in run order. A slide stage runs per slide after the stages in ``after`` (same slide);
 # a cohort stage runs once, on the slides whose ``after`` stages are done; a fold stage runs one such
 # task per key (mil: per results row and fold), each after the same-stage keys it ``needs``.
-STAGES: dict[str, Stage] = {s.name: s for s in [
+_STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("tissue", tissue_stage, "slide", config=("slides.backend", "slides.default_mpp", "slides.max_unreadable_fraction",
-                                                  "tissue"), reads_slide=True,
+                                                  "tissue"), reads_slide=True, slide_inputs=corrected_mask_input,
           pixels=True, applies=lambda cfg, entry: entry.has_pixels,
           artifacts=lambda p, k, c: [p.tissue_qc(k), p.tissue_mask(k), p.tissue_outline(k), p.tissue_meta(k)]),
     Stage("tiles", tiles_stage, "slide", after=("tissue",),
@@ -110,6 +96,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]
           + ([p.tile_sharpness(k)] if c.slides.verify_tiles else [])),
     Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher.identity", "features.dtype"),
+          stands_for=imported_store_input,
           artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, uses_torch=True,
           enabled=training,
           extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
@@ -162,7 +149,7 @@ def encoder_config(cfg: RunConfig, dotted: str):
 def weights_inputs(cfg: RunConfig, dotted: str, hashes=None) -> list:
     """The content (sha256, cached in ``hashes``) of the encoder's local weights file, so replacing the file
     reruns what it made and touching it does not."""
-    from pipelines.state import file_fingerprint
+    from pipelines.engine.state import file_fingerprint
 
     weights = encoder_config(cfg, dotted).weights
     return [file_fingerprint(Path(weights), "content", hashes)] if weights else []
@@ -177,7 +164,7 @@ def check_encoders(cfg: RunConfig, stages: set[str], entries: list[SlideEntry] =
 
     if entries and not any(e.has_pixels for e in entries):
         stages = stages - {"features"}
-    fields = {f: None for name in STAGES if name in stages for f in STAGES[name].encoders(cfg)}
+    fields = {f: None for name in _STAGES if name in stages for f in _STAGES[name].encoders(cfg)}
     for dotted in fields:
         spec = encoder_config(cfg, dotted)
         if dotted == "features.teacher" and spec.random_weights and spec.seed is None:  # a student starts from distill.seed
@@ -207,18 +194,10 @@ def check_pixels(cfg: RunConfig, entries: list[SlideEntry], stages: set[str]) ->
                          "set `mil.strategies: [teacher]`, or give those slides their slide_path")
 
 
-def upstream(stage: str) -> list[str]:
-    """Every stage ``stage`` depends on, transitively, in run order."""
-    needed: set[str] = set()
-    todo = list(STAGES[stage].after)
-    while todo:
-        name = todo.pop()
-        if name not in needed:
-            needed.add(name)
-            todo.extend(STAGES[name].after)
-    return [s for s in STAGES if s in needed]
+def check_run(cfg: RunConfig, stages: set[str], entries: list[SlideEntry]) -> None:
+    """Before any task: the encoders have weights, and no features-only slide meets a stage that reads pixels."""
+    check_encoders(cfg, stages, entries)
+    check_pixels(cfg, entries, stages)
 
 
-def downstream(stage: str) -> list[str]:
-    """``stage`` and every stage that depends on it, transitively, in run order."""
-    return [s for s in STAGES if s == stage or stage in upstream(s)]
+STAGES = StageTable(_STAGES, ref="pipelines.stages.table:STAGES", check=check_run, warm_up="wsi.tissue_qc:warm_up")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.artifacts import RunPaths, write_json
 from pipelines.config import RunConfig
+from pipelines.engine.run_dir import RunPaths, write_json
+from pipelines.engine.task_context import progress_callback
 from pipelines.manifest import FoldPayload, SlideEntry
-from pipelines.task_context import progress_callback
 from wsi.slide import SlidePool, SlideSource
 
 
@@ -117,7 +117,8 @@ def mil_fold_stage(payload: FoldPayload, cfg: RunConfig, paths: RunPaths) -> dic
     from features.store import open_store
     from mil.bags import BagCache
     from mil.strategies import FoldJob, run_fold_job
-    from pipelines.stages import precision_mix, student_label
+    from pipelines.stages.distill import precision_mix
+    from pipelines.stages.features import student_label
 
     job = FoldJob.from_key(payload.key)
     slides, classes, splits = cohort_splits(payload.entries, cfg)
@@ -168,7 +169,7 @@ class SlideTileReader:
         self._grids: OrderedDict[str, object] = OrderedDict()
 
     def grid(self, slide_id: str):
-        from pipelines.stages import load_tiles
+        from pipelines.stages.tiles import load_tiles
 
         if slide_id not in self.pool.sources:
             meta = json.loads(self.paths.tissue_meta(slide_id).read_text())

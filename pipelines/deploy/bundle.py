@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipelines import __version__
-from pipelines.artifacts import write_json, write_text
+from pipelines.engine.run_dir import write_json, write_text
 
 FORMAT = "wsi-pipeline-bundle/1"
 CLAM_FIELDS = ("model", "size", "dropout", "k_sample", "subtyping", "instance_loss")  # what rebuilds a CLAM
@@ -61,8 +61,8 @@ def _digest(obj) -> str:
 def _fold_results(paths, cfg, entries, row: str) -> list[dict]:
     """The fold files of ``row``'s mil tasks as the run's config and slides define them now, each task done."""
     from mil.strategies import FoldJob
-    from pipelines.mil_stage import fold_file, mil_keys
-    from pipelines.state import read_state
+    from pipelines.engine.state import read_state
+    from pipelines.stages.mil import fold_file, mil_keys
 
     keys = [k for k in mil_keys(cfg, entries) if FoldJob.from_key(k).row == row]
     results = []
@@ -141,7 +141,7 @@ def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None 
     """Write the bundle of results row ``strategy`` of the finished run ``run`` into ``dest``; returns bundle.json."""
     from features.zoo import provenance
     from mil.strategies import FoldJob, clam_file, job_files, strategy_rows
-    from pipelines.heatmaps import read_run
+    from pipelines.stages.heatmaps import read_run
 
     cfg, entries, paths = read_run(Path(run).absolute())
     rows = strategy_rows(cfg.mil)

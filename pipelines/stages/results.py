@@ -8,10 +8,10 @@ import json
 import math
 from pathlib import Path
 
-from pipelines.artifacts import RunPaths, write_json, write_text
 from pipelines.config import RunConfig
+from pipelines.engine.run_dir import RunPaths, write_json, write_text
+from pipelines.engine.state import read_state
 from pipelines.manifest import SlideEntry
-from pipelines.state import read_state
 
 
 def _rate(paths: RunPaths, stage: str, entries: list[SlideEntry]) -> float | None:
@@ -37,9 +37,9 @@ def results_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) ->
     """Gather the ``mil`` tasks' fold files into ``results/``: predictions, fold metrics, the summary table."""
     from features.encoders import count_parameters
     from mil.strategies import FoldJob, row_features, strategy_rows, summarise
-    from pipelines.attended_fidelity import attended_fidelity, attended_fidelity_line
-    from pipelines.mil_stage import fold_file, mil_keys
-    from pipelines.stages import student_label
+    from pipelines.stages.attended_fidelity import attended_fidelity, attended_fidelity_line
+    from pipelines.stages.features import student_label
+    from pipelines.stages.mil import fold_file, mil_keys
 
     rows = strategy_rows(cfg.mil)
     folds = [json.loads(fold_file(paths, key).read_text()) for key in mil_keys(cfg, entries)

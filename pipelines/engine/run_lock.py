@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.artifacts import RunPaths
-from pipelines.state import now
+from pipelines.engine.run_dir import RunPaths
+from pipelines.engine.state import now
 
 log = logging.getLogger(__name__)
 

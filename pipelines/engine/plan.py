@@ -10,15 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
+from pipelines.engine.run_dir import RunPaths
+from pipelines.engine.stage import Stage, StageTable
+from pipelines.engine.state import COHORT, HashCache, file_fingerprint, fingerprint, read_state
 from pipelines.manifest import SlideEntry
-from pipelines.registry import STAGES, downstream, upstream
-from pipelines.state import COHORT, HashCache, file_fingerprint, fingerprint, read_state
 
 
 @dataclass
 class Task:
+    spec: Stage = field(repr=False)  # the stage's declaration, from the table the plan was built with
     stage: str
     key: str  # slide id, COHORT, or a fold stage's key
     deps: list[str] = field(default_factory=list)  # task ids
@@ -58,7 +59,7 @@ def is_up_to_date(paths: RunPaths, task: Task, cfg: RunConfig) -> bool:
     state = read_state(paths, task.stage, task.key)
     if not state or state.get("status") != "done" or state.get("fingerprint") != task.fingerprint:
         return False
-    return all(p.exists() for p in STAGES[task.stage].artifacts(paths, task.key, cfg))
+    return all(p.exists() for p in task.spec.artifacts(paths, task.key, cfg))
 
 
 def settle_cohort(cfg: RunConfig, task: Task, tasks: dict[str, Task], entries: dict[str, SlideEntry],
@@ -80,7 +81,7 @@ def settle_cohort(cfg: RunConfig, task: Task, tasks: dict[str, Task], entries: d
     if blocked:
         included = []
     task.included = included
-    stage = STAGES[task.stage]
+    stage = task.spec
     counted = stage.fingerprint_stages(cfg, task.key) if stage.fingerprint_stages else None
     rows = [(entries[k], "|".join(d.fingerprint or "" for d in per_slide.get(k, []) if counted is None or d.stage in counted))
             for k in included]
@@ -94,7 +95,7 @@ def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry
     """Over the included slides' upstream fingerprints and, for a stage that reads them, their manifest fields
     (labels, cases, splits: a corrected label reruns no label-free distillation), the cohort/fold tasks it waits
     for, and a fold task's key inputs."""
-    stage = STAGES[task.stage]
+    stage = task.spec
     rows = sorted((e.slide_id, fp, *((e.label, e.case_id, e.split) if stage.reads_labels else ())) for e, fp in slides)
     extras = [*stage.extra_inputs(cfg, hashes), *(stage.key_inputs(cfg, task.key) if task.scope == "fold" else [])]
     return fingerprint(stage.name, config_values(cfg, stage.config), [*rows, *extras, *sorted(fp or "" for fp in group_fps)])
@@ -102,24 +103,16 @@ def cohort_fingerprint(cfg: RunConfig, task: Task, slides: list[tuple[SlideEntry
 
 def slide_fingerprint(cfg: RunConfig, task: Task, entry: SlideEntry, dep_fps: list[str],
                       hashes: HashCache | None = None, root: Path | None = None) -> str:
-    """Over the stage's config fields, the slide file (stages that read it), upstream fingerprints and extras.
-
-    A features-only slide's ``features`` task stands for its imported store: its fingerprint is the store's
-    identity (re-importing reruns what used it), not the teacher's config, which built nothing."""
-    stage = STAGES[task.stage]
-    if not entry.has_pixels and task.stage == "features" and root is not None:
-        from features.store import store_path
-
-        store = store_path(root, cfg.features.teacher.label, entry.slide_id)
-        return fingerprint(stage.name, {}, [{"imported": file_fingerprint(store / "zarr.json", "stat", hashes)}])
+    """Over the stage's config fields, the slide file (stages that read it), the stage's own per-slide inputs,
+    upstream fingerprints and extras. A slide without pixels whose stage says what stands for it (an imported
+    features store) is fingerprinted by that alone."""
+    stage = task.spec
+    if not entry.has_pixels and stage.stands_for is not None and root is not None:
+        return fingerprint(stage.name, {}, stage.stands_for(cfg, entry, root, hashes))
     inputs: list[Any] = []
     if stage.reads_slide:
         inputs.append({"slide": file_fingerprint(entry.slide_path, cfg.slides.fingerprint, hashes), "mpp": entry.mpp})
-        if task.stage == "tissue" and cfg.tissue.mask_dir is not None:  # a corrected mask: its content, or none
-            from wsi.mask_override import find_override
-
-            override = find_override(cfg.tissue.mask_dir, entry.slide_id)
-            inputs.append({"mask": file_fingerprint(override, "content", hashes) if override else None})
+    inputs.extend(stage.slide_inputs(cfg, entry, hashes))
     inputs.extend(dep_fps)
     inputs.extend(stage.extra_inputs(cfg, hashes))
     return fingerprint(stage.name, config_values(cfg, stage.config), inputs)
@@ -134,7 +127,7 @@ def resolve_fingerprint(cfg: RunConfig, task: Task, tasks: dict[str, Task], entr
     return slide_fingerprint(cfg, task, entries[task.key], dep_fps, hashes, root)
 
 
-def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, until: str | None = None,
+def build_plan(table: StageTable, entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, until: str | None = None,
                only: list[str] | None = None, force: list[str] | None = None,
                hashes: HashCache | None = None) -> dict[str, Task]:
     """All tasks of a run in dependency order, with fingerprints where they can be known before running.
@@ -144,11 +137,11 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
     """
     hashes = hashes if hashes is not None else HashCache(paths.hash_cache)
     for name in [until, *(force or [])]:
-        if name is not None and name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
-    selected = list(STAGES) if until is None else [*upstream(until), until]
-    selected = [s for s in selected if STAGES[s].enabled(cfg)]  # e.g. no distillation for a teacher-only run
-    forced = {s for name in (force or []) for s in downstream(name)}
+        if name is not None and name not in table:
+            raise ValueError(f"unknown stage {name!r}; stages are {list(table)}")
+    selected = list(table) if until is None else [*table.upstream(until), until]
+    selected = [s for s in selected if table[s].enabled(cfg)]  # e.g. no distillation for a teacher-only run
+    forced = {s for name in (force or []) for s in table.downstream(name)}
     if only:
         known = {e.slide_id for e in entries}
         unknown = [s for s in only if s not in known]
@@ -156,16 +149,16 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
             raise ValueError(f"--only: no slide with id {', '.join(unknown)} in the manifest")
         entries = [e for e in entries if e.slide_id in set(only)]
         # cohort stages need the whole cohort, and so do the slide stages that come after one
-        selected = [s for s in selected if STAGES[s].scope == "slide"
-                    and not any(STAGES[u].scope == "cohort" for u in upstream(s))]
+        selected = [s for s in selected if table[s].scope == "slide"
+                    and not any(table[u].scope == "cohort" for u in table.upstream(s))]
     by_id = {e.slide_id: e for e in entries}
     tasks: dict[str, Task] = {}
     for name in selected:
-        stage = STAGES[name]
+        stage = table[name]
         if stage.scope in ("cohort", "fold"):
             deps = []
             for dep in stage.after:
-                if dep in selected and STAGES[dep].scope != "slide":  # after a cohort or fold stage: all its tasks
+                if dep in selected and table[dep].scope != "slide":  # after a cohort or fold stage: all its tasks
                     deps += [tid for tid, t in tasks.items() if t.stage == dep]
                 else:
                     deps += [f"{dep}/{e.slide_id}" for e in entries if f"{dep}/{e.slide_id}" in tasks]
@@ -173,16 +166,16 @@ def build_plan(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, un
                 continue
             for key in (stage.keys(cfg, entries) if stage.scope == "fold" else [COHORT]):
                 own = [f"{name}/{k}" for k in stage.needs(cfg, key)] if stage.scope == "fold" else []
-                task = Task(name, key, deps + own, None, name in forced, scope=stage.scope)
+                task = Task(stage, name, key, deps + own, None, name in forced, scope=stage.scope)
                 tasks[task.id] = task
             continue
         for entry in entries:
             if not stage.applies(cfg, entry):
                 continue
-            deps = [f"{dep}/{COHORT}" if STAGES[dep].scope == "cohort" else f"{dep}/{entry.slide_id}"
+            deps = [f"{dep}/{COHORT}" if table[dep].scope == "cohort" else f"{dep}/{entry.slide_id}"
                     for dep in stage.after if dep in selected]
             deps = [d for d in deps if d in tasks or d.endswith(f"/{COHORT}")]  # a features-only slide has no tiles task
-            task = Task(name, entry.slide_id, deps, None, name in forced)
+            task = Task(stage, name, entry.slide_id, deps, None, name in forced)
             task.fingerprint = resolve_fingerprint(cfg, task, tasks, by_id, hashes, paths.root)
             tasks[task.id] = task
     return tasks

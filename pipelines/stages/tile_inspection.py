@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.artifacts import remove, write_npy
 from pipelines.config import RunConfig
+from pipelines.engine.run_dir import remove, write_npy
 from pipelines.manifest import SlideEntry
 from wsi.errors import SlideError
 from wsi.slide import open_slide

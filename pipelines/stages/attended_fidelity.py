@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.artifacts import RunPaths
 from pipelines.config import RunConfig
+from pipelines.engine.run_dir import RunPaths
 from pipelines.manifest import SlideEntry
 
 
@@ -27,8 +27,8 @@ def attended_fidelity(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths
     from features.store import open_store
     from mil.attention import slide_attention
     from mil.strategies import FoldJob, clam_file, load_clam
-    from pipelines.mil_stage import cohort_splits
-    from pipelines.stages import student_label
+    from pipelines.stages.features import student_label
+    from pipelines.stages.mil import cohort_splits
 
     model_dir = paths.root / "models" / "mil"
     slides, classes, splits = cohort_splits(entries, cfg)

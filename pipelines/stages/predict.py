@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipelines.artifacts import RunPaths, write_json, write_text
-from pipelines.bundle import Bundle, BundleError, load_bundle
 from pipelines.config import ConfigError, RunConfig
-from pipelines.evaluation import csv_text
+from pipelines.deploy.bundle import Bundle, BundleError, load_bundle
+from pipelines.engine.run_dir import RunPaths, write_json, write_text
 from pipelines.manifest import SlideEntry
+from pipelines.stages.results import csv_text
 
 # what a predict run takes from the user's --config; tissue, tiling and the models come from the bundle
 USER_SECTIONS = ("slides", "runner", "features", "heatmaps", "predict")
@@ -82,7 +82,7 @@ def heatmap_folder(paths: RunPaths, slide_id: str) -> Path:
 
 def embed_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     """Every tile of the slide through the bundle's encoder, into ``features/<encoder>/<slide_id>.zarr``."""
-    from pipelines.stages import extract_features
+    from pipelines.stages.features import extract_features
 
     bundle = run_bundle(cfg)
     extra = {"bundle": str(bundle.path), "bundle_encoder_digest": bundle.digest("encoder")}
@@ -194,8 +194,9 @@ def predict_heatmaps_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -
     from features.extract import check_same_encoder
     from mil.attention import ensemble_attention, slide_attention
     from mil.heatmaps import score_tiles
-    from pipelines.heatmaps import embed, overlap_grid, write_slide_heatmap
-    from pipelines.stages import load_tiles, load_tissue, tissue_outline_json
+    from pipelines.stages.heatmaps import embed, overlap_grid, write_slide_heatmap
+    from pipelines.stages.tiles import load_tiles
+    from pipelines.stages.tissue import load_tissue, tissue_outline_json
 
     bundle = run_bundle(cfg)
     classes, models = bundle.classes, bundle_clams(cfg)

@@ -1,0 +1,1 @@
+"""Taking a trained model elsewhere: model bundles (`export-model`, read by `predict`) and feature interop."""
