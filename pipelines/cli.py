@@ -115,12 +115,17 @@ def run(
          workers=workers, retries=retries, break_lock=break_lock, verbose=verbose)
 
 
+STATUS_ROWS = 200  # slides in status's table, beyond which it shows counts and the slides that are not done
+
+
 @app.command()
 def status(
     out: Annotated[Path, typer.Argument(help="run directory")] = Path("wsi_run"),
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    every_slide: Annotated[bool, typer.Option("--all", help="a row for every slide, even in a large run")] = False,
 ) -> None:
-    """Show every slide × stage of a run: done, failed (with the error), stale, interrupted or pending."""
+    """Show every slide × stage of a run: done, failed (with the error), stale, interrupted or pending. A run of
+    more than 200 slides shows each stage's counts and the slides that are not done (``--all``: every slide)."""
     import json
     import sys
 
@@ -147,7 +152,19 @@ def status(
     for stage in slide_stages:
         table.add_column(stage)
     table.add_column("first error, else first warning", overflow="fold")
-    for slide_id, row in report["slides"].items():
+    shown = report["slides"].items()
+    if len(report["slides"]) > STATUS_ROWS and not every_slide:  # a table of 10,000 rows helps no one (and takes 30 s)
+        shown = [(k, row) for k, row in shown if any(cell["status"] != "done" for cell in row.values())]
+        counts = {s: {} for s in slide_stages}
+        for row in report["slides"].values():
+            for s in slide_stages:
+                if s in row:
+                    counts[s][row[s]["status"]] = counts[s].get(row[s]["status"], 0) + 1
+        table.title = (f"{report['out']}: {len(report['slides'])} slides; "
+                       + "; ".join(f"{s}: " + ", ".join(f"{n} {k}" for k, n in sorted(c.items())) for s, c in counts.items())
+                       + f" — the {min(len(shown), STATUS_ROWS)} of {len(shown)} slides not done below (--all: every slide)")
+        shown = shown[:STATUS_ROWS]
+    for slide_id, row in shown:
         cells = [f"[{colours[row[s]['status']]}]{row[s]['status']}[/]" if s in row else "" for s in slide_stages]
         error = next((row[s]["error"] for s in slide_stages if s in row and row[s]["error"]), "") or next(
             (f"warning ({s}): {row[s]['warnings'][0]}" for s in slide_stages if row.get(s, {}).get("warnings")), "")

@@ -353,7 +353,7 @@ def test_lock_heartbeat_and_a_filesystem_without_flock(tmp_path, monkeypatch):
     import errno
     import fcntl
 
-    from pipelines import run_lock
+    from pipelines.engine import run_lock
     from pipelines.engine.run_lock import LockError, RunLock
 
     path = tmp_path / ".lock"
@@ -448,6 +448,9 @@ def test_tasks_waiting_for_a_gpu_no_worker_has_are_reported_and_run_once_one_joi
                                           stderr=subprocess.DEVNULL, start_new_session=True)
             try:
                 assert future.result(timeout=60) == 42
+                deadline = time.time() + 10  # the scheduler's view catches up with the worker that joined
+                while time.time() < deadline and "GPU" not in resources.available():
+                    time.sleep(0.1)
                 assert "GPU" in resources.available()
             finally:
                 stop_all([gpu_worker])

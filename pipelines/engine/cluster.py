@@ -188,7 +188,9 @@ class ClusterResources:
     def available(self) -> set[str]:
         with self._lock:
             if time.monotonic() - self._at >= self.every:
-                workers = self.client.scheduler_info(n_workers=-1).get("workers", {}).values()
+                # asked of the scheduler directly: Client.scheduler_info() returns a cache the client's own periodic
+                # update overwrites with totals only (no workers), which a concurrent call can read
+                workers = self.client.sync(self.client.scheduler.identity, n_workers=-1).get("workers", {}).values()
                 self._known = {r for w in workers for r in (w.get("resources") or {})}
                 self._at = time.monotonic()
             return set(self._known)

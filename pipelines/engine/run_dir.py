@@ -53,53 +53,53 @@ class RunPaths:
         return self.root / "run.yaml"
 
     def state(self, stage: str, slide_id: str) -> Path:
-        return self.root / "state" / stage / f"{slide_id}.json"
+        return self.root.joinpath("state", stage, f"{slide_id}.json")
 
     def tissue_qc(self, slide_id: str) -> Path:
-        return self.root / "tissue" / f"{slide_id}.jpg"  # for eyes only: JPEG is 10x faster to write than PNG
+        return self.root.joinpath("tissue", f"{slide_id}.jpg")  # for eyes only: JPEG is 10x faster to write than PNG
 
     def tissue_mask(self, slide_id: str) -> Path:
-        return self.root / "tissue" / "masks" / f"{slide_id}.png"  # own folder: no id can collide with a QC name
+        return self.root.joinpath("tissue", "masks", f"{slide_id}.png")  # own folder: no id can collide with a QC name
 
     def tissue_outline(self, slide_id: str) -> Path:
-        return self.root / "tissue" / f"{slide_id}.geojson"  # the mask's outline as a QuPath annotation
+        return self.root.joinpath("tissue", f"{slide_id}.geojson")  # the mask's outline as a QuPath annotation
 
     def tissue_excluded(self, slide_id: str, kind: str) -> Path:
         """An excluded region's mask (``ink``), in a folder per kind; written only when the slide has one."""
-        return self.root / "tissue" / "excluded" / kind / f"{slide_id}.png"
+        return self.root.joinpath("tissue", "excluded", kind, f"{slide_id}.png")
 
     def tissue_flagged(self, slide_id: str, kind: str) -> Path:
         """A flagged region's mask (``fold``: tissue kept but marked), in a folder per kind; only when there is one."""
-        return self.root / "tissue" / "flagged" / kind / f"{slide_id}.png"
+        return self.root.joinpath("tissue", "flagged", kind, f"{slide_id}.png")
 
     def tissue_meta(self, slide_id: str) -> Path:
-        return self.root / "tissue" / f"{slide_id}.json"
+        return self.root.joinpath("tissue", f"{slide_id}.json")
 
     def tile_coords(self, slide_id: str) -> Path:
-        return self.root / "tiles" / f"{slide_id}.coords.npy"
+        return self.root.joinpath("tiles", f"{slide_id}.coords.npy")
 
     def tile_meta(self, slide_id: str) -> Path:
-        return self.root / "tiles" / f"{slide_id}.json"
+        return self.root.joinpath("tiles", f"{slide_id}.json")
 
     def tile_folds(self, slide_id: str) -> Path:
         """Each tile's share of folded tissue (float32, aligned with the coords; ``tissue.folds``)."""
-        return self.root / "tiles" / f"{slide_id}.fold.npy"
+        return self.root.joinpath("tiles", f"{slide_id}.fold.npy")
 
     def tile_sharpness(self, slide_id: str) -> Path:
         """Each kept tile's focus score (float32, aligned with the coords), when the tiles stage read them."""
-        return self.root / "tiles" / f"{slide_id}.sharpness.npy"
+        return self.root.joinpath("tiles", f"{slide_id}.sharpness.npy")
 
     def tile_overlay(self, slide_id: str) -> Path:
-        return self.root / "tiles" / f"{slide_id}.jpg"
+        return self.root.joinpath("tiles", f"{slide_id}.jpg")
 
     @property
     def student_dir(self) -> Path:
         """The distilled student: student.safetensors, student.json (card), checkpoint/."""
-        return self.root / "models" / "student"
+        return self.root.joinpath("models", "student")
 
     @property
     def qc_table(self) -> Path:
-        return self.root / "qc" / "slides.csv"
+        return self.root.joinpath("qc", "slides.csv")
 
     @property
     def manifest(self) -> Path:
@@ -108,7 +108,7 @@ class RunPaths:
 
     @property
     def hash_cache(self) -> Path:
-        return self.root / "state" / "_hashes.json"
+        return self.root.joinpath("state", "_hashes.json")
 
     @property
     def lock(self) -> Path:

@@ -68,9 +68,13 @@ class _Scheduler:
         self.tasks, self.entries, self.cfg, self.paths, self.hashes = tasks, entries, cfg, paths, hashes
         self.on_settled = on_settled
         self.dependants: dict[str, list[str]] = {tid: [] for tid in tasks}
+        # per task, its dependencies not settled yet: a cohort task waits for 10,000 slides, and asking each time
+        # one settles whether all have would be quadratic
+        self.unsettled: dict[str, int] = {}
         for task in tasks.values():
             for dep in task.deps:
                 self.dependants[dep].append(task.id)
+            self.unsettled[task.id] = sum(tasks[d].status in ("pending", "running") for d in task.deps)
 
     def payload(self, task: Task):
         if not task.cohort:
@@ -79,7 +83,7 @@ class _Scheduler:
         return FoldPayload(task.key, entries) if task.scope == "fold" else entries
 
     def ready(self, task: Task) -> bool:
-        return task.status == "pending" and all(self.tasks[d].status not in ("pending", "running") for d in task.deps)
+        return task.status == "pending" and self.unsettled[task.id] == 0
 
     def prepare(self, task: Task) -> bool:
         """Settle a ready task without running it (up to date, or blocked); True when it must run."""
@@ -106,6 +110,8 @@ class _Scheduler:
 
     def settle(self, task: Task, status: str, reason: str = "") -> bool:
         task.status, task.reason = status, reason
+        for dependant in self.dependants[task.id]:
+            self.unsettled[dependant] -= 1
         self.on_settled(task)
         return False
 
