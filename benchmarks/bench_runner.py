@@ -12,7 +12,8 @@ One small demo slide listed ``--slides`` times under distinct ids; stages tissue
     against the loop, the speed-up from the workers, and the peak RSS of this process, which holds the
     client and the local cluster's scheduler;
   * a no-op rerun over all finished slides (every task up to date: no cluster is started);
-  * ``wsi-pipeline status OUT`` and ``status OUT --json`` as a user runs them (a fresh process each).
+  * ``wsi-pipeline status OUT --json`` as a user runs it (a fresh process each): the first call derives the
+    report from every state file and keeps it, the next ones answer from it; then the table.
 """
 
 from __future__ import annotations
@@ -92,12 +93,13 @@ def main() -> None:
     rerun = run_cohort(STAGES, entries, args.workdir / "run", cfg, until="qc")
     t_noop = time.perf_counter() - start
     assert all(t.status == "up-to-date" for t in rerun.tasks.values())
+    (args.workdir / "run" / "state" / "_status.json").unlink(missing_ok=True)  # the first status derives it all
     status = {}
-    for flag in ("", "--json"):
+    for name, flag in (("derived", "--json"), ("kept", "--json"), ("table", "")):
         command = [sys.executable, "-m", "pipelines.cli", "status", str(args.workdir / "run"), *([flag] if flag else [])]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
-        status[flag] = time.perf_counter() - start
+        status[name] = time.perf_counter() - start
         assert done.returncode in (0, 1) and done.stdout, done.stderr  # 1: stages after qc not run
 
     per_task_dask = t_tasks * args.workers / n_tasks
@@ -112,8 +114,9 @@ def main() -> None:
           f"over the stage's own) |")
     print(f"| peak RSS of the client + scheduler process | {peak[0] / 2**20:.0f} MiB |")
     print(f"| no-op rerun, all up to date | {t_noop:.2f} s ({t_noop / n_tasks * 1e6:.0f} µs per task) |")
-    print(f"| `wsi-pipeline status OUT` | {status['']:.2f} s |")
-    print(f"| `wsi-pipeline status OUT --json` | {status['--json']:.2f} s |")
+    print(f"| `wsi-pipeline status OUT --json`, derived from every state (first call) | {status['derived']:.2f} s |")
+    print(f"| `wsi-pipeline status OUT --json`, from its kept report | {status['kept']:.2f} s |")
+    print(f"| `wsi-pipeline status OUT` (table), from its kept report | {status['table']:.2f} s |")
 
 
 def cpu_model() -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,92 +22,13 @@ from distill.config import DistillConfig
 from distill.fidelity import fidelity
 from distill.pools import SlideTiles, draw_weights, prepare_pools, split_pools
 from distill.sampling import TileErrors, epoch_draws
+from distill.tiles import DistillTiles, augment
 from features.precision import autocast_dtype, resolve_precision
 from features.store import save_safetensors
 from features.tile_loader import batch_loader, resolve_loader
 from wsi.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
-
-
-class EpochTiles:
-    """One epoch's draws over a :class:`DistillTiles` (its cache and byte count shared across epochs)."""
-
-    def __init__(self, tiles: DistillTiles, draws: np.ndarray):
-        self.tiles, self.draws = tiles, draws
-
-    def __len__(self) -> int:
-        return len(self.draws)
-
-    def __getitem__(self, k: int):
-        return self.tiles[int(self.draws[k])]
-
-
-class DistillTiles:
-    """(tile uint8, teacher feature, pool index) over several slides, read through one :class:`wsi.slide.SlidePool`.
-
-    ``index`` rows are (slide number, row). Decoded tiles are kept in memory up to ``cache_mb``, so a tile
-    drawn again in a later epoch costs no read — in the training process (a CPU's default) or its loader
-    threads; loader processes (a GPU's) are started per epoch and read afresh.
-    """
-
-    def __init__(self, slides: list[SlideTiles], index: np.ndarray, input_size: int | None = None, cache_mb: float = 0):
-        from wsi.slide import SlidePool, SlideSource
-
-        self.slides, self.index = slides, index
-        self.input_size = input_size  # read at the student's input resolution (distill.read_at_input), else as tiled
-        self.pool = SlidePool([SlideSource(s.slide_id, s.slide_path, s.mpp, s.backend) for s in slides])
-        self.cache: dict[int, np.ndarray] = {}
-        self.cache_bytes, self.cache_limit = 0, int(cache_mb * 2**20)
-        self._lock = threading.Lock()  # loader threads share the cache (:mod:`features.tile_loader`)
-
-    def __getstate__(self) -> dict:  # loader processes get their own, empty lock
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _lock=threading.Lock())
-
-    def epoch(self, draws: np.ndarray) -> EpochTiles:
-        """The same tiles and cache, drawing ``draws`` (pool indices) this epoch."""
-        return EpochTiles(self, draws)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def tile(self, i: int) -> np.ndarray:
-        tile = self.cache.get(i)
-        if tile is None:
-            s, row = (int(v) for v in self.index[i])
-            part = self.slides[s]
-            x, y = part.coords[row]
-            tile = np.array(self.pool.read_tile(part.slide_id, x, y, part.plan, self.input_size))
-            with self._lock:
-                if i not in self.cache and self.cache_bytes + tile.nbytes <= self.cache_limit:
-                    self.cache[i] = tile
-                    self.cache_bytes += tile.nbytes
-        return tile
-
-    def __getitem__(self, i: int):
-        import torch
-
-        s, row = (int(v) for v in self.index[i])
-        return torch.from_numpy(self.tile(i)), torch.from_numpy(self.slides[s].targets[row].astype(np.float32)), i
-
-
-def augment(x, generator):
-    """Histology-safe augmentations on a normalised batch (B, 3, H, W): flips, rot90, light jitter."""
-    import torch
-
-    b = x.shape[0]
-    flip_h = torch.rand(b, generator=generator) < 0.5
-    flip_v = torch.rand(b, generator=generator) < 0.5
-    x = torch.where(flip_h[:, None, None, None], x.flip(-1), x)
-    x = torch.where(flip_v[:, None, None, None], x.flip(-2), x)
-    k = int(torch.randint(0, 4, (1,), generator=generator))
-    x = torch.rot90(x, k, dims=(-2, -1))
-    scale = 1 + 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
-    shift = 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
-    return x * scale + shift
 
 
 def evaluate(model, loader, prep: dict, device, labels: np.ndarray | None = None,
@@ -181,6 +102,102 @@ def atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+@dataclass
+class Resumed:
+    """What a checkpoint of the same fingerprint gives back (nothing when training starts afresh)."""
+
+    state: dict
+    best_weights: dict
+    epoch: int | None = None  # the epoch it resumes after
+    tile_errors: np.ndarray | None = None
+
+
+def resume(ckpt: Path, fingerprint: str, model, optimizer, scheduler) -> Resumed:
+    """Load the last epoch's checkpoint into ``model``, ``optimizer`` and ``scheduler`` when its fingerprint is this
+    run's; else a fresh start (epoch 0's weights as the best so far)."""
+    import torch
+
+    fresh = Resumed({"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []},
+                    {k: v.detach().clone() for k, v in model.state_dict().items()})
+    if not ckpt.exists():
+        return fresh
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if saved.get("fingerprint") != fingerprint or "model" not in saved:  # (an older layout kept weights apart)
+        return fresh
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    state = json.loads(saved["progress"])
+    log.info("distillation resumes after epoch %d", state["epoch"])
+    return Resumed(state, saved["best_model"], state["epoch"], saved.get("tile_errors", torch.zeros(0)).numpy())
+
+
+def student_inputs(cfg: DistillConfig, data_cfg: dict) -> dict:
+    """How tiles become the student's input: size, normalisation, resize and interpolation (a zoo student's own)."""
+    input_size = cfg.student.input_size or int(data_cfg["input_size"][-1])
+    return {"size": input_size, "mean": tuple(cfg.student.mean or data_cfg["mean"]),
+            "std": tuple(cfg.student.std or data_cfg["std"]), "resize": cfg.student.resize or data_cfg.get("resize") or input_size,
+            "interpolation": cfg.student.interpolation or data_cfg.get("interpolation") or "bilinear"}
+
+
+@dataclass
+class Step:
+    """One optimisation step's parts: the model, its loss, optimiser, scheduler, precision and input preparation."""
+
+    model: object
+    loss_fn: object
+    optimizer: object
+    scheduler: object
+    autocast: object
+    scaler: object
+    prep: dict
+    device: object
+    cfg: DistillConfig
+
+    def epoch(self, loader, errors: TileErrors, generator) -> tuple[list[float], float, float]:
+        """Train one epoch over ``loader``: (losses, seconds training, seconds waiting for the loader's tiles)."""
+        import torch
+
+        from features.encoders import to_model_input
+
+        start, losses, waited = time.perf_counter(), [], 0.0
+        ready = start
+        for tiles, target, rows in loader:
+            waited += time.perf_counter() - ready  # the step waited this long for the loader's tiles
+            x = to_model_input(tiles, device=self.device, **self.prep)
+            if self.cfg.augment:
+                x = augment(x, generator)
+            with self.autocast:
+                prediction, stats = self.model.outputs(x)
+            per_tile = self.loss_fn.per_tile(prediction, target.to(self.device), stats, self.model)
+            loss = per_tile.mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            losses.append(loss.item())
+            errors.update(rows.numpy(), per_tile.detach().float().cpu().numpy())
+            ready = time.perf_counter()
+        return losses, time.perf_counter() - start, waited
+
+
+def keep_best(state: dict, record: dict, score: float, cfg: DistillConfig) -> bool:
+    """Update ``state`` with an epoch's ``score``: whether it is the best so far (kept), and patience, which only a
+    gain of ``min_delta`` over the last progress resets."""
+    best = score > state["best_score"]
+    if best:
+        state["bad_epochs"] = 0 if score >= state.get("progress_score", -math.inf) + cfg.min_delta else state["bad_epochs"] + 1
+        state.update(best_score=score, best_epoch=record["epoch"], best=record)
+    else:
+        state["bad_epochs"] += 1
+    if state["bad_epochs"] == 0:
+        state["progress_score"] = score
+    return best
+
+
 def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_dir: Path, *,
           fingerprint: str = "", teacher: dict | None = None, on_epoch=None) -> dict:
     """Distil; writes ``out_dir/student.safetensors`` + ``student.json`` and returns the card.
@@ -191,142 +208,102 @@ def train(slides: list[SlideTiles], teacher_dim: int, cfg: DistillConfig, out_di
     """
     import torch
 
-    from distill.model import build_student, param_counts
-    from features.encoders import pick_device, to_model_input
+    from distill.model import build_student
+    from distill.student import FPDLoss
+    from features.encoders import pick_device
 
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoint"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "checkpoint" / "state.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.student.device)
     model, data_cfg = build_student(cfg, teacher_dim)
     model = model.to(device)
-    input_size = cfg.student.input_size or int(data_cfg["input_size"][-1])
-    mean, std = tuple(cfg.student.mean or data_cfg["mean"]), tuple(cfg.student.std or data_cfg["std"])
-    resize = cfg.student.resize or data_cfg.get("resize") or input_size  # a zoo student's own crop and interpolation
-    interpolation = cfg.student.interpolation or data_cfg.get("interpolation") or "bilinear"
-    prep = {"size": input_size, "mean": mean, "std": std, "resize": resize, "interpolation": interpolation}
-    tile_input = input_size if cfg.read_at_input else None
-
+    prep = student_inputs(cfg, data_cfg)
+    tile_input = prep["size"] if cfg.read_at_input else None
     train_pool, val_pool, val_slides = split_pools(slides, cfg)
     if len(train_pool) == 0:
         raise ValueError("no training tiles: every slide has zero tiles or was held out")
     if cfg.whiten:  # the teacher's per-tile mean and std over the pool, to map predictions back to teacher space
         t = np.concatenate([slides[s].targets[r][None] for s, r in train_pool[:4096]]).astype(np.float32)
         model.set_target_stats(torch.from_numpy(t).to(device))
-    from distill.student import FPDLoss
-
-    loss_fn = FPDLoss(beta=cfg.loss_beta, cosine_weight=cfg.cosine_weight, whiten=cfg.whiten, stats_weight=cfg.stats_weight)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(cfg.tiles_per_epoch / cfg.batch_size)
     total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
     workers = cfg.num_workers if cfg.num_workers is not None else (0 if device.type == "cpu" else 2)
     loader_kwargs = dict(batch_size=cfg.batch_size, workers=workers, pin_memory=device.type == "cuda")
-    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    resumed_from, saved = None, None
-    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # epoch 0's, until one is better
-    if (ckpt_dir / "state.pt").exists():
-        saved = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") == fingerprint and "model" in saved:  # (an older layout kept weights apart)
-            model.load_state_dict(saved["model"])
-            best_weights = saved["best_model"]
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            state = json.loads(saved["progress"])
-            resumed_from = state["epoch"]
-            log.info("distillation resumes after epoch %d", resumed_from)
-        else:
-            saved = None
-    pools = prepare_pools(slides, train_pool, val_pool, cfg, ckpt_dir, resume=resumed_from is not None)
-    train_pool, val_pool, val_labels, val_weights, clusters = (pools.train, pools.val, pools.val_labels, pools.val_weights,
-                                                               pools.clusters)
+    resumed = resume(ckpt, fingerprint, model, optimizer, scheduler)
+    state, best_weights = resumed.state, resumed.best_weights
+    pools = prepare_pools(slides, train_pool, val_pool, cfg, ckpt.parent, resume=resumed.epoch is not None)
     weights = draw_weights(pools.train_labels, cfg)
-    errors = TileErrors(len(train_pool), None if saved is None else saved.get("tile_errors", torch.zeros(0)).numpy())
-    val_loader = batch_loader(DistillTiles(slides, val_pool, tile_input, cache_mb=cfg.tile_cache_mb), **loader_kwargs)
-    train_tiles = DistillTiles(slides, train_pool, tile_input, cache_mb=cfg.tile_cache_mb)
-    if resumed_from is None:
-        initial = evaluate(model, val_loader, prep, device, val_labels, val_weights)
+    errors = TileErrors(len(pools.train), resumed.tile_errors)
+    val_loader = batch_loader(DistillTiles(slides, pools.val, tile_input, cache_mb=cfg.tile_cache_mb), **loader_kwargs)
+    train_tiles = DistillTiles(slides, pools.train, tile_input, cache_mb=cfg.tile_cache_mb)
+    if resumed.epoch is None:
+        initial = evaluate(model, val_loader, prep, device, pools.val_labels, pools.val_weights)
         state["history"].append({"epoch": 0, **without_clusters(initial)})
     precision = resolve_precision(cfg.precision, device)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype(precision) or torch.float32, enabled=precision != "fp32")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
+    step = Step(model, FPDLoss(beta=cfg.loss_beta, cosine_weight=cfg.cosine_weight, whiten=cfg.whiten,
+                               stats_weight=cfg.stats_weight), optimizer, scheduler,
+                torch.autocast(device.type, dtype=autocast_dtype(precision) or torch.float32, enabled=precision != "fp32"),
+                torch.amp.GradScaler(device.type, enabled=precision == "fp16"), prep, device, cfg)  # fp16 needs scaling
     generator = torch.Generator().manual_seed(cfg.seed)
     model.train()
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"] + 1
         generator.manual_seed(cfg.seed * 1000 + epoch)  # resumable: each epoch's sampling depends only on its number
-        draws = epoch_draws(len(train_pool), cfg.tiles_per_epoch, weights, errors, cfg.hard_mining,
+        draws = epoch_draws(len(pools.train), cfg.tiles_per_epoch, weights, errors, cfg.hard_mining,
                             np.random.default_rng(cfg.seed * 1000 + epoch))
-        loader = batch_loader(train_tiles.epoch(draws), **loader_kwargs)  # processes, or threads in a daemonic worker
-        start, losses, waited = time.perf_counter(), [], 0.0
-        ready = start
-        for tiles, target, rows in loader:
-            waited += time.perf_counter() - ready  # the step waited this long for the loader's tiles
-            x = to_model_input(tiles, device=device, **prep)
-            if cfg.augment:
-                x = augment(x, generator)
-            with autocast:
-                prediction, stats = model.outputs(x)
-            per_tile = loss_fn.per_tile(prediction, target.to(device), stats, model)
-            loss = per_tile.mean()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(loss.item())
-            errors.update(rows.numpy(), per_tile.detach().float().cpu().numpy())
-            ready = time.perf_counter()
-        train_seconds = time.perf_counter() - start
-        metrics = evaluate(model, val_loader, prep, device, val_labels, val_weights)
+        start = time.perf_counter()
+        losses, seconds, waited = step.epoch(batch_loader(train_tiles.epoch(draws), **loader_kwargs), errors, generator)
+        metrics = evaluate(model, val_loader, prep, device, pools.val_labels, pools.val_weights)
         record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5), "seconds": round(time.perf_counter() - start, 2),
-                  "train_seconds": round(train_seconds, 2), "wait_seconds": round(waited, 2), **metrics}
+                  "train_seconds": round(seconds, 2), "wait_seconds": round(waited, 2), **metrics}
         state["history"].append(without_clusters(record))
         state["epoch"] = epoch
         score = held_out_score(metrics, cfg.select)
-        score = -record["loss"] if score is None else score  # no held-out tiles: training loss decides
-        if score > state["best_score"]:  # the best epoch so far is kept; only a gain of min_delta resets patience
-            state["bad_epochs"] = 0 if score >= state.get("progress_score", -math.inf) + cfg.min_delta else state["bad_epochs"] + 1
-            state.update(best_score=score, best_epoch=epoch, best=record)
+        if keep_best(state, record, -record["loss"] if score is None else score, cfg):  # no held-out tiles: the loss
             best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
-        if state["bad_epochs"] == 0:
-            state["progress_score"] = score
         # one file, renamed into place: the weights, the best epoch's, the optimiser and the progress of one epoch
         atomic_torch_save({"fingerprint": fingerprint, "model": model.state_dict(), "best_model": best_weights,
                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "progress": json.dumps(state), "tile_errors": torch.from_numpy(errors.errors)},
-                          ckpt_dir / "state.pt")
+                           "progress": json.dumps(state), "tile_errors": torch.from_numpy(errors.errors)}, ckpt)
         log.info("distill epoch %d: loss %.4f, held-out cosine %.4f, R² %.4f, worst cluster R² %s", epoch, record["loss"],
                  metrics["cosine"], metrics["r2"], metrics.get("worst_cluster_r2"))
         if on_epoch is not None:
             on_epoch(record)
-
     model.load_state_dict(best_weights)
+    card = student_card(model, cfg, state, pools, slides, val_slides, prep, teacher, teacher_dim, precision,
+                        "none" if not workers else resolve_loader("auto"), fingerprint, resumed.epoch)
+    save_safetensors(model.state_dict(), out_dir / "student.safetensors", metadata={"card": "student.json"})
+    write_json(out_dir / "student.json", card)
+    return card
+
+
+def student_card(model, cfg: DistillConfig, state: dict, pools, slides: list[SlideTiles], val_slides: list[str], prep: dict,
+                 teacher: dict | None, teacher_dim: int, precision: str, loader: str, fingerprint: str,
+                 resumed_from: int | None) -> dict:
+    """The student's card: how it was built and trained, on what, its best epoch's fidelity and the verdict."""
+    from distill.model import param_counts
+
     best_record = state.get("best", state["history"][-1])
-    card = {
+    return {
         "kind": "wsi-pipeline distilled student",
         "student": cfg.student.model_dump(mode="json"), "student_init": cfg.student.weights_source(cfg.seed),
-        "precision": precision, "loader": resolve_loader("auto") if loader_kwargs["workers"] else "none",
+        "precision": precision, "loader": loader,
         "projector": cfg.projector, "projector_width": cfg.projector_width,
         "whiten": cfg.whiten, "dewhiten_head": model.stats_head is not None, "teacher": teacher or {}, "teacher_dim": teacher_dim,
-        "input_size": input_size, "read_at_input": cfg.read_at_input, "mean": list(mean), "std": list(std),
-        "resize": resize, "interpolation": interpolation,
+        "input_size": prep["size"], "read_at_input": cfg.read_at_input, "mean": list(prep["mean"]), "std": list(prep["std"]),
+        "resize": prep["resize"], "interpolation": prep["interpolation"],
         "params": param_counts(model),
         "data": {"slides": [s.slide_id for s in slides], "val_slides": val_slides,
-                 "train_tiles": int(len(train_pool)), "val_tiles": int(len(val_pool)),
+                 "train_tiles": int(len(pools.train)), "val_tiles": int(len(pools.val)),
                  "held_out_training_tiles": pools.held_out_training_tiles},
         "metrics": {"initial": state["history"][0], "best": without_clusters(best_record), "selected_by": cfg.select,
                     "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "resumed_from_epoch": resumed_from},
-        "fidelity": {"clusters": best_record.get("clusters", {}), "n_clusters": len(clusters.centres),
+        "fidelity": {"clusters": best_record.get("clusters", {}), "n_clusters": len(pools.clusters.centres),
                      "scored_on_training_slides": pools.topped_up,
                      "verdict": verdict(best_record, cfg, state["epoch"], state["best_epoch"], pools.topped_up)},
         "history": state["history"], "config": cfg.model_dump(mode="json"), "fingerprint": fingerprint,
     }
-    save_safetensors(model.state_dict(), out_dir / "student.safetensors", metadata={"card": "student.json"})
-    write_json(out_dir / "student.json", card)
-    return card

@@ -14,6 +14,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,35 @@ def _to_input(tiles: np.ndarray, size: int, mean, std, device, resize: int | Non
 
     return to_model_input(torch.from_numpy(np.asarray(tiles)), size, mean, std, device, resize=resize,
                           interpolation=interpolation)
+
+
+@dataclass
+class _BagStep:
+    """One End2end step on one bag: its ``k`` picked tiles re-embedded by the student (with gradients) in place of
+    their stored rows, CLAM's bag and instance losses, one optimiser step; returns the loss."""
+
+    student: object
+    student_input: dict
+    clam: object
+    tiles: TileFn
+    device: object
+    cfg: MILConfig
+    strategy: object
+    optimizer: object
+
+    def __call__(self, slide_id: str, stored, rows: np.ndarray, label: int) -> float:
+        import torch
+
+        from mil.finetune.loop import optimizer_step
+
+        index = torch.from_numpy(rows).to(self.device)
+        fresh = self.student(_to_input(self.tiles(slide_id, rows), **self.student_input, device=self.device))  # the only images
+        # stored rows, the k fresh ones (with gradients) swapped in: one bag-sized copy, no masks
+        out = self.clam(stored.index_copy(0, index, fresh.float()), label=label)
+        target = torch.tensor([label], device=self.device)
+        loss = self.cfg.bag_weight * torch.nn.functional.cross_entropy(out["logits"], target) \
+            + (1 - self.cfg.bag_weight) * out["instance_loss"]
+        return optimizer_step(self.strategy, self.student, self.optimizer, loss)
 
 
 def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn, tiles: TileFn,
@@ -66,7 +96,6 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
     from features.encoders import pick_device
     from mil.finetune import create_finetune
     from mil.finetune.base import TrainingMemory, count
-    from mil.finetune.loop import optimizer_step
     from mil.train import bag_tensor
 
     torch.manual_seed(seed)
@@ -85,6 +114,7 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
     trainable = strategy.trainable(student)
     meter = TrainingMemory([student, clam], trainable + list(clam.parameters()))
     weights = balanced_weights(train_ids, labels, clam.n_classes)
+    step = _BagStep(student, student_input, clam, tiles, device, cfg, strategy, optimizer)
     history, best = [], (math.inf, None)
     total_steps, steps = epochs * len(train_ids), 0
     for epoch in range(1, epochs + 1):
@@ -97,15 +127,8 @@ def train_end2end(cfg: MILConfig, student, student_input: dict, clam, bag: BagFn
             label = labels[slide_id]
             stored = bag_tensor(bag, slide_id, device)
             rows = pick_rows(clam, stored, label, k_tiles, attended, rng)
-            index = torch.from_numpy(rows).to(device)
             with meter.step():
-                fresh = student(_to_input(tiles(slide_id, rows), **student_input, device=device))  # the only images in memory
-                # stored rows, the k fresh ones (with gradients) swapped in: one bag-sized copy, no masks
-                out = clam(stored.index_copy(0, index, fresh.float()), label=label)
-                target = torch.tensor([label], device=device)
-                loss = cfg.bag_weight * torch.nn.functional.cross_entropy(out["logits"], target) \
-                    + (1 - cfg.bag_weight) * out["instance_loss"]
-                losses.append(optimizer_step(strategy, student, optimizer, loss))
+                losses.append(step(slide_id, stored, rows, label))
             steps += 1
             if on_step is not None:
                 on_step(done=steps, total=total_steps, unit="step")

@@ -68,6 +68,13 @@ def run_with_progress(slides_csv: Path, out: Path, make_config, *, check=None, u
     except (ConfigError, ManifestError, LockError, ClusterError, BundleError, ValueError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
+    if any(task.status != "up-to-date" for task in report.tasks.values()):
+        from pipelines.status import run_status
+
+        try:
+            run_status(out, use_cache=False)  # status's report kept for the next `status` (a no-op run changed nothing)
+        except (OSError, ValueError) as exc:  # the run's own outcome stands; `status` will derive it again
+            logging.getLogger(__name__).debug("status report not kept: %s", exc)
     print_report(console, report)
     raise typer.Exit(0 if report.complete else 1)
 

@@ -83,9 +83,8 @@ def _default_id(path_text: str) -> str:
     return Path(name).stem
 
 
-def read_manifest(path: str | Path) -> list[SlideEntry]:
-    """Parse and validate slides.csv. Raises :class:`ManifestError` listing every problem found."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """slides.csv as text: UTF-8 (with or without a BOM), not empty."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -98,8 +97,10 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
                                    "save the CSV as UTF-8"]) from None
     if not text.strip():
         raise ManifestError(path, ["the file is empty; expected a header row with at least `slide_path`"])
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in next(reader)]
+    return text
+
+
+def _check_header(path: Path, header: list[str]) -> None:
     if "slide_path" not in header and "slide_id" not in header:
         raise ManifestError(path, [f"line 1: missing required column `slide_path` (or `slide_id`, for a features-only "
                                    f"cohort) (header is {header})"])
@@ -110,6 +111,45 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
     if unknown:
         log.warning("%s: ignoring unknown column(s) %s (known: %s)", path, unknown, list(REQUIRED + OPTIONAL))
 
+
+def _parse_row(values: dict[str, str], line: int, base: Path, seen: dict[str, int]) -> SlideEntry | str:
+    """One row as a :class:`SlideEntry`, or the problem with it (naming its line and column)."""
+    slide_path = values.get("slide_path", "")
+    if not slide_path and not values.get("slide_id"):
+        return f"line {line}, column slide_path: empty (give the slide file, or a slide_id whose features were imported)"
+    slide_id = sanitize_slide_id(values.get("slide_id") or _default_id(slide_path))
+    if slide_id in seen:
+        hint = "" if values.get("slide_id") else " (ids come from file names; add a `slide_id` column)"
+        return f"line {line}, column slide_id: duplicate id {slide_id!r}, already used on line {seen[slide_id]}{hint}"
+    seen[slide_id] = line
+    mpp = None
+    if values.get("mpp"):
+        try:
+            mpp = float(values["mpp"])
+            if not plausible_mpp(mpp):
+                raise ValueError
+        except ValueError:
+            return (f"line {line}, column mpp: {values['mpp']!r} is not a number of µm per pixel strictly between "
+                    f"{PLAUSIBLE_MPP[0]} and {PLAUSIBLE_MPP[1]}")
+    split = values.get("split") or None
+    if split is not None and split not in SPLITS:
+        return f"line {line}, column split: {split!r} is not one of {list(SPLITS)}"
+    resolved = None
+    if slide_path:
+        resolved = Path(slide_path).expanduser()
+        if not resolved.is_absolute():
+            resolved = base / resolved
+        resolved = Path(os.path.normpath(resolved))
+    return SlideEntry(slide_id=slide_id, slide_path=resolved, line=line, label=values.get("label") or None,
+                      case_id=values.get("case_id") or slide_id, split=split, mpp=mpp)
+
+
+def read_manifest(path: str | Path) -> list[SlideEntry]:
+    """Parse and validate slides.csv. Raises :class:`ManifestError` listing every problem found."""
+    path = Path(path)
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    header = [h.strip() for h in next(reader)]
+    _check_header(path, header)
     problems: list[str] = []
     entries: list[SlideEntry] = []
     seen: dict[str, int] = {}
@@ -122,42 +162,8 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         if len(row) != len(header):
             problems.append(f"line {line}: {len(row)} fields, but the header has {len(header)}")
             continue
-        values = {h: cell.strip() for h, cell in zip(header, row)}
-        slide_path = values.get("slide_path", "")
-        if not slide_path and not values.get("slide_id"):
-            problems.append(f"line {line}, column slide_path: empty (give the slide file, or a slide_id whose "
-                            "features were imported)")
-            continue
-        raw_id = values.get("slide_id") or _default_id(slide_path)
-        slide_id = sanitize_slide_id(raw_id)
-        if slide_id in seen:
-            hint = "" if values.get("slide_id") else " (ids come from file names; add a `slide_id` column)"
-            problems.append(f"line {line}, column slide_id: duplicate id {slide_id!r}, already used on line {seen[slide_id]}{hint}")
-            continue
-        seen[slide_id] = line
-        mpp = None
-        if values.get("mpp"):
-            try:
-                mpp = float(values["mpp"])
-                if not plausible_mpp(mpp):
-                    raise ValueError
-            except ValueError:
-                problems.append(f"line {line}, column mpp: {values['mpp']!r} is not a number of µm per pixel strictly between "
-                                f"{PLAUSIBLE_MPP[0]} and {PLAUSIBLE_MPP[1]}")
-                continue
-        split = values.get("split") or None
-        if split is not None and split not in SPLITS:
-            problems.append(f"line {line}, column split: {split!r} is not one of {list(SPLITS)}")
-            continue
-        resolved = None
-        if slide_path:
-            resolved = Path(slide_path).expanduser()
-            if not resolved.is_absolute():
-                resolved = base / resolved
-            resolved = Path(os.path.normpath(resolved))
-        entries.append(SlideEntry(slide_id=slide_id, slide_path=resolved, line=line,
-                                  label=values.get("label") or None, case_id=values.get("case_id") or slide_id,
-                                  split=split, mpp=mpp))
+        parsed = _parse_row({h: cell.strip() for h, cell in zip(header, row)}, line, base, seen)
+        (problems if isinstance(parsed, str) else entries).append(parsed)
     if problems:
         raise ManifestError(path, problems)
     if not entries:

@@ -152,8 +152,8 @@ def test_progress_is_written_throttled_and_shown(tmp_path):
 
     from pipelines.engine.plan import Task
     from pipelines.engine.run_dir import RunPaths
-    from pipelines.engine.runner import ProgressWriter
     from pipelines.engine.state import read_state
+    from pipelines.engine.task import ProgressWriter
     from pipelines.live import LiveTasks, progress_text
     from pipelines.stages.table import STAGES
 

@@ -382,6 +382,25 @@ def test_lock_heartbeat_and_a_filesystem_without_flock(tmp_path, monkeypatch):
     assert not path.exists()
 
 
+def test_status_is_kept_between_calls_and_follows_every_change(small_run):
+    """``status`` answers from its kept report while nothing it was derived from changed, and derives it again when
+    a state file is edited (even in place), an artifact deleted or the run's config changed."""
+    from pipelines.status import run_status
+
+    csv, config, out = small_run
+    derived = run_status(out, use_cache=False)
+    assert (out / "state" / "_status.json").exists()
+    assert run_status(out) == derived
+    state_file = out / "state" / "tiles" / "s001.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "status": "failed", "error": "edited"}))  # in place, same folder
+    assert run_status(out)["slides"]["s001"]["tiles"]["status"] == "failed"
+    state_file.write_text(json.dumps(state))
+    (out / "tiles" / "s002.coords.npy").unlink()
+    assert run_status(out)["slides"]["s002"]["tiles"]["status"] == "stale"
+    assert run_status(out) == run_status(out, use_cache=False)
+
+
 def test_content_fingerprints_survive_touch_and_are_cached(cohort, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -345,7 +345,7 @@ def test_a_zoo_student_starts_from_its_weights_with_its_preprocessing(tmp_path):
 
 
 def test_a_bundle_carries_its_teachers_licence():
-    from pipelines.deploy.bundle import bundle_licence
+    from pipelines.deploy.card import bundle_licence
 
     student = {"kind": "student", "teacher": {"provenance": provenance("uni2_h"), "random_weights": False}}
     licence = bundle_licence(student)

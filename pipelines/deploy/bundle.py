@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipelines import __version__
+from pipelines.deploy.card import bundle_licence, card_markdown
 from pipelines.engine.run_dir import write_json, write_text
 
 FORMAT = "wsi-pipeline-bundle/1"
@@ -137,10 +138,57 @@ def _teacher_reference(cfg, paths, entries) -> dict:
             "preprocessing": {k: attrs[k] for k in PREPROCESSING if k in attrs}}
 
 
+def _chosen_folds(strategy: str, fold_results: list[dict], folds: list[int] | None, end2end: bool) -> list[int]:
+    """The folds a bundle holds: those asked for (all finished ones by default; End2end: its best, one only)."""
+    available = [f["fold"] for f in fold_results]
+    chosen = folds or ([_best_fold(fold_results)] if end2end else available)
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        raise BundleError(f"strategy {strategy!r} has no finished fold {unknown}; folds: {available}")
+    if end2end and len(set(chosen)) > 1:
+        raise BundleError(f"{strategy}: each fold fine-tuned its own encoder, so a bundle holds one fold; give one --fold")
+    return sorted(set(chosen))
+
+
+def _student_encoder(cfg, paths, job, end2end: bool, models: Path, files: dict[str, Path]) -> dict:
+    """The bundle's student encoder (End2end: the fold's fine-tuned weights or LoRA adapter), its files added."""
+    from features.zoo import provenance
+    from mil.strategies import job_files
+
+    card_path = paths.student_dir / "student.json"
+    card = json.loads(card_path.read_text())
+    start = cfg.distill.student
+    encoder = {"kind": "student", "label": f"student_{cfg.distill.student.label}", "teacher": card["teacher"],
+               "card": "encoder/student.json", "weights": "encoder/student.safetensors", "adapter": None,
+               "tuned": None, "student_start": None if start.random_weights else provenance(start.model)}
+    files["encoder/student.json"] = card_path
+    files["encoder/student.safetensors"] = paths.student_dir / "student.safetensors"
+    if end2end:
+        tuned = job_files(models, job)[1]
+        encoder["tuned"] = f"End2end {job.finetune} fine-tuning, fold {job.fold}"
+        if job.finetune == "lora":
+            files["encoder/adapter.safetensors"] = tuned
+            encoder["adapter"] = "encoder/adapter.safetensors"
+        else:
+            files["encoder/student.safetensors"] = tuned
+    return encoder
+
+
+def _task_fingerprints(paths, mil_keys: list[str], student_card: Path | None) -> dict:
+    """The fingerprints of the mil tasks whose models the bundle holds (Reuse: the teacher's CLAMs it applies), and
+    of the distillation for a student."""
+    fingerprints = {}
+    for key in mil_keys:
+        state = paths.state("mil", key)
+        fingerprints[f"mil/{key}"] = json.loads(state.read_text()).get("fingerprint") if state.exists() else None
+    if student_card is not None:
+        fingerprints["distill"] = json.loads(student_card.read_text()).get("fingerprint")
+    return fingerprints
+
+
 def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None = None) -> dict:
     """Write the bundle of results row ``strategy`` of the finished run ``run`` into ``dest``; returns bundle.json."""
-    from features.zoo import provenance
-    from mil.strategies import FoldJob, clam_file, job_files, strategy_rows
+    from mil.strategies import FoldJob, clam_file, strategy_rows
     from pipelines.stages.heatmaps import read_run
 
     cfg, entries, paths = read_run(Path(run).absolute())
@@ -151,15 +199,8 @@ def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None 
         raise BundleError("end2end:fpt cannot be exported yet: its side network needs the teacher and FPT's own "
                           "inference path; export another row")
     fold_results = _fold_results(paths, cfg, entries, strategy)
-    available = [f["fold"] for f in fold_results]
     end2end = strategy.startswith("end2end")
-    chosen = folds or ([_best_fold(fold_results)] if end2end else available)
-    unknown = sorted(set(chosen) - set(available))
-    if unknown:
-        raise BundleError(f"strategy {strategy!r} has no finished fold {unknown}; folds: {available}")
-    if end2end and len(set(chosen)) > 1:
-        raise BundleError(f"{strategy}: each fold fine-tuned its own encoder, so a bundle holds one fold; give one --fold")
-    chosen = sorted(set(chosen))
+    chosen = _chosen_folds(strategy, fold_results, folds, end2end)
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise BundleError(f"{dest} exists and is not empty: give a new folder")
@@ -169,36 +210,15 @@ def export_bundle(run: Path, strategy: str, dest: Path, folds: list[int] | None 
     base = job.needs[0] if job.kind == "reuse" else job
     for fold in chosen:
         files[f"clam/fold_{fold}.safetensors"] = clam_file(models, FoldJob(base.kind, fold, base.finetune))
-    if job.features == "teacher":
-        encoder = _teacher_reference(cfg, paths, entries)
-    else:
-        card_path = paths.student_dir / "student.json"
-        card = json.loads(card_path.read_text())
-        start = cfg.distill.student
-        encoder = {"kind": "student", "label": f"student_{cfg.distill.student.label}", "teacher": card["teacher"],
-                   "card": "encoder/student.json", "weights": "encoder/student.safetensors", "adapter": None,
-                   "tuned": None, "student_start": None if start.random_weights else provenance(start.model)}
-        files["encoder/student.json"] = card_path
-        files["encoder/student.safetensors"] = paths.student_dir / "student.safetensors"
-        if end2end:
-            tuned = job_files(models, job)[1]
-            encoder["tuned"] = f"End2end {job.finetune} fine-tuning, fold {job.fold}"
-            if job.finetune == "lora":
-                files["encoder/adapter.safetensors"] = tuned
-                encoder["adapter"] = "encoder/adapter.safetensors"
-            else:
-                files["encoder/student.safetensors"] = tuned
+    encoder = _teacher_reference(cfg, paths, entries) if job.features == "teacher" else \
+        _student_encoder(cfg, paths, job, end2end, models, files)
     for source in files.values():
         if not source.exists():
             raise BundleError(f"{source} is missing: rerun the mil stage (wsi-pipeline run … --force mil)")
     by_fold = {f["fold"]: f for f in fold_results}
     summary = _summary_row(paths.root, strategy)
-    fingerprints = {}  # of the mil tasks whose models the bundle holds (Reuse: the teacher's CLAMs it applies)
-    for key in sorted({by_fold[f]["job"] for f in chosen} | {FoldJob(base.kind, f, base.finetune).key for f in chosen}):
-        state = paths.state("mil", key)
-        fingerprints[f"mil/{key}"] = json.loads(state.read_text()).get("fingerprint") if state.exists() else None
-    if encoder["kind"] == "student":
-        fingerprints["distill"] = json.loads(files["encoder/student.json"].read_text()).get("fingerprint")
+    keys = sorted({by_fold[f]["job"] for f in chosen} | {FoldJob(base.kind, f, base.finetune).key for f in chosen})
+    fingerprints = _task_fingerprints(paths, keys, files.get("encoder/student.json") if encoder["kind"] == "student" else None)
     tmp = dest.with_name(f".{dest.name}.export.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for name, source in files.items():
@@ -236,45 +256,6 @@ def digests(meta: dict) -> dict[str, str]:
     clam_files = {n: files[n] for n in meta["clam"]["files"]}
     return {"encoder": _digest([meta["encoder"], encoder_files]),
             "clam": _digest([meta["clam"], meta["classes"], clam_files])}
-
-
-def bundle_licence(encoder: dict) -> dict:
-    """The teacher's licence, carried into the bundle: a student distilled from a non-commercial teacher is bound by it."""
-    from features.zoo import licence_note, provenance
-
-    teacher = encoder if encoder["kind"] == "teacher" else encoder.get("teacher", {})
-    prov = teacher.get("provenance") or provenance(teacher.get("spec", {}).get("model", "unknown"))
-    notes = [] if teacher.get("random_weights") else [licence_note(prov)]
-    start = encoder.get("student_start") or {}  # a student started from a zoo model's weights is bound by it too
-    if start.get("non_commercial") is not None:
-        notes.append(licence_note(start))
-    notes = [n for n in notes if n]
-    return {"teacher": prov["title"], "teacher_licence": prov["licence"], "student_start": start.get("title"),
-            "non_commercial": bool(prov["non_commercial"] or start.get("non_commercial")),
-            "note": " ".join(notes) or None}
-
-
-def card_markdown(meta: dict) -> str:
-    card, enc = meta["card"], meta["encoder"]
-    cv = card["cv"]
-    cohort = card["training_cohort"]
-    lines = [f"# Model bundle: {meta['strategy']}", "",
-             f"Classes: {', '.join(meta['classes'])}. CLAMs: folds {meta['clam']['folds']} ({meta['clam']['config']['model']}), "
-             f"probabilities averaged.",
-             f"Encoder: {enc['kind']} `{enc['label']}`" + (f", {enc['tuned']}" if enc.get("tuned") else "") +
-             (f"; teacher weights {enc['weights']}" if enc["kind"] == "teacher" else ""), "",
-             f"Cross-validation ({cv['folds']} folds, mean ± std): ACC {cv['acc_mean']:.3f} ± {cv['acc_std']:.3f}, "
-             f"balanced ACC {cv['bacc_mean']:.3f} ± {cv['bacc_std']:.3f}, AUC {cv['auc_mean']:.3f} ± {cv['auc_std']:.3f}.",
-             f"Training cohort: {cohort['n_slides']} slides, {cohort['n_cases']} cases, labels {cohort['labels']}, "
-             f"mpp {cohort['mpp_range']}.",
-             f"Encoder speed in training: {card['encoder_patches_per_s']} patches/s; {card['encoder_params']} parameters.",
-             f"Made by wsi-pipeline {card['toolkit_version']} on {card['created']} from `{card['run']}`."]
-    teacher = enc if enc["kind"] == "teacher" else enc.get("teacher", {})
-    if meta.get("licence", {}).get("note"):
-        lines += ["", f"**Licence: {meta['licence']['note']}**"]
-    if teacher.get("random_weights"):
-        lines += ["", "**The teacher had random weights: this model tests the machinery, it is not a diagnostic model.**"]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- loading

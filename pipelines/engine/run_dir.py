@@ -107,6 +107,11 @@ class RunPaths:
         return self.root / "manifest.csv"
 
     @property
+    def status_cache(self) -> Path:
+        """``status``'s report, kept while what it was derived from stands (``pipelines.status``)."""
+        return self.root.joinpath("state", "_status.json")
+
+    @property
     def hash_cache(self) -> Path:
         return self.root.joinpath("state", "_hashes.json")
 

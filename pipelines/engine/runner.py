@@ -119,13 +119,92 @@ class _Scheduler:
         return [self.tasks[t] for t in self.dependants[settled.id] if self.ready(self.tasks[t])]
 
 
+class _Submitter:
+    """The Dask side of a run: submits tasks with the resources the cluster has now, turns what comes back into
+    outcomes (a lost worker: failed; a lost scheduler: the run stops), retries failures, reports resource waits."""
+
+    def __init__(self, client, table: StageTable, tasks: dict[str, Task], sched: _Scheduler, cfg: RunConfig,
+                 paths: RunPaths, epoch: str | None):
+        from distributed import as_completed
+
+        self.client, self.table, self.tasks, self.sched, self.cfg, self.paths, self.epoch = (
+            client, table, tasks, sched, cfg, paths, epoch)
+        self.resources = ClusterResources(client)
+        self.futures = as_completed(with_results=True, raise_errors=False)  # results stream back as tasks finish
+        self.owner: dict[str, Task] = {}
+        self.needs: dict[str, dict] = {}
+        self.per_stage: dict[str, int] = {}
+        for t in tasks.values():
+            self.per_stage[t.stage] = self.per_stage.get(t.stage, 0) + 1
+
+    def lost_scheduler(self, exc: BaseException | None = None) -> ClusterError:
+        finished = sum(t.status in ("done", "up-to-date") for t in self.tasks.values())
+        return ClusterError(f"lost the Dask scheduler at {self.client.scheduler.address} while {len(self.owner)} task(s) "
+                            f"were submitted{f' ({type(exc).__name__})' if exc else ''}: the run stopped. {finished} task(s) "
+                            "finished and are kept; rerun the same command to resume (with --scheduler, once the cluster "
+                            "is back)")
+
+    def submit(self, task: Task) -> None:
+        from distributed.client import ClosedClientError
+        from distributed.comm import CommClosedError
+
+        if self.client.status != "running":
+            raise self.lost_scheduler()
+        task.attempts += 1
+        available = self.resources.available()
+        resources = {k: v for k, v in task.spec.resources.items() if k in available} or None
+        if resources is None and "CPU" in available:  # workers split by kind: keep CPU work off the GPU workers
+            resources = {"CPU": 1}
+        alone = task.scope == "cohort" or self.per_stage[task.stage] == 1  # a cohort stage, or a one-slide run
+        try:
+            future = self.client.submit(run_task, self.table.ref, task.stage, task.key, self.sched.payload(task), self.cfg,
+                                        str(self.paths.root), task.fingerprint, task.attempts, alone, task.forced,
+                                        self.epoch, key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}",
+                                        pure=False, resources=resources)
+        except (ClosedClientError, CommClosedError, OSError) as exc:
+            raise self.lost_scheduler(exc) from None
+        self.owner[future.key] = task
+        self.needs[future.key] = resources or {}
+        self.futures.add(future)
+
+    def waiting(self) -> dict[str, int]:
+        """Resource → tasks submitted that need it and have not come back."""
+        counts: dict[str, int] = {}
+        for key in list(self.owner):
+            for resource in self.needs.get(key, {}):
+                counts[resource] = counts.get(resource, 0) + 1
+        return counts
+
+    def outcome(self, future, outcome) -> tuple[Task, dict] | None:
+        """A task's outcome as it comes back; None when it was submitted again (a retry)."""
+        task = self.owner.pop(future.key)
+        self.needs.pop(future.key, None)
+        if isinstance(outcome, BaseException) and self.client.status != "running":  # not the task: the scheduler
+            self.owner[future.key] = task
+            raise self.lost_scheduler(outcome)
+        if isinstance(outcome, BaseException):  # the worker died or the task could not run at all
+            reason = f"{type(outcome).__name__}: {outcome}"
+            state = read_state(self.paths, task.stage, task.key) or {}
+            write_state(self.paths, task.stage, task.key, status="failed", fingerprint=task.fingerprint,
+                        attempts=task.attempts, started=state.get("started"), finished=now(), error=reason,
+                        traceback="".join(traceback.format_exception(outcome)))
+            outcome = {"status": "failed", "reason": reason}
+        future.release()
+        if outcome["status"] == "stale":  # another run took the run directory over (--break-lock): not ours now
+            outcome = {"status": "failed", "reason": outcome["reason"]}
+        elif outcome["status"] == "failed" and task.attempts <= self.cfg.runner.retries:
+            log.info("%s failed (attempt %d): %s; retrying", task.id, task.attempts, outcome["reason"])
+            self.submit(task)
+            return None
+        return task, outcome
+
+
 def execute(table: StageTable, tasks: dict[str, Task], entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths,
             on_settled: Callable[[Task], None] = lambda t: None, on_start: Callable[[str], None] = lambda d: None,
             hashes: HashCache | None = None, epoch: str | None = None) -> str | None:
     """Run the plan built from ``table`` (its tasks fenced by ``epoch``, the lock's: :func:`run_task`). Returns the
     dashboard link when a cluster was used."""
     sched = _Scheduler(tasks, {e.slide_id: e for e in entries}, cfg, paths, on_settled, hashes)
-    frontier = [t for t in tasks.values() if sched.ready(t)]
     to_run: list[Task] = []
 
     def expand(candidates: list[Task]) -> None:
@@ -140,89 +219,24 @@ def execute(table: StageTable, tasks: dict[str, Task], entries: list[SlideEntry]
             else:
                 candidates.extend(sched.next_ready(task))
 
-    expand(frontier)
+    expand([t for t in tasks.values() if sched.ready(t)])
     if not to_run:
         return None  # everything up to date: no cluster needed
-    from distributed import as_completed
-    from distributed.client import ClosedClientError
-    from distributed.comm import CommClosedError
-
     with dask_client(cfg, len(tasks), warm_up=table.warm_up) as client:
-        dashboard = client.dashboard_link
-        on_start(dashboard)
-        resources_now = ClusterResources(client)
-        futures = as_completed(with_results=True, raise_errors=False)  # results stream back as tasks finish
-        owner, needs = {}, {}
-
-        per_stage: dict[str, int] = {}
-        for t in tasks.values():
-            per_stage[t.stage] = per_stage.get(t.stage, 0) + 1
-
-        def lost_scheduler(exc: BaseException | None = None) -> ClusterError:
-            finished = sum(t.status in ("done", "up-to-date") for t in tasks.values())
-            return ClusterError(f"lost the Dask scheduler at {client.scheduler.address} while "
-                                f"{len(owner)} task(s) were submitted{f' ({type(exc).__name__})' if exc else ''}: the run stopped. "
-                                f"{finished} task(s) finished and are kept; rerun the same command to resume (with "
-                                "--scheduler, once the cluster is back)")
-
-        def submit(task: Task) -> None:
-            if client.status != "running":
-                raise lost_scheduler()
-            task.attempts += 1
-            stage = task.spec
-            available = resources_now.available()
-            resources = {k: v for k, v in stage.resources.items() if k in available} or None
-            if resources is None and "CPU" in available:  # workers split by kind: keep CPU work off the GPU workers
-                resources = {"CPU": 1}
-            alone = task.scope == "cohort" or per_stage[task.stage] == 1  # a cohort stage, or a one-slide run
-            try:
-                future = client.submit(run_task, table.ref, task.stage, task.key, sched.payload(task), cfg, str(paths.root),
-                                       task.fingerprint, task.attempts, alone, task.forced, epoch,
-                                       key=f"{task.stage}-{task.key}-{task.attempts}-{time.time_ns()}", pure=False,
-                                       resources=resources)
-            except (ClosedClientError, CommClosedError, OSError) as exc:
-                raise lost_scheduler(exc) from None
-            owner[future.key] = task
-            needs[future.key] = resources or {}
-            futures.add(future)
-
-        def waiting() -> dict[str, int]:
-            counts: dict[str, int] = {}
-            for key in list(owner):
-                for resource in needs.get(key, {}):
-                    counts[resource] = counts.get(resource, 0) + 1
-            return counts
-
-        for task in to_run:
-            submit(task)
-        to_run.clear()
-        with resources_now.watch(waiting, patience=cfg.runner.worker_wait_s):
-            for future, outcome in futures:
-                task = owner.pop(future.key)
-                needs.pop(future.key, None)
-                if isinstance(outcome, BaseException) and client.status != "running":  # not the task: the scheduler
-                    owner[future.key] = task
-                    raise lost_scheduler(outcome)
-                if isinstance(outcome, BaseException):  # the worker died or the task could not run at all
-                    reason = f"{type(outcome).__name__}: {outcome}"
-                    state = read_state(paths, task.stage, task.key) or {}
-                    write_state(paths, task.stage, task.key, status="failed", fingerprint=task.fingerprint,
-                                attempts=task.attempts, started=state.get("started"), finished=now(), error=reason,
-                                traceback="".join(traceback.format_exception(outcome)))
-                    outcome = {"status": "failed", "reason": reason}
-                future.release()
-                if outcome["status"] == "stale":  # another run took the run directory over (--break-lock): not ours now
-                    outcome = {"status": "failed", "reason": outcome["reason"]}
-                elif outcome["status"] == "failed" and task.attempts <= cfg.runner.retries:
-                    log.info("%s failed (attempt %d): %s; retrying", task.id, task.attempts, outcome["reason"])
-                    submit(task)
-                    continue
-                sched.settle(task, outcome["status"], outcome.get("reason", task.reason))
-                expand(sched.next_ready(task))
-                for ready in to_run:
-                    submit(ready)
+        on_start(client.dashboard_link)
+        submitter = _Submitter(client, table, tasks, sched, cfg, paths, epoch)
+        with submitter.resources.watch(submitter.waiting, patience=cfg.runner.worker_wait_s):
+            while to_run or submitter.owner:
+                for task in to_run:
+                    submitter.submit(task)
                 to_run.clear()
-    return dashboard
+                future, outcome = next(submitter.futures)
+                settled = submitter.outcome(future, outcome)
+                if settled is not None:
+                    task, outcome = settled
+                    sched.settle(task, outcome["status"], outcome.get("reason", task.reason))
+                    expand(sched.next_ready(task))
+        return client.dashboard_link
 
 
 def run_cohort(table: StageTable, entries: list[SlideEntry], out: Path, cfg: RunConfig, *, until: str | None = None,
@@ -243,8 +257,9 @@ def run_cohort(table: StageTable, entries: list[SlideEntry], out: Path, cfg: Run
             notes.append(f"removed {len(swept)} temporary file(s) left by an interrupted run")
         for note in notes:
             log.warning("%s", note)
-        write_text(paths.config, dump_config(cfg))
-        write_text(paths.manifest, manifest_csv(entries))
+        for target, text in ((paths.config, dump_config(cfg)), (paths.manifest, manifest_csv(entries))):
+            if not target.exists() or target.read_text() != text:  # unchanged: left alone (status's cache stands)
+                write_text(target, text)
         on_plan(tasks)
         dashboard = execute(table, tasks, entries, cfg, paths, on_settled, on_start, hashes, epoch=lock.me["epoch"])
         hashes.save()  # hashes made while running (fingerprints after cohort stages)
