@@ -16,13 +16,9 @@ import json
 import os
 from pathlib import Path
 
-from pipelines.config import load_config
-from pipelines.engine.plan import build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
 from pipelines.engine.run_dir import RunPaths, write_json
 from pipelines.engine.run_lock import RunLock
-from pipelines.engine.state import COHORT, HashCache, read_state
-from pipelines.manifest import read_manifest
-from pipelines.stages.table import STAGES
+from pipelines.engine.state import COHORT, read_state
 
 
 def run_status(out: Path, use_cache: bool = True) -> dict:
@@ -71,6 +67,13 @@ def _cached(paths: RunPaths) -> dict | None:
 
 def _derive(paths: RunPaths, live: dict | None) -> tuple[dict, list[str]]:
     """The report from the state files, and every file and folder it depends on."""
+    # imported here: a kept report is read without the config, the plan or the stage modules (0.3 s of imports)
+    from pipelines.config import load_config
+    from pipelines.engine.plan import build_plan, is_up_to_date, resolve_fingerprint, settle_cohort
+    from pipelines.engine.state import HashCache
+    from pipelines.manifest import read_manifest
+    from pipelines.stages.table import STAGES
+
     cfg = load_config(paths.config)
     entries = read_manifest(paths.manifest)
     hashes = HashCache(paths.hash_cache)  # read only: status never rehashes a file the run hashed
