@@ -19,6 +19,7 @@ from pipelines.cli_common import (
 )
 from pipelines.cli_deploy import register
 from pipelines.demo_config import DEMO_CONFIG
+from pipelines.viewer.cli import view
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-slide images → tissue masks, tiles, features, CLAM models and heatmaps.")
@@ -256,6 +257,7 @@ def heatmaps(
 
 
 register(app)  # encoders, export-model, predict, export, import-features
+app.command()(view)
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,18 +270,25 @@ class SlidePool:
         from the coarsest level that holds it, ``input_size``² px)."""
         from wsi.tiling import plan_for_input, read_tile
 
-        with self._lock:
-            slide = self._take(slide_id, reading=True)
+        with self.reading(slide_id) as slide:
             if input_size is not None:
                 key = (slide_id, plan, input_size)
-                derived = self._plans.get(key)
-                if derived is None:
-                    if len(self._plans) >= 4096:  # a few per slide; bounded however many slides pass through
-                        self._plans.clear()
-                    derived = self._plans[key] = plan_for_input(plan, slide.level_downsamples, input_size)
+                with self._lock:
+                    derived = self._plans.get(key)
+                    if derived is None:
+                        if len(self._plans) >= 4096:  # a few per slide; bounded however many slides pass through
+                            self._plans.clear()
+                        derived = self._plans[key] = plan_for_input(plan, slide.level_downsamples, input_size)
                 plan = derived
-        try:
             return read_tile(slide, int(x), int(y), plan)
+
+    @contextmanager
+    def reading(self, slide_id: str) -> Iterator[Slide]:
+        """The open slide, kept open (never closed for another) while the ``with`` block reads it."""
+        with self._lock:
+            slide = self._take(slide_id, reading=True)
+        try:
+            yield slide
         finally:
             with self._lock:
                 self._reading[slide_id] -= 1

@@ -1,0 +1,1 @@
+"""`wsi-pipeline view`: a run's slides, heatmaps and predictions in the browser (docs/viewer.md)."""
