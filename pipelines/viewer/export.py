@@ -60,9 +60,7 @@ def export_viewer(content: ViewerContent, dest: Path, slide_ids: list[str] | Non
             for dzi in [record["dzi"]] + [h["dzi"] for h in record["heatmaps"].values()]:
                 dzi["max_level"] = max_level
     (dest / "api").mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document)
-    (dest / "api" / "slides.json").write_text(text)
-    (dest / "api" / "slides").write_text(text)  # the server's URL too, for tools that read it
+    (dest / "api" / "slides.json").write_text(json.dumps(document))  # the server's /api/slides too; a file cannot be both
 
     def write(url: str) -> int:
         data = content.get(url)[0]
