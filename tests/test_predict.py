@@ -120,6 +120,23 @@ def test_bundles_hold_only_safetensors_and_json_and_refuse_a_changed_file(bundle
     assert again.returncode == 2 and "'retrain' is not a row of this run" in again.stderr
 
 
+def check_viewer(out: Path, labelled: bool) -> None:
+    """`wsi-pipeline view` on a predict run: its predictions (correct or not once labelled) and heatmap layer."""
+    from pipelines.viewer.content import ViewerContent
+    from pipelines.viewer.run_index import load_run
+
+    content = ViewerContent(load_run(out))
+    document = json.loads(content.get("api/slides")[0])
+    assert document["run"]["kind"] == "predict" and document["run"]["strategies"] == ["predict"]
+    expected = {r["slide_id"]: r for r in read_csv(out / "predictions.csv")}
+    for slide in document["slides"]:
+        shown, row = slide["predictions"]["predict"], expected[slide["id"]]
+        assert (shown["prediction"] or "") == row["prediction"]
+        assert shown["correct"] == (row["prediction"] == row["label"] if labelled and row["prediction"] else None)
+    assert "predict" in next(s for s in document["slides"] if s["id"] == "demo_001")["heatmaps"]
+    assert content.get("heatmap/predict/demo_001_files/9/0_0.png")[0][:4] == b"\x89PNG"
+
+
 def test_teacher_bundle_predicts_new_slides_without_then_with_labels(bundles, new_cohort, tmp_path):
     folder, labelled, unlabelled = new_cohort
     out = tmp_path / "teacher_predictions"
@@ -136,12 +153,15 @@ def test_teacher_bundle_predicts_new_slides_without_then_with_labels(bundles, ne
     status = wsi("status", out, "--json")
     assert status.returncode == 0 and {"embed", "predict", "predict_heatmaps"} <= set(json.loads(status.stdout)["stages"])
 
+    check_viewer(out, labelled=False)
+
     predicted_before = {k: v for k, v in states(out, "predict").items() if k != "glass"}
     second = wsi("predict", labelled, "--model", bundles["teacher"], "--out", out, "--config", folder / "predict.yaml")
     assert second.returncode == 0, second.stderr[-3000:]
     assert {k: v for k, v in states(out, "predict").items() if k != "glass"} == predicted_before  # labels: the table only
     metrics = {r["level"]: r for r in read_csv(out / "metrics.csv")}
     assert float(metrics["slide"]["auc"]) >= 0.9, metrics
+    check_viewer(out, labelled=True)
     assert [r["prediction"] for r in read_csv(out / "predictions.csv")] == [r["prediction"] for r in rows]
     assert not (out / "cases.csv").exists()  # one slide per case: no case table
     paired = folder / "paired.csv"  # demo_000 and demo_002 (both normal) from one patient

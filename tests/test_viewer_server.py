@@ -173,3 +173,18 @@ def test_static_export_of_one_slide_is_the_servers_answers(served, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "view", str(out), "--export", str(tmp_path / "x"), "--slide",
                           "nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "nope" in bad.stderr
+
+
+def test_dzi_geometry_covers_every_level_once_with_overlap():
+    geometry = DziGeometry(40_000, 30_000)
+    assert geometry.max_level == 16 and geometry.level_size(16) == (40_000, 30_000) and geometry.level_size(0) == (1, 1)
+    assert geometry.level_size(9) == (313, 235) and geometry.tile_count(9) == (2, 1)
+    assert geometry.tile_box(16, 0, 0) == (0, 0, 255, 255)  # first tile: overlap on the far sides only
+    assert geometry.tile_box(16, 1, 1) == (253, 253, 509, 509)
+    cols, rows = geometry.tile_count(16)
+    assert geometry.tile_box(16, cols - 1, rows - 1)[2:] == (40_000, 30_000)  # the last is cut at the image's edge
+    assert geometry.level0_box(14, 2, 0) == (507 * 4, 0, 763 * 4, 255 * 4)
+    for bad in [(17, 0, 0), (-1, 0, 0), (16, cols, 0), (16, 0, rows), (9, 2, 0)]:
+        with pytest.raises(KeyError):
+            geometry.tile_box(*bad)
+    assert DziGeometry(1, 1).max_level == 0 and DziGeometry(1, 1).tile_count(0) == (1, 1)
