@@ -149,23 +149,31 @@ class HeatZoom:
         sigma = tile_size / self.cell / 2
         scores = score_map(coords, tile_size, percentile, shape, self.cell, blur_sigma=sigma)
         covered = ~np.isnan(scores)
-        if tissue is not None:  # the map is drawn over tissue only, as the heatmap figures are
-            covered &= cv2.resize(tissue.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
         self.scores = np.where(covered, np.nan_to_num(scores), 0).astype(np.float32)
         self.cover = covered.astype(np.float32)
+        # drawn over tissue only, as the heatmap figures are: the mask at its own resolution, finer than the grid
+        self.tissue = None if tissue is None else tissue.astype(np.float32)
+        self.tissue_ds = None if tissue is None else (width / tissue.shape[1], height / tissue.shape[0])
         self.lut = colour_lut(cmap)
+
+    @staticmethod
+    def _sample(grid: np.ndarray, cell: tuple[float, float], scale: float, x0: int, y0: int, size: tuple[int, int]) -> np.ndarray:
+        """``grid`` (one cell = ``cell`` level-0 px) bilinearly sampled at the centres of a DZI tile's pixels."""
+        sx, sy = scale / cell[0], scale / cell[1]  # grid cells per DZI-level pixel
+        matrix = np.float32([[sx, 0, x0 * sx + sx / 2 - 0.5], [0, sy, y0 * sy + sy / 2 - 0.5]])
+        return cv2.warpAffine(grid, matrix, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
     def tile(self, level: int, col: int, row: int) -> bytes:
         x0, y0, x1, y1 = self.geometry.tile_box(level, col, row)
-        s = self.geometry.scale(level) / self.cell  # grid cells per DZI-level pixel
-        # output pixel (i, j) samples the grid at the centre of its level-0 footprint
-        matrix = np.float32([[s, 0, x0 * s + s / 2 - 0.5], [0, s, y0 * s + s / 2 - 0.5]])
-        size = (x1 - x0, y1 - y0)
-        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-        cover = cv2.warpAffine(self.cover, matrix, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        total = cv2.warpAffine(self.scores * self.cover, matrix, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        scale, size, cell = self.geometry.scale(level), (x1 - x0, y1 - y0), (self.cell, self.cell)
+        cover = self._sample(self.cover, cell, scale, x0, y0, size)
+        total = self._sample(self.scores * self.cover, cell, scale, x0, y0, size)
         value = total / np.maximum(cover, 1e-6)  # normalised: tissue edges are not pulled towards zero
+        shown = cover >= 0.5
+        if self.tissue is not None:
+            shown &= self._sample(self.tissue, self.tissue_ds, scale, x0, y0, size) >= 0.5
         rgba = np.zeros((size[1], size[0], 4), np.uint8)
         rgba[..., :3] = self.lut[np.clip(value / 100 * 255, 0, 255).astype(np.uint8)]
-        rgba[..., 3] = np.where(cover >= 0.5, 255, 0).astype(np.uint8)
+        rgba[..., 3] = np.where(shown, 255, 0).astype(np.uint8)
         return encode_png(rgba)
