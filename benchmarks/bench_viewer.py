@@ -8,9 +8,10 @@ stage writes it (``tiles.csv`` beside ``heatmap.json``), scored from the truth �
 not a model. Then ``wsi-pipeline view`` serves the run in its own process and:
 
 - uncached: ``--tiles`` distinct random slide tiles of the levels a pathologist browses (the four finest
-  DZI levels, where the pyramid is read) and as many heatmap tiles, fetched by ``--concurrency`` connections
-  at once as a browser does (Chromium opens 6 per host); latency per request, p50 / p95 / max;
-- cached: the same URLs again;
+  DZI levels, where the pyramid is read) and as many heatmap tiles; half fetched one at a time (the service
+  time of a tile), half by ``--concurrency`` keep-alive connections at once as a browser asks (Chromium opens
+  6 per host: latency then includes queueing on this machine's cores; tiles/s is the throughput);
+- cached: the same URLs again, the same two ways;
 - first view: Debian's Chromium (when installed) opens the page on the slide and waits until the viewer
   reports its first view drawn (``wsiViewerState.ready``); the time from navigation to then, on a fresh server.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import http.client
 import json
 import platform
 import random
@@ -28,7 +30,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.request import Request, urlopen
+from urllib.parse import urlsplit
 
 import numpy as np
 import yaml
@@ -88,15 +90,28 @@ def serve(out: Path) -> tuple[subprocess.Popen, str]:
             raise RuntimeError("view printed no URL")
 
 
-def fetch_all(base: str, token: str, urls: list[str], concurrency: int) -> np.ndarray:
-    def one(url: str) -> float:
-        start = time.perf_counter()
-        with urlopen(Request(f"{base}{url}?token={token}")) as response:
-            response.read()
-        return (time.perf_counter() - start) * 1000
+def fetch_all(base: str, token: str, urls: list[str], concurrency: int) -> tuple[np.ndarray, float]:
+    """(latency per request in ms, seconds for all): ``concurrency`` keep-alive connections, as a browser's."""
+    host, port = urlsplit(base).hostname, urlsplit(base).port
 
+    def worker(part: list[str]) -> list[float]:
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        times = []
+        for url in part:
+            start = time.perf_counter()
+            conn.request("GET", f"/{url}?token={token}")
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{url}: HTTP {response.status}")
+            times.append((time.perf_counter() - start) * 1000)
+        conn.close()
+        return times
+
+    start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        return np.array(list(pool.map(one, urls)))
+        parts = list(pool.map(worker, [urls[i::concurrency] for i in range(concurrency)]))
+    return np.array([t for part in parts for t in part]), time.perf_counter() - start
 
 
 def first_view(url: str) -> float | None:
@@ -117,7 +132,7 @@ def first_view(url: str) -> float | None:
 
 
 def line(name: str, ms: np.ndarray) -> str:
-    return (f"| {name} | {len(ms)} | {np.percentile(ms, 50):.1f} | {np.percentile(ms, 95):.1f} | {ms.max():.1f} |")
+    return f"| {name} | {len(ms)} | {np.percentile(ms, 50):.1f} | {np.percentile(ms, 95):.1f} | {ms.max():.1f} |"
 
 
 def main() -> None:
@@ -141,14 +156,22 @@ def main() -> None:
         slide_urls += [f"slide/big_files/{level}/{c}_{r}.jpeg" for c, r in picks]
         heat_urls += [f"heatmap/teacher/big_files/{level}/{c}_{r}.png" for c, r in picks]
     rng.shuffle(slide_urls)
+    rng.shuffle(heat_urls)
+    half = len(slide_urls) // 2
     proc, url = serve(out)
     try:
         base, token = url.split("?token=")
-        fetch_all(base, token, ["api/slides.json"], 1)
-        uncached = fetch_all(base, token, slide_urls, args.concurrency)
-        heat_uncached = fetch_all(base, token, heat_urls, args.concurrency)
-        cached = fetch_all(base, token, slide_urls, args.concurrency)
-        heat_cached = fetch_all(base, token, heat_urls, args.concurrency)
+        fetch_all(base, token, ["api/slides.json", "slide/big_files/0/0_0.jpeg", "heatmap/teacher/big_files/0/0_0.png"], 1)
+        rows = []
+        for name, urls in [("slide", slide_urls), ("heatmap", heat_urls)]:
+            one, _ = fetch_all(base, token, urls[:half], 1)  # one request at a time: the service time
+            many, seconds = fetch_all(base, token, urls[half:], args.concurrency)  # as a browser asks: throughput
+            again, _ = fetch_all(base, token, urls[:half], 1)
+            again_many, cached_seconds = fetch_all(base, token, urls[half:], args.concurrency)
+            rows += [(f"{name} tiles, uncached, 1 connection", one, None),
+                     (f"{name} tiles, uncached, {args.concurrency} connections", many, len(many) / seconds),
+                     (f"{name} tiles, cached, 1 connection", again, None),
+                     (f"{name} tiles, cached, {args.concurrency} connections", again_many, len(again_many) / cached_seconds)]
     finally:
         proc.terminate()
     proc, url = serve(out)  # a fresh server: nothing cut, nothing cached
@@ -158,10 +181,9 @@ def main() -> None:
         proc.terminate()
     print(f"CPU: {cpu_model()}; slide {args.width} × {args.width * 3 // 4} (DZI levels 0..{geometry.max_level}), "
           f"{args.concurrency} connections at once")
-    print("\n| requests | n | p50 ms | p95 ms | max ms |\n|---|---|---|---|---|")
-    for name, ms in [("slide tiles, uncached", uncached), ("heatmap tiles, uncached", heat_uncached),
-                     ("slide tiles, cached", cached), ("heatmap tiles, cached", heat_cached)]:
-        print(line(name, ms))
+    print("\n| requests | n | p50 ms | p95 ms | max ms | tiles/s |\n|---|---|---|---|---|---|")
+    for name, ms, rate in rows:
+        print(line(name, ms) + (f" {rate:.0f} |" if rate else " |"))
     print(f"\nfirst view (Chromium, fresh server, navigation → first view drawn): "
           f"{'not measured (no /usr/bin/chromium)' if seconds is None else f'{seconds:.2f} s'}")
 

@@ -51,8 +51,11 @@ def view(
         return
     if slide or max_level is not None:
         raise typer.BadParameter("--slide and --max-level go with --export", param_hint="--slide / --max-level")
+    import cv2
+
     from pipelines.viewer.server import ViewerServer
 
+    cv2.setNumThreads(1)  # tiles are cut on a thread per core already: OpenCV's own pool would only contend with them
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     server = ViewerServer(content, host, port, token=token, allow_hosts=tuple(allow_host))
     content.warm_up()

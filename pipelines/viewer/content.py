@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -86,7 +88,7 @@ def static_files() -> dict[str, bytes]:
 class ViewerContent:
     """The answer to every viewer URL of one run; thread-safe, cut on demand, cached."""
 
-    def __init__(self, run: ViewerRun, *, cache_bytes: int = 512 * 2**20, max_slides_open: int = 16):
+    def __init__(self, run: ViewerRun, *, cache_bytes: int = 512 * 2**20, max_slides_open: int = 16, cutters: int | None = None):
         from wsi.slide import SlidePool, SlideSource
 
         self.run = run
@@ -99,6 +101,7 @@ class ViewerContent:
         self._zooms: OrderedDict[tuple, object] = OrderedDict()
         self._zoom_lock = threading.Lock()
         self._routes = [(re.compile(pattern), getattr(self, name)) for pattern, name in ROUTES]
+        self._cutters = ThreadPoolExecutor(cutters or max(1, len(os.sched_getaffinity(0))), thread_name_prefix="wsi-viewer-cut")
 
     def warm_up(self) -> threading.Thread:
         """In the background: the readers' and colour maps' imports and the first slide's overview, so the
@@ -129,9 +132,15 @@ class ViewerContent:
             match = pattern.fullmatch(path)
             if match:
                 params = match.groupdict()
-                body = self.cache.get_or_make(path, lambda handler=handler, params=params: handler(**params))
+                body = self.cache.get_or_make(path, lambda handler=handler, params=params: self._cut(handler, params))
                 return body, TYPES[Path(path).suffix or ".json"]
         raise NotFound(path)
+
+    def _cut(self, handler: Callable[..., bytes], params: dict) -> bytes:
+        """Make an answer on one of a thread per core, in the order asked: more threads cutting at once only
+        fight over the GIL (each decode hands it back and waits to retake it), and a lock would let some
+        requests wait for seconds while others overtake them."""
+        return self._cutters.submit(handler, **params).result()  # a FIFO queue: first asked, first cut
 
     # --- lookups: every id, row and level from a URL is checked here ------------------------------------------
     def _slide(self, slide_id: str):
