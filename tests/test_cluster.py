@@ -151,3 +151,21 @@ def assert_same_results(a: Path, b: Path) -> None:
     for store in stores:
         assert np.array_equal(zarr.open_group(str(a / store), mode="r")["features"][:],
                               zarr.open_group(str(b / store), mode="r")["features"][:]), store
+
+
+def test_a_task_alone_on_an_external_cluster_takes_only_the_cores_its_workers_hold_on_the_host():
+    """A worker given fewer threads than the node's affinity mask (no cpuset: `dask worker --nthreads 1` on a
+    shared node) must not have an alone task take the whole node; a local cluster's alone task takes the machine."""
+    from distributed import Client, LocalCluster
+
+    from pipelines.engine.cluster import alone_cores, machine_cores
+
+    # in-process workers on Dask's inproc transport: no socket is bound at all
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        assert client.submit(alone_cores, True, pure=False).result() == 1
+        assert client.submit(alone_cores, False, pure=False).result() == machine_cores()
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=30)
+        assert client.submit(alone_cores, True, pure=False).result() == min(2, machine_cores())
+    assert alone_cores(True) == machine_cores()  # outside a worker: the machine

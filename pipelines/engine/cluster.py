@@ -73,6 +73,28 @@ def worker_cores() -> int:
         return machine_cores()
 
 
+def alone_cores(shared: bool) -> int:
+    """The cores a task may take when nothing else of the run runs beside it. On a local cluster the machine's
+    (its affinity mask: we started every worker on it). On an external cluster (``shared``) only the threads
+    the cluster's workers hold on this host, capped by the mask: a worker started with ``--nthreads 4`` on a
+    node without a cpuset would otherwise take all of the node's cores from whoever else runs there."""
+    cores = machine_cores()
+    if not shared:
+        return cores
+    from distributed import get_worker
+    from distributed.comm import get_address_host
+    from distributed.utils import sync
+
+    try:
+        worker = get_worker()
+    except ValueError:  # not in a worker
+        return cores
+    host = get_address_host(worker.address)
+    workers = sync(worker.loop, worker.scheduler.identity)["workers"]
+    held = sum(info["nthreads"] for address, info in workers.items() if get_address_host(address) == host)
+    return max(1, min(cores, held or worker.state.nthreads))
+
+
 def worker_name() -> str | None:
     """The name of the Dask worker running this task (``cpu-0``, ``gpu-1``, …), None outside a worker."""
     from distributed import get_worker

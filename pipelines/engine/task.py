@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from pipelines.config import RunConfig
-from pipelines.engine.cluster import machine_cores, worker_cores, worker_name
+from pipelines.engine.cluster import alone_cores, worker_cores, worker_name
 from pipelines.engine.run_dir import RunPaths
 from pipelines.engine.run_lock import current_epoch
 from pipelines.engine.stage import load_table
@@ -74,13 +74,14 @@ class PeakRSS:
         return round(self.peak / 2**20, 1)
 
 
-def set_torch_threads(alone: bool) -> int:
-    """Torch's CPU threads for a model task: the worker's cores, or every core of the machine when the task
-    runs alone (a cohort stage, the only slide). Dask starts workers with OMP_NUM_THREADS=1, so without
-    this torch would train and embed on one core."""
+def set_torch_threads(alone: bool, shared: bool = False) -> int:
+    """Torch's CPU threads for a model task: the worker's cores, or, when the task runs alone (a cohort stage,
+    the only slide), every core of the machine — on an external (``shared``) cluster, every core its workers
+    hold on this host (:func:`alone_cores`). Dask starts workers with OMP_NUM_THREADS=1, so without this torch
+    would train and embed on one core."""
     import torch
 
-    threads = machine_cores() if alone else worker_cores()
+    threads = alone_cores(shared) if alone else worker_cores()
     torch.set_num_threads(threads)
     return threads
 
@@ -152,7 +153,7 @@ def _run_stage(stage, key: str, payload, cfg: RunConfig, paths: RunPaths, finger
     running = dict(status="running", fingerprint=fingerprint, attempts=attempt, epoch=epoch, started=started,
                    worker=worker_name())
     write_state(paths, stage_name, key, **running)
-    threads = set_torch_threads(alone) if stage.uses_torch else None
+    threads = set_torch_threads(alone, bool(cfg.runner.scheduler)) if stage.uses_torch else None
     tokens = [TASK_FINGERPRINT.set(fingerprint), TASK_FORCED.set(forced),
               TASK_PROGRESS.set(ProgressWriter(paths, stage_name, key, {**running, "torch_threads": threads}))]
     memory = PeakRSS()
