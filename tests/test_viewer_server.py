@@ -41,11 +41,14 @@ def served(teacher_run):
 
 
 def get(port: int, path: str, *, host: str | None = None, cookie: str | None = None, method: str = "GET"):
+    """(status, headers, body); ``host=""``: no Host header at all."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Host": host or f"127.0.0.1:{port}"}
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    if host != "":
+        conn.putheader("Host", host or f"127.0.0.1:{port}")
     if cookie:
-        headers["Cookie"] = cookie
-    conn.request(method, path, headers=headers)
+        conn.putheader("Cookie", cookie)
+    conn.endheaders()
     response = conn.getresponse()
     return response.status, dict(response.getheaders()), response.read()
 
@@ -57,17 +60,24 @@ def test_binds_loopback_only_and_guards_with_token_and_host(served):
     assert get(port, "/")[0] == 403
     assert get(port, "/api/slides")[0] == 403
     assert get(port, f"/?token={token}x")[0] == 403
-    status, headers, body = get(port, f"/?token={token}")
-    assert status == 200 and b"openseadragon" in body.lower()
+    status, headers, body = get(port, f"/?token={token}")  # the page: the cookie set, the token off the address bar
+    assert status == 302 and headers["Location"] == "/"
     cookie = headers["Set-Cookie"].split(";")[0]
+    assert cookie == f"wsi_viewer_token_{port}={token}"  # named by the port: two viewers keep their own
     assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+    status, _, body = get(port, "/", cookie=cookie)
+    assert status == 200 and b"openseadragon" in body.lower()
     assert get(port, "/api/slides", cookie=cookie)[0] == 200  # the cookie alone, as the page's own requests
+    assert get(port, "/api/slides", cookie=f'a={{"x":1}}; b c=d; {cookie}')[0] == 200  # behind other apps' odd cookies
+    assert get(port, "/api/slides", cookie=f"wsi_viewer_token_{port}=")[0] == 403
+    assert get(port, "/api/slides", cookie=f"wsi_viewer_token_{port + 1}={token}")[0] == 403
     # DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends its own Host, token or not
-    assert get(port, f"/api/slides?token={token}", host="evil.example")[0] == 403
-    assert get(port, f"/api/slides?token={token}", host=f"evil.example:{port}")[0] == 403
-    assert get(port, f"/api/slides?token={token}", host=f"localhost:{port}")[0] == 200
-    for method in ("POST", "PUT", "DELETE"):
-        assert get(port, f"/api/slides?token={token}", method=method)[0] == 405
+    for host in ["evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""]:
+        assert get(port, f"/api/slides?token={token}", host=host)[0] == 403, host
+    for host in [f"localhost:{port}", "LOCALHOST:9000", "127.0.0.1:9000", "127.0.0.1"]:  # a tunnel forwards from its port
+        assert get(port, f"/api/slides?token={token}", host=host)[0] == 200, host
+    for method in ("POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PROPFIND"):
+        assert get(port, f"/api/slides?token={token}", method=method)[0] == 405, method
 
 
 def test_paths_outside_the_run_and_absurd_tiles_are_404(served):
@@ -170,9 +180,12 @@ def test_static_export_of_one_slide_is_the_servers_answers(served, tmp_path):
     for path in ["slide/demo_001_files/9/1_1.jpeg", "heatmap/teacher/demo_001_files/8/0_0.png", "index.html",
                  "api/slides/demo_001/attention/teacher/top/1.jpeg", "api/slides/demo_001/tissue.geojson"]:
         assert (dest / path).read_bytes() == get(port, f"/{path}?token={token}")[2], path
-    bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "view", str(out), "--export", str(tmp_path / "x"), "--slide",
-                          "nope"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "nope" in bad.stderr
+    for args, says in [(["--export", str(tmp_path / "x"), "--slide", "nope"], "nope"),
+                       (["--export", str(dest)], "not empty"), (["--export", str(tmp_path / "y"), "--max-level", "-1"], "-1"),
+                       (["--token", "short"], "16 characters")]:
+        bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "view", str(out), *args], capture_output=True, text=True,
+                             timeout=120)
+        assert bad.returncode == 2 and says in bad.stderr, (args, bad.stderr[-500:])
 
 
 def test_dzi_geometry_covers_every_level_once_with_overlap():

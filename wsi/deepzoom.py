@@ -110,9 +110,10 @@ class SlideZoom:
                     self._overview = slide.read_downsampled(self.overview_ds)
             return self._overview
 
-    def region(self, x0: float, y0: float, x1: float, y1: float, out_w: int, out_h: int) -> np.ndarray:
-        """Level-0 box (x0, y0)–(x1, y1) as ``out_w`` × ``out_h`` RGB."""
-        downsample = max((x1 - x0) / out_w, (y1 - y0) / out_h)
+    def region(self, x0: float, y0: float, x1: float, y1: float, out_w: int, out_h: int,
+               downsample: float | None = None) -> np.ndarray:
+        """Level-0 box (x0, y0)–(x1, y1) as ``out_w`` × ``out_h`` RGB, read at ``downsample`` (default: the box's)."""
+        downsample = downsample or max((x1 - x0) / out_w, (y1 - y0) / out_h)
         if downsample >= self.overview_ds:
             view = self.overview()
             d = self.overview_ds
@@ -132,7 +133,8 @@ class SlideZoom:
     def tile(self, level: int, col: int, row: int) -> bytes:
         """One JPEG tile; ``KeyError`` for a tile the pyramid does not have."""
         x0, y0, x1, y1 = self.geometry.tile_box(level, col, row)
-        return encode_jpeg(self.region(*self.geometry.level0_box(level, col, row), x1 - x0, y1 - y0))
+        # the level's own downsample: an edge tile's clipped box would otherwise read as a finer level's
+        return encode_jpeg(self.region(*self.geometry.level0_box(level, col, row), x1 - x0, y1 - y0, self.geometry.scale(level)))
 
 
 class HeatZoom:
@@ -168,7 +170,7 @@ class HeatZoom:
         x0, y0, x1, y1 = self.geometry.tile_box(level, col, row)
         scale, size, cell = self.geometry.scale(level), (x1 - x0, y1 - y0), (self.cell, self.cell)
         cover = self._sample(self.cover, cell, scale, x0, y0, size)
-        total = self._sample(self.scores * self.cover, cell, scale, x0, y0, size)
+        total = self._sample(self.scores, cell, scale, x0, y0, size)  # scores are 0 where no tile covers
         value = total / np.maximum(cover, 1e-6)  # normalised: tissue edges are not pulled towards zero
         shown = cover >= 0.5
         if self.tissue is not None:

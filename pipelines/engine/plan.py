@@ -6,6 +6,7 @@ agree by construction.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class Task:
     attempts: int = 0
     included: list[str] = field(default_factory=list)  # cohort and fold tasks: the slides they run on
     scope: str = "slide"  # the stage's scope: slide, cohort or fold
+    state: dict | None = field(default=None, repr=False)  # its state file as read when found up to date (read once)
 
     @property
     def id(self) -> str:
@@ -59,7 +61,10 @@ def is_up_to_date(paths: RunPaths, task: Task, cfg: RunConfig) -> bool:
     state = read_state(paths, task.stage, task.key)
     if not state or state.get("status") != "done" or state.get("fingerprint") != task.fingerprint:
         return False
-    return all(p.exists() for p in task.spec.artifacts(paths, task.key, cfg))
+    if not all(os.path.exists(p) for p in task.spec.artifacts(paths, task.key, cfg)):
+        return False
+    task.state = state
+    return True
 
 
 def settle_cohort(cfg: RunConfig, task: Task, tasks: dict[str, Task], entries: dict[str, SlideEntry],

@@ -34,7 +34,7 @@ def empty_slide_notes(paths: RunPaths, tasks: dict[str, Task]) -> list[str]:
     for task in tasks.values():
         if task.stage != "tiles" or task.status not in ("done", "up-to-date"):
             continue
-        state = read_state(paths, "tiles", task.key) or {}
+        state = (task.state if task.status == "up-to-date" else None) or read_state(paths, "tiles", task.key) or {}
         if state.get("meta", {}).get("n_tiles", 1) == 0:
             reason = "no tissue" if any("no tissue" in w for w in state.get("warnings", [])) else \
                 "tissue but zero tiles (none reaches tiling.min_tissue_fraction)"

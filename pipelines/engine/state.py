@@ -82,7 +82,8 @@ def file_fingerprint(path: Path, mode: str = "stat", cache: HashCache | None = N
 def read_state(paths: RunPaths, stage: str, key: str) -> dict | None:
     """The state of a task, or None when it never ran (or its file is unreadable)."""
     try:
-        return json.loads(paths.state(stage, key).read_text())
+        with open(paths.state_file(stage, key), "rb") as f:
+            return json.loads(f.read())
     except (OSError, ValueError):
         return None
 

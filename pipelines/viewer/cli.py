@@ -57,7 +57,12 @@ def view(
 
     cv2.setNumThreads(1)  # tiles are cut on a thread per core already: OpenCV's own pool would only contend with them
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    server = ViewerServer(content, host, port, token=token, allow_hosts=tuple(allow_host))
+    try:
+        server = ViewerServer(content, host, port, token=token, allow_hosts=tuple(allow_host))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--token") from None
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror or exc}", param_hint="--host / --port") from None
     content.warm_up()
     typer.echo(f"Viewing {len(run.slides)} slide(s) of {out} ({run.kind} run). Open in a browser:\n  {server.url}\n"
                "Ctrl-C stops the server.")

@@ -7,14 +7,16 @@ fixed patterns and its ids are looked up in the run's index; nothing in a URL is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -92,6 +94,9 @@ class ViewerContent:
         from wsi.slide import SlidePool, SlideSource
 
         self.run = run
+        # on every image URL (?v=): the browser caches images for a day, and the same URL of a rerun run, or of
+        # another run served later on this port, must not show its old pixels
+        self.version = hashlib.sha1(f"{run.root.resolve()}:{time.time_ns()}".encode()).hexdigest()[:12]
         self.static = static_files()
         self.cache = ByteCache(cache_bytes)
         sources = [SlideSource(s.slide_id, Path(s.entry.slide_path), (s.meta or {}).get("mpp"), run.cfg.slides.backend)
@@ -160,14 +165,24 @@ class ViewerContent:
         return name, slide.heatmaps[name]
 
     def _zoom(self, key: tuple, make: Callable[[], object]):
-        with self._zoom_lock:  # one builder per key: a heatmap grid or a slide's overview is made once
-            zoom = self._zooms.get(key)
-            if zoom is None:
-                zoom = self._zooms[key] = make()
-                while len(self._zooms) > 64:
+        """The zoom of ``key``, made once: one builder per key (a heatmap's grid, a slide's handle), the others
+        waiting for it, while requests for other keys go on."""
+        with self._zoom_lock:
+            future = self._zooms.get(key)
+            owner = future is None
+            if owner:
+                future = self._zooms[key] = Future()
+                while len(self._zooms) > 64:  # a few MB each (a heatmap's grids, a slide's overview)
                     self._zooms.popitem(last=False)
             self._zooms.move_to_end(key)
-            return zoom
+        if owner:
+            try:
+                future.set_result(make())
+            except Exception as exc:
+                with self._zoom_lock:
+                    self._zooms.pop(key, None)  # asked again, made again: the failure may pass (a file written since)
+                future.set_exception(exc)
+        return future.result()
 
     def slide_zoom(self, slide_id: str):
         from wsi.deepzoom import SlideZoom
@@ -193,13 +208,18 @@ class ViewerContent:
     @staticmethod
     def _tile(zoom, level: str, col: str, tile_row: str) -> bytes:
         try:
-            return zoom.tile(int(level), int(col), int(tile_row))
-        except KeyError as exc:
-            raise NotFound(str(exc)) from None
+            zoom.geometry.tile_box(int(level), int(col), int(tile_row))
+        except KeyError as exc:  # only the geometry's answer is a 404; a slide that fails to read is a 500
+            raise NotFound(exc.args[0]) from None
+        return zoom.tile(int(level), int(col), int(tile_row))
+
+    def _attention_tiles(self, row: str, slide_id: str) -> dict:
+        _, folder = self._row(row, slide_id)
+        return self._zoom(("attention", row, slide_id), lambda: attention_tiles(folder))
 
     # --- handlers ---------------------------------------------------------------------------------------------
     def _slides(self) -> bytes:
-        return json.dumps(slides_document(self.run)).encode()
+        return json.dumps(slides_document(self.run, self.version)).encode()
 
     def _tissue(self, id: str) -> bytes:
         path = self.run.paths.tissue_outline(self._slide(id).slide_id)
@@ -218,18 +238,16 @@ class ViewerContent:
                           separators=(",", ":")).encode()
 
     def _attention(self, id: str, row: str) -> bytes:
-        _, folder = self._row(row, id)
-        tiles = attention_tiles(folder)
+        tiles = json.loads(json.dumps(self._attention_tiles(row, id)))  # a copy to add the URLs to
         for kind in ("top", "bottom"):
             for tile in tiles[kind]:
-                tile["image"] = f"api/slides/{id}/attention/{row}/{kind}/{tile['rank']}.jpeg"
+                tile["image"] = f"api/slides/{id}/attention/{row}/{kind}/{tile['rank']}.jpeg?v={self.version}"
         return json.dumps(tiles).encode()
 
     def _thumbnail(self, id: str, row: str, kind: str, rank: str) -> bytes:
         from wsi.deepzoom import encode_jpeg
 
-        _, folder = self._row(row, id)
-        picks = attention_tiles(folder)[kind]
+        picks = self._attention_tiles(row, id)[kind]
         if not 1 <= int(rank) <= len(picks):
             raise NotFound(f"no {kind} tile {rank} for slide {id!r}")
         t = picks[int(rank) - 1]

@@ -2,7 +2,7 @@
 
 Every file is the server's own answer to the same URL (``ViewerContent.get``), so the export and the live
 viewer show the same thing. ``--max-level L`` stops each pyramid at DZI level ``L`` (level ``L`` is the slide
-at downsample 2^(max − L)); the page then zooms no further than that level's pixels.
+at downsample 2^(max − L)); zoomed in further, the page stretches that level's pixels.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _urls(content: ViewerContent, slide_id: str, max_level: int | None) -> list[
         key = url_key(row)
         urls += [f"heatmap/{key}/{slide_id}.dzi", f"api/slides/{slide_id}/attention/{key}.json"]
         attention = json.loads(content.get(f"api/slides/{slide_id}/attention/{key}.json")[0])
-        urls += [t["image"] for kind in ("top", "bottom") for t in attention[kind]]
+        urls += [t["image"].split("?")[0] for kind in ("top", "bottom") for t in attention[kind]]
     if content.run.paths.tissue_outline(slide_id).exists():
         urls.append(f"api/slides/{slide_id}/tissue.geojson")
     if content.run.paths.tile_coords(slide_id).exists():
@@ -46,15 +46,22 @@ def export_viewer(content: ViewerContent, dest: Path, slide_ids: list[str] | Non
     unknown = [s for s in slide_ids or [] if s not in run.slides]
     if unknown:
         raise ValueError(f"--slide: no slide {', '.join(map(repr, unknown))} in {run.root} (ids are slides.csv's slide_id)")
+    if max_level is not None and max_level < 0:
+        raise ValueError(f"--max-level {max_level}: Deep Zoom levels start at 0 (the whole slide in one pixel)")
+    blank = [s for s in slide_ids or [] if run.slides[s].size is None or not run.slides[s].entry.slide_path]
+    if blank:
+        raise ValueError(f"--slide: {', '.join(blank)} has no pixels to show (no slide file, or it failed before the tissue stage)")
     chosen = [s for s in (slide_ids or list(run.slides)) if run.slides[s].size is not None and run.slides[s].entry.slide_path]
     dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()) and not (dest / "api" / "slides.json").exists():
-        raise FileExistsError(f"{dest} is not empty and holds no viewer export: give an empty or new folder")
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} is a file: give an empty or new folder")
+    if dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} is not empty: give an empty or new folder (an export is never mixed with other files)")
     for name, data in content.static.items():
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         (dest / name).write_bytes(data)
     document = json.loads(content.get("api/slides.json")[0])
-    document["slides"] = [slide_record(run, run.slides[s]) for s in chosen]
+    document["slides"] = [slide_record(run, run.slides[s]) for s in chosen]  # run (with its version) as served
     for record in document["slides"]:
         if max_level is not None:
             for dzi in [record["dzi"]] + [h["dzi"] for h in record["heatmaps"].values()]:

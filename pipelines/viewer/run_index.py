@@ -205,8 +205,8 @@ def slide_record(run: ViewerRun, slide: ViewerSlide) -> dict:
     return record
 
 
-def slides_document(run: ViewerRun) -> dict:
-    """``api/slides.json``: the run and every slide (docs/viewer.md)."""
+def slides_document(run: ViewerRun, version: str = "") -> dict:
+    """``api/slides.json``: the run and every slide (docs/viewer.md); ``version`` goes on every image URL."""
     from wsi.heatmap import colour_lut
 
     lut = colour_lut(run.cfg.heatmaps.cmap)
@@ -216,5 +216,5 @@ def slides_document(run: ViewerRun) -> dict:
     order = run.rows + sorted(predicted - set(run.rows), key=lambda r: run.row_order.index(r) if r in run.row_order else 99)
     return {"run": {"name": run.root.name, "kind": run.kind, "classes": run.classes, "strategies": order,
                     "default_strategy": default, "colormap": {"name": run.cfg.heatmaps.cmap, "stops": stops},
-                    "heatmap_opacity": run.cfg.heatmaps.alpha},
+                    "heatmap_opacity": run.cfg.heatmaps.alpha, "version": version},
             "slides": [slide_record(run, s) for s in run.slides.values()]}

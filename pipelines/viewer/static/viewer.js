@@ -69,6 +69,7 @@
     const source = new OpenSeadragon.DziTileSource({
       width: dzi.width, height: dzi.height, tileSize: dzi.tile_size, tileOverlap: dzi.overlap,
       tilesUrl: dzi.url, fileFormat: dzi.format, minLevel: 0, maxLevel: Math.min(dzi.max_level ?? full, full),
+      queryParams: run.version ? `?v=${run.version}` : "", // a rerun's tiles, never the browser's cached ones
     });
     source.getLevelScale = (level) => 1 / Math.pow(2, full - level);
     return source;
