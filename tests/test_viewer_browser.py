@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from threading import Thread
 
 import cv2
 import numpy as np
@@ -88,6 +89,38 @@ def test_slide_list_shows_every_slide_with_its_prediction(page):
     assert dict(shown) == predicted
 
 
+def listed(driver) -> list[str]:
+    return driver.execute_script("return [...document.querySelectorAll('#slide-list [data-slide-id]')].map(e => e.dataset.slideId)")
+
+
+def choose(driver, element_id: str, value: str, event: str = "change") -> None:
+    driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                          "e.dispatchEvent(new Event(arguments[2], {bubbles: true}));", element_id, value, event)
+
+
+def test_list_sorts_and_filters(page):
+    _, out, driver, _ = page
+    with (out / "results" / "predictions.csv").open() as f:
+        rows = {r["slide_id"]: r for r in csv.DictReader(f) if r["strategy"] == "teacher"}
+    probability = {k: float(r[f"p_{r['prediction']}"]) for k, r in rows.items()}
+    wrong = {k for k, r in rows.items() if r["prediction"] != r["label"]}
+    choose(driver, "list-sort", "id")
+    assert listed(driver) == sorted(rows)
+    choose(driver, "list-sort", "probability")
+    assert listed(driver) == sorted(rows, key=lambda k: (-probability[k], k))
+    choose(driver, "list-sort", "misclassified")  # the default with labels: wrong first, then by probability
+    assert listed(driver) == sorted(rows, key=lambda k: (k not in wrong, -probability[k], k))
+    choose(driver, "list-subset", "label:tumor")
+    assert sorted(listed(driver)) == sorted(k for k, r in rows.items() if r["label"] == "tumor")
+    choose(driver, "list-subset", "misclassified")
+    assert set(listed(driver)) == wrong
+    choose(driver, "list-subset", "all")
+    choose(driver, "list-filter", "demo_01", "input")
+    assert listed(driver) == sorted((k for k in rows if k.startswith("demo_01")), key=lambda k: (k not in wrong, -probability[k], k))
+    choose(driver, "list-filter", "", "input")
+    assert len(listed(driver)) == len(rows)
+
+
 def test_canvas_draws_the_slides_pixels(page):
     from wsi.slide import open_slide
 
@@ -148,3 +181,43 @@ def test_clicking_the_top_tile_moves_the_viewport_onto_it(page):
     assert size <= w <= 8 * size  # zoomed onto the tile, not the whole slide
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
+
+
+def test_the_static_export_draws_in_a_browser_with_no_missing_file(page, tmp_path):
+    """`view --export --max-level` served by a plain static server: the slide and its heatmap draw, zoomed in past
+    the last exported level too, and the page asks for no file the export lacks."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipelines.viewer.export import export_viewer
+
+    _, _, driver, server = page
+    dest = tmp_path / "share"
+    export_viewer(server.content, dest, [SLIDE], max_level=10)
+    missing = []
+
+    class Files(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(dest), **kwargs)
+
+        def send_error(self, code, *args, **kwargs):
+            missing.append((code, self.path))
+            super().send_error(code, *args, **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        driver.get(f"http://127.0.0.1:{files.server_address[1]}/index.html#slide={SLIDE}")
+        wait(driver, f"const s = window.wsiViewerState; return s && s.slideId === '{SLIDE}' && s.ready")
+        driver.execute_script("document.getElementById('heatmap-toggle').click()")
+        wait(driver, "const s = window.wsiViewerState; return s.heatmapOn && s.heatmapReady")
+        driver.execute_script("const v = window.wsiViewer; v.viewport.zoomTo(v.viewport.getMaxZoom(), null, true)")
+        settle(driver)
+        shot, _, coords = canvas_and_coords(driver)
+        assert shot.std() > 5  # pixels drawn, stretched from level 10, not an empty canvas
+        assert missing == [], missing[:5]
+    finally:
+        files.shutdown()
+        files.server_close()
