@@ -154,7 +154,7 @@ class HeatZoom:
         self.scores = np.where(covered, np.nan_to_num(scores), 0).astype(np.float32)
         self.cover = covered.astype(np.float32)
         # drawn over tissue only, as the heatmap figures are: the mask at its own resolution, finer than the grid
-        self.tissue = None if tissue is None else tissue.astype(np.float32)
+        self.tissue = None if tissue is None else tissue.astype(np.uint8) * 255  # uint8: a quarter of float32's memory
         self.tissue_ds = None if tissue is None else (width / tissue.shape[1], height / tissue.shape[0])
         self.lut = colour_lut(cmap)
 
@@ -174,7 +174,7 @@ class HeatZoom:
         value = total / np.maximum(cover, 1e-6)  # normalised: tissue edges are not pulled towards zero
         shown = cover >= 0.5
         if self.tissue is not None:
-            shown &= self._sample(self.tissue, self.tissue_ds, scale, x0, y0, size) >= 0.5
+            shown &= self._sample(self.tissue, self.tissue_ds, scale, x0, y0, size) >= 128
         rgba = np.zeros((size[1], size[0], 4), np.uint8)
         rgba[..., :3] = self.lut[np.clip(value / 100 * 255, 0, 255).astype(np.uint8)]
         rgba[..., 3] = np.where(shown, 255, 0).astype(np.uint8)

@@ -172,7 +172,7 @@ class ViewerContent:
             owner = future is None
             if owner:
                 future = self._zooms[key] = Future()
-                while len(self._zooms) > 64:  # a few MB each (a heatmap's grids, a slide's overview)
+                while len(self._zooms) > 32:  # up to ~10 MB each (a slide's overview, a heatmap's grids and mask)
                     self._zooms.popitem(last=False)
             self._zooms.move_to_end(key)
         if owner:
