@@ -18,13 +18,27 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging
 
 
 
+def _drop_connection_lost(record: logging.LogRecord) -> bool:
+    """Drop Dask's and tornado's tracebacks of a closed connection (a callback still waiting on the scheduler when
+    it died): the runner says what was lost and what to do in one line; ``-v`` shows them."""
+    exc = record.exc_info[1] if record.exc_info else None
+    while exc is not None:
+        if type(exc).__name__ in ("CommClosedError", "StreamClosedError"):
+            return False
+        exc = exc.__cause__ or exc.__context__
+    return True
+
+
 def setup_logging(verbose: bool, console=None) -> None:
     """Log through ``console`` (the one the live progress bar draws on), so log lines and warnings print above
     the bar instead of through it."""
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    if not verbose:
+        handler.addFilter(_drop_connection_lost)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler],
+                        force=True)
     logging.captureWarnings(True)  # Python warnings too
     import distributed  # noqa: F401  (configures its loggers on import; quieten them after)
 

@@ -473,3 +473,33 @@ def test_tasks_waiting_for_a_gpu_no_worker_has_are_reported_and_run_once_one_joi
                 assert "GPU" in resources.available()
             finally:
                 stop_all([gpu_worker])
+
+
+def test_a_closed_connection_traceback_is_kept_out_of_the_run_log_unless_verbose(capsys):
+    """When the scheduler dies, tornado logs a leftover callback's CommClosedError with its traceback, in a race
+    with the runner's own one-line message: the CLI's log leaves it out, and keeps every other error."""
+    import logging
+
+    from distributed.comm import CommClosedError
+
+    from pipelines.cli_common import setup_logging
+
+    def log_error(exc: BaseException) -> None:
+        try:
+            try:
+                raise OSError("Stream is closed")
+            except OSError as cause:
+                raise exc from cause
+        except type(exc):
+            logging.getLogger("tornado.application").error("Exception in callback", exc_info=True)
+
+    try:
+        for verbose in (False, True):
+            setup_logging(verbose)
+            log_error(CommClosedError("in <TCP (closed) ConnectionPool.gather>"))
+            log_error(ValueError("a real bug"))
+            printed = capsys.readouterr()
+            log = printed.out + printed.err
+            assert ("CommClosedError" in log) is verbose and "a real bug" in log
+    finally:
+        logging.basicConfig(force=True, handlers=[logging.NullHandler()])
