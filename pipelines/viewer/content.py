@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -20,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
+from pipelines.engine.cluster import machine_cores
 from pipelines.viewer.run_index import ViewerRun, attention_tiles, slides_document, tile_scores, url_key
 
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -106,7 +106,7 @@ class ViewerContent:
         self._zooms: OrderedDict[tuple, object] = OrderedDict()
         self._zoom_lock = threading.Lock()
         self._routes = [(re.compile(pattern), getattr(self, name)) for pattern, name in ROUTES]
-        self._cutters = ThreadPoolExecutor(cutters or max(1, len(os.sched_getaffinity(0))), thread_name_prefix="wsi-viewer-cut")
+        self._cutters = ThreadPoolExecutor(cutters or machine_cores(), thread_name_prefix="wsi-viewer-cut")
 
     def warm_up(self) -> threading.Thread:
         """In the background: the readers' and colour maps' imports and the first slide's overview, so the

@@ -63,9 +63,6 @@ class ViewerRun:
         """The slide of that id; ``KeyError`` for any other string (so a request never names a file)."""
         return self.slides[slide_id]
 
-    def heatmap_dir(self, row: str, slide_id: str) -> Path:
-        return self.slide(slide_id).heatmaps[row]
-
 
 def _read_csv(path: Path) -> list[dict]:
     if not path.exists():
