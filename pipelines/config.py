@@ -60,7 +60,8 @@ class RunnerConfig(BaseModel):
     malloc_trim: bool = Field(False, description="start local workers with Dask's MALLOC_TRIM_THRESHOLD_: freed memory goes "
                                                  "back to the OS at once (about half the peak RSS), but glibc then mmaps "
                                                  "every tensor above 128 KiB and torch on CPU runs ~1.5x slower (the demo: "
-                                                 "7 min 20 s instead of 4 min 50 s); false: glibc's own defaults")
+                                                 "7 min 20 s instead of 4 min 50 s); false: glibc's own defaults, and on an "
+                                                 "external cluster's workers glibc's thresholds are reset as they join")
     retries: int = Field(1, ge=0, description="times a failed task is retried before it is marked failed")
     worker_wait_s: float = Field(300, gt=0, description="with an existing scheduler: how long to wait for its first "
                                                       "worker; and, on any cluster, how long tasks wait for a resource "

@@ -119,8 +119,44 @@ def test_the_pipeline_on_dask_scheduler_and_two_dask_workers(demo_input, tmp_pat
         assert_every_task_done(out, result)
         assert_features_match_a_local_extraction(demo_input, out, "demo_001")
         FINISHED["dask worker"] = out
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+        try:
+            with Client(address, timeout="60s") as client:  # Dask's nanny set the malloc tunable; the run's plugin undid it
+                assert set(client.run(malloc_trim_threshold).values()) == {"65536"}
+                assert max(client.run(heap_page_faults).values()) < 5_000
+        finally:
+            cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     finally:
         stop(procs)
+
+
+def malloc_trim_threshold() -> str | None:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")  # read where it runs (os.environ.get would pickle this one)
+
+
+def heap_page_faults(n: int = 200, size: int = 1 << 20) -> int:
+    """Minor page faults while ``n`` arrays of ``size`` bytes are made and freed one after another: about
+    ``n × size / 4096`` when each is mapped afresh, a few hundred when the heap keeps the memory for the next."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        np.ones(size, dtype=np.uint8)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_malloc_as_dask_workers_start_maps_every_large_array_afresh_until_the_heap_is_kept():
+    code = ("from test_cluster import heap_page_faults as f; from pipelines.engine.cluster import "
+            "keep_large_allocations_on_the_heap as keep; print(f(), keep(), f())")
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).parent)}
+    before, kept, after = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                         check=True).stdout.split()
+    assert int(before) > 40_000 and kept == "True" and int(after) < 5_000
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # a user's own setting is kept
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.split()[1] == "False"
 
 
 def test_the_pipeline_on_dask_jobqueue(demo_input, tmp_path):

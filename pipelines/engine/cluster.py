@@ -31,11 +31,38 @@ class ClusterError(RuntimeError):
     """The Dask cluster cannot run anything (no workers, unreachable scheduler)."""
 
 
-def warm_worker_plugin(warm_up: str | None) -> WorkerPlugin:
+MMAP_THRESHOLD = 32 * 1024 * 1024  # the ceiling of glibc's dynamic mmap threshold on 64-bit
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
+def keep_large_allocations_on_the_heap() -> bool:
+    """Give this process glibc's malloc behaviour as a plain process has it after warm-up; whether it was set.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, and with any malloc tunable set glibc stops
+    raising its mmap threshold above 128 KiB: every tensor larger than that is then mapped afresh, and freed heap
+    memory is trimmed at once, so each new tensor page-faults again. Torch's training step ran 1.9× slower in such
+    a worker (docs/performance.md). The thresholds become those glibc's dynamic rule reaches (mmap 32 MiB, trim
+    twice that). A ``MALLOC_MMAP_THRESHOLD_`` the user set is left as it is; C libraries other than glibc too."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl (Alpine) and others: no mallopt, nothing to tune
+        log.debug("no glibc mallopt: malloc's thresholds are left as they are")
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD))
+
+
+def warm_worker_plugin(warm_up: str | None, malloc_trim: bool = False) -> WorkerPlugin:
     """A Dask worker plugin that sets OpenCV's threads to the worker's and runs ``warm_up`` (``module:function``,
     the stage table's: :func:`wsi.tissue_qc.warm_up` imports the slide readers, tiffslide → Zarr, and first uses
     OpenCV and Pillow) once per worker, as it starts or joins. Without it a worker's first task pays those
-    one-time costs, more than the task's own work."""
+    one-time costs, more than the task's own work. Unless ``malloc_trim`` (``runner.malloc_trim``), it also keeps
+    large tensors on the heap (:func:`keep_large_allocations_on_the_heap`): an external cluster's workers are
+    started by Dask's nanny, with the setting that makes torch slow."""
     from distributed import WorkerPlugin
 
     class WarmUp(WorkerPlugin):
@@ -49,6 +76,8 @@ def warm_worker_plugin(warm_up: str | None) -> WorkerPlugin:
             # OpenCV ignores OMP_NUM_THREADS and would start a thread per core in every worker: two workers on two
             # cores then run four threads and each task is slower than alone
             cv2.setNumThreads(worker.state.nthreads)
+            if not malloc_trim:
+                keep_large_allocations_on_the_heap()
             if warm_up is not None:
                 load_callable(warm_up)()
 
@@ -176,7 +205,7 @@ def dask_client(cfg: RunConfig, n_tasks: int, warm_up: str | None = None) -> Ite
             except TimeoutError:
                 raise ClusterError(f"the scheduler at {cfg.runner.scheduler} has no workers after "
                                    f"{cfg.runner.worker_wait_s:g} s (runner.worker_wait_s); start or scale workers") from None
-            client.register_plugin(warm_worker_plugin(warm_up))
+            client.register_plugin(warm_worker_plugin(warm_up, cfg.runner.malloc_trim))
             with _quiet_when_lost():
                 yield client
         return
@@ -192,7 +221,7 @@ def dask_client(cfg: RunConfig, n_tasks: int, warm_up: str | None = None) -> Ite
         with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             client.wait_for_workers(len(workers), timeout=120)
-            client.register_plugin(warm_worker_plugin(warm_up))
+            client.register_plugin(warm_worker_plugin(warm_up, cfg.runner.malloc_trim))
             yield client
 
 
