@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -56,13 +57,15 @@ class TileDataset:
         return cls(slide_path, coords, plan, input_size=encoder.input_size if encoder.read_at_input else None, **kwargs)
 
     def __init__(self, slide_path: Path, coords: np.ndarray, plan: ReadPlan, *, backend: str = "auto",
-                 mpp: float | None = None, slide_id: str | None = None, input_size: int | None = None):
+                 mpp: float | None = None, slide_id: str | None = None, input_size: int | None = None,
+                 check: bool = False):
         from wsi.slide import SlidePool, SlideSource
 
         self.slide_path, self.coords, self.plan = Path(slide_path), np.asarray(coords), plan
         self.input_size = input_size  # read for a model of this input size (Encoder.read_at_input), else the plan's tiles
         self.slide_id = slide_id or self.slide_path.stem
         self.pool = SlidePool([SlideSource(self.slide_id, self.slide_path, mpp, backend)], max_open=1)
+        self.check = check  # items also carry the tile's focus and its decode error ("" if none) instead of raising
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -70,9 +73,19 @@ class TileDataset:
     def __getitem__(self, index: int):
         import torch
 
+        from wsi.errors import SlideError
+        from wsi.tiling import sharpness
+
         x, y = self.coords[index]
-        tile = self.pool.read_tile(self.slide_id, x, y, self.plan, self.input_size)
-        return torch.from_numpy(np.array(tile)), index  # writable copy
+        if not self.check:
+            tile = self.pool.read_tile(self.slide_id, x, y, self.plan, self.input_size)
+            return torch.from_numpy(np.array(tile)), index  # writable copy
+        try:
+            tile = np.array(self.pool.read_tile(self.slide_id, x, y, self.plan, self.input_size))
+        except SlideError as exc:  # any backend, any codec: the tile is left out of the store, and recorded
+            side = self.input_size or self.plan.patch_size
+            return torch.zeros((side, side, 3), dtype=torch.uint8), index, float("nan"), exc.reason
+        return torch.from_numpy(tile), index, sharpness(tile), ""
 
 
 def loader_workers(n_tiles: int, cfg: ExtractionConfig) -> int:
@@ -97,8 +110,10 @@ def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):
                         kind=cfg.loader, pin_memory=device.type == "cuda")
 
 
-def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig) -> Iterator[tuple[np.ndarray, float]]:
-    """(features, model seconds) per batch, in tile order, with tiles read and decoded by the loader workers."""
+def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig
+                   ) -> Iterator[tuple[np.ndarray, float, list]]:
+    """(features, model seconds, the batch's other fields: focus and errors of a checking dataset) per batch, in
+    tile order, with tiles read and decoded by the loader workers."""
     import torch
 
     if cfg.num_threads:
@@ -106,30 +121,70 @@ def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig
     if not len(dataset):
         return
     expected = 0
-    for tiles, index in make_loader(dataset, cfg, encoder.device):
+    for tiles, index, *extra in make_loader(dataset, cfg, encoder.device):
         if int(index[0]) != expected:
             raise RuntimeError(f"tiles arrived out of order ({int(index[0])} != {expected})")
         t0 = time.perf_counter()
         feats = encoder(tiles).cpu().numpy()
-        yield feats, time.perf_counter() - t0
+        yield feats, time.perf_counter() - t0, extra
         expected += len(index)
 
 
 def embed_tiles(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig) -> np.ndarray:
     """Features of every tile in memory (N, dim) float32, for passes that are not stored (e.g. heatmap overlap)."""
-    parts = [feats.astype(np.float32) for feats, _ in encode_batches(dataset, encoder, cfg)]
+    parts = [feats.astype(np.float32) for feats, _, _ in encode_batches(dataset, encoder, cfg)]
     return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
 
 
-def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: ExtractionConfig, attrs: dict) -> dict:
-    """Run every tile of ``dataset`` through ``encoder`` into the store at ``out``; returns timing metadata."""
+class UnreadableTiles(ValueError):
+    """More of a slide's tiles failed to decode than the run allows (the store is not written)."""
+
+
+@dataclass
+class TileChecks:
+    """What a checking read (``TileDataset(check=True)``) found: each tile's focus (NaN where unread or too little
+    stain to judge) and the tiles that did not decode (index → error); both leave the store with their tile, as do
+    tiles below ``min_sharpness``. More than ``max_unreadable_fraction`` unreadable fails the slide."""
+
+    min_sharpness: float | None = None
+    max_unreadable_fraction: float = 1.0
+    sharpness: list = field(default_factory=list)
+    unreadable: dict[int, str] = field(default_factory=dict)
+
+    def keep(self, start: int, sharpness, errors) -> np.ndarray:
+        scores = np.asarray(sharpness, np.float32)
+        self.sharpness.append(scores)
+        self.unreadable.update({start + i: e for i, e in enumerate(errors) if e})
+        keep = np.array([not e for e in errors], bool)
+        if self.min_sharpness is not None:
+            keep &= ~(scores < self.min_sharpness)  # NaN (too little stain to judge) is kept
+        return keep
+
+    def all_sharpness(self) -> np.ndarray:
+        return np.concatenate(self.sharpness) if self.sharpness else np.zeros(0, np.float32)
+
+
+def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: ExtractionConfig, attrs: dict,
+                  checks: TileChecks | None = None) -> dict:
+    """Run every tile of ``dataset`` through ``encoder`` into the store at ``out``; returns timing metadata.
+    With ``checks`` (and a checking dataset) the read is the slide's tile check too: the tiles that do not decode
+    or are below ``checks.min_sharpness`` are left out of the store, each kept tile's focus is stored beside its
+    features (``sharpness``), and too many unreadable tiles raise :class:`UnreadableTiles` before anything is
+    written."""
     start = time.perf_counter()
     model_seconds = 0.0
     with write_store(out, dim=encoder.dim, coords=dataset.coords, dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
                      attrs=attrs) as writer:
-        for feats, seconds in encode_batches(dataset, encoder, cfg):
-            writer.append(feats)
+        for feats, seconds, extra in encode_batches(dataset, encoder, cfg):
+            writer.append(feats, None if checks is None else checks.keep(len(writer.kept), *extra))
             model_seconds += seconds
+        if checks is not None:
+            n_bad, total = len(checks.unreadable), len(dataset)
+            if n_bad and n_bad / total > checks.max_unreadable_fraction:
+                raise UnreadableTiles(f"{n_bad} of {total} tissue tiles ({n_bad / total:.1%}) could not be decoded; "
+                                      f"first: {next(iter(checks.unreadable.values()))} — more than "
+                                      f"slides.max_unreadable_fraction ({checks.max_unreadable_fraction:g})")
+            writer.arrays["sharpness"] = checks.all_sharpness()[writer.kept]
     seconds = time.perf_counter() - start
     return {"n_tiles": len(dataset), "seconds": round(seconds, 3), "model_seconds": round(model_seconds, 3),
             "precision": encoder.precision, "loader": loader_used(len(dataset), cfg),

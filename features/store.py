@@ -26,7 +26,8 @@ def store_path(root: Path, encoder: str, slide_id: str) -> Path:
 
 
 class StoreWriter:
-    """Appends feature rows in chunk-sized blocks; memory holds at most one chunk."""
+    """Appends feature rows in chunk-sized blocks; memory holds at most one chunk. Rows can be left out as they
+    come (``keep``: a tile that did not decode), and per-row arrays of the kept rows added (``arrays``)."""
 
     def __init__(self, group, dim: int, dtype: str, chunk_rows: int):
         self.group = group
@@ -36,12 +37,22 @@ class StoreWriter:
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
         self.n_written = 0
+        self._kept: list[np.ndarray] = []  # per appended row, whether it was written
+        self.arrays: dict[str, np.ndarray] = {}  # more per-row arrays (of the kept rows), written at the end
 
-    def append(self, rows: np.ndarray) -> None:
-        self._pending.append(np.asarray(rows, dtype=self.dtype))
-        self._n_pending += len(rows)
+    def append(self, rows: np.ndarray, keep: np.ndarray | None = None) -> None:
+        rows = np.asarray(rows, dtype=self.dtype)
+        keep = np.ones(len(rows), bool) if keep is None else np.asarray(keep, bool)
+        self._kept.append(keep)
+        self._pending.append(rows[keep])
+        self._n_pending += int(keep.sum())
         if self._n_pending >= self.chunk_rows:
             self.flush()
+
+    @property
+    def kept(self) -> np.ndarray:
+        """Whether each row appended so far was written."""
+        return np.concatenate(self._kept) if self._kept else np.zeros(0, bool)
 
     def flush(self) -> None:
         if self._n_pending:
@@ -66,14 +77,21 @@ def write_store(path: Path, *, dim: int, coords: np.ndarray, attrs: dict, dtype:
     try:
         group = zarr.open_group(str(tmp), mode="w")
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-        group.create_array("coords", shape=coords.shape, chunks=(max(1, min(len(coords), 65536)), 2), dtype="int64")
-        if len(coords):
-            group["coords"][:] = coords
         writer = StoreWriter(group, dim, dtype, chunk_rows)
         yield writer
         writer.flush()
-        if writer.n_written != len(coords):
-            raise RuntimeError(f"{path}: wrote {writer.n_written} feature rows for {len(coords)} coordinates")
+        kept = writer.kept
+        if len(kept) != len(coords):
+            raise RuntimeError(f"{path}: {len(kept)} feature rows came for {len(coords)} coordinates")
+        coords = coords[kept]  # the rows left out (undecodable tiles) leave the coordinates too
+        for name, values in {"coords": coords, **writer.arrays}.items():
+            values = np.asarray(values)
+            if len(values) != len(coords):
+                raise RuntimeError(f"{path}: {name} has {len(values)} rows for {len(coords)} kept tiles")
+            group.create_array(name, shape=values.shape, chunks=(max(1, min(len(values), 65536)), *values.shape[1:]),
+                               dtype=values.dtype)
+            if len(values):
+                group[name][:] = values
         group.attrs.update({**attrs, "dim": dim, "dtype": dtype, "n_tiles": int(len(coords)), "complete": True})
         fsync_tree(tmp)  # chunks on disk before the name says the store is whole
         _replace_dir(tmp, path)
@@ -134,6 +152,11 @@ class FeatureStore:
     @property
     def coords(self) -> np.ndarray:
         return np.asarray(self.group["coords"][:])
+
+    @property
+    def sharpness(self) -> np.ndarray | None:
+        """Each tile's focus score (:func:`wsi.tiling.sharpness`) where the store's own read checked its tiles."""
+        return np.asarray(self.group["sharpness"][:]) if "sharpness" in self.group else None
 
     def __len__(self) -> int:
         return int(self.group["features"].shape[0])

@@ -15,9 +15,12 @@ from features.encoders import EncoderConfig, WeightsError, create_encoder, load_
 from features.export import export_h5, import_clam_h5
 from features.extract import ExtractionConfig, TileDataset, encoder_attrs, extract_slide
 from features.store import FeatureStore, open_store, store_path
+from pipelines.config import RunConfig
 from wsi.slide import open_slide
 from wsi.tiling import TilingConfig, read_tile, tile_grid
 from wsi.tissue import mask_slide
+
+BIOPSY = RunConfig.model_validate({"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}})
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +30,9 @@ def vit_tiny():
 
 @pytest.fixture(scope="module")
 def slide_tiles(cohort):
-    from pipelines.config import RunConfig
-
-    cfg = RunConfig.model_validate({"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}})
     path = cohort / "demo_001.svs"
     with open_slide(path) as slide:
-        tissue, _ = mask_slide(slide, cfg.tissue)
+        tissue, _ = mask_slide(slide, BIOPSY.tissue)
         grid = tile_grid(slide.dimensions, slide.mpp, slide.level_downsamples, tissue, TilingConfig(target_mpp=1.0, patch_size=128))
         return path, grid, slide.mpp
 
@@ -161,6 +161,58 @@ def test_zero_tiles_give_an_empty_valid_store_and_failures_leave_nothing(slide_t
         extract_slide(outside, vit_tiny, tmp_path / "broken.zarr", ExtractionConfig(num_workers=0), {})
     assert not (tmp_path / "broken.zarr").exists()
     assert not list(tmp_path.glob(".broken.zarr*"))
+
+
+def test_a_checking_read_leaves_out_undecodable_and_blurred_tiles_and_stores_each_tiles_focus(cohort, vit_tiny, tmp_path):
+    """The features read as the slide's tile check: the same undecodable tiles and focus scores as the tiles task's
+    own pass (``inspect_tiles``), those tiles left out of the store with their coordinates, the focus stored beside
+    the features; too many unreadable tiles fail the slide before any store is written."""
+    import shutil
+
+    from conftest import corrupt_jpeg_tiles, tissue_tile_indices
+
+    from features.extract import TileChecks, UnreadableTiles
+    from wsi.tiling import inspect_tiles
+
+    path = shutil.copy(cohort / "demo_001.svs", tmp_path / "damaged.svs")
+    broken = tissue_tile_indices(cohort / "demo_001.svs", 3)  # from the truth mask beside the original
+    corrupt_jpeg_tiles(path, level=0, indices=broken)
+    with open_slide(path) as slide:
+        across = -(-slide.dimensions[0] // 256)
+        grid = tile_grid(slide.dimensions, slide.mpp, slide.level_downsamples,
+                         mask_slide(slide, BIOPSY.tissue)[0], TilingConfig(target_mpp=0.5, patch_size=128))
+        assert grid.plan.read_level == 0 and grid.plan.read_size == 256
+        hit = [np.flatnonzero((grid.coords[:, 0] // 256 == i % across) & (grid.coords[:, 1] // 256 == i // across))
+               for i in broken]
+        rows = np.unique(np.concatenate([*hit, np.arange(0, len(grid.coords), max(1, len(grid.coords) // 30))]))
+        coords = grid.coords[rows]
+        bad, scores = inspect_tiles(slide, coords, grid.plan)
+    assert len(bad) == 3  # one grid tile on each corrupted TIFF tile
+
+    dataset = TileDataset(path, coords, grid.plan, mpp=0.25, check=True)
+    limit = float(np.nanmedian(scores))  # half the tiles are "blurred" against this bar
+    checks = TileChecks(min_sharpness=limit, max_unreadable_fraction=0.5)
+    out = tmp_path / "checked.zarr"
+    extract_slide(dataset, vit_tiny, out, ExtractionConfig(batch_size=8, num_workers=2, loader="threads",
+                                                           loader_min_tiles=0), encoder_attrs(vit_tiny, grid.plan), checks)
+    assert checks.unreadable.keys() == bad.keys() and all(checks.unreadable.values())
+    read = np.array([i not in bad for i in range(len(coords))])
+    np.testing.assert_array_equal(checks.all_sharpness()[read], scores[read])
+    kept = read & ~(scores < limit)
+    store = FeatureStore.open(out)
+    np.testing.assert_array_equal(store.coords, coords[kept])
+    np.testing.assert_array_equal(store.sharpness, scores[kept])
+    plain = tmp_path / "plain.zarr"
+    extract_slide(TileDataset(path, coords[kept], grid.plan, mpp=0.25), vit_tiny, plain, ExtractionConfig(num_workers=0),
+                  encoder_attrs(vit_tiny, grid.plan))
+    np.testing.assert_array_equal(store.load()[0], FeatureStore.open(plain).load()[0])  # the same features, row by row
+    assert FeatureStore.open(plain).sharpness is None
+
+    strict = TileChecks(max_unreadable_fraction=2 / len(coords))
+    with pytest.raises(UnreadableTiles, match=f"3 of {len(coords)} tissue tiles"):
+        extract_slide(TileDataset(path, coords, grid.plan, mpp=0.25, check=True), vit_tiny, tmp_path / "strict.zarr",
+                      ExtractionConfig(num_workers=0), encoder_attrs(vit_tiny, grid.plan), strict)
+    assert not (tmp_path / "strict.zarr").exists() and not list(tmp_path.glob(".strict.zarr*"))
 
 
 def test_h5_export_in_clam_layout_and_import_round_trip(slide_tiles, vit_tiny, tmp_path):
