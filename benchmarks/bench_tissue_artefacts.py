@@ -100,7 +100,8 @@ def main() -> None:
                                  seed=100 * k + i, artefacts=artefacts)
             paths.append(path)
         for preset in ("bwh_biopsy", "tcga"):
-            cfg = RunConfig.model_validate({"tissue": {"preset": preset, "area_reference_mpp": 0.25}})
+            cfg = RunConfig.model_validate({"tissue": {"preset": preset, "area_reference_mpp": 0.25},
+                                            "slides": {"verify_tiles": "tiles"}})  # the same scores as the features read
             counts = np.zeros(8)  # ours ∧ truth, ours, CLAM ∧ truth, CLAM, ink in ours, ink in CLAM's, ink, truth
             bubble = np.zeros(3)  # in ours, in CLAM's, bubble pixels
             blur_counts, fold_counts = np.zeros(3), np.zeros(3)  # flagged ∧ truth, truth, flagged

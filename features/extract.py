@@ -163,6 +163,18 @@ class TileChecks:
     def all_sharpness(self) -> np.ndarray:
         return np.concatenate(self.sharpness) if self.sharpness else np.zeros(0, np.float32)
 
+    def summary(self, coords: np.ndarray, level: int, listed: int = 100) -> dict:
+        """What the check found, as the store records it (``tile_check``): tiles read, unreadable (the first
+        ``listed`` with their level-0 x, y, read level and error), left out below the focus bar, the focus median."""
+        scores = self.all_sharpness()
+        scored = scores[np.isfinite(scores)]
+        below = scores < self.min_sharpness if self.min_sharpness is not None else np.zeros(len(scores), bool)
+        return {"n_read": int(len(scores)), "n_unreadable_tiles": len(self.unreadable),
+                "unreadable_tiles": [{"x": int(coords[i][0]), "y": int(coords[i][1]), "level": int(level), "error": e}
+                                     for i, e in sorted(self.unreadable.items())[:listed]],
+                "n_blurry_dropped": int(below.sum()),
+                "sharpness_median": float(np.median(scored)) if len(scored) else None}
+
 
 def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: ExtractionConfig, attrs: dict,
                   checks: TileChecks | None = None) -> dict:
@@ -185,6 +197,7 @@ def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: Extrac
                                       f"first: {next(iter(checks.unreadable.values()))} — more than "
                                       f"slides.max_unreadable_fraction ({checks.max_unreadable_fraction:g})")
             writer.arrays["sharpness"] = checks.all_sharpness()[writer.kept]
+            writer.attrs["tile_check"] = checks.summary(dataset.coords, dataset.plan.read_level)
     seconds = time.perf_counter() - start
     return {"n_tiles": len(dataset), "seconds": round(seconds, 3), "model_seconds": round(model_seconds, 3),
             "precision": encoder.precision, "loader": loader_used(len(dataset), cfg),

@@ -39,6 +39,7 @@ class StoreWriter:
         self.n_written = 0
         self._kept: list[np.ndarray] = []  # per appended row, whether it was written
         self.arrays: dict[str, np.ndarray] = {}  # more per-row arrays (of the kept rows), written at the end
+        self.attrs: dict = {}  # more attributes, known once every row came (added to the store's own)
 
     def append(self, rows: np.ndarray, keep: np.ndarray | None = None) -> None:
         rows = np.asarray(rows, dtype=self.dtype)
@@ -92,7 +93,8 @@ def write_store(path: Path, *, dim: int, coords: np.ndarray, attrs: dict, dtype:
                                dtype=values.dtype)
             if len(values):
                 group[name][:] = values
-        group.attrs.update({**attrs, "dim": dim, "dtype": dtype, "n_tiles": int(len(coords)), "complete": True})
+        group.attrs.update({**attrs, **writer.attrs, "dim": dim, "dtype": dtype, "n_tiles": int(len(coords)),
+                            "complete": True})
         fsync_tree(tmp)  # chunks on disk before the name says the store is whole
         _replace_dir(tmp, path)
     except BaseException:

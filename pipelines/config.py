@@ -30,10 +30,15 @@ class SlidesConfig(BaseModel):
     default_mpp: float | None = Field(
         None, gt=0.05, lt=20, description="µm/px for slides with no mpp in the CSV, properties or TIFF tags (a warning is logged); "
                                 "null: such slides fail with a clear error")
-    verify_tiles: bool = Field(
-        True, description="the tiles stage reads every tile at its read level once and leaves out of the grid those "
-                          "that fail to decode (recorded in tiles/<id>.json and qc/slides.csv); false: a tile that "
-                          "fails later fails its slide")
+    verify_tiles: Literal["features", "tiles", "off"] = Field(
+        "features", description="where every tile is checked once at its read level: tiles that fail to decode are "
+                                "left out (recorded, and counted in qc/slides.csv), each tile's focus is scored "
+                                "(tiling.min_sharpness, qc's blurred share). features: by the teacher's features read, "
+                                "which decodes every tile anyway (no extra pass; a `predict` run, which has no "
+                                "features stage, checks in the tiles stage); tiles: by the tiles stage, one more read "
+                                "of every tile, so the grid is final before any model runs (e.g. to export tiles); "
+                                "off: no check, a tile that fails to decode fails its slide. true/false from older "
+                                "configs mean tiles/off")
     max_unreadable_fraction: float = Field(
         0.05, ge=0, le=1, description="a slide fails when more than this share of its tissue tiles (tiles stage) or of "
                                       "its area (tissue stage's overview read) cannot be decoded; below it, those parts "
@@ -41,6 +46,12 @@ class SlidesConfig(BaseModel):
     fingerprint: Literal["stat", "content"] = Field(
         "stat", description="how a slide file is recognised as unchanged: stat (size + mtime, instant) or content "
                             "(sha256 of the file; survives copies and touch, costs a full read)")
+
+    @field_validator("verify_tiles", mode="before")
+    @classmethod
+    def _boolean_verify_tiles(cls, value):
+        """Configs from before the check could move to the features read said true (the tiles stage) or false."""
+        return {True: "tiles", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class RunnerConfig(BaseModel):
@@ -117,9 +128,18 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sharpness_needs_the_read(self):
-        if self.tiling.min_sharpness is not None and not self.slides.verify_tiles:
-            raise ValueError("tiling.min_sharpness needs slides.verify_tiles: true (the pass that reads every tile)")
+        if self.tiling.min_sharpness is not None and self.slides.verify_tiles == "off":
+            raise ValueError("tiling.min_sharpness needs slides.verify_tiles (features or tiles: the read that scores "
+                             "every tile), not off")
         return self
+
+    def tile_check(self) -> Literal["features", "tiles"] | None:
+        """The stage that checks every tile (``slides.verify_tiles``) in this run: features in a training run,
+        tiles in a prediction run (no features stage) or where asked; None: no check."""
+        mode = self.slides.verify_tiles
+        if mode == "features" and self.predict.bundle is not None:
+            return "tiles"
+        return None if mode == "off" else mode
 
 
 class ConfigError(ValueError):

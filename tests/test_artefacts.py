@@ -189,7 +189,9 @@ def test_blurred_fields_are_flagged_and_can_be_dropped(tmp_path):
 
     path = tmp_path / "blurred.svs"
     write_demo_slide(path, height=6144, width=8192, positive=True, seed=51, artefacts=("blur",))
-    settings = {"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}}
+    # the tiles stage's own check (slides.verify_tiles: tiles); the features read scores the same tiles alike
+    # (tests/test_features.py, tests/test_cli_run.py)
+    settings = {"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}, "slides": {"verify_tiles": "tiles"}}
     entry, paths = SlideEntry("blurred", path, line=2), RunPaths(tmp_path / "out")
     tissue_stage(entry, RunConfig.model_validate(settings), paths)
     meta = tiles_stage(entry, RunConfig.model_validate(settings), paths)

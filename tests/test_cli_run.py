@@ -106,41 +106,55 @@ def test_each_bad_slide_is_reported_with_its_reason(mixed_run, slide_id, reason)
     assert not (out / "tiles" / f"{slide_id}.json").exists()
 
 
-def test_a_few_corrupt_tiles_are_left_out_and_odd_metadata_reported(mixed_run, cohort):
-    """Three undecodable level-0 tiles under the tissue: the slide finishes without them, counted in its tiles JSON
-    and QC; a Latin-1 description: read, and said so; the failed slides are QC rows with their reasons."""
+def test_a_few_corrupt_tiles_are_left_out_and_odd_metadata_reported(mixed_run, mixed_cohort):
+    """Three undecodable level-0 tiles under the tissue: the teacher's features read, which checks every tile
+    (``slides.verify_tiles: features``), leaves exactly them out of the store, counted in its state and QC; the tiles
+    stage, asked to check instead (``tiles``), leaves out the same three. A Latin-1 description: read, and said so;
+    the failed slides are QC rows with their reasons."""
     import csv
 
-    result, out = mixed_run
-    tiles = json.loads((out / "tiles" / "partly_corrupt.json").read_text())
-    assert _state(out, "tiles", "partly_corrupt")["status"] == "done"
-    assert tiles["n_unreadable_tiles"] == 3 and len(tiles["unreadable_tiles"]) == 3
-    assert all(t["level"] == 0 and "cannot read region" in t["error"] for t in tiles["unreadable_tiles"])
-    coords = {tuple(c) for c in np.load(out / "tiles" / "partly_corrupt.coords.npy").tolist()}
-    assert not coords & {(t["x"], t["y"]) for t in tiles["unreadable_tiles"]} and len(coords) == tiles["n_tiles"]
+    from features.store import open_store
     from pipelines.engine.run_dir import RunPaths
     from pipelines.manifest import SlideEntry
     from pipelines.stages.tiles import tiles_stage
     from pipelines.stages.tissue import tissue_stage
 
-    clean = RunPaths(out.parent / "clean")  # the same slide uncorrupted, same config: the grid minus exactly those 3
+    result, out = mixed_run
     config = load_config(out / "run.yaml")
-    entry = SlideEntry("partly_corrupt", cohort / "demo_001.svs", line=2)
-    tissue_stage(entry, config, clean)
-    tiles_stage(entry, config, clean)
-    expected = {tuple(c) for c in np.load(clean.tile_coords("partly_corrupt")).tolist()}
-    assert coords == expected - {(t["x"], t["y"]) for t in tiles["unreadable_tiles"]} and len(coords) > 30
+    features = _state(out, "features", "partly_corrupt")
+    assert features["status"] == "done" and config.tile_check() == "features"
+    store = open_store(out, config.features.teacher.label, "partly_corrupt")
+    checked = store.attrs["tile_check"]  # the store says what its read found
+    assert checked["n_unreadable_tiles"] == features["meta"]["n_unreadable_tiles"] == 3
+    assert all(t["level"] == 0 and "cannot read region" in t["error"] for t in checked["unreadable_tiles"])
+    bad = {(t["x"], t["y"]) for t in checked["unreadable_tiles"]}
+    grid = {tuple(c) for c in np.load(out / "tiles" / "partly_corrupt.coords.npy").tolist()}  # not checked: every tile
+    stored = {tuple(c) for c in store.coords.tolist()}
+    assert len(bad) == 3 and bad <= grid and stored == grid - bad and checked["n_read"] == len(grid)
+    assert len(stored) == features["meta"]["n_tiles"] == len(store.sharpness) > 30
+    assert not (out / "tiles" / "partly_corrupt.sharpness.npy").exists()
+
+    # the tiles stage asked to check: the same three, out of the grid itself
+    in_tiles = RunConfig.model_validate({**config.model_dump(), "slides": {**config.slides.model_dump(), "verify_tiles": "tiles"}})
+    elsewhere = RunPaths(out.parent / "checked_in_tiles")
+    entry = SlideEntry("partly_corrupt", mixed_cohort / "partly.svs", line=2)
+    tissue_stage(entry, in_tiles, elsewhere)
+    meta = tiles_stage(entry, in_tiles, elsewhere)
+    assert meta["n_unreadable_tiles"] == 3 and {(t["x"], t["y"]) for t in meta["unreadable_tiles"]} == bad
+    assert {tuple(c) for c in np.load(elsewhere.tile_coords("partly_corrupt")).tolist()} == stored
+    np.testing.assert_allclose(np.load(elsewhere.tile_sharpness("partly_corrupt")), store.sharpness, rtol=1e-5)
     rows = {r["slide_id"]: r for r in csv.DictReader((out / "qc" / "slides.csv").open())}
-    assert rows["partly_corrupt"]["n_unreadable_tiles"] == "3" and "left out of the grid" in rows["partly_corrupt"]["warnings"]
+    assert rows["partly_corrupt"]["n_unreadable_tiles"] == "3" and "left out of the features" in rows["partly_corrupt"]["warnings"]
+    assert rows["partly_corrupt"]["n_tiles"] == str(len(stored)) and rows["partly_corrupt"]["blurred_fraction"] != ""
     assert rows["latin1"]["status"] == "ok" and "not UTF-8 (byte 0xe4" in rows["latin1"]["warnings"]
     assert rows["good_svs"]["n_unreadable_tiles"] == "0" and rows["good_svs"]["mpp_detail"]
     assert rows["no_mpp"]["status"] == "failed tissue" and "no mpp found" in rows["no_mpp"]["warnings"]
     assert rows["corrupt_jpeg"]["status"] == "failed tissue" and "slides.max_unreadable_fraction" in rows["corrupt_jpeg"]["warnings"]
     assert "missing" in rows and "not_a_slide" in rows
     report = json.loads(wsi("status", out, "--json").stdout)
-    assert "left out of the grid" in report["slides"]["partly_corrupt"]["tiles"]["warnings"][0]
+    assert "left out of the features" in report["slides"]["partly_corrupt"]["features"]["warnings"][0]
     assert "not UTF-8" in report["slides"]["latin1"]["tissue"]["warnings"][0]
-    assert "warning (tiles): 3 of" in " ".join(wsi("status", out).stdout.split())
+    assert "warning (features): 3 of" in " ".join(wsi("status", out).stdout.split())
 
 
 def test_slide_without_tissue_gives_empty_tiles_and_a_warning(mixed_run):

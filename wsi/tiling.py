@@ -52,7 +52,9 @@ class TilingConfig(BaseModel):
     min_sharpness: float | None = Field(None, ge=0, description="drop tiles whose sharpness (wsi.tiling.sharpness: the "
                                                                 "median over an 8×8 grid of the Laplacian variance of "
                                                                 "stained pixels, at the target mpp) is below this; null: "
-                                                                "keep them. Needs slides.verify_tiles (the pass that reads them)")
+                                                                "keep them. Needs slides.verify_tiles (features or tiles: the read "
+                                                                "that scores them; with features, they leave the "
+                                                                "features, not tiles/<id>.coords.npy)")
 
     @model_validator(mode="after")
     def _check(self):

@@ -162,7 +162,7 @@ def build_plan(table: StageTable, entries: list[SlideEntry], cfg: RunConfig, pat
         stage = table[name]
         if stage.scope in ("cohort", "fold"):
             deps = []
-            for dep in stage.after:
+            for dep in (*stage.after, *stage.waits_for(cfg)):
                 if dep in selected and table[dep].scope != "slide":  # after a cohort or fold stage: all its tasks
                     deps += [tid for tid, t in tasks.items() if t.stage == dep]
                 else:

@@ -27,6 +27,9 @@ class Stage:
     fn: Callable
     scope: Literal["slide", "cohort", "fold"]  # fold: several cohort-like tasks, one per key (``keys``)
     after: tuple[str, ...] = ()
+    # cohort and fold stages: stages they also wait for when this config runs them, without pulling them into a
+    # run that stops earlier (``--until``): qc waits for the features read when that read checks the tiles
+    waits_for: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()
     config: tuple[str, ...] = ()  # dotted RunConfig fields (or whole sections) whose values enter the fingerprint
     reads_slide: bool = False  # the slide file itself is an input
     artifacts: Callable[[RunPaths, str, RunConfig], list[Path]] = lambda paths, key, cfg: []

@@ -181,7 +181,7 @@ def _run_stage(stage, key: str, payload, cfg: RunConfig, paths: RunPaths, finger
 def _summary(meta: dict) -> dict:
     """The small part of a stage's metadata the client shows (keeps results cheap to ship)."""
     keys = ("n_tiles", "n_slides", "seconds", "patches_per_s", "precision", "loader", "val_cosine", "val_r2", "worst_cluster_r2", "faithful",
-            "initial_cosine", "folds")
+            "initial_cosine", "folds", "n_unreadable_tiles", "n_blurry_dropped")
     return {k: meta[k] for k in keys if k in meta}
 
 

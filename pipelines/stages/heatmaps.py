@@ -138,8 +138,7 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     from features.store import open_store
     from mil.attention import slide_attention
     from mil.heatmaps import score_tiles
-    from pipelines.stages.features import student_label
-    from pipelines.stages.tiles import load_tiles
+    from pipelines.stages.features import slide_grid, student_label
     from pipelines.stages.tissue import load_tissue
 
     strategy = resolve_strategy(cfg, strategy)
@@ -153,7 +152,7 @@ def draw_slide(entry: SlideEntry, cfg: RunConfig, paths: RunPaths, *, strategy: 
     from mil.strategies import load_clam
 
     model = load_clam(cfg.mil, clam_weights, len(classes))
-    grid = load_tiles(paths, entry.slide_id)
+    grid = slide_grid(paths, cfg, entry.slide_id)  # the tiles the stored features cover
     tissue, meta = load_tissue(paths, entry.slide_id)
     encoder = None
     if student_weights is None:  # stored features

@@ -160,23 +160,23 @@ def fpt_teacher(paths: RunPaths, cfg: RunConfig, reference_slide: str):
 class SlideTileReader:
     """Tiles of a run's slides by row of their tile grid (and of their feature bags), through a SlidePool."""
 
-    def __init__(self, paths: RunPaths, backend: str, slide_paths: dict[str, Path], max_open: int = 8,
+    def __init__(self, paths: RunPaths, cfg: RunConfig, slide_paths: dict[str, Path], max_open: int = 8,
                  input_size: int | None = None):
-        self.paths, self.backend = paths, backend
+        self.paths, self.cfg, self.backend = paths, cfg, cfg.slides.backend
         self.slide_paths = slide_paths  # where each slide is now (slides.csv): a slide moved since its tissue task
         self.input_size = input_size  # read for a model of this input size (Encoder.read_at_input), else as tiled
         self.pool = SlidePool([], max_open=max_open)
         self._grids: OrderedDict[str, object] = OrderedDict()
 
     def grid(self, slide_id: str):
-        from pipelines.stages.tiles import load_tiles
+        from pipelines.stages.features import slide_grid
 
         if slide_id not in self.pool.sources:
             meta = json.loads(self.paths.tissue_meta(slide_id).read_text())
             path = self.slide_paths.get(slide_id) or Path(meta["slide_path"])
             self.pool.sources[slide_id] = SlideSource(slide_id, path, meta["mpp"], self.backend)
         if slide_id not in self._grids:
-            self._grids[slide_id] = load_tiles(self.paths, slide_id)
+            self._grids[slide_id] = slide_grid(self.paths, self.cfg, slide_id)  # the rows of its feature bags
             if len(self._grids) > 64:  # coordinates only, but bounded all the same
                 self._grids.popitem(last=False)
         self._grids.move_to_end(slide_id)
@@ -198,14 +198,14 @@ def end2end_inputs(paths: RunPaths, cfg: RunConfig, with_teacher: bool, referenc
     from mil.strategies import End2endInputs
 
     encoder, _ = load_student(paths.student_dir, device="cpu")
-    reader = SlideTileReader(paths, cfg.slides.backend, slide_paths,
+    reader = SlideTileReader(paths, cfg, slide_paths,
                              input_size=encoder.input_size if encoder.read_at_input else None)
     teacher = teacher_input = teacher_tiles = None
     if with_teacher:  # FPT fine-tunes the (frozen) teacher through a side network, on the tiles as the teacher reads them
         big = fpt_teacher(paths, cfg, reference_slide)
         teacher, teacher_input = big.model, {"size": big.input_size, "mean": big.mean, "std": big.std,
                                                  "resize": big.resize, "interpolation": big.interpolation}
-        teacher_tiles = SlideTileReader(paths, cfg.slides.backend, slide_paths).tiles
+        teacher_tiles = SlideTileReader(paths, cfg, slide_paths).tiles
     return End2endInputs(encoder.model, {"size": encoder.input_size, "mean": encoder.mean, "std": encoder.std,
                                          "resize": encoder.resize, "interpolation": encoder.interpolation},
                          reader.tiles, reader.n_rows, teacher, teacher_input, teacher_tiles)

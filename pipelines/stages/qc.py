@@ -9,10 +9,22 @@ import numpy as np
 
 from pipelines.config import RunConfig
 from pipelines.engine.run_dir import RunPaths, write_text
+from pipelines.engine.state import read_state
 from pipelines.manifest import SlideEntry
 from pipelines.stages.tile_inspection import blurred_fraction
 
 log = logging.getLogger(__name__)
+
+
+def teacher_store(paths: RunPaths, cfg: RunConfig, slide_id: str):
+    """The slide's teacher store (its ``tile_check`` attribute and ``sharpness``: what the features read's check of
+    every tile found); None where there is none (the features failed, or have not run in this run yet)."""
+    from features.store import open_store
+
+    try:
+        return open_store(paths.root, cfg.features.teacher.label, slide_id)
+    except FileNotFoundError:
+        return None
 
 
 def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
@@ -21,7 +33,6 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
     import csv
     import io
 
-    from pipelines.engine.state import read_state
     from pipelines.manifest import read_manifest
 
     columns = ["slide_id", "status", "label", "case_id", "backend", "width", "height", "mpp", "mpp_source", "mpp_detail",
@@ -32,11 +43,20 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
+    checked_by = cfg.tile_check()
     for entry in entries:
         tissue = json.loads(paths.tissue_meta(entry.slide_id).read_text())
         tiles = json.loads(paths.tile_meta(entry.slide_id).read_text())
-        sharpness = paths.tile_sharpness(entry.slide_id)
-        blurred = blurred_fraction(np.load(sharpness), cfg.tiling.blur_ratio) if sharpness.exists() else None
+        scores = None
+        if checked_by == "features":  # the teacher's features read checked the tiles: its counts and focus scores
+            store = teacher_store(paths, cfg, entry.slide_id)
+            if store is not None and "tile_check" in store.attrs:
+                tiles = {**tiles, **store.attrs["tile_check"], "n_tiles": len(store)}
+                scores = store.sharpness
+            tiles["warnings"] = tiles["warnings"] + (read_state(paths, "features", entry.slide_id) or {}).get("warnings", [])
+        elif paths.tile_sharpness(entry.slide_id).exists():
+            scores = np.load(paths.tile_sharpness(entry.slide_id))
+        blurred = blurred_fraction(scores, cfg.tiling.blur_ratio) if scores is not None else None
         warnings = tissue["warnings"] + tiles["warnings"]
         if blurred is not None and blurred > 0.1:  # a tenth of the tissue out of focus: worth a look
             warnings.append(f"{blurred:.1%} of the tiles are blurred (below {cfg.tiling.blur_ratio:g} × the slide's "
@@ -62,7 +82,7 @@ def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict
     for entry in others:
         if entry.slide_id in included or not entry.has_pixels:
             continue
-        for stage in ("tissue", "tiles"):
+        for stage in ("tissue", "tiles", "features"):
             state = read_state(paths, stage, entry.slide_id) or {}
             if state.get("status") == "failed":
                 writer.writerow({"slide_id": entry.slide_id, "status": f"failed {stage}", "label": entry.label or "",

@@ -60,6 +60,9 @@ DISTILL_FIELDS = tuple(f"distill.{name}.identity" if name == "student" else f"di
 
 # The tiling fields the grid depends on: the blur ratio only labels tiles in the QC table.
 TILING_FIELDS = tuple(f"tiling.{name}" for name in TilingConfig.model_fields if name != "blur_ratio")
+# What the features read's tile check depends on (slides.verify_tiles: features; the same values are in the
+# tiles stage's fingerprint, which the features' follows, when the tiles stage checks instead)
+TILE_CHECK_FIELDS = ("slides.verify_tiles", "slides.max_unreadable_fraction", "tiling.min_sharpness")
 
 
 def corrected_mask_input(cfg: RunConfig, entry: SlideEntry, hashes=None) -> list:
@@ -94,13 +97,15 @@ _STAGES: dict[str, Stage] = {s.name: s for s in [
           config=(*TILING_FIELDS, "slides.verify_tiles", "slides.max_unreadable_fraction"), pixels=True,
           applies=lambda cfg, entry: entry.has_pixels,
           artifacts=lambda p, k, c: [p.tile_overlay(k), p.tile_coords(k), p.tile_meta(k)]
-          + ([p.tile_sharpness(k)] if c.slides.verify_tiles else [])),
-    Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher.identity", "features.dtype"),
+          + ([p.tile_sharpness(k)] if c.tile_check() == "tiles" else [])),
+    Stage("features", features_stage, "slide", after=("tiles",), config=("features.teacher.identity", "features.dtype",
+                                                                         *TILE_CHECK_FIELDS),
           stands_for=imported_store_input,
           artifacts=lambda p, k, c: [store_path(p.root, c.features.teacher.label, k)], resources={"GPU": 1}, uses_torch=True,
           enabled=training,
           extra_inputs=lambda cfg, hashes: weights_inputs(cfg, "features.teacher", hashes), encoders=lambda cfg: ["features.teacher"]),
-    Stage("qc", qc_stage, "cohort", after=("tiles",), config=("tiling.blur_ratio",), artifacts=lambda p, k, c: [p.qc_table]),
+    Stage("qc", qc_stage, "cohort", after=("tiles",), config=("tiling.blur_ratio",), artifacts=lambda p, k, c: [p.qc_table],
+          waits_for=lambda cfg: ("features",) if cfg.tile_check() == "features" else ()),
     Stage("distill", distill_stage, "cohort", after=("features",), config=(*DISTILL_FIELDS, "features.teacher.identity", "features.dtype"),
           pixels=True, reads_labels=False,
           artifacts=lambda p, k, c: [p.student_dir / "student.safetensors", p.student_dir / "student.json"],

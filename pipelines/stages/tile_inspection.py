@@ -62,6 +62,19 @@ def inspect_grid(entry: SlideEntry, cfg: RunConfig, slide_meta: dict, grid: Tile
     return grid, meta, scores[keep]
 
 
+def read_check_meta(entry: SlideEntry, checks, meta: dict, coords: np.ndarray, level: int) -> dict:
+    """What the features read's check of every tile found (``slides.verify_tiles: features``), in the fields
+    :func:`inspect_grid` gives the tiles stage's JSON (also in the store's ``tile_check`` attribute)."""
+    found = checks.summary(coords, level, MAX_LISTED)
+    meta.update({k: v for k, v in found.items() if k != "n_read"})
+    n_bad, total = found["n_unreadable_tiles"], found["n_read"]
+    if n_bad:
+        warn(entry, meta, f"{n_bad} of {total} tissue tiles ({n_bad / total:.1%}) could not be decoded; first: "
+                          f"{next(iter(checks.unreadable.values()))}: left out of the features")
+    meta["n_tiles"] = total - n_bad - found["n_blurry_dropped"]
+    return meta
+
+
 def warn(entry: SlideEntry, meta: dict, message: str) -> None:
     meta["warnings"].append(message)
     log.warning("%s: %s", entry.slide_id, message)

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
-    """Tile grid at the target resolution from the tissue mask; with ``slides.verify_tiles`` every tile is then read
-    once (undecodable ones leave the grid, focus is scored: :mod:`pipelines.stages.tile_inspection`)."""
+    """Tile grid at the target resolution from the tissue mask; with ``slides.verify_tiles: tiles`` every tile is then
+    read once (undecodable ones leave the grid, focus is scored: :mod:`pipelines.stages.tile_inspection`)."""
     tissue, slide_meta = load_tissue(paths, entry.slide_id)
     grid = tile_grid(tuple(slide_meta["dimensions"]), slide_meta["mpp"], tuple(slide_meta["level_downsamples"]),
                      tissue, cfg.tiling)
@@ -29,7 +29,7 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
             "dimensions": slide_meta["dimensions"], "params": cfg.tiling.model_dump(mode="json"),
             "version": __version__, "warnings": []}
     grid, meta = drop_folds(cfg, tissue, grid, meta)
-    if cfg.slides.verify_tiles:
+    if cfg.tile_check() == "tiles":  # else the features read checks them (or nothing does)
         scores = np.zeros(0, np.float32)
         if len(grid.coords):
             grid, meta, scores = inspect_grid(entry, cfg, slide_meta, grid, meta)
