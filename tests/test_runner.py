@@ -503,3 +503,28 @@ def test_a_closed_connection_traceback_is_kept_out_of_the_run_log_unless_verbose
             assert ("CommClosedError" in log) is verbose and "a real bug" in log
     finally:
         logging.basicConfig(force=True, handlers=[logging.NullHandler()])
+
+
+def test_qc_waits_for_the_features_read_that_checks_tiles_but_an_earlier_stop_does_not_pull_it_in(tmp_path):
+    """With ``slides.verify_tiles: features`` the QC table counts what the teacher's read found, so the qc task waits
+    for that slide's features task — for slides with tiles only (an imported store has none) — while `--until qc`
+    still stops before any model; with the check in the tiles stage, or none, qc waits for tiles alone."""
+    from pipelines.config import RunConfig
+    from pipelines.engine.plan import build_plan
+    from pipelines.engine.run_dir import RunPaths
+    from pipelines.manifest import SlideEntry
+    from pipelines.stages.table import STAGES
+
+    entries = [SlideEntry("a", tmp_path / "a.svs", 2, "tumor"), SlideEntry("b", tmp_path / "b.svs", 3, "normal"),
+               SlideEntry("imported", None, 4, "normal")]
+    tasks = build_plan(STAGES, entries, RunConfig(), RunPaths(tmp_path / "out"))
+    assert sorted(tasks["qc/_cohort"].deps) == ["features/a", "features/b", "tiles/a", "tiles/b"]
+    assert "features/imported" in tasks  # its store is checked, but it has no tiles for QC to wait on
+    early = build_plan(STAGES, entries, RunConfig(), RunPaths(tmp_path / "out"), until="qc")
+    assert {t.stage for t in early.values()} == {"tissue", "tiles", "qc"}
+    assert sorted(early["qc/_cohort"].deps) == ["tiles/a", "tiles/b"]
+    for mode in ("tiles", "off"):
+        cfg = RunConfig.model_validate({"slides": {"verify_tiles": mode}})
+        assert sorted(build_plan(STAGES, entries, cfg, RunPaths(tmp_path / "out"))["qc/_cohort"].deps) == ["tiles/a", "tiles/b"]
+    predict = RunConfig.model_validate({"predict": {"bundle": str(tmp_path)}})  # no features stage: the tiles stage checks
+    assert predict.tile_check() == "tiles" and RunConfig().tile_check() == "features"

@@ -132,6 +132,19 @@ def resolve_fingerprint(cfg: RunConfig, task: Task, tasks: dict[str, Task], entr
     return slide_fingerprint(cfg, task, entries[task.key], dep_fps, hashes, root)
 
 
+def _stage_deps(table: StageTable, stages: tuple[str, ...], selected: list[str], tasks: dict[str, Task],
+                entries: list[SlideEntry]) -> list[str]:
+    """The planned tasks of ``stages`` a cohort or fold task waits for: all of a cohort or fold stage's, a slide
+    stage's on every slide that has one."""
+    deps = []
+    for dep in stages:
+        if dep in selected and table[dep].scope != "slide":
+            deps += [tid for tid, t in tasks.items() if t.stage == dep]
+        else:
+            deps += [f"{dep}/{e.slide_id}" for e in entries if f"{dep}/{e.slide_id}" in tasks]
+    return deps
+
+
 def build_plan(table: StageTable, entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths, *, until: str | None = None,
                only: list[str] | None = None, force: list[str] | None = None,
                hashes: HashCache | None = None) -> dict[str, Task]:
@@ -161,14 +174,12 @@ def build_plan(table: StageTable, entries: list[SlideEntry], cfg: RunConfig, pat
     for name in selected:
         stage = table[name]
         if stage.scope in ("cohort", "fold"):
-            deps = []
-            for dep in (*stage.after, *stage.waits_for(cfg)):
-                if dep in selected and table[dep].scope != "slide":  # after a cohort or fold stage: all its tasks
-                    deps += [tid for tid, t in tasks.items() if t.stage == dep]
-                else:
-                    deps += [f"{dep}/{e.slide_id}" for e in entries if f"{dep}/{e.slide_id}" in tasks]
+            deps = _stage_deps(table, stage.after, selected, tasks, entries)
             if stage.after and not deps:  # e.g. qc on a features-only cohort: no slide has tiles
                 continue
+            slides = {tasks[d].key for d in deps if not tasks[d].cohort}  # what it waits for too, on those slides only
+            deps += [d for d in _stage_deps(table, stage.waits_for(cfg), selected, tasks, entries)
+                     if tasks[d].cohort or tasks[d].key in slides]
             for key in (stage.keys(cfg, entries) if stage.scope == "fold" else [COHORT]):
                 own = [f"{name}/{k}" for k in stage.needs(cfg, key)] if stage.scope == "fold" else []
                 task = Task(stage, name, key, deps + own, None, name in forced, scope=stage.scope)
