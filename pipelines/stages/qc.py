@@ -29,7 +29,9 @@ def teacher_store(paths: RunPaths, cfg: RunConfig, slide_id: str):
 
 def qc_stage(entries: list[SlideEntry], cfg: RunConfig, paths: RunPaths) -> dict:
     """Cohort QC table ``qc/slides.csv``: per slide its reader, mpp and where it came from, tissue, tiles, unreadable
-    parts and read plan; then a row per slide of the manifest that failed tissue or tiles, with the reason."""
+    parts and read plan; then a row per slide of the manifest that failed tissue, tiles or features, with the
+    reason. Where the teacher's features read checks the tiles (``slides.verify_tiles: features``) the unreadable
+    tiles, focus and tile count are that read's; before it ran (``--until qc``) they are the tiles stage's."""
     import csv
     import io
 
