@@ -83,10 +83,13 @@ def heatmap_folder(paths: RunPaths, slide_id: str) -> Path:
 def embed_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     """Every tile of the slide through the bundle's encoder, into ``features/<encoder>/<slide_id>.zarr``."""
     from pipelines.stages.features import extract_features
+    from pipelines.stages.tiles import load_tiles
 
     bundle = run_bundle(cfg)
     extra = {"bundle": str(bundle.path), "bundle_encoder_digest": bundle.digest("encoder")}
-    return extract_features(entry, cfg, paths, bundle_encoder(cfg), bundle.encoder_label, extra)
+    # a prediction run's tiles stage has checked the tiles (RunConfig.tile_check): its grid is final
+    return extract_features(entry, cfg, paths, bundle_encoder(cfg), bundle.encoder_label, extra,
+                            load_tiles(paths, entry.slide_id))
 
 
 NO_TILES = "no tiles (no tissue reaches tiling.min_tissue_fraction; see qc/slides.csv): nothing to predict from"
