@@ -188,7 +188,7 @@ def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: Extrac
     with write_store(out, dim=encoder.dim, coords=dataset.coords, dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
                      attrs=attrs) as writer:
         for feats, seconds, extra in encode_batches(dataset, encoder, cfg):
-            writer.append(feats, None if checks is None else checks.keep(len(writer.kept), *extra))
+            writer.append(feats, None if checks is None else checks.keep(writer.n_seen, *extra))
             model_seconds += seconds
         if checks is not None:
             n_bad, total = len(checks.unreadable), len(dataset)

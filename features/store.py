@@ -38,6 +38,7 @@ class StoreWriter:
         self._n_pending = 0
         self.n_written = 0
         self._kept: list[np.ndarray] = []  # per appended row, whether it was written
+        self.n_seen = 0  # rows appended, written or not
         self.arrays: dict[str, np.ndarray] = {}  # more per-row arrays (of the kept rows), written at the end
         self.attrs: dict = {}  # more attributes, known once every row came (added to the store's own)
 
@@ -45,6 +46,7 @@ class StoreWriter:
         rows = np.asarray(rows, dtype=self.dtype)
         keep = np.ones(len(rows), bool) if keep is None else np.asarray(keep, bool)
         self._kept.append(keep)
+        self.n_seen += len(keep)
         self._pending.append(rows[keep])
         self._n_pending += int(keep.sum())
         if self._n_pending >= self.chunk_rows:
