@@ -66,8 +66,11 @@ def tissue_geojson(mask: np.ndarray, downsample: tuple[float, float], *, name: s
     import cv2
 
     binary = np.ascontiguousarray(np.asarray(mask, dtype=bool)).view(np.uint8)
-    doubled = cv2.resize(binary, (binary.shape[1] * 2, binary.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
-    contours, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    x, y, w, h = cv2.boundingRect(binary)  # traced within the tissue's bounding box: a slide is mostly glass
+    x0, y0 = max(0, x - 1), max(0, y - 1)
+    crop = binary[y0:y + h + 1, x0:x + w + 1]
+    doubled = cv2.resize(crop, (crop.shape[1] * 2, crop.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+    contours, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(2 * x0, 2 * y0))
     polygons = []
     if hierarchy is not None:
         links = hierarchy[0]  # per contour: next, previous, first child, parent

@@ -77,20 +77,45 @@ def strokes(candidate: np.ndarray, min_px: float) -> np.ndarray:
     return out
 
 
-def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
-    """Pen ink on an overview whose pixels are ``px_um`` µm wide: boolean, same shape as ``rgb``'s first two axes."""
+def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig, reduced: np.ndarray | None = None) -> np.ndarray:
+    """Pen ink on an overview whose pixels are ``px_um`` µm wide: boolean, same shape as ``rgb``'s first two axes,
+    widened by ``rim_um`` (a stroke's anti-aliased rim).
+
+    Looked for first on the overview reduced by :func:`reduction` (``reduced``: that image, when the caller has
+    it), as a stroke is tens of µm wide at least: a clean slide costs no full-size pass. Where ink is found, it
+    is judged again on ``rgb``'s own pixels, over the box around it, so its edge is the overview's."""
     import cv2
 
     out = np.zeros(rgb.shape[:2], bool)
     if not cfg.enabled:
         return out
+    factor = reduction(px_um)
+    if factor == 1:
+        return widen(judge_ink(rgb, px_um, cfg), int(round(cfg.rim_um / px_um)))
+    found = judge_ink(reduce_by(rgb, factor) if reduced is None else reduced, px_um * factor, cfg)
+    if not found.any():
+        return out
+    x, y, w, h = cv2.boundingRect(found.view(np.uint8))
+    margin = 2 * factor  # the reduced pixels' reach, and a stroke's edge the reduction blended into its neighbours
+    x0, y0 = max(0, x * factor - margin), max(0, y * factor - margin)
+    x1, y1 = min(out.shape[1], (x + w) * factor + margin), min(out.shape[0], (y + h) * factor + margin)
+    out[y0:y1, x0:x1] = judge_ink(rgb[y0:y1, x0:x1], px_um, cfg)
+    return widen(out, int(round(cfg.rim_um / px_um)))
+
+
+def judge_ink(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
+    """Pen ink on an overview of ``px_um`` µm/px, at its own pixels: marker-coloured components big enough, and for
+    red and black, strokes (not widened)."""
+    import cv2
+
+    out = np.zeros(rgb.shape[:2], bool)
     min_px = cfg.min_area_um2 / px_um**2
     candidates = ink_candidates(rgb, cfg)
     # one labelling for the colours judged by size alone (a component may mix them: a blue stroke over a green
     # one is ink either way); red and black are labelled each on its own and must also be strokes, as blood and
     # dark pigment (anthracosis, melanin) come in blobs; a colour with fewer candidate pixels than one ink
     # component needs is not labelled at all (the usual clean slide: no labelling)
-    sized = [part for colour, part in candidates.items() if colour not in STROKES and part.sum() >= min_px]
+    sized = [part for colour, part in candidates.items() if colour not in STROKES and np.count_nonzero(part) >= min_px]
     if sized:
         union = np.logical_or.reduce(sized)
         labels = cv2.connectedComponents(union.view(np.uint8), connectivity=8)[1]
@@ -99,12 +124,18 @@ def ink_mask(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
         if keep.any():
             out[union] = keep[labels[union]]  # gathered over the candidates only: 3× faster than the whole image
     for colour in STROKES:
-        if colour in candidates and candidates[colour].sum() >= min_px:
+        if colour in candidates and np.count_nonzero(candidates[colour]) >= min_px:
             out |= strokes(candidates[colour], min_px)
-    rim = int(round(cfg.rim_um / px_um))
-    if rim > 0 and out.any():
-        out = cv2.dilate(out.view(np.uint8), np.ones((2 * rim + 1, 2 * rim + 1), np.uint8)).astype(bool)
     return out
+
+
+def widen(mask: np.ndarray, by: int) -> np.ndarray:
+    """A boolean mask grown by ``by`` pixels (a square of side 2·by + 1)."""
+    import cv2
+
+    if by <= 0 or not mask.any():
+        return mask
+    return cv2.dilate(mask.view(np.uint8), np.ones((2 * by + 1, 2 * by + 1), np.uint8)).view(bool)
 
 
 class BubbleConfig(BaseModel):
@@ -135,27 +166,40 @@ class FoldConfig(BaseModel):
 
 
 THIN_CORE_SHARE = 0.1  # a region with less of itself than this farther than half the width from its edge is thin
-JUDGED_AT_UM = 8.0  # bubbles and folds are judged on the overview reduced to about this many µm per pixel
+JUDGED_AT_UM = 8.0  # ink, bubbles and folds are judged on the overview reduced to about this many µm per pixel
 
 
 def reduction(px_um: float) -> int:
     """The integer factor that brings an overview of ``px_um`` µm/px near :data:`JUDGED_AT_UM` (1: already there).
-    A 40× scan masked at 16× (4 µm/px) is judged at 8 µm/px: 4× fewer pixels, and a rim or a fold (≥ 50 µm)
-    still several pixels wide."""
+    A 40× scan masked at 16× (4 µm/px) is judged at 8 µm/px: 4× fewer pixels, and a marker's stroke, a rim or a
+    fold (≥ 50 µm) still several pixels wide."""
     return max(1, int(JUDGED_AT_UM // px_um))
 
 
-def _reduce(image: np.ndarray, factor: int) -> np.ndarray:
+def reduce_by(image: np.ndarray, factor: int) -> np.ndarray:
+    """``image`` averaged over ``factor`` × ``factor`` blocks; a last partial row or column of blocks is left out.
+    On a whole number of blocks OpenCV's area resize takes its fast path: 8× faster than with a fractional one."""
     import cv2
 
     h, w = image.shape[:2]
-    return cv2.resize(image, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
+    if factor == 1:
+        return image
+    rows, cols = max(1, h // factor), max(1, w // factor)
+    whole = np.ascontiguousarray(image[:rows * factor, :cols * factor])
+    return cv2.resize(whole, (cols, rows), interpolation=cv2.INTER_AREA)
 
 
-def _expand(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def expand_by(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    """A boolean mask of :func:`reduce_by`'s blocks drawn back on ``shape``: each pixel its block's value, the left
+    out last rows and columns their neighbours'."""
     import cv2
 
-    return cv2.resize(mask.view(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST).view(bool)
+    rows, cols = mask.shape
+    big = cv2.resize(mask.view(np.uint8), (cols * factor, rows * factor), interpolation=cv2.INTER_NEAREST)
+    bottom, right = shape[0] - big.shape[0], shape[1] - big.shape[1]
+    if bottom or right:
+        big = cv2.copyMakeBorder(big, 0, bottom, 0, right, cv2.BORDER_REPLICATE)
+    return big.view(bool)
 
 
 def thin_parts(labels: np.ndarray, area: np.ndarray, width_px: float, factor: int = 1) -> np.ndarray:
@@ -211,7 +255,8 @@ def stained_density(values: np.ndarray, pale: float = 0.6, rounds: int = 3) -> f
     return reference
 
 
-def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig) -> np.ndarray:
+def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig,
+              reduced: np.ndarray | None = None) -> np.ndarray:
     """Folded tissue on an overview whose pixels are ``px_um`` µm wide, within the boolean ``tissue`` mask.
 
     A fold is the section lying on itself: about twice the optical density of the slide's tissue. Each tissue
@@ -219,7 +264,8 @@ def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig
     within a fold's width), is compared with the slide's stained tissue (:func:`stained_density` of the pixels
     above :data:`STAINED_OD`, so glass inside a generous mask is no reference): folds are where it exceeds
     ``ratio``, grown into the pixels around them above halfway to it (a fold's edge is blurred by the
-    average); components above ``min_area_um2`` count. A slide mostly fold, or a tumour twice as dense as the
+    average); components above ``min_area_um2`` count. Judged on the overview reduced by :func:`reduction`
+    (``reduced``: that image, when the caller has it). A slide mostly fold, or a tumour twice as dense as the
     rest, is misjudged: folds are flagged, not dropped, unless ``tiling.max_fold_fraction`` asks.
     """
     import cv2
@@ -230,8 +276,9 @@ def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig
         return out
     factor = reduction(px_um)
     if factor > 1:  # judged on the reduced overview (:func:`reduction`), drawn back on the mask's pixels
-        small = _reduce(tissue.view(np.uint8) * np.uint8(255), factor) >= 128
-        return _expand(fold_mask(_reduce(np.ascontiguousarray(rgb), factor), small, px_um * factor, cfg), tissue.shape) & tissue
+        small = reduce_by(tissue.view(np.uint8) * np.uint8(255), factor) >= 128
+        folds = fold_mask(reduce_by(rgb, factor) if reduced is None else reduced, small, px_um * factor, cfg)
+        return expand_by(folds, factor, tissue.shape) & tissue
     weight = tissue.astype(np.float32)
     od = optical_density(rgb) * weight
     window = max(1, int(round(100 / px_um))) | 1

@@ -21,7 +21,7 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wsi.artefacts import BubbleConfig, FoldConfig, InkConfig, fold_mask, ink_mask, reduction, thin_parts
+from wsi.artefacts import BubbleConfig, FoldConfig, InkConfig, fold_mask, ink_mask, reduce_by, reduction, thin_parts
 
 REFERENCE_PATCH = 512  # CLAM's area unit: one 512×512 level-0 patch
 PYRAMID_STEP = 4  # the downsample between levels of a standard pyramid (Aperio, Philips, OME...)
@@ -275,8 +275,11 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
     binary = binary.astype(bool)
     excluded = {}
     px_um = slide_mpp * downsample[0] if slide_mpp is not None else None  # artefacts are found by physical size
+    reduced = None  # the overview as ink and folds are judged (wsi.artefacts.reduction), made once for both
+    if px_um is not None and (cfg.ink.enabled or cfg.folds.enabled):
+        reduced = reduce_by(rgb, reduction(px_um))
     if cfg.ink.enabled and px_um is not None:
-        excluded["ink"] = ink_mask(rgb, px_um, cfg.ink)
+        excluded["ink"] = ink_mask(rgb, px_um, cfg.ink, reduced)
     unit = REFERENCE_PATCH**2 / (downsample[0] * downsample[1])
     if cfg.area_reference_mpp is not None:
         if slide_mpp is None:
@@ -302,7 +305,7 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
         if "ink" in excluded and excluded["ink"].any():  # marker bleeds into its neighbours: dark, not folded
             reach = 2 * int(np.ceil(50 / px_um)) + 1
             judged = judged & ~cv2.dilate(excluded["ink"].view(np.uint8), np.ones((reach, reach), np.uint8)).view(bool)
-        folds = fold_mask(rgb, judged, px_um, cfg.folds)
+        folds = fold_mask(rgb, judged, px_um, cfg.folds, reduced)
         if folds.any():
             tissue.flagged["fold"] = folds
     return tissue
@@ -343,13 +346,24 @@ def mask_from(mask: np.ndarray, downsample: tuple[float, float], excluded: dict[
 
 
 def save_mask_png(mask: np.ndarray, path) -> None:
-    """Write a binary mask as a 1-bit PNG to a path or binary file."""
-    from PIL import Image
+    """Write a binary mask as a 1-bit PNG to a path or binary file (OpenCV's encoder: 3× Pillow's from a bool array)."""
+    import cv2
 
-    Image.fromarray(mask.astype(bool)).save(path, format="PNG")
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=bool).view(np.uint8) * np.uint8(255),
+                               [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError(f"could not encode a {mask.shape} mask as PNG")
+    if isinstance(path, (str, Path)):
+        Path(path).write_bytes(encoded.tobytes())
+    else:
+        path.write(encoded.tobytes())
 
 
 def load_mask_png(path: Path) -> np.ndarray:
-    from PIL import Image
+    """A mask PNG (any bit depth, grey or colour) as bool: its nonzero pixels."""
+    import cv2
 
-    return np.asarray(Image.open(path)).astype(bool)
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ValueError(f"{path}: not a readable PNG")
+    return image > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from wsi.artefacts import reduce_by
 from wsi.tissue import TissueMask
 
 EXCLUDED_COLOURS = {"ink": (255, 128, 0), "bubble": (0, 170, 255)}  # QC colour of each excluded kind (RGB)
@@ -20,11 +21,8 @@ def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.nd
     h, w = tissue.mask.shape
     scale = min(1.0, max_size / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    image = np.ascontiguousarray(rgb)
-    factor = int(1 / scale)
-    if factor > 1:  # area averaging by a whole factor first: OpenCV's fast path (a fractional one is 5× slower)
-        image = cv2.resize(image, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
-    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    image = reduce_by(np.ascontiguousarray(rgb), int(1 / scale))  # a whole factor first: OpenCV's fast path
+    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if image.shape[1] > 2 * size[0] else cv2.INTER_LINEAR)
     mask = cv2.resize(tissue.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     dimmed = cv2.addWeighted(image, 0.6, np.full_like(image, 60), 0.4, 0)
     image = np.where(mask[..., None] == 0, dimmed, image)
