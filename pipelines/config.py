@@ -73,6 +73,11 @@ class RunnerConfig(BaseModel):
                                                  "every tensor above 128 KiB and torch on CPU runs ~1.5x slower (the demo: "
                                                  "7 min 20 s instead of 4 min 50 s); false: glibc's own defaults, and on an "
                                                  "external cluster's workers glibc's thresholds are reset as they join")
+    worker_profiler: bool = Field(False, description="run Dask's statistical profiler in the local cluster's workers "
+                                                     "(the dashboard's Profile page): it samples every thread's stack "
+                                                     "every 10 ms holding the GIL, and the short tissue and tiles tasks "
+                                                     "ran slower with it; an external cluster keeps its own setting "
+                                                     "(distributed.worker.profile.enabled)")
     retries: int = Field(1, ge=0, description="times a failed task is retried before it is marked failed")
     worker_wait_s: float = Field(300, gt=0, description="with an existing scheduler: how long to wait for its first "
                                                       "worker; and, on any cluster, how long tasks wait for a resource "

@@ -421,23 +421,56 @@ def test_content_fingerprints_survive_touch_and_are_cached(cohort, tmp_path):
     assert "3 up-to-date" not in changed.stderr
 
 
-def test_local_workers_start_without_malloc_trim_unless_asked():
+def test_local_workers_start_without_malloc_trim_or_the_profiler_unless_asked():
     """Dask's MALLOC_TRIM_THRESHOLD_ makes glibc mmap every tensor above 128 KiB (torch page-faults): the local
-    cluster's workers start without it, and with it when runner.malloc_trim asks for the lower RSS. Either way
+    cluster's workers start without it, and with it when runner.malloc_trim asks for the lower RSS. Dask's
+    profiler (a stack sample of every thread every 10 ms) runs only when runner.worker_profiler asks. Either way
     a worker has imported the slide readers before its first task (the warm-up plugin), not in it."""
     from pipelines.config import RunConfig
     from pipelines.engine.cluster import dask_client
     from pipelines.stages.table import STAGES
 
-    def worker_state():
+    def worker_state(dask_worker):
         return (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"),
-                all(name in sys.modules for name in ("tiffslide", "zarr", "openslide", "cv2")))
+                all(name in sys.modules for name in ("tiffslide", "zarr", "openslide", "cv2")),
+                "profile" in dask_worker.periodic_callbacks)
 
-    for trim, expected in ((False, None), (True, "65536")):
-        cfg = RunConfig.model_validate({"runner": {"n_workers": 1, "malloc_trim": trim}})
+    for trim, profiler, expected in ((False, False, None), (True, True, "65536")):
+        cfg = RunConfig.model_validate({"runner": {"n_workers": 1, "malloc_trim": trim, "worker_profiler": profiler}})
         with dask_client(cfg, 1, warm_up=STAGES.warm_up) as client:
             seen = client.run(worker_state)
-        assert list(seen.values()) == [(expected, "1", True)]  # the thread limit stays either way
+        assert list(seen.values()) == [(expected, "1", True, profiler)]  # the thread limit stays either way
+
+
+def test_a_task_s_peak_memory_counts_its_children_and_grandchildren():
+    """PeakRSS adds the processes a task started (DataLoader workers, their helpers), found from Linux's per-thread
+    children lists, as psutil finds them by reading every process on the machine."""
+    import subprocess
+
+    import psutil
+
+    from pipelines.engine.task import PeakRSS, descendants
+
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "child = subprocess.Popen([sys.executable, '-c', 'x = bytearray(200 << 20); "
+                               "import time; time.sleep(30)']); time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while len(psutil.Process(parent.pid).children(recursive=True)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the grandchild has made its 200 MiB
+        grandchild = [p.pid for p in psutil.Process(parent.pid).children()]
+        assert descendants(parent.pid) == grandchild and len(grandchild) == 1
+        found = descendants(os.getpid())  # this test's processes, and any an earlier test left (a resource tracker)
+        assert {parent.pid, *grandchild} <= set(found)
+        assert sorted(found) == sorted(p.pid for p in psutil.Process().children(recursive=True))
+        with PeakRSS() as memory:
+            time.sleep(0.1)
+        assert memory.mb > 200 + psutil.Process().memory_info().rss / 2**20
+    finally:
+        for process in psutil.Process(parent.pid).children(recursive=True) + [psutil.Process(parent.pid)]:
+            process.kill()
+        parent.wait()
 
 
 def test_tasks_waiting_for_a_gpu_no_worker_has_are_reported_and_run_once_one_joins(caplog):

@@ -217,7 +217,9 @@ def dask_client(cfg: RunConfig, n_tasks: int, warm_up: str | None = None) -> Ite
     # The thread limits stay: tasks set torch's own.
     environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
                if cfg.runner.malloc_trim or not k.startswith("MALLOC_")}
-    with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}):
+    settings = {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ,
+                "distributed.worker.profile.enabled": cfg.runner.worker_profiler}
+    with dask.config.set(settings):
         with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             client.wait_for_workers(len(workers), timeout=120)
