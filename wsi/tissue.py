@@ -141,7 +141,8 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
     n_fg -= 1  # label 0 is the background
     if n_fg == 0:
         return np.zeros_like(binary, dtype=bool), 0, 0
-    fg_area = np.bincount(fg_labels[binary], minlength=n_fg + 1)
+    on_tissue = fg_labels[binary]  # the tissue pixels' labels, gathered once
+    fg_area = np.bincount(on_tissue, minlength=n_fg + 1)
     keep_region = fg_area > min_tissue_px
     keep_region[0] = False
     if min_width_px > 0 and keep_region.any():
@@ -151,20 +152,23 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
             if thin is not None:
                 thin |= narrow[fg_labels]
     mask = np.zeros_like(binary)
-    mask[binary] = keep_region[fg_labels[binary]]  # gathered over the tissue pixels only
+    mask[binary] = keep_region[on_tissue]  # over the tissue pixels only
     holes = enclosed_background(binary)
-    hole_at = np.flatnonzero(holes)  # raster order
-    if not len(hole_at):
+    x, y, w, h = cv2.boundingRect(holes.view(np.uint8))  # holes are labelled within their box (4-connected: slow)
+    if w == 0:
         return mask, int(keep_region.sum()), 0
-    hole_labels = cv2.connectedComponents(holes.view(np.uint8), connectivity=4)[1]
-    ids = hole_labels.ravel()[hole_at]
+    box = holes[y:y + h, x:x + w]
+    in_box = np.flatnonzero(box)  # raster order, as over the whole mask
+    hole_at = (in_box // w + y) * binary.shape[1] + in_box % w + x
+    hole_labels = cv2.connectedComponents(box.view(np.uint8), connectivity=4)[1]
+    ids = hole_labels.ravel()[in_box]
     hole_area = np.bincount(ids)
     hole_ids, first = np.unique(ids, return_index=True)
     # the pixel left of a hole's first pixel (raster order) is tissue: the region enclosing it
     parent = fg_labels.ravel()[hole_at[first] - 1]
     never_fill = np.zeros(len(hole_area), bool)
     if open_near is not None and open_near.any():
-        never_fill[np.unique(hole_labels[open_near])] = True
+        never_fill[np.unique(hole_labels[open_near[y:y + h, x:x + w]])] = True
     fill = np.zeros(len(hole_area), bool)
     n_holes = 0
     order = np.lexsort((-hole_ids, -hole_area[hole_ids], parent))  # by region, then largest (and last) first
@@ -205,11 +209,11 @@ def median_threshold(sat: np.ndarray, k: int, threshold: int | None) -> np.ndarr
         blurred = cv2.medianBlur(sat, k) if k > 1 else sat
         threshold = threshold_otsu(blurred) if blurred.min() != blurred.max() else 255
         return (blurred > threshold).astype(np.uint8)
-    above = (sat > threshold).astype(np.uint8)
+    above = cv2.threshold(sat, threshold, 1, cv2.THRESH_BINARY)[1]  # 1 where sat > threshold
     if k == 1:
         return above
     counts = cv2.boxFilter(above, cv2.CV_16U, (k, k), normalize=False, borderType=cv2.BORDER_REPLICATE)
-    return (counts > (k * k) // 2).astype(np.uint8)
+    return (counts > (k * k) // 2).view(np.uint8)
 
 
 GLASS_MADS = 6.0  # how far above the glass's saturation faint tissue must be, in robust standard deviations
@@ -224,8 +228,10 @@ def glass_threshold(sat: np.ndarray, k: int) -> int:
     tissue sits a few levels above it, below CLAM's fixed thresholds (15 for biopsies)."""
     import cv2
 
-    smooth = cv2.blur(sat.astype(np.float32), (k, k)) if k > 1 else sat.astype(np.float32)
-    sample = smooth[::4, ::4].ravel()
+    # the k×k sums (exact integers; OpenCV's blur's border), every 4th pixel's averaged
+    depth = cv2.CV_16U if k * k * 255 <= np.iinfo(np.uint16).max else cv2.CV_32S
+    sums = cv2.boxFilter(sat, depth, (k, k), normalize=False, borderType=cv2.BORDER_REFLECT_101) if k > 1 else sat
+    sample = sums[::4, ::4].ravel() / float(k * k)
     level = float(np.median(sample))
     glass = sample[sample <= max(2 * level, level + 4)]
     spread = 1.4826 * float(np.median(np.abs(glass - np.median(glass)))) if len(glass) else 0.0
