@@ -17,8 +17,10 @@ by default, masked at 16× as CLAM does; 1/4/16/64 masked at 64×; fixed seeds) 
   per slide the "segmentation took" + "patching took" times it prints (they leave out opening the slide
   and writing its mask JPEG, which our task times include).
 
-Prints the first slide (the first task each worker ran: it pays what a cold worker pays) and the median
-and worst over the cohort, and the ratio CLAM / ours (> 1: we are faster), with this CPU's model.
+Runs CLAM and ours ``--repeats`` times, alternated, and pools each side's per-slide times. Prints the first
+slide (the first task each worker ran: it pays what a cold worker pays; the median over the runs), the
+median and worst over the pooled slides, the ratio CLAM / ours (> 1: we are faster), each run's median
+(the spread between runs), with this CPU's model.
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ def main() -> None:
     parser.add_argument("--pyramid", default="1,4,16", help="the slides' level downsamples: 1,4,16 (masked at 16×, "
                                                              "2,500 × 1,875 px at 40,000 wide) or 1,4,16,64 (at 64×)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wsi-bench-speed"))
+    parser.add_argument("--repeats", type=int, default=3, help="runs of CLAM and of ours, alternated (this kind of "
+                                                               "machine's speed drifts by ±20 %% between minutes)")
+    parser.add_argument("--modes", default="features,tiles", help="slides.verify_tiles values to run ours with")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     pyramid = tuple(int(d) for d in args.pyramid.split(","))
@@ -110,24 +115,35 @@ def main() -> None:
             write_demo_slide(path, height=args.width * 3 // 4, width=args.width, positive=i % 2 == 1, seed=700 + i,
                              downsamples=pyramid)
         slides.append(path)
-    theirs, clam_wall = clam(slides, args.workdir, args.clam_dir, args.clam_python)
+    modes = args.modes.split(",")
+    clam_runs, our_runs = [], {mode: [] for mode in modes}
+    for _ in range(args.repeats):  # alternated, so a slow spell of the machine falls on both
+        clam_runs.append(clam(slides, args.workdir, args.clam_dir, args.clam_python))
+        for mode in modes:
+            our_runs[mode].append(ours(slides, args.workdir, args.workers, mode))
     print(f"{cpu_model()}; {args.slides} slides {args.width}×{args.width * 3 // 4} at 0.25 µm/px, pyramid {args.pyramid}, "
-          f"CLAM preset tcga, "
-          f"512-px level-0 tiles; ours on {args.workers} workers; seconds per slide\n")
+          f"CLAM preset tcga, 512-px level-0 tiles; ours on {args.workers} workers; {args.repeats} runs of each, "
+          f"alternated; seconds per slide, pooled over the runs (first slide: the median run's)\n")
     print("| tiles read (`slides.verify_tiles`) | first slide: ours / CLAM | ratio | median: ours / CLAM | ratio "
-          "| worst slide: ours / CLAM | ratio | wall: ours / CLAM |")
-    print("|---|---|---|---|---|---|---|---|")
-    clam_first = theirs[slides[0].stem]
-    clam_median, clam_worst = statistics.median(theirs.values()), max(theirs.values())
-    for verify in ("features", "tiles"):
-        seconds, firsts, wall = ours(slides, args.workdir, args.workers, verify)
-        first = max(seconds[s] for s in firsts)  # the slower of the workers' first tasks
-        median, worst = statistics.median(seconds.values()), max(seconds.values())
-        what = "every tile (`tiles`)" if verify == "tiles" else "none (`features`, the default; as CLAM)"
+          "| worst slide: ours / CLAM | ratio | wall: ours / CLAM | median of each run: ours; CLAM |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    clam_first = statistics.median(times[slides[0].stem] for times, _ in clam_runs)
+    clam_all = [t for times, _ in clam_runs for t in times.values()]
+    clam_median, clam_worst = statistics.median(clam_all), max(clam_all)
+    clam_wall = statistics.median(wall for _, wall in clam_runs)
+    clam_each = ", ".join(f"{statistics.median(times.values()):.3f}" for times, _ in clam_runs)
+    for mode in modes:
+        runs = our_runs[mode]
+        first = statistics.median(max(seconds[s] for s in firsts) for seconds, firsts, _ in runs)  # the slower worker's
+        pooled = [t for seconds, _, _ in runs for t in seconds.values()]
+        median, worst = statistics.median(pooled), max(pooled)
+        wall = statistics.median(w for _, _, w in runs)
+        each = ", ".join(f"{statistics.median(seconds.values()):.3f}" for seconds, _, _ in runs)
+        what = "every tile (`tiles`)" if mode == "tiles" else "none (`features`, the default; as CLAM)"
         print(f"| {what} | {first:.3f} / {clam_first:.3f} | "
               f"**{clam_first / first:.2f}×** | {median:.3f} / {clam_median:.3f} | **{clam_median / median:.2f}×** | "
-              f"{worst:.3f} / {clam_worst:.3f} | {clam_worst / worst:.2f}× | {wall:.1f} / {clam_wall:.1f} |")
-
+              f"{worst:.3f} / {clam_worst:.3f} | {clam_worst / worst:.2f}× | {wall:.1f} / {clam_wall:.1f} | "
+              f"{each}; {clam_each} |")
 
 if __name__ == "__main__":
     main()

@@ -146,7 +146,7 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
     keep_region = fg_area > min_tissue_px
     keep_region[0] = False
     if min_width_px > 0 and keep_region.any():
-        narrow = keep_region & thin_parts(fg_labels, fg_area, min_width_px, reduce_by)
+        narrow = thin_parts(fg_labels, fg_area, min_width_px, reduce_by, among=keep_region)
         if narrow.any():
             keep_region &= ~narrow
             if thin is not None:
