@@ -25,7 +25,7 @@ def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.nd
     image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if image.shape[1] > 2 * size[0] else cv2.INTER_LINEAR)
     mask = cv2.resize(tissue.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     dimmed = cv2.addWeighted(image, 0.6, np.full_like(image, 60), 0.4, 0)
-    image = np.where(mask[..., None] == 0, dimmed, image)
+    np.copyto(image, dimmed, where=(mask == 0)[..., None])
     legend = [("tissue", (0, 200, 0))]
     marked = [(kind, part, EXCLUDED_COLOURS.get(kind, (255, 0, 255)), "excluded") for kind, part in tissue.excluded.items()]
     marked += [(kind, part, FLAGGED_COLOURS.get(kind, (255, 0, 255)), "flagged") for kind, part in tissue.flagged.items()]
@@ -39,7 +39,8 @@ def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.nd
     inner = mask.astype(bool) & ~cv2.erode(mask, cross, borderType=cv2.BORDER_REPLICATE).astype(bool)  # the mask's rim
     edge = cv2.dilate(inner.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=1 if max(size) < 600 else 2) > 0
     image[edge] = (0, 200, 0)
-    number_sections(image, mask)
+    if tissue.n_regions > 1:  # sections are regions: one region, nothing to number
+        number_sections(image, mask)
     if len(legend) > 1 and min(size) >= 64:
         for row, (text, colour) in enumerate(legend):
             y = 6 + 14 * row
