@@ -83,22 +83,52 @@ def number_sections(image: np.ndarray, mask: np.ndarray) -> None:
         cv2.putText(image, text, (x - w // 2, y + h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
 
 
-def warm_up() -> None:
+WARM_UP_SIZE = (1875, 2500)  # the 16× level of a 40,000 × 30,000 slide: the overview a typical task masks
+
+
+def warm_up(size: tuple[int, int] = WARM_UP_SIZE) -> None:
     """Pay a worker's one-time costs of the tissue stage before its first slide: import the slide readers, then
-    mask, draw and outline a small synthetic overview (what the path imports lazily: NumPy's masked arrays,
-    OpenCV's and Pillow's codecs, …). The stage table's warm-up, run once per worker process by
-    ``pipelines.engine.cluster``."""
+    mask, draw, outline and encode a synthetic overview of a task's size (``size``: rows, columns): section,
+    hole, pen stroke and specks, so every rule runs. What the path imports lazily (NumPy's masked arrays,
+    scikit-image's filters, OpenCV's and Pillow's codecs) is imported, and the process's heap has grown to
+    what a task needs: a worker's first slide took twice the time of its next ones without it. The stage
+    table's warm-up, run once per worker process by ``pipelines.engine.cluster``."""
     import io
+
+    import cv2
+    from PIL import Image
 
     from wsi.annotations import tissue_geojson
     from wsi.backends import warm_imports
     from wsi.tissue import TissueConfig, save_mask_png, segment_tissue
 
     warm_imports()
-    rgb = np.full((96, 128, 3), 242, np.uint8)
-    rgb[24:72, 32:96] = (190, 110, 160)  # a patch of H&E-coloured tissue
-    rgb[40:44, 10:120] = (30, 125, 60)  # crossed by a green stroke
-    tissue = segment_tissue(rgb, (64.0, 64.0), TissueConfig(), slide_mpp=0.25)
-    qc_image(rgb, tissue, 128)
+    rows, cols = size
+    rng = np.random.default_rng(0)
+    rgb = np.full((rows, cols, 3), (243, 241, 244), np.uint8)
+    section = np.zeros((rows, cols), np.uint8)
+    cv2.ellipse(section, (cols // 2, rows // 2), (cols // 4, rows // 4), 0, 0, 360, 1, -1)
+    cv2.circle(section, (cols // 2, rows // 2), max(1, rows // 16), 0, -1)  # a hole
+    stain = rng.integers(0, 60, (rows, cols, 1), dtype=np.uint8)
+    rgb[section == 1] = (np.asarray((200, 120, 170), np.uint8) - stain)[section == 1]
+    cv2.line(rgb, (cols // 10, rows // 5), (9 * cols // 10, 4 * rows // 5), (30, 125, 60), max(1, rows // 60))
+    for y, x in rng.integers(0, (rows, cols), size=(40, 2)):  # specks
+        cv2.circle(rgb, (int(x), int(y)), 2, (120, 90, 110), -1)
+    tissue = segment_tissue(rgb, (16.0, 16.0), TissueConfig(), slide_mpp=0.25)
+    qc = qc_image(rgb, tissue, 1024)
+    Image.open(_jpeg(qc)).convert("RGB").load()
     tissue_geojson(tissue.mask, tissue.downsample)
-    save_mask_png(tissue.mask, io.BytesIO())
+    encoded = io.BytesIO()
+    save_mask_png(tissue.mask, encoded)
+    cv2.imdecode(np.frombuffer(encoded.getvalue(), np.uint8), cv2.IMREAD_GRAYSCALE)  # as load_mask_png reads it
+
+
+def _jpeg(image: np.ndarray):
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="JPEG", quality=90)
+    out.seek(0)
+    return out

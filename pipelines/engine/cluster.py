@@ -56,6 +56,12 @@ def keep_large_allocations_on_the_heap() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD))
 
 
+# glibc gives each thread that allocates its own heap (arena); a Dask worker's tasks run in a pool thread, not in
+# the thread the warm-up runs in, so without this each task grew (and page-faulted) a heap of its own: on these
+# VMs a fault costs ~25 µs, and a worker's first tissue task took 0.9 s instead of 0.25 s. Read at process start.
+ONE_HEAP = {"MALLOC_ARENA_MAX": "1"}
+
+
 def warm_worker_plugin(warm_up: str | None, malloc_trim: bool = False) -> WorkerPlugin:
     """A Dask worker plugin that sets OpenCV's threads to the worker's and runs ``warm_up`` (``module:function``,
     the stage table's: :func:`wsi.tissue_qc.warm_up` imports the slide readers, tiffslide → Zarr, and first uses
@@ -188,6 +194,21 @@ def _quiet_when_lost() -> Iterator[None]:
 
 
 @contextmanager
+def _environ_restored(names) -> Iterator[None]:
+    """Dask's nanny sets its pre-spawn variables in this process's environment and leaves them there, where the
+    next local cluster of the same process (a test session, a notebook) would inherit them: restored on exit."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
 def dask_client(cfg: RunConfig, n_tasks: int, warm_up: str | None = None) -> Iterator:
     """A client on ``runner.scheduler``, or on a local cluster bound to 127.0.0.1 sized to this machine; each
     worker runs ``warm_up`` (``module:function``) once as it starts or joins."""
@@ -217,9 +238,11 @@ def dask_client(cfg: RunConfig, n_tasks: int, warm_up: str | None = None) -> Ite
     # The thread limits stay: tasks set torch's own.
     environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
                if cfg.runner.malloc_trim or not k.startswith("MALLOC_")}
+    if not cfg.runner.malloc_trim:
+        environ |= ONE_HEAP
     settings = {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ,
                 "distributed.worker.profile.enabled": cfg.runner.worker_profiler}
-    with dask.config.set(settings):
+    with dask.config.set(settings), _environ_restored(environ):
         with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             client.wait_for_workers(len(workers), timeout=120)
