@@ -177,3 +177,33 @@ def test_tissue_outline_geojson_for_qupath_has_every_region_and_hole_inside_the_
             assert tissue.mask[rows, cols].all(), (k, len(ring))
     assert feature["properties"]["measurements"]["tissue_area_px"] == pytest.approx(tissue.mask.sum() * dx * dy)
     assert tissue_geojson(np.zeros((8, 8), bool), (4.0, 4.0))["features"] == []  # no tissue: no annotation
+
+
+def test_mask_pngs_are_1_bit_files_other_tools_read_and_any_png_reads_back_as_its_nonzero_pixels(tmp_path):
+    """The tissue stage's masks are 1-bit PNGs (Pillow, QuPath and browsers read them); reading takes any PNG a
+    person may have drawn (8-bit grey, RGB) as its nonzero pixels, and names a file that is not one."""
+    import io
+
+    from PIL import Image
+
+    from wsi.mask_png import load_mask_png, save_mask_png
+
+    mask = np.random.default_rng(3).random((37, 53)) > 0.6
+    save_mask_png(mask, tmp_path / "mask.png")
+    buffer = io.BytesIO()
+    save_mask_png(mask, buffer)
+    assert buffer.getvalue() == (tmp_path / "mask.png").read_bytes()
+    image = Image.open(tmp_path / "mask.png")
+    assert image.mode == "1" and np.array_equal(np.asarray(image), mask)
+    assert np.array_equal(load_mask_png(tmp_path / "mask.png"), mask)
+    drawn = np.zeros((37, 53, 3), np.uint8)
+    drawn[mask] = (0, 0, 1)  # a faint colour is still drawn
+    Image.fromarray(drawn).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([drawn, np.full((37, 53), 255, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(mask.astype(np.uint8) * 7).save(tmp_path / "grey.png")
+    assert np.array_equal(load_mask_png(tmp_path / "rgb.png"), mask)
+    assert np.array_equal(load_mask_png(tmp_path / "rgba.png"), mask)  # an opaque alpha is not the mask
+    assert np.array_equal(load_mask_png(tmp_path / "grey.png"), mask)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_mask_png(tmp_path / "broken.png")

@@ -349,27 +349,3 @@ def mask_from(mask: np.ndarray, downsample: tuple[float, float], excluded: dict[
     border = np.unique(np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]]))
     n_holes = len(np.setdiff1d(np.arange(1, n_bg), border))
     return TissueMask(binary, downsample, int(n_regions), int(n_holes), dict(excluded or {}))
-
-
-def save_mask_png(mask: np.ndarray, path) -> None:
-    """Write a binary mask as a 1-bit PNG to a path or binary file (OpenCV's encoder: 3× Pillow's from a bool array)."""
-    import cv2
-
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=bool).view(np.uint8) * np.uint8(255),
-                               [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise ValueError(f"could not encode a {mask.shape} mask as PNG")
-    if isinstance(path, (str, Path)):
-        Path(path).write_bytes(encoded.tobytes())
-    else:
-        path.write(encoded.tobytes())
-
-
-def load_mask_png(path: Path) -> np.ndarray:
-    """A mask PNG (any bit depth, grey or colour) as bool: its nonzero pixels."""
-    import cv2
-
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise ValueError(f"{path}: not a readable PNG")
-    return image > 0

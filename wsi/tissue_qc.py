@@ -100,7 +100,8 @@ def warm_up(size: tuple[int, int] = WARM_UP_SIZE) -> None:
 
     from wsi.annotations import tissue_geojson
     from wsi.backends import warm_imports
-    from wsi.tissue import TissueConfig, save_mask_png, segment_tissue
+    from wsi.mask_png import save_mask_png
+    from wsi.tissue import TissueConfig, segment_tissue
 
     warm_imports()
     rows, cols = size

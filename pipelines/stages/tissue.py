@@ -13,8 +13,9 @@ from pipelines.stages.tile_inspection import MAX_LISTED
 from wsi.artefacts import fold_mask
 from wsi.errors import SlideError
 from wsi.mask_override import find_override, load_override
+from wsi.mask_png import load_mask_png, save_mask_png
 from wsi.slide import open_slide
-from wsi.tissue import TissueMask, load_mask_png, mask_from, mask_slide, save_mask_png
+from wsi.tissue import TissueMask, mask_from, mask_slide
 from wsi.tissue_qc import EXCLUDED_COLOURS, FLAGGED_COLOURS, qc_image
 
 log = logging.getLogger(__name__)
