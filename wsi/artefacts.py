@@ -259,11 +259,12 @@ def stained_density(values: np.ndarray, pale: float = 0.6, rounds: int = 3) -> f
     paler than ``pale`` × it. Pale fat, faint stroma or a weakly stained region would otherwise pull a plain
     median down until ordinary tissue looks twice as dense (a fold); a fold itself is a minority and barely
     moves a median."""
-    reference = float(np.median(values))
-    for _ in range(rounds):
-        kept = values[values >= pale * reference]
-        if not len(kept):
+    reference, kept = float(np.median(values)), values
+    for _ in range(rounds):  # the reference only rises, so each round filters the last one's pixels
+        remaining = kept[kept >= pale * reference]
+        if not len(remaining) or len(remaining) == len(kept):  # none left, or none dropped: the median stands
             break
+        kept = remaining
         reference = float(np.median(kept))
     return reference
 

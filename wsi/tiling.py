@@ -168,7 +168,7 @@ def tissue_fractions(mask: TissueMask, xs: np.ndarray, ys: np.ndarray, size: int
         return np.zeros(len(xs), np.float32)
     import cv2
 
-    integral = cv2.integral(mask.mask.astype(np.uint8), sdepth=cv2.CV_32S)  # (h + 1, w + 1), exact pixel counts
+    integral = cv2.integral(np.ascontiguousarray(mask.mask, dtype=bool).view(np.uint8), sdepth=cv2.CV_32S)  # (h + 1, w + 1), exact pixel counts
     dx, dy = mask.downsample
     c0, c1 = np.clip(xs / dx, 0, w), np.clip((xs + size) / dx, 0, w)
     r0, r1 = np.clip(ys / dy, 0, h), np.clip((ys + size) / dy, 0, h)
