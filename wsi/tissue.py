@@ -111,7 +111,7 @@ class TissueMask:
 
     @property
     def tissue_fraction(self) -> float:
-        return float(self.mask.mean()) if self.mask.size else 0.0
+        return np.count_nonzero(self.mask) / self.mask.size if self.mask.size else 0.0
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:

@@ -23,17 +23,17 @@ def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.nd
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     image = reduce_by(np.ascontiguousarray(rgb), int(1 / scale))  # a whole factor first: OpenCV's fast path
     image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if image.shape[1] > 2 * size[0] else cv2.INTER_LINEAR)
-    mask = cv2.resize(tissue.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    mask = cv2.resize(np.ascontiguousarray(tissue.mask).view(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     dimmed = cv2.addWeighted(image, 0.6, np.full_like(image, 60), 0.4, 0)
-    np.copyto(image, dimmed, where=(mask == 0)[..., None])
+    image = cv2.copyTo(image, mask, dimmed)  # the tissue as it is, the rest dimmed
     legend = [("tissue", (0, 200, 0))]
     marked = [(kind, part, EXCLUDED_COLOURS.get(kind, (255, 0, 255)), "excluded") for kind, part in tissue.excluded.items()]
     marked += [(kind, part, FLAGGED_COLOURS.get(kind, (255, 0, 255)), "flagged") for kind, part in tissue.flagged.items()]
     for kind, part, colour, how in marked:
-        shown = cv2.resize(part.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        shown = cv2.resize(np.ascontiguousarray(part).view(np.uint8), size, interpolation=cv2.INTER_NEAREST)
         if shown.any():
-            colour = np.asarray(colour, np.float32)
-            image[shown] = (0.4 * image[shown] + 0.6 * colour).astype(np.uint8)
+            tinted = cv2.addWeighted(image, 0.4, np.full_like(image, colour), 0.6, 0)
+            image = cv2.copyTo(tinted, shown, image)
             legend.append((f"{kind} ({how})", tuple(int(c) for c in colour)))
     cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
     inner = mask.astype(bool) & ~cv2.erode(mask, cross, borderType=cv2.BORDER_REPLICATE).astype(bool)  # the mask's rim

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
+
 from pipelines import __version__
 from pipelines.config import RunConfig
 from pipelines.engine.run_dir import RunPaths, atomic_write, remove, write_image, write_json, write_text
@@ -72,8 +74,9 @@ def tissue_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         "tissue_fraction": tissue.tissue_fraction,
         "n_regions": tissue.n_regions,
         "n_holes": tissue.n_holes,
-        "excluded": {kind: float(part.mean()) for kind, part in tissue.excluded.items()},  # share of the overview
-        "flagged": {kind: float(part.sum() / max(1, tissue.mask.sum())) for kind, part in tissue.flagged.items()},  # of the tissue
+        "excluded": {kind: np.count_nonzero(part) / part.size for kind, part in tissue.excluded.items()},  # of the overview
+        "flagged": {kind: np.count_nonzero(part) / max(1, np.count_nonzero(tissue.mask))
+                    for kind, part in tissue.flagged.items()},  # share of the tissue
         "mask_source": str(override) if override is not None else "computed",
         "params": cfg.tissue.model_dump(mode="json"),
         "version": __version__,
