@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from features.encoders import Encoder, EncoderConfig, preprocessing, preprocessing_mismatch
 from features.store import write_store
-from wsi.tiling import ReadPlan
+from wsi.tiling import ReadPlan, unreadable_message, unreadable_tiles
 
 
 class ExtractionConfig(BaseModel):
@@ -170,8 +170,7 @@ class TileChecks:
         scored = scores[np.isfinite(scores)]
         below = scores < self.min_sharpness if self.min_sharpness is not None else np.zeros(len(scores), bool)
         return {"n_read": int(len(scores)), "n_unreadable_tiles": len(self.unreadable),
-                "unreadable_tiles": [{"x": int(coords[i][0]), "y": int(coords[i][1]), "level": int(level), "error": e}
-                                     for i, e in sorted(self.unreadable.items())[:listed]],
+                "unreadable_tiles": unreadable_tiles(self.unreadable, coords, level, listed),
                 "n_blurry_dropped": int(below.sum()),
                 "sharpness_median": float(np.median(scored)) if len(scored) else None}
 
@@ -193,8 +192,7 @@ def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: Extrac
         if checks is not None:
             n_bad, total = len(checks.unreadable), len(dataset)
             if n_bad and n_bad / total > checks.max_unreadable_fraction:
-                raise UnreadableTiles(f"{n_bad} of {total} tissue tiles ({n_bad / total:.1%}) could not be decoded; "
-                                      f"first: {next(iter(checks.unreadable.values()))} — more than "
+                raise UnreadableTiles(f"{unreadable_message(checks.unreadable, total)} — more than "
                                       f"slides.max_unreadable_fraction ({checks.max_unreadable_fraction:g})")
             writer.arrays["sharpness"] = checks.all_sharpness()[writer.kept]
             writer.attrs["tile_check"] = checks.summary(dataset.coords, dataset.plan.read_level)

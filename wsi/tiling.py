@@ -289,3 +289,17 @@ def inspect_tiles(slide, coords: np.ndarray, plan: ReadPlan, workers: int = 2) -
             for bad in pool.map(check, parts):
                 found.update(bad)
     return found, scores
+
+
+def unreadable_tiles(bad: dict[int, str], coords: np.ndarray, level: int, listed: int = 100) -> list[dict]:
+    """The first ``listed`` tiles (by index) of ``bad`` ({index: error}) that did not decode, with their level-0
+    x, y, read level and error: how a stage's JSON and the features store list them (all are counted)."""
+    return [{"x": int(coords[i][0]), "y": int(coords[i][1]), "level": int(level), "error": error}
+            for i, error in sorted(bad.items())[:listed]]
+
+
+def unreadable_message(bad: dict[int, str], total: int) -> str:
+    """"N of M tissue tiles (P %) could not be decoded; first: <error>", for warnings and errors alike."""
+    first = bad[min(bad)] if bad else ""
+    return f"{len(bad)} of {total} tissue tiles ({len(bad) / max(1, total):.1%}) could not be decoded; first: {first}"
+

@@ -17,7 +17,7 @@ from pipelines.engine.run_dir import remove, write_npy
 from pipelines.manifest import SlideEntry
 from wsi.errors import SlideError
 from wsi.slide import open_slide
-from wsi.tiling import TileGrid, inspect_tiles, tissue_fractions
+from wsi.tiling import TileGrid, inspect_tiles, tissue_fractions, unreadable_message, unreadable_tiles
 from wsi.tissue import TissueMask
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,10 @@ def inspect_grid(entry: SlideEntry, cfg: RunConfig, slide_meta: dict, grid: Tile
     keep = np.ones(len(grid.coords), bool)
     keep[list(bad)] = False
     n_bad, total = len(bad), len(grid.coords)
-    meta.update(n_unreadable_tiles=n_bad, unreadable_tiles=[
-        {"x": int(grid.coords[i][0]), "y": int(grid.coords[i][1]), "level": grid.plan.read_level, "error": error}
-        for i, error in sorted(bad.items())[:MAX_LISTED]])
+    meta.update(n_unreadable_tiles=n_bad,
+                unreadable_tiles=unreadable_tiles(bad, grid.coords, grid.plan.read_level, MAX_LISTED))
     if n_bad:
-        what = f"{n_bad} of {total} tissue tiles ({n_bad / total:.1%}) could not be decoded; first: {next(iter(bad.values()))}"
+        what = unreadable_message(bad, total)
         if n_bad / total > cfg.slides.max_unreadable_fraction:
             raise SlideError(entry.slide_id, f"{what} — more than slides.max_unreadable_fraction "
                                              f"({cfg.slides.max_unreadable_fraction:g})")
@@ -69,8 +68,7 @@ def read_check_meta(entry: SlideEntry, checks, meta: dict, coords: np.ndarray, l
     meta.update({k: v for k, v in found.items() if k != "n_read"})
     n_bad, total = found["n_unreadable_tiles"], found["n_read"]
     if n_bad:
-        warn(entry, meta, f"{n_bad} of {total} tissue tiles ({n_bad / total:.1%}) could not be decoded; first: "
-                          f"{next(iter(checks.unreadable.values()))}: left out of the features")
+        warn(entry, meta, f"{unreadable_message(checks.unreadable, total)}: left out of the features")
     meta["n_tiles"] = total - n_bad - found["n_blurry_dropped"]
     return meta
 
