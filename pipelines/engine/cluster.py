@@ -56,17 +56,11 @@ def keep_large_allocations_on_the_heap() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD))
 
 
-# glibc gives each thread that allocates its own heap (arena); a Dask worker's tasks run in a pool thread, not in
-# the thread the warm-up runs in, so without this each task grew (and page-faulted) a heap of its own: on these
-# VMs a fault costs ~25 µs, and a worker's first tissue task took 0.9 s instead of 0.25 s. Read at process start.
-ONE_HEAP = {"MALLOC_ARENA_MAX": "1"}
-
-
 def warm_worker_plugin(warm_up: str | None, malloc_trim: bool = False) -> WorkerPlugin:
     """A Dask worker plugin that sets OpenCV's threads to the worker's and runs ``warm_up`` (``module:function``,
     the stage table's: :func:`wsi.tissue_qc.warm_up` imports the slide readers, tiffslide → Zarr, and first uses
-    OpenCV and Pillow) once per worker, as it starts or joins. Without it a worker's first task pays those
-    one-time costs, more than the task's own work. Unless ``malloc_trim`` (``runner.malloc_trim``), it also keeps
+    OpenCV and Pillow) once per worker, as it starts or joins, in the thread pool that runs the tasks. Without it
+    a worker's first task pays those one-time costs, more than the task's own work. Unless ``malloc_trim`` (``runner.malloc_trim``), it also keeps
     large tensors on the heap (:func:`keep_large_allocations_on_the_heap`): an external cluster's workers are
     started by Dask's nanny, with the setting that makes torch slow."""
     from distributed import WorkerPlugin
@@ -74,7 +68,9 @@ def warm_worker_plugin(warm_up: str | None, malloc_trim: bool = False) -> Worker
     class WarmUp(WorkerPlugin):
         name = "wsi-pipeline-warm-up"
 
-        def setup(self, worker) -> None:
+        async def setup(self, worker) -> None:
+            import asyncio
+
             import cv2
 
             from pipelines.engine.stage import load_callable
@@ -85,7 +81,11 @@ def warm_worker_plugin(warm_up: str | None, malloc_trim: bool = False) -> Worker
             if not malloc_trim:
                 keep_large_allocations_on_the_heap()
             if warm_up is not None:
-                load_callable(warm_up)()
+                # in the pool that runs the tasks: glibc gives each thread that allocates a heap of its own (arena),
+                # and a warm-up in the worker's main thread left the tasks' heap cold (a first tissue task faulted
+                # up to 17,000 pages, ~25 µs each on a VM: 0.9 s instead of 0.25 s). One heap for every thread
+                # (MALLOC_ARENA_MAX=1) did better for it but made distillation 1.3× slower (docs/performance.md)
+                await asyncio.get_running_loop().run_in_executor(worker.executors["default"], load_callable(warm_up))
 
     return WarmUp()
 
@@ -238,8 +238,6 @@ def dask_client(cfg: RunConfig, n_tasks: int, warm_up: str | None = None) -> Ite
     # The thread limits stay: tasks set torch's own.
     environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
                if cfg.runner.malloc_trim or not k.startswith("MALLOC_")}
-    if not cfg.runner.malloc_trim:
-        environ |= ONE_HEAP
     settings = {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ,
                 "distributed.worker.profile.enabled": cfg.runner.worker_profiler}
     with dask.config.set(settings), _environ_restored(environ):
