@@ -65,6 +65,35 @@ def test_every_marker_colour_is_ink_and_stained_tissue_is_not():
     assert 0 < only_green.sum() < 0.4 * found.sum()
 
 
+def test_ink_found_on_the_reduced_overview_is_the_ink_a_full_size_pass_finds():
+    """Ink is looked for at ~8 µm/px and judged again at full size around what was found: on the marked overview
+    (4 µm/px) the mask is exactly that of judging every full-size pixel."""
+    from wsi.artefacts import judge_ink, widen
+
+    image, _ = overview_with_marks()
+    cfg = InkConfig()
+    assert np.array_equal(ink_mask(image, PX_UM, cfg), widen(judge_ink(image, PX_UM, cfg), round(cfg.rim_um / PX_UM)))
+
+
+def test_reductions_round_trip_on_any_size_even_smaller_than_a_block():
+    """An overview is reduced by whole blocks and drawn back on its own shape, also when it is narrower or shorter
+    than a block (a one-pixel-high overview) or not a multiple of it."""
+    from wsi.artefacts import FoldConfig, expand_by, fold_mask, reduce_by
+
+    for shape in ((1, 50), (7, 1), (9, 13), (40, 33)):
+        mask = np.random.default_rng(sum(shape)).random(shape) > 0.5
+        for factor in (1, 2, 3):
+            small = reduce_by(mask.view(np.uint8), factor)
+            back = expand_by(small > 0, factor, shape)
+            assert back.shape == shape
+            blocks = (shape[0] // factor) * factor, (shape[1] // factor) * factor
+            if all(blocks):  # each whole block holds its own average's verdict
+                assert np.array_equal(back[:blocks[0], :blocks[1]],
+                                      np.kron(small > 0, np.ones((factor, factor), bool))[:blocks[0], :blocks[1]])
+    overview = np.full((1, 50, 3), 200, np.uint8)
+    assert fold_mask(overview, np.ones((1, 50), bool), 2.0, FoldConfig()).shape == (1, 50)
+
+
 def test_a_slide_with_ink_is_masked_without_it_and_the_qc_shows_it(tmp_path):
     """A demo slide with pen strokes and a circle: ≥ 95 % of the ink is outside the mask, the tissue is kept
     (recall ≥ 0.92 next to strokes that cross it), the QC image has the legend, the GeoJSON an `Ink` annotation,

@@ -461,7 +461,12 @@ def test_a_task_s_peak_memory_counts_its_children_and_grandchildren():
         deadline = time.monotonic() + 20
         while len(psutil.Process(parent.pid).children(recursive=True)) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1.0)  # the grandchild has made its 200 MiB
+        grown = time.monotonic() + 20
+        while time.monotonic() < grown:  # the grandchild has made its 200 MiB
+            children = psutil.Process(parent.pid).children()
+            if children and children[0].memory_info().rss > 200 << 20:
+                break
+            time.sleep(0.05)
         grandchild = [p.pid for p in psutil.Process(parent.pid).children()]
         assert descendants(parent.pid) == grandchild and len(grandchild) == 1
         found = descendants(os.getpid())  # this test's processes, and any an earlier test left (a resource tracker)

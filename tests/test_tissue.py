@@ -207,3 +207,5 @@ def test_mask_pngs_are_1_bit_files_other_tools_read_and_any_png_reads_back_as_it
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
         load_mask_png(tmp_path / "broken.png")
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        load_mask_png(tmp_path / "gone.png")

@@ -178,7 +178,8 @@ def reduction(px_um: float) -> int:
 
 def reduce_by(image: np.ndarray, factor: int) -> np.ndarray:
     """``image`` averaged over ``factor`` × ``factor`` blocks; a last partial row or column of blocks is left out.
-    On a whole number of blocks OpenCV's area resize takes its fast path: 8× faster than with a fractional one."""
+    On a whole number of blocks OpenCV's area resize takes its fast path: 8× faster than with a fractional one.
+    At factor 1, ``image`` itself (not a copy: callers only read it)."""
     import cv2
 
     h, w = image.shape[:2]
@@ -196,10 +197,11 @@ def expand_by(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarr
 
     rows, cols = mask.shape
     big = cv2.resize(mask.view(np.uint8), (cols * factor, rows * factor), interpolation=cv2.INTER_NEAREST)
+    big = big[:shape[0], :shape[1]]  # an overview smaller than one block was reduced to one block
     bottom, right = shape[0] - big.shape[0], shape[1] - big.shape[1]
     if bottom or right:
         big = cv2.copyMakeBorder(big, 0, bottom, 0, right, cv2.BORDER_REPLICATE)
-    return big.view(bool)
+    return np.ascontiguousarray(big).view(bool)
 
 
 def thin_parts(labels: np.ndarray, area: np.ndarray, width_px: float, factor: int = 1,
@@ -231,10 +233,12 @@ def thin_parts(labels: np.ndarray, area: np.ndarray, width_px: float, factor: in
     thin &= sampled  # a region between the samples is not judged
     candidates = np.flatnonzero(thin)
     if len(candidates):
-        # depth within the candidates' box and a pixel around it: a region's own border (background) lies there,
-        # and no background beyond it is nearer to the region's pixels
+        # depth within the candidates' box and a margin around it: the box's edge is taken as background, which
+        # is farther than the disc's width from every candidate pixel, so no depth that decides thinness moves
+        # (a neighbour region the sampling joined to a candidate is beyond the box's own background otherwise)
         x, y, w, h = cv2.boundingRect(judged.view(np.uint8))
-        x0, y0, x1, y1 = max(0, x - 1), max(0, y - 1), min(small.shape[1], x + w + 1), min(small.shape[0], y + h + 1)
+        m = 1 + size
+        x0, y0, x1, y1 = max(0, x - m), max(0, y - m), min(small.shape[1], x + w + m), min(small.shape[0], y + h + m)
         depth = cv2.distanceTransform(np.pad(binary[y0:y1, x0:x1], 1), cv2.DIST_L2, 3)[1:-1, 1:-1] * factor
         radius = np.zeros(len(area), np.float64)
         np.maximum.at(radius, labels, depth[judged[y0:y1, x0:x1]])

@@ -27,6 +27,8 @@ def load_mask_png(path: Path) -> np.ndarray:
     """A mask PNG (any bit depth, grey or colour) as bool: its nonzero pixels (of the colour channels, not alpha)."""
     import cv2
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such mask file")
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError(f"{path}: not a readable PNG")

@@ -123,12 +123,12 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 
 def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float, max_n_holes: int,
                     open_near: np.ndarray | None = None, min_width_px: float = 0.0,
-                    thin: np.ndarray | None = None, reduce_by: int = 1) -> tuple[np.ndarray, int, int]:
+                    thin: np.ndarray | None = None, factor: int = 1) -> tuple[np.ndarray, int, int]:
     """CLAM's contour filtering with connected components: keep big regions, keep their big holes. Holes that
     touch ``open_near`` (excluded ink) are never filled: glass a pen circle encloses is not tissue. With
     ``min_width_px``, a thin region is dropped too (a bubble's rim, a coverslip's edge: :func:`thin_parts`), and marked
     in ``thin`` (a bool array like ``binary``, written in place) when it was big enough to be kept otherwise;
-    thinness is judged on the mask reduced by ``reduce_by``.
+    thinness is judged on the mask reduced by ``factor``.
 
     Tissue is 8-connected, holes are the 4-connected background a flood fill from the border does not reach.
     Both are labelled without OpenCV's per-pixel statistics (areas are counted over their own pixels only),
@@ -146,7 +146,7 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
     keep_region = fg_area > min_tissue_px
     keep_region[0] = False
     if min_width_px > 0 and keep_region.any():
-        narrow = thin_parts(fg_labels, fg_area, min_width_px, reduce_by, among=keep_region)
+        narrow = thin_parts(fg_labels, fg_area, min_width_px, factor, among=keep_region)
         if narrow.any():
             keep_region &= ~narrow
             if thin is not None:

@@ -22,7 +22,7 @@ def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.nd
     scale = min(1.0, max_size / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     image = reduce_by(np.ascontiguousarray(rgb), int(1 / scale))  # a whole factor first: OpenCV's fast path
-    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if image.shape[1] > 2 * size[0] else cv2.INTER_LINEAR)
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)  # under 2× left: bilinear, 6× faster than area
     mask = cv2.resize(np.ascontiguousarray(tissue.mask).view(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     dimmed = cv2.addWeighted(image, 0.6, np.full_like(image, 60), 0.4, 0)
     image = cv2.copyTo(image, mask, dimmed)  # the tissue as it is, the rest dimmed

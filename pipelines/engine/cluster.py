@@ -85,7 +85,11 @@ def warm_worker_plugin(warm_up: str | None, malloc_trim: bool = False) -> Worker
                 # and a warm-up in the worker's main thread left the tasks' heap cold (a first tissue task faulted
                 # up to 17,000 pages, ~25 µs each on a VM: 0.9 s instead of 0.25 s). One heap for every thread
                 # (MALLOC_ARENA_MAX=1) did better for it but made distillation 1.3× slower (docs/performance.md)
-                await asyncio.get_running_loop().run_in_executor(worker.executors["default"], load_callable(warm_up))
+                try:
+                    await asyncio.get_running_loop().run_in_executor(worker.executors["default"], load_callable(warm_up))
+                except Exception as exc:  # a warm-up only saves time: the worker runs its tasks without it
+                    log.warning("worker %s: warm-up %s failed, its first task pays the one-time costs: %r",
+                                worker.name, warm_up, exc)
 
     return WarmUp()
 
@@ -240,7 +244,7 @@ def dask_client(cfg: RunConfig, n_tasks: int, warm_up: str | None = None) -> Ite
                if cfg.runner.malloc_trim or not k.startswith("MALLOC_")}
     settings = {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ,
                 "distributed.worker.profile.enabled": cfg.runner.worker_profiler}
-    with dask.config.set(settings), _environ_restored(environ):
+    with dask.config.set(settings), _environ_restored([*environ, "PYTHONHASHSEED"]):  # the nanny adds the seed
         with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             client.wait_for_workers(len(workers), timeout=120)

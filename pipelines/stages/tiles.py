@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
     """Tile grid at the target resolution from the tissue mask; with ``slides.verify_tiles: tiles`` every tile is then
     read once (undecodable ones leave the grid, focus is scored: :mod:`pipelines.stages.tile_inspection`)."""
-    tissue, slide_meta = load_tissue(paths, entry.slide_id, excluded=False)
+    tissue, slide_meta = load_tissue(paths, entry.slide_id, with_excluded=False)
     grid = tile_grid(tuple(slide_meta["dimensions"]), slide_meta["mpp"], tuple(slide_meta["level_downsamples"]),
                      tissue, cfg.tiling)
     meta = {"slide_id": entry.slide_id, **grid.metadata(), "slide_mpp": slide_meta["mpp"],

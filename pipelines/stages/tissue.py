@@ -113,13 +113,13 @@ def tissue_outline_json(tissue: TissueMask) -> str:
     return json.dumps(collection, separators=(",", ":"))
 
 
-def load_tissue(paths: RunPaths, slide_id: str, excluded: bool = True) -> tuple[TissueMask, dict]:
+def load_tissue(paths: RunPaths, slide_id: str, with_excluded: bool = True) -> tuple[TissueMask, dict]:
     """The tissue stage's mask and metadata for ``slide_id``; without the excluded parts' masks (ink, bubbles)
-    unless ``excluded`` (the tile grid needs only the mask and the flagged folds)."""
+    unless ``with_excluded`` (the tile grid needs only the mask and the flagged folds)."""
     meta = json.loads(paths.tissue_meta(slide_id).read_text())
     mask = load_mask_png(paths.tissue_mask(slide_id))
     excluded = {kind: load_mask_png(paths.tissue_excluded(slide_id, kind)) for kind in meta.get("excluded", {})
-                if excluded and paths.tissue_excluded(slide_id, kind).exists()}
+                if with_excluded and paths.tissue_excluded(slide_id, kind).exists()}
     flagged = {kind: load_mask_png(paths.tissue_flagged(slide_id, kind)) for kind in meta.get("flagged", {})
                if paths.tissue_flagged(slide_id, kind).exists()}
     return TissueMask(mask, tuple(meta["mask_downsample"]), meta["n_regions"], meta["n_holes"], excluded, flagged), meta
