@@ -189,9 +189,16 @@ def enclosed_background(binary: np.ndarray) -> np.ndarray:
     """The background that does not reach the image's border through 4-connected background: the holes."""
     import cv2
 
-    canvas = cv2.copyMakeBorder((~binary).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=1)
+    holes = np.zeros_like(binary, dtype=bool)
+    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(binary).view(np.uint8))
+    if w == 0:
+        return holes
+    # filled within the tissue's box: the background around the box reaches the border, as the box's frame does
+    crop = np.ascontiguousarray(binary[y:y + h, x:x + w])
+    canvas = cv2.copyMakeBorder((~crop).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=1)
     cv2.floodFill(canvas, None, (0, 0), 2, flags=4)
-    return canvas[1:-1, 1:-1] == 1
+    holes[y:y + h, x:x + w] = canvas[1:-1, 1:-1] == 1
+    return holes
 
 
 def median_threshold(sat: np.ndarray, k: int, threshold: int | None) -> np.ndarray:
@@ -226,16 +233,36 @@ def glass_threshold(sat: np.ndarray, k: int) -> int:
     pixels that are not clearly stained (below 2× the median), plus :data:`GLASS_MADS` robust standard
     deviations (1.4826 × MAD) or :data:`GLASS_MARGIN` levels if more. Glass is most of a slide and flat; pale
     tissue sits a few levels above it, below CLAM's fixed thresholds (15 for biopsies)."""
-    import cv2
 
-    # the k×k sums (exact integers; OpenCV's blur's border), every 4th pixel's averaged
-    depth = cv2.CV_16U if k * k * 255 <= np.iinfo(np.uint16).max else cv2.CV_32S
-    sums = cv2.boxFilter(sat, depth, (k, k), normalize=False, borderType=cv2.BORDER_REFLECT_101) if k > 1 else sat
-    sample = sums[::4, ::4].ravel() / float(k * k)
+    sample = window_sums(sat, k, 4).ravel() / float(k * k)  # every 4th pixel's k×k average
     level = float(np.median(sample))
     glass = sample[sample <= max(2 * level, level + 4)]
     spread = 1.4826 * float(np.median(np.abs(glass - np.median(glass)))) if len(glass) else 0.0
     return int(np.ceil(float(np.median(glass)) + max(GLASS_MARGIN, GLASS_MADS * spread)))
+
+
+def window_sums(image: np.ndarray, k: int, step: int) -> np.ndarray:
+    """The k×k sums (k odd; exact integers, OpenCV's blur's border: reflected without the edge pixel) of an 8-bit
+    image at every ``step``-th pixel of every ``step``-th row: a whole-image box filter for a sample would do
+    ``step``² times the work."""
+    import cv2
+
+    h, w = image.shape
+    if k == 1:
+        return image[::step, ::step]
+    r = k // 2
+    if min(h, w) <= r:  # too small to reflect once: the box filter's own border handling
+        return cv2.boxFilter(image, cv2.CV_32S, (k, k), normalize=False, borderType=cv2.BORDER_REFLECT_101)[::step, ::step]
+    padded = cv2.copyMakeBorder(image, r, r, r, r, cv2.BORDER_REFLECT_101)
+    dtype = np.uint16 if k * k * 255 <= np.iinfo(np.uint16).max else np.int32
+    rows, cols = len(range(0, h, step)), len(range(0, w, step))
+    columns = np.zeros((rows, w + 2 * r), dtype)
+    for dy in range(k):  # sums down each column over the window's rows, at the sampled rows only
+        columns += padded[dy::step][:rows]
+    sums = np.zeros((rows, cols), dtype)
+    for dx in range(k):
+        sums += columns[:, dx::step][:, :cols]
+    return sums
 
 
 def faint_tissue(sat: np.ndarray, stained: np.ndarray, k: int, sthresh: int) -> np.ndarray:
@@ -345,7 +372,7 @@ def mask_from(mask: np.ndarray, downsample: tuple[float, float], excluded: dict[
 
     binary = np.ascontiguousarray(mask, dtype=bool)
     n_regions = cv2.connectedComponents(binary.view(np.uint8), connectivity=8)[0] - 1
-    n_bg, bg = cv2.connectedComponents((~binary).view(np.uint8), connectivity=4)
-    border = np.unique(np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]]))
-    n_holes = len(np.setdiff1d(np.arange(1, n_bg), border))
+    holes = enclosed_background(binary).view(np.uint8)
+    x, y, w, h = cv2.boundingRect(holes)
+    n_holes = cv2.connectedComponents(holes[y:y + h, x:x + w], connectivity=4)[0] - 1 if w else 0
     return TissueMask(binary, downsample, int(n_regions), int(n_holes), dict(excluded or {}))

@@ -31,9 +31,11 @@ def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.nd
     marked += [(kind, part, FLAGGED_COLOURS.get(kind, (255, 0, 255)), "flagged") for kind, part in tissue.flagged.items()]
     for kind, part, colour, how in marked:
         shown = cv2.resize(np.ascontiguousarray(part).view(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-        if shown.any():
-            tinted = cv2.addWeighted(image, 0.4, np.full_like(image, colour), 0.6, 0)
-            image = cv2.copyTo(tinted, shown, image)
+        x, y, w, h = cv2.boundingRect(shown)
+        if w:  # tinted within the part's box: a stroke or a fold is a small share of the image
+            box = image[y:y + h, x:x + w]
+            tinted = cv2.addWeighted(box, 0.4, np.full_like(box, colour), 0.6, 0)
+            image[y:y + h, x:x + w] = cv2.copyTo(tinted, shown[y:y + h, x:x + w], box)
             legend.append((f"{kind} ({how})", tuple(int(c) for c in colour)))
     cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
     inner = mask.astype(bool) & ~cv2.erode(mask, cross, borderType=cv2.BORDER_REPLICATE).astype(bool)  # the mask's rim
