@@ -245,7 +245,8 @@ def test_faint_tissue_is_kept_but_a_stained_edge_halo_is_not():
     """Glass (saturation ~5), a stained disc whose edge fades over 4 px, and a pale field (saturation 12, 30 % of its
     pixels speckled up to 18): the fixed biopsy threshold (15) loses the field; the faint pass adds ≥ 95 % of it
     and nothing of the halo."""
-    from wsi.tissue import TissueConfig, glass_threshold, segment_tissue
+    from wsi.thresholds import glass_threshold
+    from wsi.tissue import TissueConfig, segment_tissue
 
     rng = np.random.default_rng(0)
     sat = np.clip(rng.normal(5, 1, (400, 600)), 0, 255)

@@ -133,11 +133,27 @@ def test_presets_fill_unset_fields_and_explicit_values_win():
         TissueConfig(preset="tcga-ish")
 
 
+def test_window_sums_at_the_sampled_pixels_equal_a_box_filter_of_the_whole_image():
+    """The glass level's sample (wsi.thresholds.window_sums) is the box filter's sums, border and all, on every
+    shape: sizes not a multiple of the step, images smaller than the window, kernels whose sums need 32 bits."""
+    import cv2
+
+    from wsi.thresholds import window_sums
+
+    rng = np.random.default_rng(5)
+    for shape in [(187, 250), (9, 7), (3, 50), (1, 1), (2, 2), (4, 5), (101, 37)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        for k in (1, 3, 7, 17):
+            expected = cv2.boxFilter(image, cv2.CV_32S, (k, k), normalize=False, borderType=cv2.BORDER_REFLECT_101)
+            got = window_sums(image, k, 4)
+            assert np.array_equal(got.astype(np.int64), expected[::4, ::4]), (shape, k)
+
+
 @pytest.mark.parametrize("k, threshold", [(3, 8), (7, 8), (11, 15), (1, 20)])
 def test_median_threshold_by_counting_equals_median_blur_then_threshold(cohort, k, threshold):
     import cv2
 
-    from wsi.tissue import median_threshold
+    from wsi.thresholds import median_threshold
 
     with open_slide(cohort / "demo_001.svs") as slide:
         sat = saturation(slide.read_downsampled(16))
