@@ -154,11 +154,15 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
                 thin |= narrow[fg_labels]
     mask = np.zeros_like(binary)
     mask[binary] = keep_region[on_tissue]  # over the tissue pixels only
-    holes = enclosed_background(binary)
-    x, y, w, h = cv2.boundingRect(holes.view(np.uint8))  # holes are labelled within their box (4-connected: slow)
+    # a kept region's holes lie within the kept regions' box: found there (specks all over the glass widen the
+    # mask's own box to the whole overview), then labelled within their own box (4-connected: slow)
+    kx, ky, kw, kh = cv2.boundingRect(mask.view(np.uint8))
+    holes = enclosed_background(binary[ky:ky + kh, kx:kx + kw])
+    x, y, w, h = cv2.boundingRect(holes.view(np.uint8))
     if w == 0:
         return mask, int(keep_region.sum()), 0
     box = holes[y:y + h, x:x + w]
+    x, y = x + kx, y + ky
     in_box = np.flatnonzero(box)  # raster order, as over the whole mask
     hole_at = (in_box // w + y) * binary.shape[1] + in_box % w + x
     hole_labels = cv2.connectedComponents(box.view(np.uint8), connectivity=4)[1]

@@ -6,7 +6,6 @@ import json
 import logging
 
 import numpy as np
-from PIL import Image
 
 from pipelines import __version__
 from pipelines.config import RunConfig
@@ -14,6 +13,7 @@ from pipelines.engine.run_dir import RunPaths, remove, write_image, write_json, 
 from pipelines.manifest import SlideEntry
 from pipelines.stages.tile_inspection import drop_folds, inspect_grid, write_fold_shares
 from pipelines.stages.tissue import load_tissue
+from wsi.files import read_image
 from wsi.tiling import ReadPlan, TileGrid, grid_overlay, tile_grid
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def tiles_stage(entry: SlideEntry, cfg: RunConfig, paths: RunPaths) -> dict:
         meta["warnings"].append(message)
         log.warning("%s: %s", entry.slide_id, message)
     write_fold_shares(paths.tile_folds(entry.slide_id), tissue, grid)
-    qc = np.asarray(Image.open(paths.tissue_qc(entry.slide_id)).convert("RGB"))
+    qc = read_image(paths.tissue_qc(entry.slide_id))
     write_image(paths.tile_overlay(entry.slide_id), grid_overlay(qc, grid, tuple(slide_meta["dimensions"])))
     write_npy(paths.tile_coords(entry.slide_id), grid.coords)
     write_json(paths.tile_meta(entry.slide_id), meta)
