@@ -14,23 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from features.precision import cpu_description
+
 FAMILIES = ["lunit_s8", "ctranspath", "resnet50_trunc", "phikon", "h0_mini", "uni", "phikon_v2", "conch_v1_5",
             "virchow2", "uni2_h", "hoptimus0", "gigapath"]
 STUDENT = {"model": "vit_tiny", "input_size": 112, "model_kwargs": {"img_size": 112}}  # the demo's student
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def build(name: str, precision: str):
@@ -96,7 +90,7 @@ def main() -> None:
     from features.precision import resolve_precision
 
     auto = resolve_precision("auto", "cpu")
-    print(f"CPU: {cpu_name()}; {args.threads} threads; auto = {auto}; {args.tiles} tiles of 256 px per model")
+    print(f"CPU: {cpu_description()}; {args.threads} threads; auto = {auto}; {args.tiles} tiles of 256 px per model")
     precisions = ["fp32"] + ([auto] if auto != "fp32" else [])
     student = {p: run_one("student", p, args) for p in precisions}
     print(f"{'model':16s} {'dim':>5s} {'input':>5s} {'prec':>5s} {'patches/s':>10s} {'peak GB':>8s} {'student ×':>10s}")

@@ -10,22 +10,13 @@ run meanwhile: figures from a loaded or a different CPU are not comparable) and 
 from __future__ import annotations
 
 import argparse
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
+from features.precision import cpu_description
+
 HERE = Path(__file__).parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -33,7 +24,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vit_small", "resnet50_trunc"])
     parser.add_argument("--max-tiles", type=int, default=600)
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}\n\n## Tissue + tiles\n", flush=True)
+    print(f"CPU: {cpu_description()}\n\n## Tissue + tiles\n", flush=True)
     subprocess.run([sys.executable, str(HERE / "bench_tissue_tiling.py")], check=True)
     print("\n## Tile reads\n", flush=True)
     subprocess.run([sys.executable, str(HERE / "bench_reads.py")], check=True)

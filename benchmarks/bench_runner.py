@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from features.precision import cpu_description
 from pipelines.config import RunConfig
 from pipelines.engine.plan import build_plan
 from pipelines.engine.run_dir import RunPaths
@@ -103,7 +104,7 @@ def main() -> None:
         assert done.returncode in (0, 1) and done.stdout, done.stderr  # 1: stages after qc not run
 
     per_task_dask = t_tasks * args.workers / n_tasks
-    print(f"{psutil.cpu_count()} cores ({cpu_model()}); {len(entries)} slides, {n_tasks} tasks (tissue + tiles per "
+    print(f"{psutil.cpu_count()} cores ({cpu_description()}); {len(entries)} slides, {n_tasks} tasks (tissue + tiles per "
           f"slide, 1 cohort qc), {args.workers} workers")
     print("| measure | value |\n|---|---|")
     print(f"| stage time per task, plain loop ({len(sample)} slides) | {per_task_loop * 1e3:.1f} ms |")
@@ -117,13 +118,6 @@ def main() -> None:
     print(f"| `wsi-pipeline status OUT --json`, derived from every state (first call) | {status['derived']:.2f} s |")
     print(f"| `wsi-pipeline status OUT --json`, from its kept report | {status['kept']:.2f} s |")
     print(f"| `wsi-pipeline status OUT` (table), from its kept report | {status['table']:.2f} s |")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

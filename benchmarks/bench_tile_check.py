@@ -21,17 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from features.precision import cpu_description
 from wsi.demo_cohort import write_demo_slide
 
 SETTINGS = ("tissue:\n  preset: tcga\ntiling:\n  target_mpp: 0.5\n  patch_size: 256\nslides:\n  verify_tiles: {mode}\n"
             "features:\n  teacher:\n    model: {teacher}\n    seed: 0\n")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def run(slides: list[Path], workdir: Path, mode: str, teacher: str) -> tuple[float, float, float, dict[str, np.ndarray]]:
@@ -77,7 +71,7 @@ def main() -> None:
         slides.append(path)
     results = {mode: run(slides, args.workdir, mode, args.teacher) for mode in ("off", "features", "tiles")}
     n_tiles = sum(len(c) for c in results["off"][3].values())
-    print(f"{cpu_model()}; {args.slides} slides {args.width}×{args.width * 3 // 4}, {n_tiles} tiles of 256 px at "
+    print(f"{cpu_description()}; {args.slides} slides {args.width}×{args.width * 3 // 4}, {n_tiles} tiles of 256 px at "
           f"0.5 µm/px; teacher {args.teacher} (random weights); seconds summed over the slides\n")
     print("| `slides.verify_tiles` | tiles tasks | features tasks | total | over `off` | wall |")
     print("|---|---|---|---|---|---|")

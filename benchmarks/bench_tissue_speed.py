@@ -35,16 +35,10 @@ import sys
 import time
 from pathlib import Path
 
+from features.precision import cpu_description
 from wsi.demo_cohort import write_demo_slide
 
 SETTINGS = "tissue:\n  preset: tcga\ntiling:\n  target_mpp: 0.5\n  patch_size: 256\nslides:\n  verify_tiles: {verify}\n"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def ours(slides: list[Path], workdir: Path, workers: int, verify: str) -> tuple[dict[str, float], list[str], float]:
@@ -121,7 +115,7 @@ def main() -> None:
         clam_runs.append(clam(slides, args.workdir, args.clam_dir, args.clam_python))
         for mode in modes:
             our_runs[mode].append(ours(slides, args.workdir, args.workers, mode))
-    print(f"{cpu_model()}; {args.slides} slides {args.width}×{args.width * 3 // 4} at 0.25 µm/px, pyramid {args.pyramid}, "
+    print(f"{cpu_description()}; {args.slides} slides {args.width}×{args.width * 3 // 4} at 0.25 µm/px, pyramid {args.pyramid}, "
           f"CLAM preset tcga, 512-px level-0 tiles; ours on {args.workers} workers; {args.repeats} runs of each, "
           f"alternated; seconds per slide, pooled over the runs (first slide: the median run's)\n")
     print("| tiles read (`slides.verify_tiles`) | first slide: ours / CLAM | ratio | median: ours / CLAM | ratio "

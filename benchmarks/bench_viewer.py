@@ -22,7 +22,6 @@ import argparse
 import csv
 import http.client
 import json
-import platform
 import random
 import re
 import subprocess
@@ -35,15 +34,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import yaml
 
+from features.precision import cpu_description
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"tissue": {"preset": "bwh_biopsy", "area_reference_mpp": 0.25}, "tiling": {"target_mpp": 0.5, "patch_size": 256}}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def make_run(work: Path, width: int) -> Path:
@@ -179,7 +173,7 @@ def main() -> None:
         seconds = first_view(url)
     finally:
         proc.terminate()
-    print(f"CPU: {cpu_model()}; slide {args.width} × {args.width * 3 // 4} (DZI levels 0..{geometry.max_level}), "
+    print(f"CPU: {cpu_description()}; slide {args.width} × {args.width * 3 // 4} (DZI levels 0..{geometry.max_level}), "
           f"{args.concurrency} connections at once")
     print("\n| requests | n | p50 ms | p95 ms | max ms | tiles/s |\n|---|---|---|---|---|---|")
     for name, ms, rate in rows:

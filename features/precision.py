@@ -35,6 +35,33 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """This CPU's model and what decides ``precision: auto`` and speed on it, for benchmarks to print beside their
+    figures: e.g. ``AMD EPYC (AVX2 only: no native bf16, auto = fp32)``."""
+    import platform
+
+    model = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags(cpuinfo)
+    if "amx_bf16" in flags:
+        kind = "AMX-BF16: native bf16, auto = bf16"
+    elif "avx512_bf16" in flags:
+        kind = "AVX512-BF16, no AMX: native bf16, auto = bf16"
+    elif "avx512f" in flags:
+        kind = "AVX-512 without BF16: auto = fp32"
+    elif "avx2" in flags:
+        kind = "AVX2 only: no native bf16, auto = fp32"
+    else:
+        kind = "no native bf16: auto = fp32"
+    return f"{model} ({kind})"
+
+
 def resolve_precision(precision: Precision, device) -> Literal["fp32", "bf16", "fp16"]:
     """The precision to run at on ``device`` (a torch.device or its type name)."""
     if precision != "auto":

@@ -48,3 +48,18 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert "avx2" in cpu_flags(amd) and not {"amx_bf16", "avx512_bf16"} & cpu_flags(amd)
     assert {"amx_bf16", "avx512_bf16"} <= cpu_flags(intel)
     assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_benchmarks_name_the_cpu_with_what_decides_auto_precision(tmp_path):
+    from features.precision import cpu_description
+
+    amd = tmp_path / "amd"
+    amd.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    zen4 = tmp_path / "zen4"
+    zen4.write_text("model name\t: AMD EPYC 9B14\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    intel = tmp_path / "intel"
+    intel.write_text("model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert cpu_description(amd) == "AMD EPYC 7B13 (AVX2 only: no native bf16, auto = fp32)"
+    assert cpu_description(zen4) == "AMD EPYC 9B14 (AVX512-BF16, no AMX: native bf16, auto = bf16)"
+    assert cpu_description(intel).endswith("(AMX-BF16: native bf16, auto = bf16)")
+    assert "auto = fp32" in cpu_description(tmp_path / "missing")
