@@ -71,8 +71,10 @@ class RunnerConfig(BaseModel):
     malloc_trim: bool = Field(False, description="start local workers with Dask's MALLOC_TRIM_THRESHOLD_: freed memory goes "
                                                  "back to the OS at once (about half the peak RSS), but glibc then mmaps "
                                                  "every tensor above 128 KiB and torch on CPU runs ~1.5x slower (the demo: "
-                                                 "7 min 20 s instead of 4 min 50 s); false: glibc's own defaults, and on an "
-                                                 "external cluster's workers glibc's thresholds are reset as they join")
+                                                 "7 min 20 s instead of 4 min 50 s); false: every worker, local or joining an "
+                                                 "external cluster, gets the thresholds glibc reaches in a plain process "
+                                                 "and keeps each task thread's heap for its next task (a worker's RSS "
+                                                 "stays near its largest task's peak)")
     worker_profiler: bool = Field(False, description="run Dask's statistical profiler in the local cluster's workers "
                                                      "(the dashboard's Profile page): it samples every thread's stack "
                                                      "every 10 ms holding the GIL, and the short tissue and tiles tasks "
