@@ -90,7 +90,7 @@ def main() -> None:
     from features.precision import resolve_precision
 
     auto = resolve_precision("auto", "cpu")
-    print(f"CPU: {cpu_description()}; {args.threads} threads; auto = {auto}; {args.tiles} tiles of 256 px per model")
+    print(f"CPU: {cpu_description()}; {args.threads} threads; {args.tiles} tiles of 256 px per model")
     precisions = ["fp32"] + ([auto] if auto != "fp32" else [])
     student = {p: run_one("student", p, args) for p in precisions}
     print(f"{'model':16s} {'dim':>5s} {'input':>5s} {'prec':>5s} {'patches/s':>10s} {'peak GB':>8s} {'student ×':>10s}")

@@ -49,16 +49,16 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     except OSError:
         pass
     flags = cpu_flags(cpuinfo)
-    if "amx_bf16" in flags:
-        kind = "AMX-BF16: native bf16, auto = bf16"
-    elif "avx512_bf16" in flags:
-        kind = "AVX512-BF16, no AMX: native bf16, auto = bf16"
+    native = [flag for flag in NATIVE_BF16_FLAGS if flag in flags]  # the rule resolve_precision follows
+    if native:
+        name = native[0].upper().replace("_", "-")
+        kind = f"{name}{'' if 'amx_bf16' in flags else ', no AMX'}: native bf16, auto = bf16"
     elif "avx512f" in flags:
         kind = "AVX-512 without BF16: auto = fp32"
     elif "avx2" in flags:
         kind = "AVX2 only: no native bf16, auto = fp32"
     else:
-        kind = "no native bf16: auto = fp32"
+        kind = "no native bf16 flag: auto = fp32"
     return f"{model} ({kind})"
 
 

@@ -183,18 +183,26 @@ def task_page_faults(rounds: int = 4) -> list[int]:
 
 def test_a_worker_thread_keeps_its_heap_for_the_next_task():
     """glibc unmaps a thread arena's heap once it is empty; the top pad keeps it, so a task's pages fault once per
-    worker, not once per task."""
-    code = ("from test_cluster import task_page_faults as f; from pipelines.engine.cluster import "
-            "keep_large_allocations_on_the_heap as keep; import sys; "
-            "print(keep() if sys.argv[1] == 'keep' else 'plain', *f())")
+    worker, not once per task. Against the same thresholds without the pad, and with a pad the user set kept."""
+    code = ("import ctypes, os, sys; from test_cluster import task_page_faults as f; "
+            "from pipelines.engine.cluster import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MMAP_THRESHOLD, TRIM_THRESHOLD, "
+            "keep_large_allocations_on_the_heap as keep; mallopt = ctypes.CDLL('libc.so.6').mallopt; "
+            "how = sys.argv[1]; "
+            "ok = keep() if how == 'keep' else (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and "
+            "mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)); print(bool(ok), *f())")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env["PYTHONPATH"] = str(Path(__file__).parent)
-    runs = {how: subprocess.run([sys.executable, "-c", code, how], env=env, capture_output=True, text=True,
-                                check=True).stdout.split() for how in ("plain", "keep")}
-    assert runs["keep"][0] == "True"
-    plain, kept = [int(n) for n in runs["plain"][2:]], [int(n) for n in runs["keep"][2:]]  # after the first task
+
+    def run(how: str, **extra: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", code, how], env={**env, **extra}, capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out[0] == "True"
+        return [int(n) for n in out[2:]]  # after the first task
+
+    kept, thresholds_only = run("keep"), run("thresholds")
     assert max(kept) < 100, kept
-    assert min(plain) > 500, plain  # the same tasks without the setting fault again each time
+    assert min(thresholds_only) > 10 * max(kept) + 500, thresholds_only  # the same tasks fault again each time
+    assert min(run("keep", MALLOC_TOP_PAD_="0")) > 500  # the user's own pad is left as it is
 
 
 def test_the_pipeline_on_dask_jobqueue(demo_input, tmp_path):

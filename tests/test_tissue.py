@@ -129,6 +129,24 @@ def test_filtering_equals_the_reference_on_random_masks():
         assert np.array_equal(got[0], want[0]) and got[1:] == want[1:], case
 
 
+def test_a_hole_ink_touches_stays_open_where_the_kept_box_is_away_from_the_corner():
+    """Holes are labelled within the kept regions' box, offset from the image's corner: excluded ink must still
+    be looked up at the holes' own pixels. Of two small holes (both below min_hole_px), the one under ink stays
+    open, the other is filled; a speck outside the box changes nothing."""
+    binary = np.zeros((120, 160), bool)
+    binary[40:100, 60:150] = True  # the section, far from (0, 0)
+    binary[50:54, 70:74] = False  # a small hole under ink
+    binary[80:84, 120:124] = False  # a small hole elsewhere
+    binary[5:7, 5:7] = True  # a speck near the corner: dropped
+    ink = np.zeros_like(binary)
+    ink[49:55, 69:75] = True  # the ink (widened) over the first hole and its rim
+    mask, n_regions, n_holes = _filter_regions(binary, 100, 50, 8, ink)
+    assert n_regions == 1 and n_holes == 0
+    assert not mask[51:53, 71:73].any()  # under the ink: open
+    assert mask[80:84, 120:124].all()  # filled
+    assert not mask[5:7, 5:7].any()
+
+
 def test_region_area_excludes_its_holes():
     binary = np.zeros((100, 100), bool)
     binary[10:60, 10:60] = True  # 2500 px

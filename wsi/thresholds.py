@@ -49,7 +49,7 @@ def glass_threshold(sat: np.ndarray, k: int) -> int:
 def window_sums(image: np.ndarray, k: int, step: int) -> np.ndarray:
     """The k×k sums (k odd; exact integers, OpenCV's blur's border: reflected without the edge pixel) of an 8-bit
     image at every ``step``-th pixel of every ``step``-th row: a whole-image box filter for a sample would do
-    ``step``² times the work."""
+    ``step``² times the work. At k = 1 the image's own pixels (a view, uint8), else uint16 or int32 sums."""
     import cv2
 
     h, w = image.shape

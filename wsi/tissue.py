@@ -194,8 +194,9 @@ def enclosed_background(binary: np.ndarray) -> np.ndarray:
     """The background that does not reach the image's border through 4-connected background: the holes."""
     import cv2
 
-    holes = np.zeros_like(binary, dtype=bool)
-    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(binary).view(np.uint8))
+    binary = np.ascontiguousarray(binary, dtype=bool)
+    holes = np.zeros_like(binary)
+    x, y, w, h = cv2.boundingRect(binary.view(np.uint8))
     if w == 0:
         return holes
     # filled within the tissue's box: the background around the box reaches the border, as the box's frame does

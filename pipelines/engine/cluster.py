@@ -32,23 +32,28 @@ class ClusterError(RuntimeError):
 
 
 MMAP_THRESHOLD = 32 * 1024 * 1024  # the ceiling of glibc's dynamic mmap threshold on 64-bit
-HEAP_SIZE = 2 * MMAP_THRESHOLD  # the size of each heap a thread's arena grows by (glibc's HEAP_MAX_SIZE)
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what glibc's dynamic rule sets beside it
+HEAP_SIZE = 64 * 1024 * 1024  # the heaps a thread's arena grows by (glibc's default HEAP_MAX_SIZE on 64-bit)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's parameter numbers (malloc.h)
 
 
 def keep_large_allocations_on_the_heap() -> bool:
-    """Give this process glibc's malloc behaviour as a plain process has it after warm-up, and keep what a thread's
-    heap has grown to for its next task; whether it was set.
+    """Give this process glibc's malloc thresholds as a plain process has them after warm-up, and let each thread
+    keep what its heap has grown to for its next task; whether the thresholds were set.
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, and with any malloc tunable set glibc stops
     raising its mmap threshold above 128 KiB: every tensor larger than that is then mapped afresh, and freed heap
     memory is trimmed at once, so each new tensor page-faults again. Torch's training step ran 1.9× slower in such
     a worker (docs/performance.md). The thresholds become those glibc's dynamic rule reaches (mmap 32 MiB, trim
-    twice that). Tasks run in pool threads, whose arenas grow by 64 MiB heaps, and glibc unmaps such a heap as soon
-    as it is empty unless the top pad covers it: a tissue task (~120 MiB at its peak) then faulted 7,000–14,000
-    pages again on every slide (0.05–0.07 s of its 0.3 s). With a pad of one heap the worker keeps its peak
-    (RSS stays at what the largest task needed). A ``MALLOC_MMAP_THRESHOLD_`` the user set is left as it is; C
-    libraries other than glibc too."""
+    twice that).
+
+    Tasks run in pool threads, whose arenas grow by 64 MiB heaps, and glibc unmaps such a heap as soon as it is
+    empty unless the top pad covers it: a tissue task (~120 MiB at its peak) faulted 7,000–14,000 pages again on
+    every slide (0.05–0.07 s of its 0.3 s). With a pad of one heap each task thread keeps its own peak: a worker's
+    RSS stays near the sum of its threads' largest tasks (``malloc_trim(0)``, which Dask's ``trim_memory`` runs,
+    still returns it), and each arena's heap is made writable whole at once (address space, not memory; it counts
+    against the commit limit where ``vm.overcommit_memory`` is 2). A ``MALLOC_MMAP_THRESHOLD_`` or
+    ``MALLOC_TOP_PAD_`` the user set is left as it is; C libraries other than glibc too."""
     import ctypes
     import sys
 
@@ -59,8 +64,9 @@ def keep_large_allocations_on_the_heap() -> bool:
     except (OSError, AttributeError):  # musl (Alpine) and others: no mallopt, nothing to tune
         log.debug("no glibc mallopt: malloc's thresholds are left as they are")
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, HEAP_SIZE)
-                and mallopt(M_TOP_PAD, HEAP_SIZE))
+    if "MALLOC_TOP_PAD_" not in os.environ:
+        mallopt(M_TOP_PAD, HEAP_SIZE)
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def warm_worker_plugin(warm_up: str | None, malloc_trim: bool = False) -> WorkerPlugin:
