@@ -297,9 +297,15 @@ def fold_mask(rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: FoldConfig
         small = reduce_by(tissue.view(np.uint8) * np.uint8(255), factor) >= 128
         folds = fold_mask(reduce_by(rgb, factor) if reduced is None else reduced, small, px_um * factor, cfg)
         return expand_by(folds, factor, tissue.shape) & tissue
+    window = max(1, int(round(100 / px_um))) | 1
+    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(tissue).view(np.uint8))
+    x0, y0 = max(0, x - window), max(0, y - window)
+    x1, y1 = min(tissue.shape[1], x + w + window), min(tissue.shape[0], y + h + window)
+    if (x0, y0, x1, y1) != (0, 0, tissue.shape[1], tissue.shape[0]):  # judged within the tissue's box and a window
+        out[y0:y1, x0:x1] = fold_mask(rgb[y0:y1, x0:x1], tissue[y0:y1, x0:x1], px_um, cfg)  # around it: the same
+        return out  # averages over the tissue, as the box's edge is farther than half a window from every pixel of it
     weight = tissue.astype(np.float32)
     od = optical_density(rgb) * weight
-    window = max(1, int(round(100 / px_um))) | 1
     local = cv2.blur(od, (window, window)) / np.maximum(cv2.blur(weight, (window, window)), 1e-6)
     stained = local[tissue]
     stained = stained[stained >= STAINED_OD]
