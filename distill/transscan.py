@@ -59,8 +59,11 @@ class SelectiveKernelScan(nn.Module):
         outs = torch.stack([branch(x) for branch in self.branches], dim=1)  # (B, K, C, H, W)
         descriptor = self.squeeze(outs.sum(dim=1).mean(dim=(2, 3)))  # (B, hidden)
         weights = self.select(descriptor).view(x.shape[0], len(self.branches), x.shape[1])
-        self.last_weights = weights.softmax(dim=1)  # kept for inspection: which receptive field each channel chose
-        return x + (outs * self.last_weights[..., None, None]).sum(dim=1)
+        chosen = weights.softmax(dim=1)
+        # kept for inspection (which receptive field each channel chose); read back from a local, since batches
+        # may run through the same module on several threads at once (features.batch_threads)
+        self.last_weights = chosen
+        return x + (outs * chosen[..., None, None]).sum(dim=1)
 
 
 class TransScan(nn.Module):

@@ -42,8 +42,9 @@ class ExtractionConfig(BaseModel):
                                                          "task's own process: a loader process takes ~2 s to start in a "
                                                          "Dask worker (it spawns a Python that imports torch), more than "
                                                          "reading ~1,000 tiles costs")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads for the model (null: the cores the task's "
-                                                            "Dask worker owns, all of the machine's for a one-slide run)")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for the model, each encoding one batch at a time "
+                                                            "(null: the cores the task's Dask worker owns, all of the "
+                                                            "machine's for a one-slide run)")
     dtype: str = Field("float16", pattern="^(float16|float32)$", description="dtype of stored features")
     chunk_rows: int = Field(1024, ge=16, description="feature rows per Zarr chunk")
 
@@ -113,20 +114,25 @@ def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):
 def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig
                    ) -> Iterator[tuple[np.ndarray, float, list]]:
     """(features, model seconds, the batch's other fields: focus and errors of a checking dataset) per batch, in
-    tile order, with tiles read and decoded by the loader workers."""
+    tile order, with tiles read and decoded by the loader workers. On a CPU each batch runs on one of torch's
+    threads, as many batches at once as it has (:mod:`features.batch_threads`): the features are the same bits
+    whatever the worker's cores."""
     import torch
+
+    from features.batch_threads import batches_in_threads
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if not len(dataset):
         return
+    threads = torch.get_num_threads() if encoder.device.type == "cpu" else 1
     expected = 0
-    for tiles, index, *extra in make_loader(dataset, cfg, encoder.device):
+    batches = batches_in_threads(make_loader(dataset, cfg, encoder.device), lambda b: encoder(b[0]).cpu().numpy(),
+                                 threads)
+    for (_, index, *extra), feats, seconds in batches:
         if int(index[0]) != expected:
             raise RuntimeError(f"tiles arrived out of order ({int(index[0])} != {expected})")
-        t0 = time.perf_counter()
-        feats = encoder(tiles).cpu().numpy()
-        yield feats, time.perf_counter() - t0, extra
+        yield feats, seconds, extra
         expected += len(index)
 
 
