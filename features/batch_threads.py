@@ -8,7 +8,8 @@ a 1×1 convolution on a small map). A run's outputs then depended on which worke
 Here each batch runs on a single thread, so its features depend only on the batch (its tiles, which the
 config fixes), and the worker's cores run as many batches side by side. That is also as fast or faster:
 on 2 cores of that EPYC, ViT-S/16 1.16× and ViT-Ti/16 1.17× (six batches of 32 at 224 px), ResNet-18 0.93×.
-The cost is memory: one batch's activations per thread.
+The cost is memory: one batch's activations per batch at once. ``features.threads_per_batch`` runs each
+batch on more threads (the bits then depend on that setting, still not on the cores), fewer batches at once.
 
 Models outside feature extraction (CLAM on a bag of a few tiles, training) still run on several threads per
 operation; for their matrix products :func:`thread_invariant_blas` asks MKL for its strict reproducible mode.
@@ -45,36 +46,38 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def batches_in_threads(batches: Iterable, encode: Callable[[Any], Any], threads: int
+def batches_in_threads(batches: Iterable, encode: Callable[[Any], Any], threads: int, per_batch: int = 1
                        ) -> Iterator[tuple[Any, Any, float]]:
-    """``(batch, encode(batch), seconds)`` for each batch, in order. With ``threads`` > 1 each batch is encoded on
-    one torch thread, up to ``threads`` batches at once; ``seconds`` is its encoding time divided by ``threads``, so
-    that the seconds of a whole pass add up to the time the threads were busy. A batch's error is raised at its
-    turn; leaving the loop early waits for the batches already started."""
-    if threads <= 1:
-        for batch in batches:
-            start = time.perf_counter()
-            out = encode(batch)
-            yield batch, out, time.perf_counter() - start
-        return
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    def timed(batch):
-        start = time.perf_counter()
-        return encode(batch), (time.perf_counter() - start) / threads
-
-    with torch_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="model-batch") as pool:
-        pending: deque = deque()
-        try:
+    """``(batch, encode(batch), seconds)`` for each batch, in order: each batch encoded on ``per_batch`` torch threads,
+    ``threads // per_batch`` batches at once (at least one). ``seconds`` is a batch's encoding time divided by the
+    batches at once, so that the seconds of a whole pass add up to the time the threads were busy. A batch's error
+    is raised at its turn; leaving the loop early waits for the batches already started."""
+    at_once = max(1, threads // per_batch)
+    with torch_threads(per_batch):
+        if at_once == 1:
             for batch in batches:
-                if len(pending) == threads:
+                start = time.perf_counter()
+                out = encode(batch)
+                yield batch, out, time.perf_counter() - start
+            return
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        def timed(batch):
+            start = time.perf_counter()
+            return encode(batch), (time.perf_counter() - start) / at_once
+
+        with ThreadPoolExecutor(at_once, thread_name_prefix="model-batch") as pool:
+            pending: deque = deque()
+            try:
+                for batch in batches:
+                    if len(pending) == at_once:
+                        done_batch, future = pending.popleft()
+                        yield done_batch, *future.result()
+                    pending.append((batch, pool.submit(timed, batch)))
+                while pending:
                     done_batch, future = pending.popleft()
                     yield done_batch, *future.result()
-                pending.append((batch, pool.submit(timed, batch)))
-            while pending:
-                done_batch, future = pending.popleft()
-                yield done_batch, *future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
+            finally:
+                for _, future in pending:
+                    future.cancel()

@@ -42,9 +42,14 @@ class ExtractionConfig(BaseModel):
                                                          "task's own process: a loader process takes ~2 s to start in a "
                                                          "Dask worker (it spawns a Python that imports torch), more than "
                                                          "reading ~1,000 tiles costs")
-    num_threads: int | None = Field(None, ge=1, description="CPU threads for the model, each encoding one batch at a time "
-                                                            "(null: the cores the task's Dask worker owns, all of the "
-                                                            "machine's for a one-slide run)")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for the model, threads_per_batch on each "
+                                                            "batch (null: the cores the task's Dask worker owns, all of "
+                                                            "the machine's for a one-slide run)")
+    threads_per_batch: int = Field(1, ge=1, description="torch threads each batch runs on, num_threads // threads_per_batch "
+                                                       "batches side by side: the features' bits depend on this, not on "
+                                                       "the worker's cores; raise it (e.g. to 8) for a large model on a "
+                                                       "many-core machine, where a batch per core would hold too many "
+                                                       "batches' activations at once")
     dtype: str = Field("float16", pattern="^(float16|float32)$", description="dtype of stored features")
     chunk_rows: int = Field(1024, ge=16, description="feature rows per Zarr chunk")
 
@@ -114,9 +119,9 @@ def make_loader(dataset: TileDataset, cfg: ExtractionConfig, device):
 def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig
                    ) -> Iterator[tuple[np.ndarray, float, list]]:
     """(features, model seconds, the batch's other fields: focus and errors of a checking dataset) per batch, in
-    tile order, with tiles read and decoded by the loader workers. On a CPU each batch runs on one of torch's
-    threads, as many batches at once as it has (:mod:`features.batch_threads`): the features are the same bits
-    whatever the worker's cores."""
+    tile order, with tiles read and decoded by the loader workers. On a CPU each batch runs on
+    ``threads_per_batch`` of torch's threads, as many batches at once as that leaves (:mod:`features.batch_threads`):
+    the features are the same bits whatever the worker's cores."""
     import torch
 
     from features.batch_threads import batches_in_threads
@@ -125,10 +130,11 @@ def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig
         torch.set_num_threads(cfg.num_threads)
     if not len(dataset):
         return
-    threads = torch.get_num_threads() if encoder.device.type == "cpu" else 1
+    threads = torch.get_num_threads()
+    per_batch = cfg.threads_per_batch if encoder.device.type == "cpu" else threads  # a GPU: one batch at a time
     expected = 0
     batches = batches_in_threads(make_loader(dataset, cfg, encoder.device), lambda b: encoder(b[0]).cpu().numpy(),
-                                 threads)
+                                 threads, per_batch)
     for (_, index, *extra), feats, seconds in batches:
         if int(index[0]) != expected:
             raise RuntimeError(f"tiles arrived out of order ({int(index[0])} != {expected})")

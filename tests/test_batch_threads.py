@@ -63,6 +63,18 @@ def test_features_are_the_same_bits_on_one_and_two_threads(batch_size):
     torch.set_num_threads(before)
 
 
+def test_with_two_threads_per_batch_the_bits_follow_the_setting_not_the_cores():
+    encoder, tiles = small_encoder(), Tiles(45)
+    before = torch.get_num_threads()
+    one_at_once, two_at_once = (
+        embed_tiles(tiles, encoder, ExtractionConfig(batch_size=7, num_threads=n, threads_per_batch=2, loader_min_tiles=10**6))
+        for n in (2, 4))
+    assert np.array_equal(one_at_once, two_at_once)
+    seen = [t for _, t, _ in batches_in_threads(range(6), lambda i: torch.get_num_threads(), threads=4, per_batch=2)]
+    assert seen == [2] * 6
+    torch.set_num_threads(before)
+
+
 def test_batches_run_side_by_side_and_come_back_in_order():
     both_running = threading.Barrier(2, timeout=10)
     rng = np.random.default_rng(1)
