@@ -46,7 +46,8 @@ class ExtractionConfig(BaseModel):
                                                             "batch (null: the cores the task's Dask worker owns, all of "
                                                             "the machine's for a one-slide run)")
     threads_per_batch: int = Field(1, ge=1, description="torch threads each batch runs on, num_threads // threads_per_batch "
-                                                       "batches side by side: the features' bits depend on this, not on "
+                                                       "batches side by side (at least one, no more than fit in memory): "
+                                                       "the features' bits depend on this, not on "
                                                        "the worker's cores; raise it (e.g. to 8) for a large model on a "
                                                        "many-core machine, where a batch per core would hold too many "
                                                        "batches' activations at once")
@@ -124,7 +125,7 @@ def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig
     the features are the same bits whatever the worker's cores."""
     import torch
 
-    from features.batch_threads import batches_in_threads
+    from features.batch_threads import ActivationMeter, batches_in_threads, memory_headroom
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -133,13 +134,17 @@ def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig
     threads = torch.get_num_threads()
     per_batch = cfg.threads_per_batch if encoder.device.type == "cpu" else threads  # a GPU: one batch at a time
     expected = 0
-    batches = batches_in_threads(make_loader(dataset, cfg, encoder.device), lambda b: encoder(b[0]).cpu().numpy(),
-                                 threads, per_batch)
-    for (_, index, *extra), feats, seconds in batches:
-        if int(index[0]) != expected:
-            raise RuntimeError(f"tiles arrived out of order ({int(index[0])} != {expected})")
-        yield feats, seconds, extra
-        expected += len(index)
+    with ActivationMeter(encoder.model) as meter:  # the first batch's activations: how many batches fit at once
+        batches = batches_in_threads(make_loader(dataset, cfg, encoder.device), lambda b: encoder(b[0]).cpu().numpy(),
+                                     threads, per_batch, fits=lambda: memory_headroom() // max(1, meter.batch_bytes))
+        try:
+            for (_, index, *extra), feats, seconds in batches:
+                if int(index[0]) != expected:
+                    raise RuntimeError(f"tiles arrived out of order ({int(index[0])} != {expected})")
+                yield feats, seconds, extra
+                expected += len(index)
+        finally:
+            batches.close()  # the batches under way finish before the meter's hooks come off
 
 
 def embed_tiles(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig) -> np.ndarray:
@@ -196,6 +201,7 @@ def extract_slide(dataset: TileDataset, encoder: Encoder, out: Path, cfg: Extrac
     written."""
     start = time.perf_counter()
     model_seconds = 0.0
+    attrs = {**attrs, "batch_size": cfg.batch_size, "threads_per_batch": cfg.threads_per_batch}  # what fixes the bits
     with write_store(out, dim=encoder.dim, coords=dataset.coords, dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
                      attrs=attrs) as writer:
         for feats, seconds, extra in encode_batches(dataset, encoder, cfg):

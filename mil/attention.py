@@ -41,6 +41,8 @@ def slide_attention(model, features: np.ndarray, class_index: int | None = None,
     """
     import torch
 
+    from features.batch_threads import torch_threads
+
     if len(features) == 0:
         raise ValueError("the slide has no tiles, so no attention")
 
@@ -55,7 +57,9 @@ def slide_attention(model, features: np.ndarray, class_index: int | None = None,
         attention = torch.cat([model.embed(chunk)[1] for _, chunk in chunks()], dim=1)  # (K, N)
         weights = torch.exp(attention - attention.max(dim=1, keepdim=True).values)  # softmax numerators
         pooled = sum(weights[:, start:start + len(chunk)] @ model.embed(chunk)[0] for start, chunk in chunks())
-        probs = torch.softmax(model.classify(pooled / weights.sum(dim=1, keepdim=True)), dim=1)[0].float().cpu().numpy()
+        with torch_threads(1):  # a long sum is split by thread count (a 50,000-tile bag's differed): one thread
+            total = weights.sum(dim=1, keepdim=True)
+        probs = torch.softmax(model.classify(pooled / total), dim=1)[0].float().cpu().numpy()
         attention = attention.float().cpu()
     predicted = int(probs.argmax())
     n_branches = attention.shape[0]

@@ -146,3 +146,52 @@ def test_a_users_mkl_setting_is_kept():
     script = PRODUCT_ON_1_AND_2_THREADS.format(imports="import features")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "COMPATIBLE"
+
+
+def test_no_more_batches_run_at_once_than_fit_in_memory():
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def encode(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return i
+
+    for fit, expected in ((1, 1), (2, 2), (10, 3)):
+        most[0] = 0
+        out = [b for b, _, _ in batches_in_threads(range(12), encode, threads=3, fits=lambda fit=fit: fit)]
+        assert out == list(range(12)) and most[0] == expected
+
+
+def test_the_meter_sees_the_largest_output_of_one_forward():
+    from features.batch_threads import ActivationMeter
+
+    model = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 4))
+    with ActivationMeter(model) as meter, torch.inference_mode():
+        model(torch.zeros(10, 8))
+    assert meter.largest == 10 * 64 * 4 and meter.batch_bytes == 4 * 10 * 64 * 4
+    assert all(not m._forward_hooks for m in model.modules())  # the hooks come off
+
+
+def test_a_loader_error_comes_after_the_batches_before_it_and_their_errors():
+    def loader():
+        yield from range(3)
+        raise OSError("tile 3 does not decode")
+
+    def encode(i):
+        if i == 1:
+            raise ValueError("batch 1 is bad")
+        return i
+
+    seen = []
+    with pytest.raises(ValueError, match="batch 1 is bad"):
+        for batch, _, _ in batches_in_threads(loader(), encode, threads=2):
+            seen.append(batch)
+    assert seen == [0]
+    with pytest.raises(OSError, match="tile 3"):
+        list(batches_in_threads(loader(), lambda i: i, threads=2))
+
