@@ -7,7 +7,7 @@ a 1×1 convolution on a small map). A run's outputs then depended on which worke
 
 Here each batch runs on a single thread, so its features depend only on the batch (its tiles, which the
 config fixes), and the worker's cores run as many batches side by side. That is also as fast or faster:
-on 2 cores of that EPYC, ViT-S/16 1.16× and ViT-Ti/16 1.17× (six batches of 32 at 224 px), ResNet-18 0.93×.
+on 2 cores of that EPYC, ViT-S/16 1.10×, ViT-Ti/16 1.16×, ResNet-18 0.96× (benchmarks/bench_batch_threads.py).
 The cost is memory: one batch's activations per batch at once. So the first batch runs alone while
 :class:`ActivationMeter` records its largest tensors, and no more batches run at once than fit in half the
 memory the task has left (its Dask worker's limit, or the machine's). ``features.threads_per_batch`` runs
