@@ -119,6 +119,16 @@ def batches_in_threads(batches: Iterable, encode: Callable[[Any], Any], threads:
         yield from _side_by_side(items, encode, at_once, per_batch)
 
 
+def model_batches(model, batches: Iterable, encode: Callable[[Any], Any], threads: int, per_batch: int = 1
+                  ) -> Iterator[tuple[Any, Any, float]]:
+    """:func:`batches_in_threads` for a torch ``model``: its first batch's activations (:class:`ActivationMeter`)
+    bound how many batches run at once to what fits in :func:`memory_headroom`. Close the generator (or run it to
+    its end) before reusing the model: the batches under way finish before the meter's hooks come off."""
+    with ActivationMeter(model) as meter:
+        yield from batches_in_threads(batches, encode, threads, per_batch,
+                                      fits=lambda: memory_headroom() // max(1, meter.batch_bytes))
+
+
 def _side_by_side(items: Iterator, encode: Callable[[Any], Any], at_once: int, per_batch: int
                   ) -> Iterator[tuple[Any, Any, float]]:
     from concurrent.futures import ThreadPoolExecutor

@@ -125,7 +125,7 @@ def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig
     the features are the same bits whatever the worker's cores."""
     import torch
 
-    from features.batch_threads import ActivationMeter, batches_in_threads, memory_headroom
+    from features.batch_threads import model_batches
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -134,17 +134,16 @@ def encode_batches(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig
     threads = torch.get_num_threads()
     per_batch = cfg.threads_per_batch if encoder.device.type == "cpu" else threads  # a GPU: one batch at a time
     expected = 0
-    with ActivationMeter(encoder.model) as meter:  # the first batch's activations: how many batches fit at once
-        batches = batches_in_threads(make_loader(dataset, cfg, encoder.device), lambda b: encoder(b[0]).cpu().numpy(),
-                                     threads, per_batch, fits=lambda: memory_headroom() // max(1, meter.batch_bytes))
-        try:
-            for (_, index, *extra), feats, seconds in batches:
-                if int(index[0]) != expected:
-                    raise RuntimeError(f"tiles arrived out of order ({int(index[0])} != {expected})")
-                yield feats, seconds, extra
-                expected += len(index)
-        finally:
-            batches.close()  # the batches under way finish before the meter's hooks come off
+    batches = model_batches(encoder.model, make_loader(dataset, cfg, encoder.device),
+                            lambda b: encoder(b[0]).cpu().numpy(), threads, per_batch)
+    try:
+        for (_, index, *extra), feats, seconds in batches:
+            if int(index[0]) != expected:
+                raise RuntimeError(f"tiles arrived out of order ({int(index[0])} != {expected})")
+            yield feats, seconds, extra
+            expected += len(index)
+    finally:
+        batches.close()  # the batches under way finish before the model is used again
 
 
 def embed_tiles(dataset: TileDataset, encoder: Encoder, cfg: ExtractionConfig) -> np.ndarray:

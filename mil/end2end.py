@@ -221,7 +221,7 @@ def embed_bag(student, student_input: dict, tiles: TileFn, slide_id: str, n_rows
     batch on one thread, several at once (:mod:`features.batch_threads`): the same bits whatever the cores."""
     import torch
 
-    from features.batch_threads import ActivationMeter, batches_in_threads, memory_headroom
+    from features.batch_threads import model_batches
     from mil.train import model_device
 
     device = model_device(student)
@@ -233,8 +233,6 @@ def embed_bag(student, student_input: dict, tiles: TileFn, slide_id: str, n_rows
 
     read = ((rows, tiles(slide_id, rows)) for rows in (np.arange(start, min(n_rows, start + batch))
                                                        for start in range(0, n_rows, batch)))  # in this thread
-    with ActivationMeter(student) as meter:  # the first batch's activations: how many batches fit at once
-        batches = batches_in_threads(read, encode, threads, 1 if device.type == "cpu" else threads,
-                                     fits=lambda: memory_headroom() // max(1, meter.batch_bytes))
-        out = [feats for _, feats, _ in batches]
+    out = [feats for _, feats, _ in model_batches(student, read, encode, threads,
+                                                  1 if device.type == "cpu" else threads)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

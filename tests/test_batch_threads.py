@@ -195,3 +195,30 @@ def test_a_loader_error_comes_after_the_batches_before_it_and_their_errors():
     with pytest.raises(OSError, match="tile 3"):
         list(batches_in_threads(loader(), lambda i: i, threads=2))
 
+
+
+def test_a_models_batches_at_once_follow_its_first_batch_and_the_memory_left(monkeypatch):
+    import features.batch_threads as bt
+
+    model = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 4))  # a batch: 4 × (10 × 64 floats) = 10,240 B
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def encode(x):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with torch.inference_mode():
+            out = model(x)
+        with lock:
+            running[0] -= 1
+        return out
+
+    batches = [torch.full((10, 8), float(i)) for i in range(9)]
+    for headroom, expected in ((10_239, 1), (2 * 10_240, 2), (10**9, 3)):
+        monkeypatch.setattr(bt, "memory_headroom", lambda headroom=headroom: headroom)
+        most[0] = 0
+        out = [b for b, _, _ in bt.model_batches(model, batches, encode, threads=3)]
+        assert [float(b[0, 0]) for b in out] == list(range(9)) and most[0] == expected
+        assert all(not m._forward_hooks for m in model.modules())
