@@ -332,6 +332,31 @@ def test_a_fold_is_flagged_and_denser_tissue_is_not():
     assert not fold_mask(image.astype(np.uint8), tissue, 4.0, FoldConfig(enabled=False)).any()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_stained_density_is_the_median_of_the_values_left_after_each_round(dtype):
+    """The sorted-once reference equals its definition (a median per round over the values ≥ 0.6 × the last):
+    odd and even counts, ties, a pale majority that moves it, and values already all above the bound."""
+    from wsi.artefacts import stained_density
+
+    def by_definition(values, pale=0.6, rounds=3):
+        reference, kept = float(np.median(values)), values
+        for _ in range(rounds):
+            remaining = kept[kept >= pale * reference]
+            if not len(remaining) or len(remaining) == len(kept):
+                break
+            kept, reference = remaining, float(np.median(remaining))
+        return reference
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 10, 999, 1000):
+        for values in (rng.gamma(2.0, 0.3, n), np.round(rng.gamma(2.0, 0.3, n), 1),
+                       np.concatenate([rng.normal(1.0, 0.1, n), np.full(2 * n, 0.2)]), np.full(n, 0.7)):
+            values = values.astype(dtype)
+            assert stained_density(values) == by_definition(values)
+    pale_share = np.concatenate([np.full(450, 0.2), np.linspace(0.5, 1.5, 550)]).astype(dtype)
+    assert np.median(pale_share) < 0.6 < 1.0 < stained_density(pale_share)  # the pale 45 % no longer drag it down
+
+
 def test_sections_are_numbered_left_to_right_on_their_tissue():
     from wsi.tissue_qc import section_order
 

@@ -259,17 +259,25 @@ STAINED_OD = 0.15  # summed optical density below which a pixel is glass or near
 
 
 def stained_density(values: np.ndarray, pale: float = 0.6, rounds: int = 3) -> float:
-    """The typical density of a slide's stained tissue: the median, recomputed ``rounds`` times without the pixels
+    """The typical density of a slide's stained tissue: the median, recomputed ``rounds`` times without the values
     paler than ``pale`` × it. Pale fat, faint stroma or a weakly stained region would otherwise pull a plain
     median down until ordinary tissue looks twice as dense (a fold); a fold itself is a minority and barely
-    moves a median."""
-    reference, kept = float(np.median(values)), values
-    for _ in range(rounds):  # the reference only rises, so each round filters the last one's pixels
-        remaining = kept[kept >= pale * reference]
-        if not len(remaining) or len(remaining) == len(kept):  # none left, or none dropped: the median stands
+    moves a median. The values are sorted once: each round keeps a tail of them, whose median is its middle
+    (``np.median``'s own arithmetic; 3 ms against 21 for a median per round, at 470,000 values)."""
+    ordered = np.sort(np.asarray(values), axis=None)
+
+    def median(start: int) -> float:
+        tail = ordered[start:]
+        mid = len(tail) // 2
+        return float(tail[mid]) if len(tail) % 2 else float(np.mean(tail[mid - 1:mid + 1]))
+
+    start, reference = 0, median(0)
+    for _ in range(rounds):  # the reference only rises, so each round's tail is within the last one's
+        bound = pale * reference  # compared in the values' own float type, as ``values >= bound`` does
+        first = int(np.searchsorted(ordered, ordered.dtype.type(bound) if ordered.dtype.kind == "f" else bound))
+        if first == len(ordered) or first == start:  # none left, or none dropped: the median stands
             break
-        kept = remaining
-        reference = float(np.median(kept))
+        start, reference = first, median(first)
     return reference
 
 

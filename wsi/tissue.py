@@ -116,10 +116,22 @@ class TissueMask:
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation as uint8 0-255, OpenCV's definition: 255·(max−min)/max."""
+    """HSV saturation as uint8 0-255, OpenCV's definition: 255·(max−min)/max. Contiguous: OpenCV copies a strided
+    view at every call, and the thresholds pass it to three (2 ms to copy once, 4 saved at 4.7 Mpx)."""
     import cv2
 
-    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
+    return np.ascontiguousarray(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1])
+
+
+def label_components(binary: np.ndarray, connectivity: int) -> tuple[int, np.ndarray]:
+    """OpenCV's connected components of a uint8 0/1 image: (labels incl. background, label image), the labels as
+    uint16 when they fit (half the memory to write and gather: 1.3 + 0.6 ms of a 4.7 Mpx mask), else int32."""
+    import cv2
+
+    try:
+        return cv2.connectedComponents(binary, connectivity=connectivity, ltype=cv2.CV_16U)
+    except cv2.error:  # more than 65,535 components (OpenCV refuses to overflow): a speckled overview
+        return cv2.connectedComponents(binary, connectivity=connectivity, ltype=cv2.CV_32S)
 
 
 def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float, max_n_holes: int,
@@ -138,7 +150,7 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
     import cv2
 
     binary = np.ascontiguousarray(binary, dtype=bool)
-    n_fg, fg_labels = cv2.connectedComponents(binary.view(np.uint8), connectivity=8)
+    n_fg, fg_labels = label_components(binary.view(np.uint8), 8)
     n_fg -= 1  # label 0 is the background
     if n_fg == 0:
         return np.zeros_like(binary, dtype=bool), 0, 0
@@ -165,8 +177,8 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
     x, y = x + kx, y + ky
     in_box = np.flatnonzero(box)  # raster order, as over the whole mask
     hole_at = (in_box // w + y) * binary.shape[1] + in_box % w + x
-    hole_labels = cv2.connectedComponents(box.view(np.uint8), connectivity=4)[1]
-    ids = hole_labels.ravel()[in_box]
+    hole_labels = label_components(box.view(np.uint8), 4)[1]
+    ids = hole_labels.ravel()[in_box].astype(np.intp)  # signed: the order below negates them
     hole_area = np.bincount(ids)
     hole_ids, first = np.unique(ids, return_index=True)
     # the pixel left of a hole's first pixel (raster order) is tissue: the region enclosing it
