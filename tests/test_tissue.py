@@ -189,6 +189,33 @@ def test_window_sums_at_the_sampled_pixels_equal_a_box_filter_of_the_whole_image
             assert np.array_equal(got.astype(np.int64), expected[::4, ::4]), (shape, k)
 
 
+def test_the_glass_level_from_its_histogram_is_the_one_medians_of_the_sample_give():
+    """glass_threshold takes its medians from the sample's histogram: the same threshold as np.median over the
+    sample itself, on glass of any level and noise, half-stained fields, and every window size; and the weighted
+    median is np.median of the repeated values, odd and even counts."""
+    from wsi.thresholds import GLASS_MADS, GLASS_MARGIN, glass_threshold, weighted_median, window_sums
+
+    def by_definition(sat, k):
+        sample = window_sums(sat, k, 4).ravel() / float(k * k)
+        level = float(np.median(sample))
+        glass = sample[sample <= max(2 * level, level + 4)]
+        spread = 1.4826 * float(np.median(np.abs(glass - np.median(glass))))
+        return int(np.ceil(float(np.median(glass)) + max(GLASS_MARGIN, GLASS_MADS * spread)))
+
+    rng = np.random.default_rng(11)
+    for case in range(150):
+        h, w = (int(n) for n in rng.integers(12, 160, 2))
+        sat = np.clip(rng.normal(rng.integers(0, 30), rng.uniform(0.3, 25), (h, w)), 0, 255).astype(np.uint8)
+        if case % 3 == 0:
+            sat[: h // 2] = rng.integers(0, 256)  # a stained half
+        for k in (1, 3, 7, 11):
+            assert glass_threshold(sat, k) == by_definition(sat, k), (case, k)
+    for n in (1, 2, 3, 10, 11):
+        values = np.sort(rng.normal(0, 1, n))
+        counts = rng.integers(1, 4, n)
+        assert weighted_median(values, counts) == float(np.median(np.repeat(values, counts)))
+
+
 @pytest.mark.parametrize("k, threshold", [(3, 8), (7, 8), (11, 15), (1, 20)])
 def test_median_threshold_by_counting_equals_median_blur_then_threshold(cohort, k, threshold):
     import cv2

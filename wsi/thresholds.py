@@ -37,13 +37,34 @@ def glass_threshold(sat: np.ndarray, k: int) -> int:
     """A saturation threshold just above this slide's glass: the median of the k×k-averaged saturation over the
     pixels that are not clearly stained (below 2× the median), plus :data:`GLASS_MADS` robust standard
     deviations (1.4826 × MAD) or :data:`GLASS_MARGIN` levels if more. Glass is most of a slide and flat; pale
-    tissue sits a few levels above it, below CLAM's fixed thresholds (15 for biopsies)."""
+    tissue sits a few levels above it, below CLAM's fixed thresholds (15 for biopsies).
 
-    sample = window_sums(sat, k, 4).ravel() / float(k * k)  # every 4th pixel's k×k average
-    level = float(np.median(sample))
-    glass = sample[sample <= max(2 * level, level + 4)]
-    spread = 1.4826 * float(np.median(np.abs(glass - np.median(glass)))) if len(glass) else 0.0
-    return int(np.ceil(float(np.median(glass)) + max(GLASS_MARGIN, GLASS_MADS * spread)))
+    The sample (every 4th pixel's k×k average) takes few values, the window sums being whole numbers, so its
+    medians come from their histogram: the same numbers as ``np.median`` of the sample, 1 ms where three
+    medians of 290,000 values took 3.6 (a 16× overview)."""
+    counts = np.bincount(window_sums(sat, k, 4).ravel())
+    sums = np.flatnonzero(counts)  # the window sums that occur, ascending
+    counts = counts[sums]
+    values = sums / float(k * k)  # each one's average, as the sample holds it (ascending too)
+    level = weighted_median(values, counts)
+    glass = values <= max(2 * level, level + 4)
+    centre = weighted_median(values[glass], counts[glass])
+    deviation = np.abs(values[glass] - centre)
+    order = np.argsort(deviation, kind="stable")
+    spread = 1.4826 * weighted_median(deviation[order], counts[glass][order])
+    return int(np.ceil(centre + max(GLASS_MARGIN, GLASS_MADS * spread)))
+
+
+def weighted_median(values: np.ndarray, counts: np.ndarray) -> float:
+    """``np.median`` of the sample that holds each of the ascending ``values`` ``counts`` times (the mean of the two
+    middle ones for an even count, as numpy takes it)."""
+    ends = np.cumsum(counts)
+    n = int(ends[-1])
+
+    def nth(i: int):  # the i-th smallest, from 0
+        return values[np.searchsorted(ends, i, side="right")]
+
+    return float(nth(n // 2)) if n % 2 else float(np.mean(np.array([nth(n // 2 - 1), nth(n // 2)])))
 
 
 def window_sums(image: np.ndarray, k: int, step: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wsi.artefacts import BubbleConfig, FoldConfig, InkConfig, fold_mask, ink_mask, reduce_by, reduction, thin_parts
+from wsi.artefacts import BubbleConfig, FoldConfig, InkConfig, fold_mask, ink_mask, reduce_by, reduction, thin_parts, widen
 from wsi.thresholds import faint_tissue, median_threshold
 
 REFERENCE_PATCH = 512  # CLAM's area unit: one 512×512 level-0 patch
@@ -255,7 +255,7 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
         unit *= (cfg.area_reference_mpp / slide_mpp) ** 2
     near_ink = None
     if "ink" in excluded and excluded["ink"].any():
-        near_ink = cv2.dilate(excluded["ink"].view(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        near_ink = widen(excluded["ink"], 1)
     thin = np.zeros_like(binary)
     min_width = cfg.bubbles.min_width_um / px_um if cfg.bubbles.enabled and px_um is not None else 0.0
     mask, n_regions, n_holes = _filter_regions(binary, cfg.a_t * unit, cfg.a_h * unit, cfg.max_n_holes, near_ink,
@@ -271,8 +271,7 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
     if cfg.folds.enabled and px_um is not None:
         judged = tissue.mask
         if "ink" in excluded and excluded["ink"].any():  # marker bleeds into its neighbours: dark, not folded
-            reach = 2 * int(np.ceil(50 / px_um)) + 1
-            judged = judged & ~cv2.dilate(excluded["ink"].view(np.uint8), np.ones((reach, reach), np.uint8)).view(bool)
+            judged = judged & ~widen(excluded["ink"], int(np.ceil(50 / px_um)))
         folds = fold_mask(rgb, judged, px_um, cfg.folds, reduced)
         if folds.any():
             tissue.flagged["fold"] = folds
