@@ -160,6 +160,8 @@ class Slide:
         level = self.best_level_for_downsample(downsample)
         lw, lh = self.level_dimensions[level]
         scale_x, scale_y = lw / out_w, lh / out_h  # level px per output px
+        if (lw, lh) == (out_w, out_h) and max(lw, lh) <= max_read:  # the level itself, small enough: one read, as is
+            return np.ascontiguousarray(self.read_level_tolerant(0, 0, lw, lh, level))
         block = max(1, min(block, int(max_read / max(scale_x, scale_y))))
         out = np.empty((out_h, out_w, 3), np.uint8)
         for oy in range(0, out_h, block):
