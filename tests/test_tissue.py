@@ -287,6 +287,18 @@ def test_mask_pngs_are_1_bit_files_other_tools_read_and_any_png_reads_back_as_it
     assert np.array_equal(load_mask_png(tmp_path / "rgb.png"), mask)
     assert np.array_equal(load_mask_png(tmp_path / "rgba.png"), mask)  # an opaque alpha is not the mask
     assert np.array_equal(load_mask_png(tmp_path / "grey.png"), mask)
+    Image.fromarray(mask).save(tmp_path / "pillow_1bit.png")  # a 1-bit PNG another tool wrote, row filters and all
+    assert np.array_equal(load_mask_png(tmp_path / "pillow_1bit.png"), mask)
+    for shape in [(1, 1), (1, 9), (8, 8), (3, 17), (40, 1)]:  # rows of any length in bits
+        small = np.random.default_rng(sum(shape)).random(shape) > 0.5
+        save_mask_png(small, tmp_path / "small.png")
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "small.png")), small)
+        assert np.array_equal(load_mask_png(tmp_path / "small.png"), small)
+    damaged = bytearray((tmp_path / "mask.png").read_bytes())
+    damaged[60] ^= 0xFF  # inside the compressed pixels: the chunk's checksum no longer matches
+    (tmp_path / "damaged.png").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="damaged.png"):
+        load_mask_png(tmp_path / "damaged.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
         load_mask_png(tmp_path / "broken.png")

@@ -95,14 +95,13 @@ def warm_up(size: tuple[int, int] = WARM_UP_SIZE) -> None:
     scikit-image's filters, OpenCV's and Pillow's codecs) is imported, and the process's heap has grown to
     what a task needs: a worker's first slide took twice the time of its next ones without it. The stage
     table's warm-up, run once per worker process by ``pipelines.engine.cluster``."""
-    import io
 
     import cv2
     from PIL import Image
 
     from wsi.annotations import tissue_geojson
     from wsi.backends import warm_imports
-    from wsi.mask_png import save_mask_png
+    from wsi.mask_png import decode_mask_png, encode_mask_png
     from wsi.tissue import TissueConfig, segment_tissue
 
     warm_imports()
@@ -121,9 +120,7 @@ def warm_up(size: tuple[int, int] = WARM_UP_SIZE) -> None:
     qc = qc_image(rgb, tissue, 1024)
     Image.open(_jpeg(qc)).convert("RGB").load()
     tissue_geojson(tissue.mask, tissue.downsample)
-    encoded = io.BytesIO()
-    save_mask_png(tissue.mask, encoded)
-    cv2.imdecode(np.frombuffer(encoded.getvalue(), np.uint8), cv2.IMREAD_GRAYSCALE)  # as load_mask_png reads it
+    decode_mask_png(encode_mask_png(tissue.mask))
 
 
 def _jpeg(image: np.ndarray):
