@@ -128,6 +128,11 @@ class TiffSlideReader:
                 # decode cannot move the file position under another thread's seek + read
                 _ = page.decode  # what tifffile's init_decode() does (it is not in every tifffile version)
 
+    @property
+    def tifffile(self):
+        """The open ``tifffile.TiffFile`` (its file handle shared with the tile reads, under its lock)."""
+        return self._slide.ts_tifffile
+
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         x, y = int(location[0]), int(location[1])
         w, h = int(size[0]), int(size[1])

@@ -216,7 +216,7 @@ def open_slide(path: str | Path, *, slide_id: str | None = None, backend: str = 
     except ValueError as exc:
         reader.close()
         raise SlideError(slide_id, f"{exc} [{path}]") from exc
-    notes = list(getattr(reader, "notes", [])) + [n for n in [description_note(path)] if n] + notes
+    notes = list(getattr(reader, "notes", [])) + [n for n in [description_note(path, getattr(reader, "tifffile", None))] if n] + notes
     for note in notes:
         log.warning("%s: %s", slide_id, note)
     return Slide(slide_id, path, reader, resolved, source, detail, objective_power(reader.properties), notes)
