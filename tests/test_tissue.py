@@ -147,6 +147,27 @@ def test_a_hole_ink_touches_stays_open_where_the_kept_box_is_away_from_the_corne
     assert not mask[5:7, 5:7].any()
 
 
+def test_regions_and_holes_counted_from_contours_equal_their_labelling():
+    """A given mask's regions (8-connected) and holes (4-connected background not reaching the edge) counted from
+    OpenCV's contours equal the counts of labelling them, on masks of every density, touching the edges or not."""
+    import cv2
+
+    from wsi.tissue import count_regions_and_holes, enclosed_background
+
+    rng = np.random.default_rng(21)
+    for case in range(600):
+        h, w = (int(n) for n in rng.integers(1, 70, 2))
+        binary = rng.random((h, w)) < rng.uniform(0.1, 0.95)
+        if case % 3 == 0:  # sections with holes and islands in them, away from the edge
+            binary = np.zeros((h + 10, w + 10), bool)
+            binary[5:-5, 5:-5] = rng.random((h, w)) < 0.75
+        regions = cv2.connectedComponents(binary.view(np.uint8), connectivity=8)[0] - 1
+        holes = cv2.connectedComponents(enclosed_background(binary).view(np.uint8), connectivity=4)[0] - 1
+        assert count_regions_and_holes(binary) == (regions, holes), case
+    assert count_regions_and_holes(np.zeros((5, 5), bool)) == (0, 0)
+    assert count_regions_and_holes(np.ones((5, 5), bool)) == (1, 0)
+
+
 def test_region_area_excludes_its_holes():
     binary = np.zeros((100, 100), bool)
     binary[10:60, 10:60] = True  # 2500 px

@@ -311,13 +311,24 @@ def mask_slide(slide, cfg: TissueConfig) -> tuple[TissueMask, np.ndarray]:
 
 def mask_from(mask: np.ndarray, downsample: tuple[float, float], excluded: dict[str, np.ndarray] | None = None
               ) -> TissueMask:
-    """A :class:`TissueMask` of a given mask (a corrected one), its regions and holes counted as the filter counts
-    them: 8-connected tissue, 4-connected enclosed background."""
+    """A :class:`TissueMask` of a given mask (a corrected one, or ours with the ink taken out), its regions and holes
+    counted as the filter counts them: 8-connected tissue, 4-connected enclosed background."""
+    n_regions, n_holes = count_regions_and_holes(mask)
+    return TissueMask(np.ascontiguousarray(mask, dtype=bool), downsample, n_regions, n_holes, dict(excluded or {}))
+
+
+def count_regions_and_holes(mask: np.ndarray) -> tuple[int, int]:
+    """(8-connected regions, 4-connected holes) of a mask, from its contours: OpenCV traces the outer borders of
+    8-connected regions and the borders of the 4-connected background they enclose (Suzuki and Abe), which are
+    these counts (1.4 ms against 11 for labelling both at 4.7 Mpx). Traced within the mask's box, with a frame of
+    background so that a region touching the image's edge is closed."""
     import cv2
 
-    binary = np.ascontiguousarray(mask, dtype=bool)
-    n_regions = cv2.connectedComponents(binary.view(np.uint8), connectivity=8)[0] - 1
-    holes = enclosed_background(binary).view(np.uint8)
-    x, y, w, h = cv2.boundingRect(holes)
-    n_holes = cv2.connectedComponents(holes[y:y + h, x:x + w], connectivity=4)[0] - 1 if w else 0
-    return TissueMask(binary, downsample, int(n_regions), int(n_holes), dict(excluded or {}))
+    binary = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    x, y, w, h = cv2.boundingRect(binary)
+    if w == 0:
+        return 0, 0
+    framed = cv2.copyMakeBorder(binary[y:y + h, x:x + w], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    contours, hierarchy = cv2.findContours(framed, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    outer = int(np.count_nonzero(hierarchy[0][:, 3] == -1))  # a hole's border has its region's as parent
+    return outer, len(contours) - outer
