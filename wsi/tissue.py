@@ -109,6 +109,8 @@ class TissueMask:
     excluded: dict[str, np.ndarray] = field(default_factory=dict)
     # tissue kept but marked, by kind ("fold"), each a bool mask like ``mask`` (within it)
     flagged: dict[str, np.ndarray] = field(default_factory=dict)
+    # (factor, the overview reduced by it) as the artefact rules judged it, for the QC image to reuse
+    overview_reduced: tuple[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def tissue_fraction(self) -> float:
@@ -286,6 +288,8 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
         folds = fold_mask(rgb, judged, px_um, cfg.folds, reduced)
         if folds.any():
             tissue.flagged["fold"] = folds
+    if reduced is not None:
+        tissue.overview_reduced = (reduction(px_um), reduced)
     return tissue
 
 

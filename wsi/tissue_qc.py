@@ -21,7 +21,11 @@ def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.nd
     h, w = tissue.mask.shape
     scale = min(1.0, max_size / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    image = reduce_by(np.ascontiguousarray(rgb), int(1 / scale))  # a whole factor first: OpenCV's fast path
+    factor = int(1 / scale)  # a whole factor first (OpenCV's fast path), the masking's own reduction when it is that
+    if tissue.overview_reduced is not None and tissue.overview_reduced[0] == factor:
+        image = tissue.overview_reduced[1]
+    else:
+        image = reduce_by(np.ascontiguousarray(rgb), factor)
     image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)  # under 2× left: bilinear, 6× faster than area
     mask = cv2.resize(np.ascontiguousarray(tissue.mask).view(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     dimmed = cv2.addWeighted(image, 0.6, np.full_like(image, 60), 0.4, 0)
