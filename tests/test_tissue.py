@@ -283,6 +283,30 @@ def test_tissue_outline_geojson_for_qupath_has_every_region_and_hole_inside_the_
     assert tissue_geojson(np.zeros((8, 8), bool), (4.0, 4.0))["features"] == []  # no tissue: no annotation
 
 
+@pytest.mark.parametrize("downsample", [(16.0, 16.0), (39_983 / 2499, 31_021 / 1939), (1.0, 1.0), (3.0, 3.0)])
+def test_the_outline_file_is_the_geojson_of_its_rings_at_any_downsample(downsample):
+    """The outline file (orjson over numpy rings) is json's text of the list rings, whole-number coordinates or
+    not (a scanner's level downsample is rarely a whole number; holes are reversed to wind clockwise)."""
+    import json
+
+    import cv2
+
+    from pipelines.stages.tissue import tissue_outline_json
+    from wsi.annotations import tissue_geojson
+    from wsi.tissue import mask_from
+
+    mask = np.zeros((60, 80), np.uint8)
+    cv2.ellipse(mask, (40, 30), (30, 20), 0, 0, 360, 1, -1)
+    cv2.circle(mask, (40, 30), 6, 0, -1)  # a hole
+    mask[2:6, 70:78] = 1  # a second region
+    ink = np.zeros((60, 80), bool)
+    ink[50:53, 5:60] = True
+    tissue = mask_from(mask.astype(bool), downsample, {"ink": ink})
+    expected = tissue_geojson(tissue.mask, downsample)
+    expected["features"] += tissue_geojson(ink, downsample, name="Ink")["features"]
+    assert tissue_outline_json(tissue) == json.dumps(expected, separators=(",", ":"))
+
+
 def test_mask_pngs_are_1_bit_files_other_tools_read_and_any_png_reads_back_as_its_nonzero_pixels(tmp_path):
     """The tissue stage's masks are 1-bit PNGs (Pillow, QuPath and browsers read them); reading takes any PNG a
     person may have drawn (8-bit grey, RGB) as its nonzero pixels, and names a file that is not one."""
