@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,7 +126,8 @@ def test_tiff_resolution_tags_in_cm_and_inch(tmp_path):
 def test_read_downsampled_matches_levels_and_box_filter(cohort):
     with open_slide(cohort / "demo_001.svs") as slide:
         level2 = slide.read_region((0, 0), 2, slide.level_dimensions[2])
-        np.testing.assert_array_equal(slide.read_downsampled(16.0, block=100), level2)
+        np.testing.assert_array_equal(slide.read_downsampled(16.0), level2)  # the level in one read
+        np.testing.assert_array_equal(slide.read_downsampled(16.0, block=100, max_read=100), level2)  # in strips
         w, h = slide.dimensions
         over = slide.read_downsampled(32.0, block=70)  # not a level: box-filtered from level 2
         assert over.shape == (round(h / 32), round(w / 32), 3)
@@ -133,6 +135,40 @@ def test_read_downsampled_matches_levels_and_box_filter(cohort):
         assert np.abs(over.astype(float) - expected).mean() < 2.0
         thumb = slide.thumbnail(500)
         assert max(thumb.shape[:2]) <= 500 and thumb.shape[1] > thumb.shape[0]
+
+
+def test_strips_of_a_level_whose_downsample_is_not_whole_start_on_their_own_pixel():
+    """A level of 2,875 × 2,057 under 46,000 × 32,914 (downsample 16.0005 × 16.0010, as Aperio's are): read in
+    strips, each strip starts at its own level pixel, so the strips join into the level itself (rounding the
+    level-0 start put every strip after the first a pixel early). The reader floors level-0 / downsample, as
+    tiffslide does."""
+    from wsi.slide import Slide, level0_of
+
+    width0, height0, width, height = 46_000, 32_914, 2875, 2057
+    downsample = (width0 / width + height0 / height) / 2
+    level = np.arange(width * height, dtype=np.uint32).reshape(height, width)
+
+    class FlooringReader:
+        backend, level_count, properties = "test", 2, {}
+        level_dimensions, level_downsamples = ((width0, height0), (width, height)), (1.0, downsample)
+
+        def read_region(self, location, lvl, size):
+            x, y = int(location[0] / downsample), int(location[1] / downsample)
+            out = np.zeros((size[1], size[0]), np.uint32)
+            part = level[y:y + size[1], x:x + size[0]]
+            out[:part.shape[0], :part.shape[1]] = part
+            return np.stack([(out >> shift & 255).astype(np.uint8) for shift in (0, 8, 16)], axis=-1)
+
+        def close(self):
+            pass
+
+    truth = np.stack([(level >> shift & 255).astype(np.uint8) for shift in (0, 8, 16)], axis=-1)
+    slide = Slide("fractional", Path("fractional.tif"), FlooringReader(), 0.25, "test")
+    np.testing.assert_array_equal(slide.read_downsampled(downsample, max_read=1024), truth)
+    for pixel in range(0, 5000, 7):
+        for ds in (downsample, 4.0, 16.0, 3.9999999, 4.0000001):
+            start = level0_of(pixel, ds)  # lands on the pixel, and is the first level-0 coordinate that does
+            assert int(start / ds) == pixel and (start == 0 or int((start - 1) / ds) < pixel)
 
 
 def test_a_flat_slide_is_masked_in_bounded_strips_like_its_pyramid(cohort, tmp_path):
