@@ -339,7 +339,16 @@ def test_mask_pngs_are_1_bit_files_other_tools_read_and_any_png_reads_back_as_it
         save_mask_png(small, tmp_path / "small.png")
         assert np.array_equal(np.asarray(Image.open(tmp_path / "small.png")), small)
         assert np.array_equal(load_mask_png(tmp_path / "small.png"), small)
-    damaged = bytearray((tmp_path / "mask.png").read_bytes())
+    import cv2
+
+    old_writer = [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 1]  # earlier runs' masks (OpenCV's)
+    assert cv2.imwrite(str(tmp_path / "earlier.png"), mask.view(np.uint8) * np.uint8(255), old_writer)
+    assert np.array_equal(load_mask_png(tmp_path / "earlier.png"), mask)
+    whole = (tmp_path / "mask.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:-12])  # no IEND: refused, as OpenCV refuses it
+    with pytest.raises(ValueError, match="cut.png"):
+        load_mask_png(tmp_path / "cut.png")
+    damaged = bytearray(whole)
     damaged[60] ^= 0xFF  # inside the compressed pixels: the chunk's checksum no longer matches
     (tmp_path / "damaged.png").write_bytes(bytes(damaged))
     with pytest.raises(ValueError, match="damaged.png"):

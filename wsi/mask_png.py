@@ -50,7 +50,7 @@ def decode_mask_png(data: bytes) -> np.ndarray | None:
     checksums right); None for any other file, which a general decoder then reads."""
     if not data.startswith(SIGNATURE):
         return None
-    at, header, parts = len(SIGNATURE), None, []
+    at, header, parts, ended = len(SIGNATURE), None, [], False
     while at + 12 <= len(data):
         (length,), kind = struct.unpack_from(">I", data, at), data[at + 4:at + 8]
         body = data[at + 8:at + 8 + length]
@@ -61,17 +61,19 @@ def decode_mask_png(data: bytes) -> np.ndarray | None:
         elif kind == b"IDAT":
             parts.append(body)
         elif kind == b"IEND":
+            ended = True
             break
         at += 12 + length
-    if header is None or header[2:] != (1, 0, 0, 0, 0) or not parts:
-        return None
+    if not ended or header is None or header[2:] != (1, 0, 0, 0, 0) or not parts or 0 in header[:2]:
+        return None  # cut short, not ours, or empty: the general decoder says what is wrong
     width, height = header[:2]
+    inflate = zlib.decompressobj()
     try:
-        raw = zlib.decompress(b"".join(parts))
+        raw = inflate.decompress(b"".join(parts))
     except zlib.error:
         return None
     row_bytes = 1 + (width + 7) // 8
-    if len(raw) != height * row_bytes:
+    if not inflate.eof or inflate.unused_data or len(raw) != height * row_bytes:
         return None
     rows = np.frombuffer(raw, np.uint8).reshape(height, row_bytes)
     if rows[:, 0].any():  # a row filter: not one of ours

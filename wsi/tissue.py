@@ -132,7 +132,7 @@ def label_components(binary: np.ndarray, connectivity: int) -> tuple[int, np.nda
 
     try:
         return cv2.connectedComponents(binary, connectivity=connectivity, ltype=cv2.CV_16U)
-    except cv2.error:  # more than 65,535 components (OpenCV refuses to overflow): a speckled overview
+    except cv2.error:  # 65,535 components or more (OpenCV refuses to overflow): a speckled overview
         return cv2.connectedComponents(binary, connectivity=connectivity, ltype=cv2.CV_32S)
 
 
@@ -146,8 +146,9 @@ def _filter_regions(binary: np.ndarray, min_tissue_px: float, min_hole_px: float
     thinness is judged on the mask reduced by ``factor``.
 
     Tissue is 8-connected, holes are the 4-connected background a flood fill from the border does not reach.
-    Both are labelled without OpenCV's per-pixel statistics (areas are counted over their own pixels only),
-    which were two thirds of the time on a 16×-level mask.
+    Both are labelled without OpenCV's per-pixel statistics, which were two thirds of the time on a 16×-level
+    mask: areas come from a histogram of 8-bit labels when there are fewer than 256 regions, else from the
+    tissue pixels' labels alone.
     """
     import cv2
 
@@ -288,7 +289,7 @@ def segment_tissue(rgb: np.ndarray, downsample: tuple[float, float], cfg: Tissue
         folds = fold_mask(rgb, judged, px_um, cfg.folds, reduced)
         if folds.any():
             tissue.flagged["fold"] = folds
-    if reduced is not None:
+    if reduced is not None and reduction(px_um) > 1:  # a copy, not the caller's overview (factor 1 is rgb itself)
         tissue.overview_reduced = (reduction(px_um), reduced)
     return tissue
 

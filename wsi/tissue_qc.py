@@ -15,7 +15,8 @@ FLAGGED_COLOURS = {"fold": (200, 0, 200)}  # and of each flagged kind
 def qc_image(rgb: np.ndarray, tissue: TissueMask, max_size: int = 1024) -> np.ndarray:
     """The overview with the mask outline in green, everything outside the tissue dimmed, excluded regions
     (ink, bubbles) and flagged ones (folds) tinted in their colour, a legend naming what each colour is, and
-    the sections numbered when there are several (:func:`section_order`)."""
+    the sections numbered when there are several (:func:`section_order`). ``rgb`` is the overview ``tissue`` was
+    computed on: its reduction kept in ``tissue.overview_reduced`` is used when the factor is the same."""
     import cv2
 
     h, w = tissue.mask.shape
