@@ -148,23 +148,30 @@ def test_a_users_mkl_setting_is_kept():
     assert out.split()[0] == "COMPATIBLE"
 
 
+class AtOnce:
+    """Wraps an encode function and records the most calls of it running at the same time; each call holds on
+    long enough (50 ms) that the batches started together overlap on a loaded machine."""
+
+    def __init__(self, encode):
+        self.encode, self.running, self.most, self.lock = encode, 0, 0, threading.Lock()
+
+    def __call__(self, batch):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)
+        try:
+            return self.encode(batch)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
 def test_no_more_batches_run_at_once_than_fit_in_memory():
-    running, most = [0], [0]
-    lock = threading.Lock()
-
-    def encode(i):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.02)
-        with lock:
-            running[0] -= 1
-        return i
-
     for fit, expected in ((1, 1), (2, 2), (10, 3)):
-        most[0] = 0
+        encode = AtOnce(lambda i: i)
         out = [b for b, _, _ in batches_in_threads(range(12), encode, threads=3, fits=lambda fit=fit: fit)]
-        assert out == list(range(12)) and most[0] == expected
+        assert out == list(range(12)) and encode.most == expected
 
 
 def test_the_meter_sees_the_largest_output_of_one_forward():
@@ -201,24 +208,15 @@ def test_a_models_batches_at_once_follow_its_first_batch_and_the_memory_left(mon
     import features.batch_threads as bt
 
     model = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 4))  # a batch: 4 × (10 × 64 floats) = 10,240 B
-    running, most = [0], [0]
-    lock = threading.Lock()
 
-    def encode(x):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.05)  # long enough that the batches started together overlap on a loaded machine
+    def forward(x):
         with torch.inference_mode():
-            out = model(x)
-        with lock:
-            running[0] -= 1
-        return out
+            return model(x)
 
     batches = [torch.full((10, 8), float(i)) for i in range(9)]
     for headroom, expected in ((10_239, 1), (2 * 10_240, 2), (10**9, 3)):
         monkeypatch.setattr(bt, "memory_headroom", lambda headroom=headroom: headroom)
-        most[0] = 0
+        encode = AtOnce(forward)
         out = [b for b, _, _ in bt.model_batches(model, batches, encode, threads=3)]
-        assert [float(b[0, 0]) for b in out] == list(range(9)) and most[0] == expected
+        assert [float(b[0, 0]) for b in out] == list(range(9)) and encode.most == expected
         assert all(not m._forward_hooks for m in model.modules())
