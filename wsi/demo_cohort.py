@@ -85,7 +85,7 @@ class SlideRenderer:
         if self.layout.blur is None:
             return out
         ly, lx = self._layout_index(level, y0, x0, h, w)
-        where = self.layout.blur[ly[:, None], lx[None, :]]
+        where = self.layout.blur[ly][:, lx]
         if where.any():  # out of focus: the same region rendered with a margin, Gaussian-blurred
             out[where] = blurred_window(self._render, level, y0, x0, h, w, self.downsamples[level])[where]
         return out
@@ -101,27 +101,39 @@ class SlideRenderer:
     def _render(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         ys, xs = np.arange(y0, y0 + h), np.arange(x0, x0 + w)
         ly, lx = self._layout_index(level, y0, x0, h, w)
-        labels = self.layout.labels[ly[:, None], lx[None, :]]
+        labels = self.layout.labels[ly][:, lx]
+        noise = self.noise_rng.normal(0, 1.2, size=(h, w)).astype(np.float32)
         out = np.empty((h, w, 3), np.float32)
-        out[:] = GLASS
-        out += self.noise_rng.normal(0, 1.2, size=(h, w, 1)).astype(np.float32)
+        for c in range(3):  # glass, with the noise of a real scan (channel by channel: 4× a broadcast over RGB)
+            np.add(noise, GLASS[c], out=out[..., c])
         tissue = self.textures[level][1 if self.layout.stain == "ihc" else 0]
+        d = self.downsamples[level]
         for code, texture in ((TISSUE, tissue), (TUMOUR, self.textures[level][1]), (FAINT, tissue)):
-            rows, cols = np.nonzero(labels == code)  # look up only the pixels of this class (glass is most of a slide)
-            if len(rows):
-                th, tw = texture.shape[:2]
-                d = self.downsamples[level]
-                out[rows, cols] = texture[((ys + self.offset[0] // d) % th)[rows], ((xs + self.offset[1] // d) % tw)[cols]]
+            where = labels == code
+            count = np.count_nonzero(where)
+            if not count:
+                continue
+            th, tw = texture.shape[:2]
+            ty, tx = (ys + self.offset[0] // d) % th, (xs + self.offset[1] // d) % tw
+            if count > where.size // 8:  # much of the strip: gather whole rows, then copy where the class is
+                block = texture[ty][:, tx]
+                for c in range(3):
+                    np.copyto(out[..., c], block[..., c], where=where)
+            else:  # a few pixels (glass is most of a slide): look up only those
+                rows, cols = np.nonzero(where)
+                out[rows, cols] = texture[ty[rows], tx[cols]]
         paint_faint(out, labels)
         if self.layout.fold is not None:
-            fold = self.layout.fold[ly[:, None], lx[None, :]]
+            fold = self.layout.fold[ly][:, lx]
             if fold.any():  # light through two layers: the transmitted share squared
                 out[fold] = out[fold] ** 2 / 255
         paint_bubbles(out, labels)
-        out[labels == PEN_MARK] = 0.2 * out[labels == PEN_MARK] + 0.8 * PEN
-        out[labels == DEBRIS_SPECK] = DEBRIS
+        flat = out.reshape(-1, 3)  # pixel indices found once: a boolean mask over RGB is searched per use
+        pen, debris = np.flatnonzero(labels == PEN_MARK), np.flatnonzero(labels == DEBRIS_SPECK)
+        flat[pen] = 0.2 * flat[pen] + 0.8 * PEN
+        flat[debris] = DEBRIS
         paint_ink(out, labels)
-        return np.clip(out, 0, 255).astype(np.uint8)
+        return np.clip(out, 0, 255, out=out).astype(np.uint8)
 
 
 def _label_image(text: str) -> np.ndarray:
