@@ -65,6 +65,31 @@ def test_every_marker_colour_is_ink_and_stained_tissue_is_not():
     assert 0 < only_green.sum() < 0.4 * found.sum()
 
 
+def test_the_pieces_of_a_red_stroke_that_other_strokes_cross_are_ink():
+    """A red stroke under a green and a black one: the stubs left between them are each too small to be ink and,
+    judged alone, no stroke; judged with the strokes they touch, they are ink. A blood pool apart stays tissue."""
+    he, _ = _base_textures()
+    image = np.full((300, 400, 3), (244, 242, 245), np.uint8)
+    tissue = np.zeros((300, 400), np.uint8)
+    cv2.ellipse(tissue, (200, 150), (190, 140), 0, 0, 360, 1, -1)
+    image[tissue == 1] = np.clip(he, 0, 255).astype(np.uint8)[:300, :400][tissue == 1]
+    red, crossing = np.zeros((300, 400), np.uint8), np.zeros((300, 400), np.uint8)
+    cv2.rectangle(red, (60, 140), (379, 163), 1, -1)
+    image[red == 1] = INK[8][1]
+    for x, code in ((280, 6), (330, 7)):  # green, then black: 40 px (160 µm) wide, top to bottom
+        image[20:280, x:x + 40] = INK[code][1]
+        crossing[20:280, x:x + 40] = 1
+    cv2.circle(image, (150, 60), 20, (170, 20, 30), -1)  # blood, away from the strokes
+    stubs = (red == 1) & (crossing == 0)
+    stubs[:, :280] = False  # the two 10-px pieces between and after the crossing strokes (160 µm² × 40 µm each)
+    assert stubs.sum() == 2 * 10 * 24
+    found = ink_mask(image, PX_UM, InkConfig())
+    assert found[stubs].all() and found[red == 1].all() and found[crossing == 1].all()
+    assert not found[40:80, 130:170].any()
+    alone = ink_mask(np.where(crossing[..., None] == 1, np.uint8(244), image), PX_UM, InkConfig())
+    assert alone[(red == 1) & ~stubs & (crossing == 0)].all() and not alone[stubs].any()  # on glass: too small
+
+
 def test_ink_found_on_the_reduced_overview_is_the_ink_a_full_size_pass_finds():
     """Ink is looked for at ~8 µm/px and judged again at full size around what was found: on the marked overview
     (4 µm/px) the mask is exactly that of judging every full-size pixel."""

@@ -112,9 +112,10 @@ def judge_ink(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
     min_px = cfg.min_area_um2 / px_um**2
     candidates = ink_candidates(rgb, cfg)
     # one labelling for the colours judged by size alone (a component may mix them: a blue stroke over a green
-    # one is ink either way); red and black are labelled each on its own and must also be strokes, as blood and
-    # dark pigment (anthracosis, melanin) come in blobs; a colour with fewer candidate pixels than one ink
-    # component needs is not labelled at all (the usual clean slide: no labelling)
+    # one is ink either way); red and black must also be strokes, as blood and dark pigment (anthracosis,
+    # melanin) come in blobs, judged with the ink already found, so the pieces of a red stroke that a green
+    # (or black) one crosses are judged as the drawing they belong to; a colour with fewer candidate pixels
+    # than one ink component needs is not labelled at all (the usual clean slide: no labelling)
     sized = [part for colour, part in candidates.items() if colour not in STROKES and np.count_nonzero(part) >= min_px]
     if sized:
         union = np.logical_or.reduce(sized)
@@ -123,9 +124,10 @@ def judge_ink(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
         keep[0] = False
         if keep.any():
             out[union] = keep[labels[union]]  # gathered over the candidates only: 3× faster than the whole image
-    for colour in STROKES:
-        if colour in candidates and np.count_nonzero(candidates[colour]) >= min_px:
-            out |= strokes(candidates[colour], min_px)
+    marked = [candidates[c] for c in STROKES if c in candidates and np.count_nonzero(candidates[c]) >= min_px]
+    if marked:  # judged as strokes together with the ink found: a red stroke cut by a green one leaves stubs, not blobs
+        marked = np.logical_or.reduce(marked)
+        out |= strokes(marked | out, min_px) & marked
     return out
 
 
