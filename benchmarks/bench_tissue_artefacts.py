@@ -1,6 +1,7 @@
 """Tissue masks on slides with artefacts, against their truth: ours vs CLAM's own segmentation.
 
     python benchmarks/bench_tissue_artefacts.py [--slides 3] [--width 8192] [--workdir /tmp/wsi-bench-artefacts]
+                                                [--kinds clean ink ...] [--seed 0]
 
 Writes ``--slides`` demo slides per kind (fixed seeds; `wsi-pipeline demo --artefacts KIND`): clean,
 ink (pen strokes and a circle), faint (half an island at 30 % of its stain), ihc (the tissue an IHC
@@ -8,8 +9,9 @@ stain), blur (two out-of-focus fields), bubbles (three bubbles and a coverslip e
 fold (a band of tissue lying on itself). Per kind, pooled over its slides, at the mask's resolution:
 tissue recall and precision against the truth mask, and the worst slide's; the share of ink and of
 bubble pixels inside the mask; for blur the recall / precision of the tiles flagged blurred (a tile
-counts as blurred when at least half of it lies in a field), for fold those of the tiles flagged fold
-(half of the tile fold, by the truth and by ``tiles/<id>.fold.npy``). Ours: the `tissue` and `tiles` stages with `bwh_biopsy` and `tcga`
+counts as blurred when at least half of its tissue lies in a field: the score judges only stained
+pixels), for fold those of the tiles flagged fold (half of the tile fold, by the truth and by
+``tiles/<id>.fold.npy``). ``--seed`` draws other slides of the same kinds. Ours: the `tissue` and `tiles` stages with `bwh_biopsy` and `tcga`
 (physical areas, `area_reference_mpp: 0.25`); CLAM: its algorithm with the same presets
 (``benchmarks/clam_baseline.py``: median-blurred saturation, fixed threshold, contour filtering).
 """
@@ -38,15 +40,20 @@ KINDS = {"clean": (), "ink": ("ink",), "faint": ("faint",), "ihc": ("ihc",), "bl
          "bubbles": ("bubbles",), "fold": ("fold",)}
 
 
-def tile_truth(path: Path, name: str, coords: np.ndarray, size: int, width: int) -> np.ndarray | None:
-    """Per tile, whether at least half of it lies in the artefact's truth mask (None: the slide has none)."""
+def tile_truth(path: Path, name: str, coords: np.ndarray, size: int, width: int, *, of_tissue: bool = False) -> np.ndarray | None:
+    """Per tile, whether at least half of it lies in the artefact's truth mask (None: the slide has none).
+
+    ``of_tissue``: half of the tile's *tissue* (by the truth tissue mask), not of its area. A sharpness score
+    judges only the stained pixels, so a tile at the tissue's edge whose tissue is all in a blurred field is
+    blurred to the model however much glass it holds."""
     file = path.with_suffix(f".{name}.png")
     if not file.exists():
         return None
     truth = np.asarray(Image.open(file)) > 0
+    tissue = truth_at(path, "tissue", truth.shape) if of_tissue else np.ones_like(truth)
     ds = width / truth.shape[1]
-    return np.array([truth[int(y / ds):int((y + size) / ds), int(x / ds):int((x + size) / ds)].mean() >= 0.5
-                     for x, y in coords], bool)
+    windows = [(slice(int(y / ds), int((y + size) / ds)), slice(int(x / ds), int((x + size) / ds))) for x, y in coords]
+    return np.array([(truth[w] & tissue[w]).sum() >= 0.5 * max(1, tissue[w].sum()) for w in windows], bool)
 
 
 def rates(counts: np.ndarray) -> str:
@@ -84,20 +91,26 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=3)
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wsi-bench-artefacts"))
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS), help="slide kinds to run (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="added to every slide's seed: another draw of the same kinds "
+                                                             "(held-out slides for rules tuned on the default draw)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{args.slides} slides per kind, {args.width}×{args.width * 3 // 4} px at 0.25 µm/px; pooled over the slides\n")
+    print(f"{args.slides} slides per kind (seeds {args.seed} + 100 × kind + slide), {args.width}×{args.width * 3 // 4} px at "
+          "0.25 µm/px; pooled over the slides\n")
     print("| kind | preset | ours: recall / precision | worst slide | CLAM: recall / precision | worst slide "
           "| ink inside the mask: ours / CLAM | bubbles inside: ours / CLAM | blurred tiles: recall / precision "
           "| fold tiles: recall / precision |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for k, (kind, artefacts) in enumerate(KINDS.items()):
+        if kind not in args.kinds:
+            continue  # the others keep their seeds
         paths = []
         for i in range(args.slides):
-            path = args.workdir / f"{kind}_{i}.svs"
+            path = args.workdir / f"{kind}_{args.seed + 100 * k + i}.svs"  # the seed in the name: no stale slide
             if not path.exists():
                 write_demo_slide(path, height=args.width * 3 // 4, width=args.width, positive=i % 2 == 1,
-                                 seed=100 * k + i, artefacts=artefacts)
+                                 seed=args.seed + 100 * k + i, artefacts=artefacts)
             paths.append(path)
         for preset in ("bwh_biopsy", "tcga"):
             cfg = RunConfig.model_validate({"tissue": {"preset": preset, "area_reference_mpp": 0.25},
@@ -129,7 +142,7 @@ def main() -> None:
                 if rims is not None:
                     bubble += [(ours & rims).sum(), (clam & rims).sum(), rims.sum()]
                 size = tiles["level0_size"]
-                blurred = tile_truth(path, "blur", coords, size, args.width)
+                blurred = tile_truth(path, "blur", coords, size, args.width, of_tissue=True)
                 if blurred is not None:
                     flagged = scores < cfg.tiling.blur_ratio * np.nanmedian(scores)
                     blur_counts += [(flagged & blurred).sum(), blurred.sum(), flagged.sum()]
