@@ -124,9 +124,9 @@ def judge_ink(rgb: np.ndarray, px_um: float, cfg: InkConfig) -> np.ndarray:
         keep[0] = False
         if keep.any():
             out[union] = keep[labels[union]]  # gathered over the candidates only: 3× faster than the whole image
-    marked = [candidates[c] for c in STROKES if c in candidates and np.count_nonzero(candidates[c]) >= min_px]
-    if marked:  # judged as strokes together with the ink found: a red stroke cut by a green one leaves stubs, not blobs
-        marked = np.logical_or.reduce(marked)
+    stroke_colours = [candidates[c] for c in STROKES if c in candidates and np.count_nonzero(candidates[c]) >= min_px]
+    if stroke_colours:  # judged as strokes with the ink found: a red stroke cut by a green one leaves stubs, not blobs
+        marked = np.logical_or.reduce(stroke_colours)
         out |= strokes(marked | out, min_px) & marked
     return out
 
